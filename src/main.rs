@@ -1,0 +1,212 @@
+//! The `hone` command line: a thin layer that parses arguments, calls the library and prints.
+
+mod cli;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hone",
+    version,
+    about = "A private assistant that keeps learning, on your own device",
+    long_about = "hone runs a small quantised language model on this machine, keeps every exchange \
+and note in a local SQLite file, and never sends anything anywhere.\n\nData directory: $HONE_HOME, \
+else ~/.local/share/hone."
+)]
+pub struct Cli {
+    /// Model to use: a known name (see `hone models`), a registered name, or a path to a .gguf file
+    #[arg(long, global = true, env = "HONE_MODEL")]
+    pub model: Option<String>,
+    /// Compute threads (default: the cores this process may use)
+    #[arg(short = 't', long, global = true)]
+    pub threads: Option<usize>,
+    /// Context length in tokens (default: the model's chat default, at most its trained context)
+    #[arg(long, global = true)]
+    pub ctx: Option<usize>,
+    /// Run on this device
+    #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// More log output (repeat for more); logs go to stderr
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Metal,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Pull the default model if needed, store two sample notes and answer two questions
+    Demo,
+    /// Download a known model into the data directory, or register a GGUF file you have
+    Pull(PullArgs),
+    /// List the known, pulled and registered models
+    Models,
+    /// Answer one question (to stdout, for scripts)
+    Ask(AskArgs),
+    /// Talk with the assistant in the terminal
+    Chat(ChatArgs),
+    /// Keep, import, list and remove notes
+    #[command(subcommand)]
+    Note(NoteCommand),
+    /// Show recent exchanges
+    History(HistoryArgs),
+    /// Show the model, the database, counts and sizes
+    Status(JsonFlag),
+    /// Perplexity of a text file (scored as llama.cpp's llama-perplexity does)
+    Perplexity(PerplexityArgs),
+    /// Print the token ids of a text (as llama.cpp's llama-tokenize does)
+    Tokenize(TokenizeArgs),
+    /// Measure prompt and decode speed and peak memory (like llama-bench)
+    Bench(cli::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// A known model (default: the default model)
+    pub name: Option<String>,
+    /// Download again even if the file is in place
+    #[arg(long)]
+    pub force: bool,
+    /// Register this GGUF file instead of downloading (needs --name)
+    #[arg(long, requires = "register_name")]
+    pub file: Option<PathBuf>,
+    /// The name to register --file under
+    #[arg(long = "name", id = "register_name")]
+    pub register_name: Option<String>,
+    /// Also make it the default model
+    #[arg(long)]
+    pub default: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate
+    #[arg(long, short = 'n')]
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// Random seed (default: a fresh one each run; set it to repeat a run)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A system message (default: the model's own)
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// The question (words are joined with spaces; "-" reads standard input)
+    #[arg(required = true, value_parser = clap::builder::OsStringValueParser::new())]
+    pub question: Vec<std::ffi::OsString>,
+    /// Print one JSON object (answer, model, adapter, tokens, timings) instead of the text
+    #[arg(long)]
+    pub json: bool,
+    /// Put the most recent notes into the prompt (answer from context, not from memory)
+    #[arg(long)]
+    pub with_notes: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NoteCommand {
+    /// Store a note (words are joined with spaces; "-" reads standard input)
+    Add {
+        #[arg(required = true, value_parser = clap::builder::OsStringValueParser::new())]
+        text: Vec<std::ffi::OsString>,
+    },
+    /// Import .md/.txt files and folders (recursively); long files are split into sections
+    Import {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Refuse files larger than this many bytes (default 8 MiB)
+        #[arg(long)]
+        max_file_size: Option<u64>,
+    },
+    /// List notes, newest first
+    List {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a note by its id
+    Rm { id: i64 },
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    #[arg(short = 'n', long, default_value_t = 10)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// The text ("-" reads standard input)
+    #[arg(required = true, value_parser = clap::builder::OsStringValueParser::new())]
+    pub text: Vec<std::ffi::OsString>,
+    /// Treat special-token text such as <|im_start|> as plain text
+    #[arg(long)]
+    pub no_parse_special: bool,
+    /// Render this text as a user message with the chat template first
+    #[arg(long)]
+    pub chat: bool,
+    /// Show each token's text too
+    #[arg(long)]
+    pub pieces: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// A UTF-8 text file
+    #[arg(long, short = 'f')]
+    pub file: PathBuf,
+    /// Tokens per chunk (llama-perplexity's -c)
+    #[arg(long = "chunk", default_value_t = 512)]
+    pub chunk: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    cli::init_logging(cli.verbose);
+    if let Some(t) = cli.threads {
+        hone::sys::set_threads(t);
+    }
+    if let Err(e) = cli::run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,511 @@
+//! The transformer forward pass for the GGUF architectures hone runs (`llama`, as in SmolLM2,
+//! and `qwen2`), in one readable file in the manner of candle's examples: quantised weights
+//! (`QMatMul`), RMSNorm, rotary embeddings, grouped-query attention over a preallocated KV cache
+//! that is appended in place, and a SwiGLU MLP.
+//!
+//! It must not tokenize, sample or touch the database; it maps token ids to logits.
+
+use crate::gguf::{GgufError, GgufFile};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: {message}")]
+    Config { path: String, message: String },
+    #[error("model compute: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("the context is full: {needed} tokens do not fit in {max} (start a new conversation, or raise --ctx up to the model's {trained})")]
+    ContextFull {
+        needed: usize,
+        max: usize,
+        trained: usize,
+    },
+}
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Arch,
+    pub arch_name: String,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub eps: f64,
+    pub rope_base: f32,
+    pub trained_ctx: usize,
+    pub vocab: usize,
+}
+
+impl Config {
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let arch_name = file.require_supported()?;
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            _ => Arch::Qwen2,
+        };
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let dim = file.get_u64(&k("embedding_length"))? as usize;
+        let n_heads = file.get_u64(&k("attention.head_count"))? as usize;
+        let n_kv_heads = file
+            .get_opt_u64(&k("attention.head_count_kv"))
+            .unwrap_or(n_heads as u64) as usize;
+        let bad = |message: String| ModelError::Config {
+            path: file.path().display().to_string(),
+            message,
+        };
+        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(bad(format!(
+                "inconsistent attention shape: {dim} dims, {n_heads} heads, {n_kv_heads} kv heads"
+            )));
+        }
+        let head_dim = dim / n_heads;
+        let (vocab_rows, _) = file.tensor_info("token_embd.weight")?;
+        Ok(Self {
+            arch,
+            arch_name: arch_name.clone(),
+            dim,
+            n_layers: file.get_u64(&k("block_count"))? as usize,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_dim: file.get_u64(&k("feed_forward_length"))? as usize,
+            eps: file.get_f32(&k("attention.layer_norm_rms_epsilon"))? as f64,
+            rope_base: file.get_opt_f32(&k("rope.freq_base")).unwrap_or(10_000.0),
+            trained_ctx: file.get_opt_u64(&k("context_length")).unwrap_or(2048) as usize,
+            vocab: vocab_rows.first().copied().unwrap_or(0),
+        })
+    }
+}
+
+/// A quantised weight matrix used as `y = x W^T`. Several positions at once (prompts,
+/// scoring) dequantise the weight and run an f32 matrix product; one position (decoding) runs
+/// a matrix-vector product on the quantised blocks.
+#[derive(Debug, Clone)]
+struct QLinear {
+    q: Arc<QTensor>,
+    mv: QMatMul,
+}
+
+impl QLinear {
+    fn new(q: Arc<QTensor>) -> Self {
+        let mv = QMatMul::QTensor(q.clone());
+        Self { q, mv }
+    }
+
+    fn load(f: &GgufFile, name: &str, dev: &Device) -> Result<Self> {
+        Ok(Self::new(Arc::new(f.qtensor(name, dev)?)))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let k = x.dim(D::Minus1)?;
+        let m = x.elem_count() / k.max(1);
+        if m == 1 && std::env::var("HONE_EXACT").is_err() {
+            return Ok(self.mv.forward(x)?);
+        }
+        let w = self.q.dequantize(x.device())?;
+        Ok(x.broadcast_matmul(&w.t()?)?)
+    }
+}
+
+/// A projection: a quantised weight and, for qwen2's q/k/v, a bias.
+#[derive(Debug)]
+struct Linear {
+    w: QLinear,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(f: &GgufFile, name: &str, dev: &Device, bias: bool) -> Result<Self> {
+        let w = QLinear::load(f, &format!("{name}.weight"), dev)?;
+        let b = if bias && f.has_tensor(&format!("{name}.bias")) {
+            Some(f.tensor_f32(&format!("{name}.bias"), dev)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Keys or values of one layer: a buffer allocated ahead and written in place.
+#[derive(Debug, Default)]
+struct KvBuffer {
+    buf: Option<Tensor>,
+    len: usize,
+}
+
+impl KvBuffer {
+    /// Appends `x` (1, kv_heads, s, head_dim) and returns a view of everything so far.
+    fn append(&mut self, x: &Tensor, max: usize) -> Result<Tensor> {
+        let (b, h, s, d) = x.dims4()?;
+        let needed = self.len + s;
+        let cap = self
+            .buf
+            .as_ref()
+            .map(|t| t.dim(2))
+            .transpose()?
+            .unwrap_or(0);
+        if needed > cap {
+            // Grow geometrically (rare), so appending stays amortised O(1) per token.
+            let new_cap = needed.max(cap * 2).max(256).min(max.max(needed));
+            let fresh = Tensor::zeros((b, h, new_cap, d), x.dtype(), x.device())?;
+            if let (Some(old), true) = (&self.buf, self.len > 0) {
+                fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buf = Some(fresh);
+        }
+        let buf = self
+            .buf
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("kv buffer missing".into()))?;
+        buf.slice_set(&x.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok(buf.narrow(2, 0, self.len)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
+    k_cache: KvBuffer,
+    v_cache: KvBuffer,
+}
+
+/// Which positions to return logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: generation.
+    Last,
+    /// Every position: scoring (perplexity) and training.
+    All,
+}
+
+/// A loaded model with its KV cache.
+pub struct Model {
+    pub cfg: Config,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QLinear,
+    cos: Tensor,
+    sin: Tensor,
+    max_ctx: usize,
+    /// Tokens held in the KV cache.
+    cached: usize,
+    device: Device,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Model {
+    /// Loads the weights of `file` onto `device`, with room for `ctx` tokens of context
+    /// (capped at the context the model was trained for).
+    pub fn load(file: &GgufFile, device: &Device, ctx: usize) -> Result<Self> {
+        let cfg = Config::from_gguf(file)?;
+        let dev = device;
+        let embed = Arc::new(file.qtensor("token_embd.weight", dev)?);
+        let output = if file.has_tensor("output.weight") {
+            QLinear::new(Arc::new(file.qtensor("output.weight", dev)?))
+        } else {
+            QLinear::new(embed.clone())
+        };
+        let bias = cfg.arch == Arch::Qwen2;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: file.tensor_f32(&format!("{p}.attn_norm.weight"), dev)?,
+                q: Linear::load(file, &format!("{p}.attn_q"), dev, bias)?,
+                k: Linear::load(file, &format!("{p}.attn_k"), dev, bias)?,
+                v: Linear::load(file, &format!("{p}.attn_v"), dev, bias)?,
+                o: Linear::load(file, &format!("{p}.attn_output"), dev, false)?,
+                ffn_norm: file.tensor_f32(&format!("{p}.ffn_norm.weight"), dev)?,
+                gate: QLinear::load(file, &format!("{p}.ffn_gate.weight"), dev)?,
+                up: QLinear::load(file, &format!("{p}.ffn_up.weight"), dev)?,
+                down: QLinear::load(file, &format!("{p}.ffn_down.weight"), dev)?,
+                k_cache: KvBuffer::default(),
+                v_cache: KvBuffer::default(),
+            });
+        }
+        let norm = file.tensor_f32("output_norm.weight", dev)?;
+        let max_ctx = ctx.clamp(16, cfg.trained_ctx.max(16));
+        let half = cfg.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), dev)?;
+        let t = Tensor::arange(0u32, max_ctx as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((max_ctx, 1))?;
+        let freqs = t.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed,
+            layers,
+            norm,
+            output,
+            max_ctx,
+            cached: 0,
+            device: dev.clone(),
+        })
+    }
+
+    /// The most tokens the KV cache holds.
+    pub fn max_context(&self) -> usize {
+        self.max_ctx
+    }
+
+    /// Tokens currently in the KV cache.
+    pub fn cached_len(&self) -> usize {
+        self.cached
+    }
+
+    /// Forgets cached positions from `len` on (keeping a common prefix of a conversation).
+    pub fn truncate_cache(&mut self, len: usize) {
+        self.cached = self.cached.min(len);
+        for l in &mut self.layers {
+            l.k_cache.len = self.cached;
+            l.v_cache.len = self.cached;
+        }
+    }
+
+    pub fn clear_cache(&mut self) {
+        self.truncate_cache(0);
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `tokens` at positions `cached_len()..` and returns logits, shape (vocab) for
+    /// `Logits::Last` or (tokens, vocab) for `Logits::All`.
+    pub fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+        let s = tokens.len();
+        let pos = self.cached;
+        if s == 0 {
+            return Err(candle_core::Error::Msg("forward on no tokens".into()).into());
+        }
+        if pos + s > self.max_ctx {
+            return Err(ModelError::ContextFull {
+                needed: pos + s,
+                max: self.max_ctx,
+                trained: self.cfg.trained_ctx,
+            });
+        }
+        let cfg = &self.cfg;
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.embedding(&ids)?;
+        let mask = if s > 1 {
+            let l = pos + s;
+            let m: Vec<f32> = (0..s)
+                .flat_map(|i| {
+                    (0..l).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (s, l), &self.device)?)
+        } else {
+            None
+        };
+        let cos = self.cos.narrow(0, pos, s)?;
+        let sin = self.sin.narrow(0, pos, s)?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let n_rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &mut self.layers {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps as f32)?;
+            let q = layer.q.forward(&h)?;
+            let k = layer.k.forward(&h)?;
+            let v = layer.v.forward(&h)?;
+            let q = q.reshape((1, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let (q, k) = match cfg.arch {
+                Arch::Llama => (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                ),
+                Arch::Qwen2 => (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                ),
+            };
+            let k = layer.k_cache.append(&k, self.max_ctx)?;
+            let v = layer.v_cache.append(&v, self.max_ctx)?;
+            let l = pos + s;
+            // Heads that share a kv head are stacked as rows: no copy of K or V per head.
+            let q = q.reshape((1, nkv, n_rep * s, hd))?;
+            let att = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
+            let att = match &mask {
+                Some(m) => att
+                    .reshape((1, nkv, n_rep, s, l))?
+                    .broadcast_add(m)?
+                    .reshape((1, nkv, n_rep * s, l))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v.contiguous()?)?;
+            let y = y
+                .reshape((1, nh, s, hd))?
+                .transpose(1, 2)?
+                .reshape((1, s, nh * hd))?;
+            x = (x + layer.o.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let u = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(g * u)?)?)?;
+        }
+        self.cached = pos + s;
+        let x = match logits {
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.eps as f32)?;
+        let out = self.output.forward(&x)?.squeeze(0)?;
+        Ok(match logits {
+            Logits::Last => out.squeeze(0)?,
+            Logits::All => out,
+        }
+        .to_dtype(DType::F32)?
+        .contiguous()?)
+    }
+
+    /// Log-softmax over the last dimension (for scoring).
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::{write_tiny_model, TinySpec};
+
+    fn load(spec: &TinySpec) -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_model(&path, spec).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let m = Model::load(&f, &Device::Cpu, 256).unwrap();
+        (dir, m)
+    }
+
+    fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        a.iter()
+            .zip(b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    }
+
+    /// Decoding one token at a time through the KV cache gives the same logits as running the
+    /// whole sequence at once, and a prompt split into chunks the same as one pass.
+    fn cache_matches_full_pass(arch: &str) {
+        let spec = TinySpec {
+            arch: arch.into(),
+            ..Default::default()
+        };
+        let (_d, mut m) = load(&spec);
+        let toks: Vec<u32> = vec![1, 40, 77, 100, 5, 9, 250, 33, 12, 80];
+        let full = m.forward(&toks, Logits::All).unwrap();
+        let full: Vec<Vec<f32>> = full.to_vec2().unwrap();
+        m.clear_cache();
+        for (i, t) in toks.iter().enumerate() {
+            let step: Vec<f32> = m.forward(&[*t], Logits::Last).unwrap().to_vec1().unwrap();
+            let d = max_rel_diff(&step, &full[i]);
+            assert!(d < 1e-3, "{arch}: position {i} differs by {d}");
+        }
+        m.clear_cache();
+        m.forward(&toks[..4], Logits::Last).unwrap();
+        let rest: Vec<Vec<f32>> = m
+            .forward(&toks[4..], Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (i, row) in rest.iter().enumerate() {
+            let d = max_rel_diff(row, &full[4 + i]);
+            assert!(
+                d < 1e-4,
+                "{arch}: chunked position {} differs by {d}",
+                4 + i
+            );
+        }
+        // Truncating the cache and re-running gives the same answer again.
+        m.truncate_cache(3);
+        let again: Vec<Vec<f32>> = m
+            .forward(&toks[3..], Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let d = max_rel_diff(&again[again.len() - 1], &full[toks.len() - 1]);
+        assert!(d < 1e-4, "{arch}: after truncation differs by {d}");
+    }
+
+    #[test]
+    fn llama_cache_matches_full_pass() {
+        cache_matches_full_pass("llama");
+    }
+
+    #[test]
+    fn qwen2_cache_matches_full_pass() {
+        cache_matches_full_pass("qwen2");
+    }
+
+    #[test]
+    fn context_overflow_is_an_error() {
+        let (_d, mut m) = load(&TinySpec::default());
+        let toks = vec![5u32; m.max_context() + 1];
+        assert!(matches!(
+            m.forward(&toks, Logits::Last),
+            Err(ModelError::ContextFull { .. })
+        ));
+    }
+
+    #[test]
+    fn unsupported_architecture_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.gguf");
+        let spec = TinySpec {
+            arch: "gemma3".into(),
+            ..Default::default()
+        };
+        write_tiny_model(&path, &spec).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let e = Model::load(&f, &Device::Cpu, 64).unwrap_err().to_string();
+        assert!(e.contains("gemma3") && e.contains("llama"), "{e}");
+    }
+}

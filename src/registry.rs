@@ -1,0 +1,113 @@
+//! Finds the model file a command should use: a name from the embedded manifests (pulled into
+//! the data directory), a model the user registered by path (`hone pull --file`), or a path to
+//! a `.gguf` file given directly.
+//!
+//! It must not download or load anything; it answers "which file, under which name".
+
+use crate::home::Home;
+use crate::manifest::{self, ChatDefaults, Manifest};
+use crate::store::Store;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("model {name} is not pulled yet; run `hone pull {name}` (it downloads {size})")]
+    NotPulled { name: String, size: String },
+    #[error("no model called {name:?}; known models: {known}; or register a GGUF file with `hone pull --file PATH --name NAME`")]
+    Unknown { name: String, known: String },
+    #[error("model {name} was registered from {path}, which is gone; register it again with `hone pull --file PATH --name {name}`")]
+    Missing { name: String, path: PathBuf },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A model chosen for a command.
+#[derive(Debug, Clone)]
+pub struct ModelChoice {
+    pub name: String,
+    pub path: PathBuf,
+    pub manifest: Option<Manifest>,
+}
+
+impl ModelChoice {
+    pub fn chat_defaults(&self) -> ChatDefaults {
+        self.manifest
+            .as_ref()
+            .map(|m| m.chat.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The setting that names the default model, when the user changed it.
+pub const DEFAULT_MODEL_KEY: &str = "default_model";
+
+/// Resolves `requested` (or the default model) to a file.
+pub fn resolve(
+    home: &Home,
+    store: &Store,
+    requested: Option<&str>,
+) -> Result<ModelChoice, RegistryError> {
+    let name = match requested {
+        Some(n) => n.to_string(),
+        None => match store.get_setting(DEFAULT_MODEL_KEY)? {
+            Some(n) => n,
+            None => manifest::default_model()?.name,
+        },
+    };
+    let as_path = Path::new(&name);
+    if name.ends_with(".gguf") || as_path.is_file() {
+        let stem = as_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| name.clone());
+        // A path may be one of ours: keep its manifest's chat defaults.
+        let manifest = manifest::all()?.into_iter().find(|m| {
+            as_path
+                .file_name()
+                .map(|f| f.to_string_lossy() == m.file)
+                .unwrap_or(false)
+        });
+        return Ok(ModelChoice {
+            name: manifest.as_ref().map(|m| m.name.clone()).unwrap_or(stem),
+            path: as_path.to_path_buf(),
+            manifest,
+        });
+    }
+    if let Some(r) = store.registered_model(&name)? {
+        let path = PathBuf::from(&r.path);
+        if !path.is_file() {
+            return Err(RegistryError::Missing { name, path });
+        }
+        return Ok(ModelChoice {
+            name,
+            path,
+            manifest: None,
+        });
+    }
+    match manifest::find(&name)? {
+        Some(m) => {
+            let path = crate::pull::model_path(home, &m);
+            if !path.is_file() {
+                return Err(RegistryError::NotPulled {
+                    name,
+                    size: crate::sys::human_bytes(m.bytes),
+                });
+            }
+            Ok(ModelChoice {
+                name,
+                path,
+                manifest: Some(m),
+            })
+        }
+        None => {
+            let mut known: Vec<String> = manifest::all()?.into_iter().map(|m| m.name).collect();
+            known.extend(store.registered_models()?.into_iter().map(|r| r.name));
+            Err(RegistryError::Unknown {
+                name,
+                known: known.join(", "),
+            })
+        }
+    }
+}

@@ -1,0 +1,1129 @@
+//! The SQLite memory of hone: one database file (`hone.db`) holding the
+//! question/answer exchanges, the user's notes, the models the user registered
+//! by path, and a few settings.
+//!
+//! This module owns the schema (versioned with `PRAGMA user_version`, see
+//! [`MIGRATIONS`]), creates the file privately (mode 0600, folder 0700 on
+//! Unix) before SQLite touches it, and turns SQLite failures into
+//! [`StoreError`]s that name the file and the fix.
+//!
+//! It must NOT: read note files or parse Markdown (that is `crate::notes`),
+//! load or run models, print to the terminal, decide where the database lives
+//! (the caller passes the path, e.g. from `HONE_HOME`), expose rusqlite types
+//! in its public API, or ever modify a file that is not a hone database.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// How long an operation waits for another process's lock before giving up
+/// with [`StoreError::Locked`].
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one SQL batch per version: `MIGRATIONS[0]` takes a database
+/// from version 0 (empty) to 1, and so on. Each batch runs in its own
+/// transaction together with the `user_version` bump. Never edit a batch that
+/// has shipped; append a new one instead.
+pub const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE exchanges (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        session_id TEXT,
+        kind TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        model TEXT NOT NULL,
+        adapter TEXT,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        load_ms REAL,
+        prompt_ms REAL,
+        generate_ms REAL,
+        stop_reason TEXT,
+        sampling TEXT
+    );
+    CREATE INDEX exchanges_session ON exchanges(session_id, id);
+    CREATE INDEX exchanges_created_at ON exchanges(created_at);
+
+    CREATE TABLE notes (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        source TEXT,
+        section TEXT,
+        content TEXT NOT NULL,
+        sha256 TEXT NOT NULL UNIQUE,
+        bytes INTEGER NOT NULL,
+        learned_at TEXT
+    );
+    CREATE INDEX notes_unlearned ON notes(id) WHERE learned_at IS NULL;
+    CREATE INDEX notes_source ON notes(source);
+
+    CREATE TABLE models (
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        architecture TEXT NOT NULL,
+        sha256 TEXT,
+        bytes INTEGER NOT NULL,
+        registered_at TEXT NOT NULL
+    );
+
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
+];
+
+/// The schema version this build of hone writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Everything that can go wrong with the database. Every message names the
+/// file and says what the user can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot create the folder {} for the hone database: {source}; check the permissions of its parent folder or set HONE_HOME to another folder",
+        path.display()
+    )]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "cannot open database {}: {source}; make sure the file and its folder are readable and writable by you (ls -l shows the owner and mode), or set HONE_HOME to another folder",
+        path.display()
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
+    #[error(
+        "{} is not a hone database (SQLite said: file is not a database); move it aside or set HONE_HOME to another folder",
+        path.display()
+    )]
+    NotADatabase { path: PathBuf },
+
+    #[error(
+        "database {} is locked by another process (waited {}); close the other hone process or try again",
+        path.display(),
+        fmt_wait(*waited)
+    )]
+    Locked { path: PathBuf, waited: Duration },
+
+    #[error(
+        "database {} has schema version {found}, but this hone only knows versions up to {known}; it was written by a newer hone, so upgrade hone (the file was left unchanged)",
+        path.display()
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+
+    #[error(
+        "could not upgrade database {} to schema version {version}: {source}; the database was left at version {}. This is a bug in hone, please report it with this message",
+        path.display(),
+        version - 1
+    )]
+    Migration {
+        path: PathBuf,
+        version: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    #[error(
+        "database {} is damaged ({detail}); restore it from a backup, or move it aside to start a fresh memory",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+
+    #[error(
+        "cannot write to database {}: the disk is full; free some space and try again",
+        path.display()
+    )]
+    DiskFull { path: PathBuf },
+
+    #[error(
+        "database {} is read-only; make it writable for you (chmod u+w) or set HONE_HOME to another folder",
+        path.display()
+    )]
+    ReadOnly { path: PathBuf },
+
+    #[error("{what} is empty (only whitespace); write some text to store as a note")]
+    EmptyNote { what: String },
+
+    #[error(
+        "cannot read the size of {}: {source}; check that the folder is still there and readable",
+        path.display()
+    )]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "database error in {}: {source}; this is probably a bug in hone, please report it with this message",
+        path.display()
+    )]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+fn fmt_wait(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// Maps a rusqlite error to the matching [`StoreError`] for the database at
+/// `path`.
+fn classify(path: &Path, waited: Duration, e: rusqlite::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotADatabase { path },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Locked { path, waited }
+        }
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path,
+            detail: format!("SQLite said: {e}"),
+        },
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull { path },
+        Some(ErrorCode::ReadOnly) => StoreError::ReadOnly { path },
+        Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => StoreError::Open {
+            path,
+            source: Box::new(e),
+        },
+        _ => StoreError::Sqlite { path, source: e },
+    }
+}
+
+/// The current time as RFC 3339 UTC with milliseconds, e.g.
+/// `2025-01-31T12:00:00.123Z`: the format of every `*_at` column.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// One question and its answer, to be recorded. `created_at` is stamped by
+/// [`Store::record_exchange`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NewExchange {
+    pub session_id: Option<String>,
+    /// `"ask"` or `"chat"`.
+    pub kind: String,
+    pub prompt: String,
+    pub answer: String,
+    pub model: String,
+    /// Adapter version used, or `None` for the base model.
+    pub adapter: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub load_ms: Option<f64>,
+    pub prompt_ms: Option<f64>,
+    pub generate_ms: Option<f64>,
+    pub stop_reason: Option<String>,
+    /// Sampling settings as JSON.
+    pub sampling: Option<String>,
+}
+
+/// A recorded exchange, as read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exchange {
+    pub id: i64,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    pub session_id: Option<String>,
+    pub kind: String,
+    pub prompt: String,
+    pub answer: String,
+    pub model: String,
+    pub adapter: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub load_ms: Option<f64>,
+    pub prompt_ms: Option<f64>,
+    pub generate_ms: Option<f64>,
+    pub stop_reason: Option<String>,
+    pub sampling: Option<String>,
+}
+
+/// A note to be added (produced by `crate::notes` or built from CLI input).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NewNote {
+    pub content: String,
+    /// A file path, `"cli"` or `"chat"`.
+    pub source: Option<String>,
+    /// Heading or `"part 2/5"`; `None` for a whole note.
+    pub section: Option<String>,
+}
+
+/// A stored note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub id: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub source: Option<String>,
+    pub section: Option<String>,
+    /// The text as stored (trailing whitespace removed).
+    pub content: String,
+    /// Hex SHA-256 of `content`.
+    pub sha256: String,
+    /// Length of `content` in bytes.
+    pub bytes: u64,
+    /// `None` until a learning cycle used the note.
+    pub learned_at: Option<String>,
+}
+
+/// What [`Store::add_note`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoteAdded {
+    /// A new note with this id.
+    Added(i64),
+    /// The same text was already stored under this id; nothing was written.
+    Duplicate(i64),
+}
+
+impl NoteAdded {
+    /// The id of the note, new or existing.
+    pub fn id(self) -> i64 {
+        match self {
+            NoteAdded::Added(id) | NoteAdded::Duplicate(id) => id,
+        }
+    }
+}
+
+/// A model the user registered by path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredModel {
+    pub name: String,
+    pub path: String,
+    pub architecture: String,
+    pub sha256: Option<String>,
+    pub bytes: u64,
+    /// RFC 3339 UTC, see [`now_rfc3339`].
+    pub registered_at: String,
+}
+
+/// Counts and sizes, for `hone status`-like output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub notes: u64,
+    pub exchanges: u64,
+    pub models: u64,
+    /// Size of the database file plus its `-wal` file.
+    pub db_bytes: u64,
+    pub schema_version: i64,
+}
+
+/// The open database. One per process is enough; it is `Send` but not `Sync`.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    busy_timeout: Duration,
+}
+
+const EXCHANGE_COLUMNS: &str = "id, created_at, session_id, kind, prompt, answer, model, adapter, \
+     prompt_tokens, completion_tokens, load_ms, prompt_ms, generate_ms, stop_reason, sampling";
+
+const NOTE_COLUMNS: &str =
+    "id, created_at, updated_at, source, section, content, sha256, bytes, learned_at";
+
+const MODEL_COLUMNS: &str = "name, path, architecture, sha256, bytes, registered_at";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, waiting up to
+    /// [`DEFAULT_BUSY_TIMEOUT`] for other processes' locks.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_timeout(path, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// Like [`Store::open`], with the lock wait given (for every later
+    /// operation too).
+    pub fn open_with_timeout(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        create_private_file(path)?;
+        let err = |e| classify(path, busy_timeout, e);
+
+        // No CREATE flag (the file exists now) and no URI flag (a path is a path).
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
+        conn.busy_timeout(busy_timeout).map_err(err)?;
+
+        // Read-only checks first, so that a foreign or too-new file is never
+        // written to (not even its journal mode).
+        let found = user_version(&conn).map_err(err)?;
+        check_version(path, found)?;
+
+        // WAL lets readers and one writer work at once. (On file systems
+        // without shared memory SQLite keeps its old mode; that still works.)
+        let _mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+
+        migrate(&mut conn, path, busy_timeout)?;
+
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            busy_timeout,
+        })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the open database (equal to [`SCHEMA_VERSION`]
+    /// once opened).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        user_version(&self.conn).map_err(|e| self.err(e))
+    }
+
+    fn err(&self, e: rusqlite::Error) -> StoreError {
+        classify(&self.path, self.busy_timeout, e)
+    }
+
+    // ----- exchanges -----
+
+    /// Records one exchange, stamped with the current time; returns its id.
+    pub fn record_exchange(&self, e: &NewExchange) -> Result<i64, StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO exchanges (created_at, session_id, kind, prompt, answer, model, \
+                 adapter, prompt_tokens, completion_tokens, load_ms, prompt_ms, generate_ms, \
+                 stop_reason, sampling) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                rusqlite::params![
+                    now_rfc3339(),
+                    e.session_id,
+                    e.kind,
+                    e.prompt,
+                    e.answer,
+                    e.model,
+                    e.adapter,
+                    e.prompt_tokens,
+                    e.completion_tokens,
+                    e.load_ms,
+                    e.prompt_ms,
+                    e.generate_ms,
+                    e.stop_reason,
+                    e.sampling,
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The `limit` most recent exchanges, newest first.
+    pub fn recent_exchanges(&self, limit: usize) -> Result<Vec<Exchange>, StoreError> {
+        let sql = format!("SELECT {EXCHANGE_COLUMNS} FROM exchanges ORDER BY id DESC LIMIT ?1");
+        self.query_all(&sql, [sql_limit(Some(limit))], exchange_from_row)
+    }
+
+    // ----- notes -----
+
+    /// Adds one note. The text is stored without its trailing whitespace and
+    /// deduplicated by the SHA-256 of that text.
+    pub fn add_note(
+        &self,
+        content: &str,
+        source: Option<&str>,
+        section: Option<&str>,
+    ) -> Result<NoteAdded, StoreError> {
+        let content = content.trim_end();
+        if content.trim_start().is_empty() {
+            return Err(StoreError::EmptyNote {
+                what: "the note".to_string(),
+            });
+        }
+        insert_note(&self.conn, content, source, section).map_err(|e| self.err(e))
+    }
+
+    /// Adds many notes in one transaction: either all are stored (or found to
+    /// be duplicates) or, on any error, none is.
+    pub fn add_notes(&mut self, items: &[NewNote]) -> Result<Vec<NoteAdded>, StoreError> {
+        let (path, timeout) = (self.path.clone(), self.busy_timeout);
+        let err = |e| classify(&path, timeout, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let content = item.content.trim_end();
+            if content.trim_start().is_empty() {
+                // Dropping `tx` rolls everything back.
+                return Err(StoreError::EmptyNote {
+                    what: describe_item(i, items.len(), item),
+                });
+            }
+            let added = insert_note(
+                &tx,
+                content,
+                item.source.as_deref(),
+                item.section.as_deref(),
+            )
+            .map_err(err)?;
+            out.push(added);
+        }
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    /// Notes, newest first; all of them if `limit` is `None`.
+    pub fn list_notes(&self, limit: Option<usize>) -> Result<Vec<Note>, StoreError> {
+        let sql = format!("SELECT {NOTE_COLUMNS} FROM notes ORDER BY id DESC LIMIT ?1");
+        self.query_all(&sql, [sql_limit(limit)], note_from_row)
+    }
+
+    /// The note with this id, if any.
+    pub fn get_note(&self, id: i64) -> Result<Option<Note>, StoreError> {
+        let sql = format!("SELECT {NOTE_COLUMNS} FROM notes WHERE id = ?1");
+        self.conn
+            .query_row(&sql, [id], note_from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Deletes a note; `false` if there was none with this id.
+    pub fn remove_note(&self, id: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM notes WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    /// How many notes are stored.
+    pub fn count_notes(&self) -> Result<u64, StoreError> {
+        self.count("notes")
+    }
+
+    // ----- models -----
+
+    /// Registers a model, replacing any with the same name.
+    pub fn register_model(&self, m: &RegisteredModel) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO models \
+                 (name, path, architecture, sha256, bytes, registered_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    m.name,
+                    m.path,
+                    m.architecture,
+                    m.sha256,
+                    m.bytes,
+                    m.registered_at
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The registered model with this name, if any.
+    pub fn registered_model(&self, name: &str) -> Result<Option<RegisteredModel>, StoreError> {
+        let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = ?1");
+        self.conn
+            .query_row(&sql, [name], model_from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// All registered models, by name.
+    pub fn registered_models(&self) -> Result<Vec<RegisteredModel>, StoreError> {
+        let sql = format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY name");
+        self.query_all(&sql, [], model_from_row)
+    }
+
+    /// Forgets a registered model (the file is not touched); `false` if there
+    /// was none with this name.
+    pub fn unregister_model(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM models WHERE name = ?1", [name])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    // ----- settings -----
+
+    /// The value of a setting, if set.
+    pub fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Sets (or replaces) a setting.
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    // ----- maintenance -----
+
+    /// Counts and sizes.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        Ok(Stats {
+            notes: self.count("notes")?,
+            exchanges: self.count("exchanges")?,
+            models: self.count("models")?,
+            db_bytes: file_len(&self.path)? + file_len(&wal_path(&self.path))?,
+            schema_version: self.schema_version()?,
+        })
+    }
+
+    /// The result of `PRAGMA integrity_check`: `"ok"` for a healthy
+    /// database, otherwise SQLite's findings, one per line.
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        let rows: Vec<String> =
+            self.query_all("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?;
+        Ok(rows.join("\n"))
+    }
+
+    fn count(&self, table: &'static str) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn query_all<T, P, F>(&self, sql: &str, params: P, f: F) -> Result<Vec<T>, StoreError>
+    where
+        P: rusqlite::Params,
+        F: FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        let run = || -> rusqlite::Result<Vec<T>> {
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(params, f)?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+}
+
+/// Creates the database's folder (0700) and an empty file (0600) if they do
+/// not exist yet, so SQLite never creates them with looser modes. Never
+/// truncates or writes an existing file.
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            let mut builder = fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder
+                .create(parent)
+                .map_err(|source| StoreError::CreateDir {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    let mut options = fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    Ok(())
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+fn check_version(path: &Path, found: i64) -> Result<(), StoreError> {
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found < 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("its schema version is {found}, which no hone ever wrote"),
+        });
+    }
+    Ok(())
+}
+
+/// Applies the pending migrations, each in its own write transaction. The
+/// version is re-read inside the transaction, so two processes opening a new
+/// database at once cannot both apply the same batch. Taking the write lock
+/// even when nothing is pending also makes a database that another process
+/// keeps locked fail here, at open, with [`StoreError::Locked`].
+fn migrate(conn: &mut Connection, path: &Path, timeout: Duration) -> Result<(), StoreError> {
+    let err = |e| classify(path, timeout, e);
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let found = user_version(&tx).map_err(err)?;
+        check_version(path, found)?;
+        let Some(batch) = usize::try_from(found).ok().and_then(|i| MIGRATIONS.get(i)) else {
+            tx.commit().map_err(err)?;
+            return Ok(());
+        };
+        let version = found + 1;
+        let migration_err = |source| StoreError::Migration {
+            path: path.to_path_buf(),
+            version,
+            source,
+        };
+        tx.execute_batch(batch)
+            .map_err(|e| match classify(path, timeout, e) {
+                StoreError::Sqlite { source, .. } => migration_err(source),
+                other => other,
+            })?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+}
+
+fn insert_note(
+    conn: &Connection,
+    content: &str,
+    source: Option<&str>,
+    section: Option<&str>,
+) -> rusqlite::Result<NoteAdded> {
+    let sha = hex::encode(Sha256::digest(content.as_bytes()));
+    let now = now_rfc3339();
+    let inserted = conn.execute(
+        "INSERT INTO notes (created_at, updated_at, source, section, content, sha256, bytes) \
+         VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(sha256) DO NOTHING",
+        rusqlite::params![now, source, section, content, sha, content.len() as u64],
+    )?;
+    if inserted > 0 {
+        Ok(NoteAdded::Added(conn.last_insert_rowid()))
+    } else {
+        let id = conn.query_row("SELECT id FROM notes WHERE sha256 = ?1", [&sha], |r| {
+            r.get(0)
+        })?;
+        Ok(NoteAdded::Duplicate(id))
+    }
+}
+
+fn describe_item(i: usize, n: usize, item: &NewNote) -> String {
+    let mut s = format!("note {} of {n}", i + 1);
+    match (&item.source, &item.section) {
+        (Some(src), Some(sec)) => {
+            let _ = write!(s, " (from {src}, section \"{sec}\")");
+        }
+        (Some(src), None) => {
+            let _ = write!(s, " (from {src})");
+        }
+        (None, Some(sec)) => {
+            let _ = write!(s, " (section \"{sec}\")");
+        }
+        (None, None) => {}
+    }
+    s
+}
+
+/// SQLite treats a negative LIMIT as "no limit".
+fn sql_limit(limit: Option<usize>) -> i64 {
+    limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX))
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
+fn file_len(path: &Path) -> Result<u64, StoreError> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn exchange_from_row(r: &Row<'_>) -> rusqlite::Result<Exchange> {
+    Ok(Exchange {
+        id: r.get(0)?,
+        created_at: r.get(1)?,
+        session_id: r.get(2)?,
+        kind: r.get(3)?,
+        prompt: r.get(4)?,
+        answer: r.get(5)?,
+        model: r.get(6)?,
+        adapter: r.get(7)?,
+        prompt_tokens: r.get(8)?,
+        completion_tokens: r.get(9)?,
+        load_ms: r.get(10)?,
+        prompt_ms: r.get(11)?,
+        generate_ms: r.get(12)?,
+        stop_reason: r.get(13)?,
+        sampling: r.get(14)?,
+    })
+}
+
+fn note_from_row(r: &Row<'_>) -> rusqlite::Result<Note> {
+    Ok(Note {
+        id: r.get(0)?,
+        created_at: r.get(1)?,
+        updated_at: r.get(2)?,
+        source: r.get(3)?,
+        section: r.get(4)?,
+        content: r.get(5)?,
+        sha256: r.get(6)?,
+        bytes: r.get(7)?,
+        learned_at: r.get(8)?,
+    })
+}
+
+fn model_from_row(r: &Row<'_>) -> rusqlite::Result<RegisteredModel> {
+    Ok(RegisteredModel {
+        name: r.get(0)?,
+        path: r.get(1)?,
+        architecture: r.get(2)?,
+        sha256: r.get(3)?,
+        bytes: r.get(4)?,
+        registered_at: r.get(5)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn db(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("home").join("hone.db")
+    }
+
+    fn sample_exchange(n: u64) -> NewExchange {
+        NewExchange {
+            session_id: Some("s1".into()),
+            kind: "chat".into(),
+            prompt: format!("question {n} é😀"),
+            answer: format!("answer {n}"),
+            model: "tiny".into(),
+            adapter: if n % 2 == 0 { Some("v3".into()) } else { None },
+            prompt_tokens: 10 + n,
+            completion_tokens: 20 + n,
+            load_ms: Some(1.5),
+            prompt_ms: None,
+            generate_ms: Some(123.25),
+            stop_reason: Some("eos".into()),
+            sampling: Some(r#"{"temperature":0.7}"#.into()),
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_and_folder_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = db(&dir);
+        let store = Store::open(&path).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        store.add_note("a secret", Some("cli"), None).unwrap();
+        let wal = wal_path(&path);
+        assert!(wal.exists(), "WAL mode should keep a -wal file while open");
+        assert_eq!(mode(&wal), 0o600);
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db(&dir);
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+            store.set_setting("k", "v").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.get_setting("k").unwrap().as_deref(), Some("v"));
+        let mode: String = store
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = store
+            .conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+    }
+
+    #[test]
+    fn random_bytes_are_not_a_database_and_stay_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hone.db");
+        // xorshift: deterministic "random" bytes.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let bytes: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("is not a hone database"), "{msg}");
+        assert!(msg.contains("HONE_HOME"), "{msg}");
+        assert_eq!(fs::read(&path).unwrap(), bytes);
+        assert!(!wal_path(&path).exists());
+    }
+
+    #[test]
+    fn newer_schema_is_too_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db(&dir);
+        drop(Store::open(&path).unwrap());
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Store::open(&path).unwrap_err();
+        match &err {
+            StoreError::TooNew { found, known, .. } => {
+                assert_eq!(*found, 99);
+                assert_eq!(*known, SCHEMA_VERSION);
+            }
+            other => panic!("expected TooNew, got {other:?}"),
+        }
+        assert!(err.to_string().contains("upgrade hone"));
+    }
+
+    #[test]
+    fn exclusive_lock_held_elsewhere_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db(&dir);
+        drop(Store::open(&path).unwrap());
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let start = Instant::now();
+        let err = Store::open_with_timeout(&path, Duration::from_millis(200)).unwrap_err();
+        let waited = start.elapsed();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        assert!(
+            waited >= Duration::from_millis(150),
+            "gave up after {waited:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("is locked by another process (waited 0.2 s)"),
+            "{msg}"
+        );
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        other.execute_batch("COMMIT").unwrap();
+        Store::open_with_timeout(&path, Duration::from_millis(200)).unwrap();
+    }
+
+    #[test]
+    fn locked_fresh_rollback_database_is_locked() {
+        // Another program holds an exclusive lock on a database not yet in WAL mode.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hone.db");
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let err = Store::open_with_timeout(&path, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn folder_in_the_way_is_an_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hone.db");
+        fs::create_dir(&path).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains("HONE_HOME"));
+    }
+
+    #[test]
+    fn duplicate_and_empty_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&db(&dir)).unwrap();
+        let first = store.add_note("hello é\n", Some("cli"), None).unwrap();
+        let NoteAdded::Added(id) = first else {
+            panic!("expected Added, got {first:?}")
+        };
+        assert_eq!(
+            store.add_note("hello é  \n\n", Some("chat"), None).unwrap(),
+            NoteAdded::Duplicate(id)
+        );
+        assert!(matches!(
+            store.add_note(" \n\t ", None, None),
+            Err(StoreError::EmptyNote { .. })
+        ));
+        let note = store.get_note(id).unwrap().unwrap();
+        assert_eq!(note.content, "hello é");
+        assert_eq!(note.bytes, "hello é".len() as u64);
+        assert_eq!(note.sha256, hex::encode(Sha256::digest("hello é")));
+        assert_eq!(note.source.as_deref(), Some("cli"));
+        assert_eq!(note.learned_at, None);
+        assert_eq!(store.count_notes().unwrap(), 1);
+    }
+
+    #[test]
+    fn add_notes_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&db(&dir)).unwrap();
+        let note = |c: &str| NewNote {
+            content: c.into(),
+            source: Some("notes.md".into()),
+            section: Some("Intro".into()),
+        };
+        let err = store
+            .add_notes(&[note("one"), note("two"), note("   ")])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::EmptyNote { .. }));
+        assert!(
+            err.to_string().contains("note 3 of 3 (from notes.md"),
+            "{err}"
+        );
+        assert_eq!(store.count_notes().unwrap(), 0);
+
+        let added = store
+            .add_notes(&[note("one"), note("two"), note("one")])
+            .unwrap();
+        assert!(matches!(added[0], NoteAdded::Added(_)));
+        assert!(matches!(added[1], NoteAdded::Added(_)));
+        assert_eq!(added[2], NoteAdded::Duplicate(added[0].id()));
+        assert_eq!(store.count_notes().unwrap(), 2);
+    }
+
+    #[test]
+    fn list_get_remove_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&db(&dir)).unwrap();
+        let a = store.add_note("a", None, None).unwrap().id();
+        let b = store.add_note("b", Some("x.md"), Some("H")).unwrap().id();
+        let all = store.list_notes(None).unwrap();
+        assert_eq!(all.iter().map(|n| n.id).collect::<Vec<_>>(), vec![b, a]);
+        assert_eq!(store.list_notes(Some(1)).unwrap().len(), 1);
+        assert!(store.remove_note(a).unwrap());
+        assert!(!store.remove_note(a).unwrap());
+        assert!(store.get_note(a).unwrap().is_none());
+        assert_eq!(store.count_notes().unwrap(), 1);
+    }
+
+    #[test]
+    fn exchanges_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&db(&dir)).unwrap();
+        let e1 = sample_exchange(1);
+        let e2 = sample_exchange(2);
+        let id1 = store.record_exchange(&e1).unwrap();
+        let id2 = store.record_exchange(&e2).unwrap();
+        let got = store.recent_exchanges(10).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].id, id2);
+        assert_eq!(got[1].id, id1);
+        for (g, e) in got.iter().zip([&e2, &e1]) {
+            let back = NewExchange {
+                session_id: g.session_id.clone(),
+                kind: g.kind.clone(),
+                prompt: g.prompt.clone(),
+                answer: g.answer.clone(),
+                model: g.model.clone(),
+                adapter: g.adapter.clone(),
+                prompt_tokens: g.prompt_tokens,
+                completion_tokens: g.completion_tokens,
+                load_ms: g.load_ms,
+                prompt_ms: g.prompt_ms,
+                generate_ms: g.generate_ms,
+                stop_reason: g.stop_reason.clone(),
+                sampling: g.sampling.clone(),
+            };
+            assert_eq!(&back, e);
+            assert!(chrono::DateTime::parse_from_rfc3339(&g.created_at).is_ok());
+            assert!(g.created_at.ends_with('Z'));
+        }
+        assert_eq!(store.recent_exchanges(1).unwrap().len(), 1);
+        assert!(store.recent_exchanges(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn models_settings_stats_integrity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&db(&dir)).unwrap();
+        let mut m = RegisteredModel {
+            name: "tiny".into(),
+            path: "/models/tiny.gguf".into(),
+            architecture: "llama".into(),
+            sha256: None,
+            bytes: 1234,
+            registered_at: now_rfc3339(),
+        };
+        store.register_model(&m).unwrap();
+        m.sha256 = Some("ab".repeat(32));
+        store.register_model(&m).unwrap();
+        assert_eq!(store.registered_model("tiny").unwrap(), Some(m.clone()));
+        assert_eq!(store.registered_model("nope").unwrap(), None);
+        assert_eq!(store.registered_models().unwrap(), vec![m]);
+
+        assert_eq!(store.get_setting("adapter").unwrap(), None);
+        store.set_setting("adapter", "v1").unwrap();
+        store.set_setting("adapter", "v2").unwrap();
+        assert_eq!(store.get_setting("adapter").unwrap().as_deref(), Some("v2"));
+
+        store.add_note("n", None, None).unwrap();
+        store.record_exchange(&sample_exchange(1)).unwrap();
+        let s = store.stats().unwrap();
+        assert_eq!((s.notes, s.exchanges, s.models), (1, 1, 1));
+        assert_eq!(s.schema_version, SCHEMA_VERSION);
+        assert!(s.db_bytes > 0);
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+        assert!(store.unregister_model("tiny").unwrap());
+        assert!(store.registered_models().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,243 @@
+//! The assistant on the real default model: `ask`, `chat` (streaming, commands, Ctrl-C),
+//! notes, history and status, with every exchange in a private SQLite file.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::process::Stdio;
+
+fn model_arg() -> std::ffi::OsString {
+    default_model().into_os_string()
+}
+
+#[test]
+fn ask_json_answers_and_records_the_exchange() {
+    let home = temp_home();
+    let o = run(
+        hone(home.path()).arg("--model").arg(model_arg()).args([
+            "ask",
+            "--json",
+            "--temperature",
+            "0",
+            "What is the capital of France?",
+        ]),
+        true,
+    );
+    let j = last_json(&o);
+    let answer = j["answer"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "answer: {answer}");
+    assert_eq!(j["model"], "smollm2-135m-instruct");
+    assert!(j["adapter"].is_null());
+    assert!(j["prompt_tokens"].as_u64().unwrap() > 10);
+    assert!(j["completion_tokens"].as_u64().unwrap() > 0);
+
+    let h = run(hone(home.path()).args(["history", "--json"]), true);
+    let line = stdout(&h);
+    let e: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(e["prompt"], "What is the capital of France?");
+    assert_eq!(e["answer"], j["answer"]);
+    assert_eq!(e["kind"], "ask");
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["hone.db", "hone.db-wal"] {
+            let p = home.path().join(f);
+            if p.exists() {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
+            }
+        }
+        let mode = std::fs::metadata(home.path().join("models"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}
+
+#[test]
+fn same_seed_same_answer() {
+    let home = temp_home();
+    let ask = || {
+        let o = run(
+            hone(home.path()).arg("--model").arg(model_arg()).args([
+                "ask",
+                "--json",
+                "--temperature",
+                "0.9",
+                "--seed",
+                "7",
+                "-n",
+                "24",
+                "Tell me a short story about a fox.",
+            ]),
+            true,
+        );
+        last_json(&o)["answer"].as_str().unwrap().to_string()
+    };
+    assert_eq!(ask(), ask());
+}
+
+#[test]
+fn chat_streams_remembers_and_keeps_context() {
+    let home = temp_home();
+    let mut child = hone(home.path())
+        .arg("--model")
+        .arg(model_arg())
+        .args(["chat", "--temperature", "0", "-n", "40"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(
+            b"/remember My locker number is 4417.\n/help\nMy name is Ada. Please remember it.\nWhat is my name?\n/new\n/bogus\n/quit\n",
+        )
+        .unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(out.contains("stored as note"), "{out}");
+    assert!(out.contains("/remember TEXT"), "{out}");
+    assert!(out.contains("(new conversation)"), "{out}");
+    assert!(out.contains("unknown command /bogus"), "{out}");
+
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    let notes = store.list_notes(None).unwrap();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0].content, "My locker number is 4417.");
+    assert_eq!(notes[0].source.as_deref(), Some("chat"));
+    let ex = store.recent_exchanges(10).unwrap();
+    assert_eq!(ex.len(), 2);
+    assert!(ex.iter().all(|e| e.kind == "chat"));
+    assert_eq!(ex[0].session_id, ex[1].session_id);
+    // The second turn's prompt included the first turn.
+    assert!(ex[0].prompt_tokens > ex[1].prompt_tokens);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_the_answer_not_the_chat() {
+    let home = temp_home();
+    let mut child = hone(home.path())
+        .arg("--model")
+        .arg(model_arg())
+        .args(["chat", "--temperature", "0.7", "--seed", "1", "-n", "400"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"Write a very long essay about the history of bread, in many paragraphs.\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let mut stdout_pipe = child.stdout.take().unwrap();
+    // Wait until the answer has started streaming.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < 40 {
+        let n = stdout_pipe.read(&mut buf).unwrap();
+        assert!(n > 0, "chat ended before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stdin.write_all(b"/quit\n").unwrap();
+    drop(stdin);
+    let mut rest = Vec::new();
+    stdout_pipe.read_to_end(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    got.extend(rest);
+    let out = String::from_utf8_lossy(&got);
+    assert!(status.success(), "chat did not survive Ctrl-C: {out}");
+    assert!(out.contains("[stopped]"), "{out}");
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    let ex = store.recent_exchanges(5).unwrap();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].stop_reason.as_deref(), Some("cancelled"));
+    assert!(ex[0].completion_tokens < 400);
+}
+
+#[test]
+fn notes_import_list_remove_and_dedupe() {
+    let home = temp_home();
+    let dir = home.path().join("my-notes");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(
+        dir.join("garden.md"),
+        "# Tomatoes\nWater them every morning.\n\n# Basil\nKeep it on the windowsill.\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sub/car.txt"),
+        "The car is due for service in May.\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("sub/image.png"), [0u8, 1, 2]).unwrap();
+    let o = run(hone(home.path()).args(["note", "import"]).arg(&dir), true);
+    assert!(stdout(&o).contains("3 new notes"), "{}", stdout(&o));
+    let o = run(hone(home.path()).args(["note", "import"]).arg(&dir), true);
+    assert!(
+        stdout(&o).contains("0 new notes, 3 already stored"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(hone(home.path()).args(["note", "list", "--json"]), true);
+    let notes: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(notes.len(), 3);
+    assert!(notes.iter().any(|n| n["section"] == "Basil"));
+    let id = notes[0]["id"].as_i64().unwrap();
+    run(
+        hone(home.path()).args(["note", "rm", &id.to_string()]),
+        true,
+    );
+    let o = hone(home.path())
+        .args(["note", "rm", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&format!("no note {id}")));
+    let s = last_json(&run(hone(home.path()).args(["status", "--json"]), true));
+    assert_eq!(s["notes"], 2);
+    assert_eq!(s["schema_version"], 1);
+}
+
+#[test]
+fn ask_with_notes_answers_from_the_notes() {
+    let home = temp_home();
+    run(
+        hone(home.path()).args([
+            "note",
+            "add",
+            "The spare key is under the blue flowerpot by the back door.",
+        ]),
+        true,
+    );
+    let o = run(
+        hone(home.path()).arg("--model").arg(model_arg()).args([
+            "ask",
+            "--json",
+            "--with-notes",
+            "--temperature",
+            "0",
+            "Where is the spare key?",
+        ]),
+        true,
+    );
+    let a = last_json(&o)["answer"].as_str().unwrap().to_lowercase();
+    assert!(a.contains("flowerpot"), "{a}");
+}

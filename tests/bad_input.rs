@@ -1,0 +1,205 @@
+//! Bad input gets a clear error that names the file and the fix, never a panic, and leaves the
+//! database as it was. These run on tiny models the tests write, except where the real model's
+//! file is the point (truncating it).
+
+mod common;
+
+use common::*;
+use hone::tiny::{write_tiny_model, TinySpec};
+use std::path::Path;
+
+fn assert_clean_error(o: &std::process::Output, must_contain: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure; stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.starts_with("error: "), "not an error line: {err}");
+    for m in must_contain {
+        assert!(err.contains(m), "stderr lacks {m:?}:\n{err}");
+    }
+}
+
+fn note_count(home: &Path) -> u64 {
+    let store = hone::store::Store::open(&home.join("hone.db")).unwrap();
+    store.count_notes().unwrap()
+}
+
+fn exchange_count(home: &Path) -> u64 {
+    hone::store::Store::open(&home.join("hone.db"))
+        .unwrap()
+        .stats()
+        .unwrap()
+        .exchanges
+}
+
+#[test]
+fn truncated_real_model_names_the_file() {
+    let real = default_model();
+    let home = temp_home();
+    let bytes = std::fs::read(&real).unwrap();
+    for (label, len) in [("header", 4000usize), ("tensors", bytes.len() / 3)] {
+        let p = home.path().join(format!("cut-{label}.gguf"));
+        std::fs::write(&p, &bytes[..len]).unwrap();
+        let o = hone(home.path())
+            .arg("--model")
+            .arg(&p)
+            .args(["ask", "hi"])
+            .output()
+            .unwrap();
+        assert_clean_error(&o, &[p.to_str().unwrap(), "truncated", "download it again"]);
+    }
+    assert_eq!(exchange_count(home.path()), 0);
+}
+
+#[test]
+fn wrong_magic_empty_file_and_text_file_are_not_models() {
+    let home = temp_home();
+    let cases: [(&str, &[u8]); 3] = [
+        ("ggml.gguf", b"ggmlrest-of-an-old-file......"),
+        ("empty.gguf", b""),
+        ("notes.txt", b"just some text, not a model\n"),
+    ];
+    for (name, content) in cases {
+        let p = home.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let o = hone(home.path())
+            .arg("--model")
+            .arg(&p)
+            .args(["ask", "hi"])
+            .output()
+            .unwrap();
+        assert_clean_error(&o, &[p.to_str().unwrap(), "not a GGUF model file"]);
+    }
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let home = temp_home();
+    let p = home.path().join("gemma.gguf");
+    write_tiny_model(
+        &p,
+        &TinySpec {
+            arch: "gemma3".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let o = hone(home.path())
+        .arg("--model")
+        .arg(&p)
+        .args(["ask", "hi"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["gemma3", "llama and qwen2"]);
+    // Registering it is refused too, and nothing is registered.
+    let o = hone(home.path())
+        .args(["pull", "--file"])
+        .arg(&p)
+        .args(["--name", "g"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["gemma3"]);
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    assert!(store.registered_models().unwrap().is_empty());
+}
+
+#[test]
+fn missing_model_file_says_so() {
+    let home = temp_home();
+    let o = hone(home.path())
+        .args(["--model", "/nonexistent/m.gguf", "ask", "hi"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["/nonexistent/m.gguf"]);
+    let o = hone(home.path())
+        .args(["--model", "no-such-model", "ask", "hi"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["no-such-model", "smollm2-135m-instruct"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn invalid_utf8_note_argument_and_file_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let home = temp_home();
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9 au lait");
+    let o = hone(home.path())
+        .args(["note", "add"])
+        .arg(bad)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["UTF-8"]);
+    let dir = home.path().join("notes");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("good.md"), "# Good\nA fine note.\n").unwrap();
+    std::fs::write(dir.join("latin1.txt"), b"line one\nna\xefve line two\n").unwrap();
+    let o = hone(home.path())
+        .args(["note", "import"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["latin1.txt", "UTF-8", "line 2"]);
+    // All or nothing: the good file was not stored either.
+    assert_eq!(note_count(home.path()), 0);
+}
+
+#[test]
+fn fifty_megabyte_note_file_is_refused_without_reading_it() {
+    let home = temp_home();
+    let p = home.path().join("huge.md");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(50 * 1024 * 1024).unwrap();
+    let o = hone(home.path())
+        .args(["note", "import"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["huge.md", "50.0 MiB", "limit"]);
+    assert_eq!(note_count(home.path()), 0);
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_left_alone() {
+    let home = temp_home();
+    let db = home.path().join("hone.db");
+    let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&db, &junk).unwrap();
+    let o = hone(home.path())
+        .args(["note", "add", "hello"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &[db.to_str().unwrap(), "not a hone database"]);
+    assert_eq!(std::fs::read(&db).unwrap(), junk);
+}
+
+#[test]
+fn a_locked_database_gives_a_clear_error_and_loses_nothing() {
+    let home = temp_home();
+    run(hone(home.path()).args(["note", "add", "first note"]), true);
+    let conn = rusqlite::Connection::open(home.path().join("hone.db")).unwrap();
+    conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let o = hone(home.path())
+        .args(["note", "add", "second note"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["hone.db", "locked"]);
+    conn.execute_batch("ROLLBACK").unwrap();
+    drop(conn);
+    assert_eq!(note_count(home.path()), 1);
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn bad_sampling_options_name_the_option() {
+    let home = temp_home();
+    let p = home.path().join("tiny.gguf");
+    write_tiny_model(&p, &TinySpec::default()).unwrap();
+    let o = hone(home.path())
+        .arg("--model")
+        .arg(&p)
+        .args(["ask", "--top-p", "0", "hi"])
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["--top-p"]);
+}
