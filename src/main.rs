@@ -18,7 +18,7 @@ pub struct Cli {
     /// Model to use: a known name (see `hone models`), a registered name, or a path to a .gguf file
     #[arg(long, global = true, env = "HONE_MODEL")]
     pub model: Option<String>,
-    /// Compute threads (default: the cores this process may use)
+    /// Compute threads (default: the cores other processes leave idle)
     #[arg(short = 't', long, global = true)]
     pub threads: Option<usize>,
     /// Context length in tokens (default: the model's chat default, at most its trained context)
@@ -200,11 +200,15 @@ pub struct PerplexityArgs {
 }
 
 fn main() {
+    hone::sys::reset_sigpipe();
     let cli = Cli::parse();
     cli::init_logging(cli.verbose);
-    if let Some(t) = cli.threads {
-        hone::sys::set_threads(t);
-    }
+    // Default: the cores other processes leave idle, so a busy machine does not make our
+    // threads fight for cores (measured over 30 ms of /proc/stat).
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| hone::sys::idle_cpus(std::time::Duration::from_millis(30)));
+    hone::sys::set_threads(threads);
     if let Err(e) = cli::run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

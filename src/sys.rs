@@ -46,6 +46,27 @@ pub fn set_threads(n: usize) {
     std::env::set_var("CANDLE_NUM_THREADS", &n);
 }
 
+/// Lowers this process's CPU priority (0 = normal, 19 = lowest), for background learning.
+pub fn set_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes no pointers; who = 0 means the calling process.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice.clamp(0, 19)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Restores the default SIGPIPE action, so `hone ... | head` ends quietly like other Unix
+/// tools instead of failing on a closed pipe.
+pub fn reset_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal disposition to its default at start-up.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Bytes as "98.4 MB" (powers of 1000, as file managers show them) or MiB where asked.
 pub fn human_bytes(b: u64) -> String {
     let b = b as f64;
@@ -58,6 +79,43 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         format!("{b} B")
     }
+}
+
+/// CPUs that are idle right now: all available CPUs minus the ones other processes keep busy,
+/// measured from /proc/stat over `window` (Linux; elsewhere all available CPUs). At least 1.
+pub fn idle_cpus(window: std::time::Duration) -> usize {
+    let n = available_cpus();
+    let read = || -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = s.lines().next()?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+        let total: u64 = v.iter().take(8).sum();
+        Some((idle, total))
+    };
+    let (Some((i0, t0)), true) = (read(), cfg!(target_os = "linux")) else {
+        return n;
+    };
+    std::thread::sleep(window);
+    let Some((i1, t1)) = read() else {
+        return n;
+    };
+    if t1 <= t0 {
+        return n;
+    }
+    let all = std::fs::read_to_string("/proc/stat")
+        .map(|s| s.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count())
+        .unwrap_or(n)
+        .max(1);
+    let idle_frac = (i1 - i0) as f64 / (t1 - t0) as f64;
+    // Busy CPUs across the machine, but only the ones this process may use count against it.
+    let busy = ((1.0 - idle_frac) * all as f64).round() as usize;
+    n.saturating_sub(busy.saturating_sub(all - n.min(all))).max(1)
 }
 
 #[cfg(test)]
