@@ -92,12 +92,13 @@ apt_install() { # PACKAGE... (NAME, NAME:ARCH or NAME:ARCH=VERSION)
     $( for a in "${ADD_ARCHS[@]:-}"; do [[ -n "$a" ]] && printf 'sudo dpkg --add-architecture %s && ' "$a"; done )sudo sh -c '$cmd'"
   fi
   command -v apt-get >/dev/null || die "no apt-get here; install these packages by hand: $*"
-  local a
+  local a added=()
   for a in "${ADD_ARCHS[@]:-}"; do
     [[ -z "$a" ]] && continue
     if ! dpkg --print-foreign-architectures | grep -qx "$a"; then
       note "dpkg --add-architecture $a"
       dpkg --add-architecture "$a"
+      added+=("$a")
       APT_UPDATED=0
     fi
   done
@@ -109,10 +110,16 @@ apt_install() { # PACKAGE... (NAME, NAME:ARCH or NAME:ARCH=VERSION)
     APT_UPDATED=1
   fi
   note "apt-get install -y $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
-    || die "apt-get install failed for: $*
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; then
+    # Leave dpkg as it was: a foreign architecture whose index cannot be fetched makes every later
+    # `apt-get update` on this machine fail.
+    for a in "${added[@]:-}"; do
+      [[ -n "$a" ]] && dpkg --remove-architecture "$a" 2>/dev/null && note "removed the architecture $a again"
+    done
+    die "apt-get install failed for: $*
   (if apt says a version was not found for a foreign architecture, Debian's mirror may be mid-sync:
    wait a few minutes and run this script again, or use --toolchain rustup where rustup has network)"
+  fi
 }
 
 # --- toolchain choice ----------------------------------------------------------------------------
@@ -190,7 +197,7 @@ for t in $WHAT; do
     "CXX_${triple_us}=$gnu-g++"
     "AR_${triple_us}=$gnu-ar"
     # lets `cargo run/test --target $triple` work if someone reuses this environment
-    "CARGO_TARGET_${TRIPLE_UP}_RUNNER=$(qemu_of "$t") -L /usr/$gnu"
+    "CARGO_TARGET_${TRIPLE_UP}_RUNNER=$(qemu_of "$t") -L /usr/$gnu -E LD_LIBRARY_PATH=/usr/$gnu/lib"
     # libsqlite3-sys must build its bundled copy, never look for a system (x86) libsqlite3
     "PKG_CONFIG_ALLOW_CROSS=0"
   )
