@@ -252,7 +252,7 @@ impl GgufFile {
         };
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
-        if block == 0 || elems % block != 0 {
+        if block == 0 || !elems.is_multiple_of(block) {
             return Err(corrupt(format!(
                 "tensor {name} has {elems} elements, not a multiple of its block size {block}"
             )));
@@ -303,6 +303,18 @@ impl GgufFile {
             info.ggml_dtype,
         )
         .map_err(err)?;
+        // The bytes now live in `storage`: let the kernel drop the mapped pages, so loading
+        // does not hold the file twice (peak RSS close to the model's size, not double).
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only private file mapping; dropped pages are re-read from
+        // the file if touched again, so no data can be lost or changed.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                end - start,
+            );
+        }
         QTensor::new(storage, info.shape.clone()).map_err(err)
     }
 

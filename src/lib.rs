@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod gguf;
 pub mod home;
+pub mod kernels;
 pub mod manifest;
 pub mod model;
 pub mod notes;

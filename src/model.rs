@@ -6,8 +6,9 @@
 //! It must not tokenize, sample or touch the database; it maps token ids to logits.
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::kernels::{self, QMatrix, QType};
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, D};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +69,11 @@ impl Config {
             path: file.path().display().to_string(),
             message,
         };
-        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0
+            || n_kv_heads == 0
+            || !dim.is_multiple_of(n_heads)
+            || !n_heads.is_multiple_of(n_kv_heads)
+        {
             return Err(bad(format!(
                 "inconsistent attention shape: {dim} dims, {n_heads} heads, {n_kv_heads} kv heads"
             )));
@@ -92,19 +97,19 @@ impl Config {
     }
 }
 
-/// A quantised weight matrix used as `y = x W^T`. Several positions at once (prompts,
-/// scoring) dequantise the weight and run an f32 matrix product; one position (decoding) runs
-/// a matrix-vector product on the quantised blocks.
+/// A quantised weight matrix used as `y = x W^T`. On the CPU it runs hone's own kernels
+/// (`crate::kernels`): the weights are dequantised inside the dot products and the activations
+/// stay f32, so the result is exact up to summation order. Elsewhere (Metal) it uses candle.
 #[derive(Debug, Clone)]
 struct QLinear {
     q: Arc<QTensor>,
-    mv: QMatMul,
+    qtype: Option<QType>,
 }
 
 impl QLinear {
     fn new(q: Arc<QTensor>) -> Self {
-        let mv = QMatMul::QTensor(q.clone());
-        Self { q, mv }
+        let qtype = QType::from_ggml(q.dtype());
+        Self { q, qtype }
     }
 
     fn load(f: &GgufFile, name: &str, dev: &Device) -> Result<Self> {
@@ -114,11 +119,71 @@ impl QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(D::Minus1)?;
         let m = x.elem_count() / k.max(1);
-        if m == 1 && std::env::var("HONE_EXACT").is_err() {
-            return Ok(self.mv.forward(x)?);
+        if let (Device::Cpu, Some(qtype), true) = (x.device(), self.qtype, m <= gemm_threshold()) {
+            let op = KernelMatMul {
+                q: self.q.clone(),
+                qtype,
+            };
+            return Ok(x
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(&op)?);
+        }
+        if m == 1 && !matches!(x.device(), Device::Cpu) {
+            return Ok(QMatMul::QTensor(self.q.clone()).forward(x)?);
         }
         let w = self.q.dequantize(x.device())?;
         Ok(x.broadcast_matmul(&w.t()?)?)
+    }
+}
+
+/// Above this many rows, dequantising the weight once and running candle's f32 GEMM beats the
+/// fused kernels (measured with `hone bench`; `HONE_GEMM_M` overrides it for experiments).
+fn gemm_threshold() -> usize {
+    std::env::var("HONE_GEMM_M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
+/// `x W^T` on the CPU with `crate::kernels::matmul`.
+struct KernelMatMul {
+    q: Arc<QTensor>,
+    qtype: QType,
+}
+
+impl CustomOp1 for KernelMatMul {
+    fn name(&self) -> &'static str {
+        "hone-qmatmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.q.shape().dims2()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) || !layout.is_contiguous() {
+            candle_core::bail!("hone-qmatmul: input {dims:?} does not fit weight ({n}, {k})");
+        }
+        let elems = layout.shape().elem_count();
+        let x = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + elems];
+        let m = elems / k;
+        let data = self.q.data()?;
+        let w = QMatrix {
+            dtype: self.qtype,
+            n,
+            k,
+            data: &data,
+        };
+        let mut out = vec![0f32; m * n];
+        kernels::matmul(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
 

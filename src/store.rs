@@ -844,7 +844,11 @@ mod tests {
             prompt: format!("question {n} é😀"),
             answer: format!("answer {n}"),
             model: "tiny".into(),
-            adapter: if n % 2 == 0 { Some("v3".into()) } else { None },
+            adapter: if n.is_multiple_of(2) {
+                Some("v3".into())
+            } else {
+                None
+            },
             prompt_tokens: 10 + n,
             completion_tokens: 20 + n,
             load_ms: Some(1.5),

@@ -109,24 +109,30 @@ pub fn idle_cpus(window: std::time::Duration) -> usize {
         return n;
     }
     let all = std::fs::read_to_string("/proc/stat")
-        .map(|s| s.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count())
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+                .count()
+        })
         .unwrap_or(n)
         .max(1);
     let idle_frac = (i1 - i0) as f64 / (t1 - t0) as f64;
     // Busy CPUs across the machine, but only the ones this process may use count against it.
     let busy = ((1.0 - idle_frac) * all as f64).round() as usize;
-    n.saturating_sub(busy.saturating_sub(all - n.min(all))).max(1)
+    n.saturating_sub(busy.saturating_sub(all - n.min(all)))
+        .max(1)
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn peak_rss_is_reported_and_grows() {
-        let before = super::peak_rss_bytes().unwrap();
+    fn peak_rss_covers_what_is_resident() {
         let v = vec![1u8; 64 << 20];
         std::hint::black_box(&v);
-        let after = super::peak_rss_bytes().unwrap();
-        assert!(before > 0);
-        assert!(after >= before + (32 << 20), "{before} -> {after}");
+        // The kernel syncs per-thread RSS counters lazily, so compare with a margin.
+        let current = super::current_rss_bytes().unwrap();
+        let peak = super::peak_rss_bytes().unwrap();
+        assert!(current >= 48 << 20, "current {current}");
+        assert!(peak >= 48 << 20, "peak {peak}");
     }
 }

@@ -1,0 +1,404 @@
+//! Tests for the kernels: scalar path against candle's dequantisation (the
+//! oracle), SIMD path against the scalar path, size validation, and the
+//! rayon work split.
+//!
+//! Must not: use candle's matmul or block structs as anything but an oracle,
+//! or depend on a particular thread count of the global rayon pool.
+
+use super::*;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::Device;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::borrow::Cow;
+
+const ALL: [QType; 10] = [
+    QType::F32,
+    QType::F16,
+    QType::Q4_0,
+    QType::Q4_1,
+    QType::Q5_0,
+    QType::Q5_1,
+    QType::Q8_0,
+    QType::Q4K,
+    QType::Q5K,
+    QType::Q6K,
+];
+
+fn to_ggml(t: QType) -> GgmlDType {
+    match t {
+        QType::F32 => GgmlDType::F32,
+        QType::F16 => GgmlDType::F16,
+        QType::Q4_0 => GgmlDType::Q4_0,
+        QType::Q4_1 => GgmlDType::Q4_1,
+        QType::Q5_0 => GgmlDType::Q5_0,
+        QType::Q5_1 => GgmlDType::Q5_1,
+        QType::Q8_0 => GgmlDType::Q8_0,
+        QType::Q4K => GgmlDType::Q4K,
+        QType::Q5K => GgmlDType::Q5K,
+        QType::Q6K => GgmlDType::Q6K,
+    }
+}
+
+/// A random finite f16 (as little-endian bytes) with biased exponent at most
+/// `max_exp` (so |v| < 2^(max_exp - 14)); subnormals included.
+fn random_f16(rng: &mut StdRng, max_exp: u16) -> [u8; 2] {
+    let sign: u16 = if rng.random::<bool>() { 0x8000 } else { 0 };
+    let exp: u16 = rng.random_range(0..=max_exp);
+    let man: u16 = rng.random_range(0..0x400);
+    (sign | (exp << 10) | man).to_le_bytes()
+}
+
+/// Random but valid weights: random quant bytes, finite f16 scales of both
+/// signs and small magnitude.
+fn random_matrix(t: QType, n: usize, k: usize, rng: &mut StdRng) -> Vec<u8> {
+    let (bs, bb) = (t.block_size(), t.block_bytes());
+    let nb = n * k / bs;
+    let mut data = vec![0u8; nb * bb];
+    rng.fill(&mut data[..]);
+    let put = |data: &mut [u8], at: usize, max_exp: u16, rng: &mut StdRng| {
+        data[at..at + 2].copy_from_slice(&random_f16(rng, max_exp));
+    };
+    for blk in data.chunks_exact_mut(bb) {
+        match t {
+            QType::F32 => {
+                let v: f32 = rng.random_range(-1.0..1.0);
+                blk.copy_from_slice(&v.to_le_bytes());
+            }
+            QType::F16 => put(blk, 0, 15, rng),
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => put(blk, 0, 11, rng),
+            QType::Q4_1 | QType::Q5_1 | QType::Q4K | QType::Q5K => {
+                put(blk, 0, 11, rng);
+                put(blk, 2, 11, rng);
+            }
+            QType::Q6K => put(blk, 208, 8, rng),
+        }
+    }
+    data
+}
+
+/// candle's dequantisation of the same bytes (copied to an aligned buffer,
+/// which candle's block casts need).
+fn candle_dequant(t: QType, n: usize, k: usize, data: &[u8]) -> Vec<f32> {
+    let mut buf = vec![0u8; data.len() + 64];
+    let off = buf.as_ptr().align_offset(32);
+    assert!(off < 32);
+    buf[off..off + data.len()].copy_from_slice(data);
+    let storage = QStorage::from_data(
+        Cow::Borrowed(&buf[off..off + data.len()]),
+        &Device::Cpu,
+        to_ggml(t),
+    )
+    .unwrap();
+    let qt = QTensor::new(storage, (n, k)).unwrap();
+    qt.dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn random_x(len: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// f64 reference product and the per-element scale Σ|x_j w_j|.
+fn reference(wf: &[f32], x: &[f32], n: usize, k: usize, m: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut r = vec![0f64; m * n];
+    let mut s = vec![0f64; m * n];
+    for i in 0..m {
+        for row in 0..n {
+            let (mut acc, mut sc) = (0f64, 0f64);
+            for j in 0..k {
+                let p = x[i * k + j] as f64 * wf[row * k + j] as f64;
+                acc += p;
+                sc += p.abs();
+            }
+            r[i * n + row] = acc;
+            s[i * n + row] = sc;
+        }
+    }
+    (r, s)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64], scale: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (idx, ((&a, &b), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let err = (a as f64 - b).abs();
+        assert!(
+            err <= tol * (b.abs() + s) + 1e-30,
+            "{what}: element {idx}: got {a}, want {b} (scale {s}, err {err})"
+        );
+    }
+}
+
+/// Every f16 bit pattern, through our conversion and candle's (NaNs only
+/// need to stay NaN).
+#[test]
+fn f16_conversion_matches_candle_for_all_inputs() {
+    let data: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+    let k = 1 << 16;
+    let oracle = candle_dequant(QType::F16, 1, k, &data);
+    let w = QMatrix {
+        dtype: QType::F16,
+        n: 1,
+        k,
+        data: &data,
+    };
+    let mut ours = vec![0f32; k];
+    dequantize_rows(&w, 0, 1, &mut ours).unwrap();
+    for (h, (a, b)) in ours.iter().zip(&oracle).enumerate() {
+        assert!(
+            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+            "f16 {h:#06x}: {a} vs {b}"
+        );
+    }
+}
+
+#[test]
+fn qtype_tables_match_candle() {
+    for t in ALL {
+        let g = to_ggml(t);
+        assert_eq!(t.block_size(), g.block_size(), "{t:?} block size");
+        assert_eq!(t.block_bytes(), g.type_size(), "{t:?} block bytes");
+        assert_eq!(QType::from_ggml(g), Some(t));
+    }
+    for g in [
+        GgmlDType::BF16,
+        GgmlDType::Q8_1,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q8K,
+    ] {
+        assert_eq!(QType::from_ggml(g), None);
+    }
+}
+
+#[test]
+fn simd_path_is_reported() {
+    let p = simd_path();
+    assert!(["avx2+fma", "neon", "scalar"].contains(&p));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert_eq!(p, "avx2+fma");
+    }
+    #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+    assert_eq!(p, "neon");
+}
+
+/// The full sweep: every type, k, n and m of the spec. Weight bytes sit at an
+/// odd address to catch alignment assumptions.
+#[test]
+fn sweep_against_candle_and_scalar() {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    for t in ALL {
+        for k in [256usize, 512, 576, 896, 1536] {
+            if k % t.block_size() != 0 {
+                continue;
+            }
+            for n in [1usize, 3, 64, 100] {
+                let data = random_matrix(t, n, k, &mut rng);
+                let mut store = vec![0u8; data.len() + 1];
+                store[1..].copy_from_slice(&data);
+                let w = QMatrix {
+                    dtype: t,
+                    n,
+                    k,
+                    data: &store[1..],
+                };
+                let oracle = candle_dequant(t, n, k, &data);
+
+                let mut deq = vec![0f32; n * k];
+                dequantize_rows(&w, 0, n, &mut deq).unwrap();
+                for (idx, (&a, &b)) in deq.iter().zip(&oracle).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs(),
+                        "{t:?} n={n} k={k}: dequantised element {idx}: {a} vs candle {b}"
+                    );
+                }
+                if n > 2 {
+                    let mut part = vec![0f32; (n - 2) * k];
+                    dequantize_rows(&w, 1, n - 1, &mut part).unwrap();
+                    assert_eq!(&part[..], &deq[k..(n - 1) * k], "{t:?} partial rows");
+                }
+
+                for m in [1usize, 2, 3, 5, 8] {
+                    let x = random_x(m * k, &mut rng);
+                    let (want, scale) = reference(&oracle, &x, n, k, m);
+                    let what = format!("{t:?} n={n} k={k} m={m}");
+
+                    let mut sc = vec![f32::NAN; m * n];
+                    matmul_scalar(&w, &x, m, &mut sc).unwrap();
+                    assert_close(&format!("scalar {what}"), &sc, &want, &scale, 1e-4);
+
+                    let mut fast = vec![f32::NAN; m * n];
+                    matmul(&w, &x, m, &mut fast).unwrap();
+                    let sc64: Vec<f64> = sc.iter().map(|&v| v as f64).collect();
+                    assert_close(&format!("simd {what}"), &fast, &sc64, &scale, 1e-4);
+                }
+            }
+        }
+    }
+}
+
+/// Float weights have no blocks, so k need not be a multiple of 8.
+#[test]
+fn float_types_with_ragged_k() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for t in [QType::F32, QType::F16] {
+        for k in [1usize, 7, 13, 100] {
+            let n = 5;
+            let data = random_matrix(t, n, k, &mut rng);
+            let w = QMatrix {
+                dtype: t,
+                n,
+                k,
+                data: &data,
+            };
+            let oracle = candle_dequant(t, n, k, &data);
+            for m in [1usize, 4, 6] {
+                let x = random_x(m * k, &mut rng);
+                let (want, scale) = reference(&oracle, &x, n, k, m);
+                let mut fast = vec![0f32; m * n];
+                matmul(&w, &x, m, &mut fast).unwrap();
+                assert_close(&format!("{t:?} k={k} m={m}"), &fast, &want, &scale, 1e-4);
+                let mut sc = vec![0f32; m * n];
+                matmul_scalar(&w, &x, m, &mut sc).unwrap();
+                assert_close(
+                    &format!("{t:?} k={k} m={m} scalar"),
+                    &sc,
+                    &want,
+                    &scale,
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
+/// Large shapes through pools of several sizes: the split over weight rows
+/// and over activation rows must cover every output exactly once.
+#[test]
+fn parallel_split_matches_serial() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for t in [QType::Q4_1, QType::Q8_0, QType::Q6K] {
+        for (n, m) in [(1000usize, 9usize), (64, 40), (5, 13), (300, 1)] {
+            let k = 512;
+            let data = random_matrix(t, n, k, &mut rng);
+            let w = QMatrix {
+                dtype: t,
+                n,
+                k,
+                data: &data,
+            };
+            let x = random_x(m * k, &mut rng);
+            let mut serial = vec![0f32; m * n];
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| matmul(&w, &x, m, &mut serial))
+                .unwrap();
+            for threads in [2usize, 3, 8] {
+                let mut par = vec![f32::NAN; m * n];
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| matmul(&w, &x, m, &mut par))
+                    .unwrap();
+                // Same kernels and summation order per element: bit-identical.
+                assert_eq!(serial, par, "{t:?} n={n} m={m} threads={threads}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_sizes_are_errors() {
+    let (n, k) = (4usize, 64usize);
+    let data = vec![0u8; n * 2 * 18];
+    let x = vec![0f32; 2 * k];
+    let mut out = vec![0f32; 2 * n];
+    let good = QMatrix {
+        dtype: QType::Q4_0,
+        n,
+        k,
+        data: &data,
+    };
+    assert!(matmul(&good, &x, 2, &mut out).is_ok());
+
+    let short = QMatrix {
+        data: &data[..data.len() - 1],
+        ..good
+    };
+    let long_data = vec![0u8; data.len() + 1];
+    let long = QMatrix {
+        data: &long_data,
+        ..good
+    };
+    let ragged = QMatrix { k: 48, ..good };
+    let huge = QMatrix {
+        n: usize::MAX / 2,
+        ..good
+    };
+    let huge_k = QMatrix {
+        k: usize::MAX - 31,
+        ..good
+    };
+    for w in [short, long, ragged, huge, huge_k] {
+        assert!(matmul(&w, &x, 2, &mut out).is_err(), "{w:?}");
+        assert!(matmul_scalar(&w, &x, 2, &mut out).is_err(), "{w:?}");
+        let mut d = vec![0f32; k];
+        assert!(dequantize_rows(&w, 0, 1, &mut d).is_err(), "{w:?}");
+    }
+
+    assert!(matmul(&good, &x[1..], 2, &mut out).is_err());
+    assert!(matmul(&good, &x, 3, &mut out).is_err());
+    assert!(matmul(&good, &x, 2, &mut out[1..]).is_err());
+    assert!(matmul(&good, &x, usize::MAX, &mut out).is_err());
+    assert!(matmul_scalar(&good, &x, 2, &mut out[1..]).is_err());
+
+    let mut d = vec![0f32; 2 * k];
+    assert!(dequantize_rows(&good, 0, 2, &mut d).is_ok());
+    assert!(dequantize_rows(&good, 3, 5, &mut d).is_err());
+    assert!(dequantize_rows(&good, 2, 1, &mut d).is_err());
+    assert!(dequantize_rows(&good, 0, 2, &mut d[1..]).is_err());
+    assert!(dequantize_rows(&good, 0, 1, &mut d).is_err());
+}
+
+#[test]
+fn empty_shapes() {
+    let data: Vec<u8> = Vec::new();
+    // k = 0: every output is an empty sum.
+    let w = QMatrix {
+        dtype: QType::Q6K,
+        n: 3,
+        k: 0,
+        data: &data,
+    };
+    let mut out = vec![f32::NAN; 6];
+    matmul(&w, &[], 2, &mut out).unwrap();
+    assert_eq!(out, vec![0.0; 6]);
+    // n = 0 and m = 0: nothing to do.
+    let w0 = QMatrix {
+        dtype: QType::Q8_0,
+        n: 0,
+        k: 32,
+        data: &data,
+    };
+    matmul(&w0, &[0.0; 64], 2, &mut []).unwrap();
+    let one = vec![0u8; 34];
+    let w1 = QMatrix {
+        dtype: QType::Q8_0,
+        n: 1,
+        k: 32,
+        data: &one,
+    };
+    matmul(&w1, &[], 0, &mut []).unwrap();
+    dequantize_rows(&w1, 1, 1, &mut []).unwrap();
+}
