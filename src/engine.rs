@@ -338,6 +338,8 @@ impl Engine {
         on_chunk: &mut dyn FnMut(usize, usize, f64),
     ) -> Result<Perplexity> {
         let t0 = Instant::now();
+        // llama-perplexity drops one trailing newline of the file before tokenizing.
+        let text = text.strip_suffix('\n').unwrap_or(text);
         let tokens = self.text_tokens(text, false)?;
         if ctx < 8 || ctx > self.model.max_context() {
             return Err(EngineError::Other(format!(

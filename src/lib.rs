@@ -3,6 +3,8 @@
 //! The library holds everything; `src/main.rs` is a thin command-line layer over it.
 //! See `ARCHITECTURE.md` for the map of modules and how data flows between them.
 
+pub mod daemon_lock;
+pub mod device;
 pub mod engine;
 pub mod gguf;
 pub mod home;
@@ -13,6 +15,8 @@ pub mod notes;
 pub mod pull;
 pub mod registry;
 pub mod sample;
+pub mod schedule;
+pub mod signals;
 pub mod store;
 pub mod sys;
 pub mod template;

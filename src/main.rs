@@ -24,9 +24,12 @@ pub struct Cli {
     /// Context length in tokens (default: the model's chat default, at most its trained context)
     #[arg(long, global = true)]
     pub ctx: Option<usize>,
-    /// Run on this device
+    /// Run the model on this backend
     #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    pub backend: DeviceArg,
+    /// Use this device profile instead of the detected one (see `hone device --list`)
+    #[arg(long, global = true, env = "HONE_DEVICE", value_name = "NAME")]
+    pub device: Option<String>,
     /// More log output (repeat for more); logs go to stderr
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -61,6 +64,11 @@ pub enum Command {
     Status(JsonFlag),
     /// Perplexity of a text file (scored as llama.cpp's llama-perplexity does)
     Perplexity(PerplexityArgs),
+    /// When background learning may run: show it (and the decision now) or change it
+    #[command(subcommand)]
+    Schedule(cli::schedule::ScheduleCommand),
+    /// Show the detected device and the profile in use
+    Device(cli::schedule::DeviceArgs),
     /// Print the token ids of a text (as llama.cpp's llama-tokenize does)
     Tokenize(TokenizeArgs),
     /// Measure prompt and decode speed and peak memory (like llama-bench)

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod schedule;
 
 use crate::{Cli, Command, DeviceArg, NoteCommand, SamplingArgs};
 use anyhow::{bail, Context, Result};
@@ -48,7 +49,7 @@ impl Ctx {
             store,
             cli_model: cli.model.clone(),
             ctx: cli.ctx,
-            backend: match cli.device {
+            backend: match cli.backend {
                 DeviceArg::Cpu => Backend::Cpu,
                 DeviceArg::Metal => Backend::Metal,
             },
@@ -88,6 +89,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(p) => perplexity(&cli, p),
         Command::Bench(b) => bench::run(&cli, b),
         Command::Tokenize(t) => tokenize(&cli, t),
+        Command::Schedule(c) => schedule::schedule_cmd(&cli, c),
+        Command::Device(d) => schedule::device_cmd(&cli, d),
     }
 }
 

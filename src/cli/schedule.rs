@@ -1,0 +1,231 @@
+//! `hone schedule show|set` and `hone device`: the command-line side of when background learning
+//! may run and which device profile applies. It parses, calls `hone::schedule`, `hone::device`
+//! and `hone::signals`, and prints.
+//!
+//! It must not decide anything itself (the library does). The daemon that acts on the decision
+//! comes with the learning cycle.
+
+use crate::Cli;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use hone::daemon_lock;
+use hone::device::{self, Profile};
+use hone::home::Home;
+use hone::schedule::{self, OrUnset, Schedule, ScheduleUpdate, Window};
+use hone::signals::{self, SystemClock};
+use hone::store::Store;
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Show the schedule, what the system reports, and whether learning would run now
+    Show {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change when learning may run (only the options given change)
+    Set(ScheduleSetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleSetArgs {
+    /// Start from the defaults instead of the current schedule
+    #[arg(long)]
+    pub reset: bool,
+    /// Minutes without a hone request before learning may start (0 = no wait)
+    #[arg(long, value_name = "MIN")]
+    pub idle_minutes: Option<u32>,
+    /// Highest CPU load of other processes, e.g. 50% or 0.5
+    #[arg(long, value_name = "LOAD", value_parser = schedule::parse_fraction)]
+    pub max_cpu_load: Option<f32>,
+    /// An allowed time window, e.g. 22:00-07:00; repeat for several (replaces the current ones)
+    #[arg(long = "window", value_name = "HH:MM-HH:MM", value_parser = schedule::parse_window)]
+    pub windows: Vec<Window>,
+    /// Allow learning at any time of day (removes all windows)
+    #[arg(long, conflicts_with = "windows")]
+    pub any_time: bool,
+    /// Longest learning session in minutes (0 = no limit)
+    #[arg(long, value_name = "MIN")]
+    pub max_session_minutes: Option<u32>,
+    /// Most learning minutes per day (0 = no limit)
+    #[arg(long, value_name = "MIN")]
+    pub max_day_minutes: Option<u32>,
+    /// Learn only on AC power: yes or no
+    #[arg(long, value_name = "yes|no", value_parser = clap::builder::BoolishValueParser::new())]
+    pub ac_only: Option<bool>,
+    /// With --ac-only no: the lowest battery charge to learn on, in percent
+    #[arg(long, value_name = "PERCENT")]
+    pub min_battery: Option<f32>,
+    /// Hottest sensor allowed in °C, or off
+    #[arg(long, value_name = "C|off", value_parser = schedule::parse_temperature)]
+    pub max_temperature: Option<OrUnset<f32>>,
+    /// Minutes the user must be away from keyboard and mouse (0 = not required)
+    #[arg(long, value_name = "MIN")]
+    pub user_idle_minutes: Option<u32>,
+    /// Memory learning may use, e.g. 600MiB or 1.5GiB, or auto (the device profile's)
+    #[arg(long, value_name = "SIZE|auto", value_parser = schedule::parse_budget)]
+    pub memory_budget: Option<OrUnset<u64>>,
+    /// Compute threads for learning, or auto (the device profile's)
+    #[arg(long, value_name = "N|auto", value_parser = schedule::parse_threads)]
+    pub learn_threads: Option<OrUnset<usize>>,
+    /// CPU priority of learning, 0 (normal) to 19 (lowest)
+    #[arg(long, value_name = "0-19", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub nice: Option<i32>,
+}
+
+impl ScheduleSetArgs {
+    fn update(&self) -> ScheduleUpdate {
+        ScheduleUpdate {
+            idle_minutes: self.idle_minutes,
+            max_cpu_load: self.max_cpu_load,
+            windows: if self.any_time {
+                Some(Vec::new())
+            } else if self.windows.is_empty() {
+                None
+            } else {
+                Some(self.windows.clone())
+            },
+            max_minutes_per_session: self.max_session_minutes,
+            max_minutes_per_day: self.max_day_minutes,
+            ac_only: self.ac_only,
+            min_battery_percent: self.min_battery,
+            max_temperature_c: self.max_temperature.map(|v| v.0),
+            user_idle_minutes: self.user_idle_minutes,
+            memory_budget_bytes: self.memory_budget.map(|v| v.0),
+            threads: self.learn_threads.map(|v| v.0),
+            nice: self.nice,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// List the built-in profiles
+    #[arg(long)]
+    pub list: bool,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The data directory, the store, and the profile in use.
+struct Env {
+    home: Home,
+    store: Store,
+    profile: Profile,
+    evidence: device::Evidence,
+}
+
+fn open(cli: &Cli) -> Result<Env> {
+    let home = Home::from_env()?;
+    home.ensure()?;
+    let store = Store::open(&home.db_path())?;
+    let (profile, evidence) = device::resolve(
+        Path::new("/"),
+        cli.device.as_deref(),
+        Some(&device::override_path(home.root())),
+    )?;
+    Ok(Env {
+        home,
+        store,
+        profile,
+        evidence,
+    })
+}
+
+fn load_schedule(store: &Store) -> Result<Schedule> {
+    Ok(Schedule::from_setting(
+        store.get_setting(schedule::SETTING_KEY)?.as_deref(),
+    )?)
+}
+
+/// The stored schedule with the profile's budget and threads filled in, and the decision now.
+fn decision_now(env: &Env) -> Result<(Schedule, schedule::Decision)> {
+    let s = load_schedule(&env.store)?.with_defaults(
+        env.profile.learn.memory_budget_bytes,
+        env.profile.threads_for(hone::sys::available_cpus()),
+    );
+    let last = env
+        .store
+        .recent_exchanges(1)?
+        .first()
+        .and_then(|e| schedule::parse_stored_time(&e.created_at));
+    let probe = signals::system_probe();
+    // Two readings 300 ms apart: CPU load from /proc/stat deltas, not the 1-minute average.
+    probe.cpu_load();
+    std::thread::sleep(Duration::from_millis(300));
+    // TODO(learning cycle): minutes learned today, from the cycle's records.
+    let used_today = 0.0;
+    let d = schedule::decide(&s, probe.as_ref(), &SystemClock, last, used_today);
+    Ok((s, d))
+}
+
+pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {
+    match cmd {
+        ScheduleCommand::Show { json } => {
+            let env = open(cli)?;
+            let (s, d) = decision_now(&env)?;
+            let daemon = daemon_lock::holder(env.home.root())?;
+            if *json {
+                println!(
+                    "{}",
+                    json!({ "schedule": s, "decision": d, "profile": env.profile.name, "daemon_pid": daemon })
+                );
+                return Ok(());
+            }
+            println!("{s}");
+            println!();
+            println!("{d:#}");
+            match daemon {
+                Some(pid) => println!("daemon: running (pid {pid})"),
+                None => println!("daemon: not running"),
+            }
+            Ok(())
+        }
+        ScheduleCommand::Set(a) => {
+            let env = open(cli)?;
+            let base = if a.reset {
+                Schedule::default()
+            } else {
+                load_schedule(&env.store)?
+            };
+            let update = a.update();
+            if update.is_empty() && !a.reset {
+                anyhow::bail!("nothing to change; see `hone schedule set --help` for the options");
+            }
+            let s = base.updated(&update)?;
+            env.store
+                .set_setting(schedule::SETTING_KEY, &s.to_setting())?;
+            println!("{s}");
+            Ok(())
+        }
+    }
+}
+
+pub fn device_cmd(cli: &Cli, a: &DeviceArgs) -> Result<()> {
+    if a.list {
+        for p in Profile::embedded()? {
+            println!("{:<18} {}", p.name, p.description);
+        }
+        return Ok(());
+    }
+    let env = open(cli)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({ "profile": env.profile, "evidence": env.evidence,
+                    "override_file": device::override_path(env.home.root()) })
+        );
+        return Ok(());
+    }
+    println!("{}", env.profile);
+    println!("{}", env.evidence);
+    println!(
+        "override file:  {} (fields there replace the profile's; `base = \"NAME\"` picks a profile)",
+        device::override_path(env.home.root()).display()
+    );
+    Ok(())
+}
