@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod gguf;
 pub mod home;
+pub mod lora;
 pub mod manifest;
 pub mod model;
 pub mod notes;
@@ -17,6 +18,7 @@ pub mod sys;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 
 /// The version string printed by `hone --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
