@@ -3,6 +3,7 @@
 //! The library holds everything; `src/main.rs` is a thin command-line layer over it.
 //! See `ARCHITECTURE.md` for the map of modules and how data flows between them.
 
+pub mod adapters;
 pub mod engine;
 pub mod gguf;
 pub mod home;

@@ -267,9 +267,13 @@ impl LoraWeights {
         match self.pairs.get(&(layer, t)) {
             None => Ok(y),
             Some(p) => {
-                let ax = x.broadcast_matmul(&p.a.t()?)?;
-                let d = ax.broadcast_matmul(&p.b.t()?)?;
-                Ok((y + (d * self.cfg.scale())?)?)
+                let n_in = p.a.dim(1)?;
+                let x2 = x.reshape(((), n_in))?;
+                let ax = x2.matmul(&p.a.t()?)?;
+                let sb = (&p.b * self.cfg.scale())?;
+                let d = ax.matmul(&sb.t()?)?;
+                let d = d.reshape(y.shape())?;
+                Ok((y + d)?)
             }
         }
     }

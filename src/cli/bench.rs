@@ -24,6 +24,12 @@ pub struct BenchArgs {
     /// Print one JSON object as the last line
     #[arg(long)]
     pub json: bool,
+    /// Measure LoRA training instead (r=8 on every projection of every layer, 4x128 tokens)
+    #[arg(long)]
+    pub train: bool,
+    /// With --train: the memory budget the planner must keep (e.g. 600MiB)
+    #[arg(long)]
+    pub max_memory: Option<String>,
 }
 
 /// Median, min and max.
@@ -39,6 +45,9 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 }
 
 pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    if a.train {
+        return super::train::bench(cli, a.reps, a.json, a.max_memory.as_deref());
+    }
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let mut engine = ctx.load(&choice)?;

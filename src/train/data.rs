@@ -296,6 +296,43 @@ pub fn stack(seqs: &[&Batch]) -> Batch {
     out
 }
 
+/// Fixed synthetic data for benchmarks: `n` sequences of `s` ordinary (non-special) tokens
+/// from a seeded generator, every position a target.
+pub fn synthetic(tok: &crate::tokenizer::Tokenizer, n: usize, s: usize, seed: u64) -> Dataset {
+    let vocab = tok.vocab_size() as u64;
+    let mut x = seed | 1;
+    let mut next = || loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let id = (x % vocab) as u32;
+        if !tok.is_special(id) {
+            return id;
+        }
+    };
+    let seqs = (0..n)
+        .map(|_| {
+            let toks: Vec<u32> = (0..=s).map(|_| next()).collect();
+            Batch {
+                b: 1,
+                s,
+                tokens: toks[..s].to_vec(),
+                targets: toks[1..].to_vec(),
+                weights: vec![1.0; s],
+                positions: (0..s as u32).collect(),
+                segments: vec![0; s],
+            }
+        })
+        .collect();
+    Dataset {
+        seqs,
+        examples: n,
+        target_tokens: n * s,
+        sha256: format!("synthetic-{seed}"),
+        description: format!("synthetic {n}x{s}"),
+    }
+}
+
 /// Reads and packs a data file.
 pub fn load(
     engine: &Engine,

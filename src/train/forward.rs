@@ -5,10 +5,12 @@
 //!
 //! It must not update weights or keep state between calls; it builds graphs and returns them.
 
+use super::ops::{MaskedSoftmax, RmsNorm, Rope};
 use super::qmatmul::{head_cross_entropy, qmatmul};
 use crate::lora::{LoraWeights, Target};
 use crate::model::{Arch, Linear, Model};
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor};
+use std::sync::Arc;
 
 /// One micro-batch of `b` packed sequences of `s` tokens.
 #[derive(Debug, Clone)]
@@ -26,9 +28,8 @@ pub struct Batch {
 
 /// Rotary tables and the attention mask for a batch: computed once, shared by all layers.
 pub struct Aux {
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
+    rope: Rope,
+    allowed: Arc<Vec<bool>>,
 }
 
 impl Aux {
@@ -48,49 +49,37 @@ impl Aux {
             }
         }
         let (b, s) = (batch.b, batch.s);
-        let dev = &Device::Cpu;
-        let cos = Tensor::from_vec(cos, (b, 1, s, half), dev)?;
-        let sin = Tensor::from_vec(sin, (b, 1, s, half), dev)?;
-        let mut m = vec![0f32; b * s * s];
+        let mut allowed = vec![false; b * s * s];
         for bi in 0..b {
             let seg = &batch.segments[bi * s..(bi + 1) * s];
             for i in 0..s {
-                for j in 0..s {
-                    if j > i || seg[i] != seg[j] {
-                        m[bi * s * s + i * s + j] = f32::NEG_INFINITY;
-                    }
+                for j in 0..=i {
+                    allowed[bi * s * s + i * s + j] = seg[i] == seg[j];
                 }
             }
         }
-        let mask = Tensor::from_vec(m, (b, 1, 1, s, s), dev)?;
-        Ok(Self { cos, sin, mask })
+        Ok(Self {
+            rope: Rope {
+                cos: Arc::new(cos),
+                sin: Arc::new(sin),
+                interleaved: cfg.arch == Arch::Llama,
+            },
+            allowed: Arc::new(allowed),
+        })
     }
 }
 
-fn rope(x: &Tensor, aux: &Aux, arch: Arch) -> Result<Tensor> {
-    let (b, h, s, d) = x.dims4()?;
-    let half = d / 2;
-    match arch {
-        Arch::Llama => {
-            // Interleaved pairs (x0, x1), as llama.cpp's rope for llama.
-            let xs = x.reshape((b, h, s, half, 2))?;
-            let x0 = xs.narrow(D::Minus1, 0, 1)?;
-            let x1 = xs.narrow(D::Minus1, 1, 1)?;
-            let c = aux.cos.unsqueeze(D::Minus1)?;
-            let sn = aux.sin.unsqueeze(D::Minus1)?;
-            let y0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&sn)?)?;
-            let y1 = (x0.broadcast_mul(&sn)? + x1.broadcast_mul(&c)?)?;
-            Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, s, d))
-        }
-        Arch::Qwen2 => {
-            // Halves (NeoX style).
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let y1 = (x1.broadcast_mul(&aux.cos)? - x2.broadcast_mul(&aux.sin)?)?;
-            let y2 = (x2.broadcast_mul(&aux.cos)? + x1.broadcast_mul(&aux.sin)?)?;
-            Tensor::cat(&[y1, y2], D::Minus1)
-        }
-    }
+fn rope(x: &Tensor, aux: &Aux) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope {
+        cos: aux.rope.cos.clone(),
+        sin: aux.rope.sin.clone(),
+        interleaved: aux.rope.interleaved,
+    })
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let w = w.flatten_all()?.to_vec1::<f32>()?;
+    x.contiguous()?.apply_op1(RmsNorm { w, eps })
 }
 
 fn proj(
@@ -143,30 +132,30 @@ pub fn layer_forward(
     let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let n_rep = nh / nkv;
     let eps = cfg.eps as f32;
-    let h = candle_nn::ops::rms_norm_slow(x, &layer.attn_norm, eps)?;
+    let h = rms_norm(x, &layer.attn_norm, eps)?;
     let q = proj(&layer.q, lora, li, Target::Q, &h)?;
     let k = proj(&layer.k, lora, li, Target::K, &h)?;
     let v = proj(&layer.v, lora, li, Target::V, &h)?;
     let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
     let k = k.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let q = rope(&q, aux, cfg.arch)?;
-    let k = rope(&k, aux, cfg.arch)?;
+    let q = rope(&q, aux)?;
+    let k = rope(&k, aux)?;
     // Heads sharing a kv head are stacked as rows (head h uses kv head h / n_rep).
     let q = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let att = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
-    let att = att
-        .reshape((b, nkv, n_rep, s, s))?
-        .broadcast_add(&aux.mask)?;
-    let att = candle_nn::ops::softmax(&att, D::Minus1)?.reshape((b, nkv, n_rep * s, s))?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let att = q.matmul(&k.t()?)?.apply_op1(MaskedSoftmax {
+        allowed: aux.allowed.clone(),
+        s,
+        scale,
+    })?;
     let y = att.matmul(&v)?;
     let y = y
         .reshape((b, nh, s, hd))?
         .transpose(1, 2)?
         .reshape((b, s, nh * hd))?;
     let x = (x + proj(&layer.o, lora, li, Target::O, &y)?)?;
-    let h = candle_nn::ops::rms_norm_slow(&x, &layer.ffn_norm, eps)?;
+    let h = rms_norm(&x, &layer.ffn_norm, eps)?;
     let g = qmatmul(&h, &layer.gate.q)?;
     let g = lora_add(lora, li, Target::Gate, &h, g)?;
     let u = qmatmul(&h, &layer.up.q)?;
@@ -197,7 +186,7 @@ pub fn head_loss(model: &Model, x: &Tensor, batch: &Batch, norm: f32) -> Result<
     let n = idx.len();
     let idx = Tensor::from_vec(idx, n, &Device::Cpu)?;
     let rows = x.index_select(&idx, 0)?;
-    let h = candle_nn::ops::rms_norm_slow(&rows, &model.norm, model.cfg.eps as f32)?;
+    let h = rms_norm(&rows, &model.norm, model.cfg.eps as f32)?;
     let losses = head_cross_entropy(&h, &model.output.q, targets)?;
     let w = Tensor::from_vec(w, n, &Device::Cpu)?;
     (losses * w)?.sum_all()

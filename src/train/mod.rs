@@ -12,6 +12,7 @@
 
 pub mod data;
 pub mod forward;
+pub mod ops;
 pub mod optim;
 pub mod plan;
 pub mod qmatmul;

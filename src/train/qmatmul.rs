@@ -182,12 +182,13 @@ pub fn qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
 }
 
 /// The output head and the cross-entropy, fused: input `h` (n, d) after the final norm, output
-/// the per-row loss `-log softmax(h·Wᵀ)[target]` (n). The softmax is kept from the forward pass
-/// for the backward pass (n × vocab floats); the logits are never materialised twice.
+/// the per-row loss `-log softmax(h·Wᵀ)[target]` (n). The logits are computed tile by tile of
+/// the vocabulary with an online log-sum-exp and never stored whole; the backward pass computes
+/// them again tile by tile (one more product with W) instead of keeping n × vocab floats.
 pub struct HeadCrossEntropy {
     pub w: Arc<QTensor>,
     pub targets: Vec<u32>,
-    probs: Mutex<Option<Vec<f32>>>,
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
 impl HeadCrossEntropy {
@@ -195,9 +196,14 @@ impl HeadCrossEntropy {
         Self {
             w,
             targets,
-            probs: Mutex::new(None),
+            lse: Mutex::new(None),
         }
     }
+}
+
+/// Rows of the vocabulary per tile in the head (bounded so a logits tile stays small).
+fn head_tile(vocab: usize, k: usize) -> usize {
+    tile_rows(vocab, k).min(8192)
 }
 
 impl CustomOp1 for HeadCrossEntropy {
@@ -215,65 +221,99 @@ impl CustomOp1 for HeadCrossEntropy {
         if let Some(t) = self.targets.iter().find(|t| **t as usize >= vocab) {
             candle_core::bail!("target token {t} is outside the vocabulary of {vocab}");
         }
-        let mut logits = vec![0f32; m * vocab];
-        let t = tile_rows(vocab, k);
+        let mut mx = vec![f32::NEG_INFINITY; m];
+        let mut sum = vec![0f64; m];
+        let mut tgt = vec![0f32; m];
+        let t = head_tile(vocab, k);
         let mut r = 0;
         while r < vocab {
             let e = (r + t).min(vocab);
             let wd = dequantize_rows(&self.w, r, e)?;
-            let part = x.matmul(&wd.t()?)?.to_vec2::<f32>()?;
+            let part = x.matmul(&wd.t()?)?;
             drop(wd);
-            for (i, row) in part.iter().enumerate() {
-                logits[i * vocab + r..i * vocab + e].copy_from_slice(row);
-            }
+            let part = part.flatten_all()?.to_vec1::<f32>()?;
+            let w = e - r;
+            part.par_chunks(w)
+                .zip(
+                    mx.par_iter_mut()
+                        .zip(sum.par_iter_mut().zip(tgt.par_iter_mut())),
+                )
+                .zip(self.targets.par_iter())
+                .for_each(|((row, (mxi, (si, ti))), &target)| {
+                    let tm = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let nm = mxi.max(tm);
+                    let mut acc = if si.is_finite() && *si > 0.0 {
+                        *si * ((*mxi - nm) as f64).exp()
+                    } else {
+                        0.0
+                    };
+                    for &v in row {
+                        acc += ((v - nm) as f64).exp();
+                    }
+                    *si = acc;
+                    *mxi = nm;
+                    let tu = target as usize;
+                    if tu >= r && tu < e {
+                        *ti = row[tu - r];
+                    }
+                });
             r = e;
         }
-        let losses: Vec<f32> = logits
-            .par_chunks_mut(vocab)
-            .zip(self.targets.par_iter())
-            .map(|(row, &tgt)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f64;
-                for v in row.iter_mut() {
-                    let e = (*v - max).exp();
-                    sum += e as f64;
-                    *v = e;
-                }
-                let inv = (1.0 / sum) as f32;
-                let pt = row[tgt as usize] as f64 / sum;
-                for v in row.iter_mut() {
-                    *v *= inv;
-                }
-                (-(pt.max(f64::MIN_POSITIVE)).ln()) as f32
-            })
+        let lse: Vec<f32> = mx
+            .iter()
+            .zip(&sum)
+            .map(|(m, s)| (*m as f64 + s.ln()) as f32)
             .collect();
-        if let Ok(mut p) = self.probs.lock() {
-            *p = Some(logits);
+        let losses: Vec<f32> = lse.iter().zip(&tgt).map(|(l, t)| l - t).collect();
+        if let Ok(mut p) = self.lse.lock() {
+            *p = Some(lse);
         }
         Ok((CpuStorage::F32(losses), Shape::from(m)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (vocab, _k) = self.w.shape().dims2()?;
-        let mut probs = self
-            .probs
+        let (vocab, k) = self.w.shape().dims2()?;
+        let lse = self
+            .lse
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned head state".into()))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg("head backward before forward".into()))?;
         let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
-        probs
-            .par_chunks_mut(vocab)
-            .zip(g.par_iter().zip(self.targets.par_iter()))
-            .for_each(|(row, (&gi, &tgt))| {
-                row[tgt as usize] -= 1.0;
-                for v in row.iter_mut() {
-                    *v *= gi;
-                }
-            });
+        let x = arg.reshape(((), k))?.contiguous()?;
         let m = g.len();
-        let gl = Tensor::from_vec(probs, (m, vocab), &Device::Cpu)?;
-        let gx = matmul_w(&gl, &self.w)?;
+        let t = head_tile(vocab, k);
+        let mut acc: Option<Tensor> = None;
+        let mut r = 0;
+        while r < vocab {
+            let e = (r + t).min(vocab);
+            let wd = dequantize_rows(&self.w, r, e)?;
+            let mut part = x.matmul(&wd.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let w = e - r;
+            part.par_chunks_mut(w)
+                .zip(lse.par_iter().zip(g.par_iter()))
+                .zip(self.targets.par_iter())
+                .for_each(|((row, (&l, &gi)), &target)| {
+                    for v in row.iter_mut() {
+                        // Probabilities below 1e-20 are flushed to zero: they change nothing
+                        // measurable and as subnormal floats they slow the product 50-fold.
+                        let p = (*v - l).exp();
+                        *v = if p < 1e-20 { 0.0 } else { p * gi };
+                    }
+                    let tu = target as usize;
+                    if tu >= r && tu < e {
+                        row[tu - r] -= gi;
+                    }
+                });
+            let gl = Tensor::from_vec(part, (m, w), &Device::Cpu)?;
+            let p = gl.matmul(&wd)?;
+            acc = Some(match acc {
+                None => p,
+                Some(a) => (a + p)?,
+            });
+            r = e;
+        }
+        let gx = acc.ok_or_else(|| candle_core::Error::Msg("empty head".into()))?;
         Ok(Some(gx.reshape(arg.shape())?))
     }
 }
