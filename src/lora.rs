@@ -231,6 +231,8 @@ pub struct LoraPair {
 pub struct LoraWeights {
     pub cfg: LoraConfig,
     pub pairs: BTreeMap<(usize, Target), LoraPair>,
+    /// For inference: Aᵀ and (scale·B)ᵀ, contiguous, made once by [`LoraWeights::prepare`].
+    pub prepared: BTreeMap<(usize, Target), (Tensor, Tensor)>,
 }
 
 impl LoraWeights {
@@ -255,7 +257,22 @@ impl LoraWeights {
         Ok(Self {
             cfg: cfg.clone(),
             pairs,
+            prepared: BTreeMap::new(),
         })
+    }
+
+    /// Precomputes the transposed, scaled factors used at inference (the weights no longer
+    /// change): each projection then costs two small contiguous products.
+    pub fn prepare(mut self) -> Result<Self> {
+        let s = self.cfg.scale();
+        let mut prepared = BTreeMap::new();
+        for (k, p) in &self.pairs {
+            let at = p.a.t()?.contiguous()?;
+            let sbt = (&p.b * s)?.t()?.contiguous()?;
+            prepared.insert(*k, (at, sbt));
+        }
+        self.prepared = prepared;
+        Ok(self)
     }
 
     pub fn get(&self, layer: usize, t: Target) -> Option<&LoraPair> {
@@ -264,6 +281,11 @@ impl LoraWeights {
 
     /// `y + scale·(x·Aᵀ)·Bᵀ` for the projection `t` of `layer`, or `y` when it has no adapter.
     pub fn apply(&self, layer: usize, t: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        if let Some((at, sbt)) = self.prepared.get(&(layer, t)) {
+            let x2 = x.reshape(((), at.dim(0)?))?;
+            let d = x2.matmul(at)?.matmul(sbt)?.reshape(y.shape())?;
+            return Ok((y + d)?);
+        }
         match self.pairs.get(&(layer, t)) {
             None => Ok(y),
             Some(p) => {
@@ -347,7 +369,11 @@ impl LoraWeights {
                 );
             }
         }
-        Ok(Self { cfg, pairs })
+        Ok(Self {
+            cfg,
+            pairs,
+            prepared: BTreeMap::new(),
+        })
     }
 }
 

@@ -142,7 +142,7 @@ pub fn attach_adapter(
         if let Some((rec, w)) =
             adapters::load_active(&ctx.home, &ctx.store, &id, &engine.model.cfg)?
         {
-            engine.model.set_adapter(Some(Arc::new(w)));
+            engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
             v = Some(rec.version.to_string());
         }
     }
@@ -206,9 +206,26 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     let mcfg = hone::model::Config::from_gguf(&file)?;
     drop(file);
     let budget = a.max_memory.as_deref().map(parse_bytes).transpose()?;
+    // The tokenizer and template come from a model loaded with a small context first; the
+    // examples decide the sequence length (no longer than needed, at most 512 unless asked).
+    let opts = hone::engine::LoadOptions {
+        ctx: a.seq_len.unwrap_or(512).max(64),
+        backend: ctx.backend,
+        ..hone::engine::LoadOptions::default()
+    };
+    let mut engine = Engine::load(&choice.name, &choice.path, &opts)
+        .with_context(|| format!("loading model {}", choice.name))?;
+    // The same system message `hone ask` uses, so training and asking see the same prompt.
+    let system = choice.chat_defaults().system;
+    let (examples, data_sha) = data::read_jsonl(&engine, &a.data, system.as_deref())?;
+    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
+    let seq_len = a
+        .seq_len
+        .unwrap_or_else(|| longest.div_ceil(16).max(1) * 16)
+        .min(a.seq_len.unwrap_or(512));
     let req = PlanRequest {
         budget,
-        seq_len: a.seq_len,
+        seq_len: Some(seq_len),
         micro_batch: a.batch,
         layers: a.layers,
         checkpointing: a.checkpointing,
@@ -218,17 +235,8 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         cache_seqs: 0,
     };
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
-    let opts = hone::engine::LoadOptions {
-        ctx: p.seq_len.max(64),
-        backend: ctx.backend,
-        ..hone::engine::LoadOptions::default()
-    };
-    let mut engine = Engine::load(&choice.name, &choice.path, &opts)
-        .with_context(|| format!("loading model {}", choice.name))?;
+    let ds = data::pack_dataset(&engine, &a.data, &examples, data_sha, p.seq_len)?;
     let id = identity(&ctx, &choice, &engine)?;
-    // The same system message `hone ask` uses, so training and asking see the same prompt.
-    let system = choice.chat_defaults().system;
-    let ds = data::load(&engine, &a.data, p.seq_len, system.as_deref())?;
     let lora = LoraConfig::top_layers(a.rank, a.alpha, targets, mcfg.n_layers, p.layers)?;
     let mut cfg = TrainConfig {
         lora,

@@ -333,16 +333,16 @@ pub fn synthetic(tok: &crate::tokenizer::Tokenizer, n: usize, s: usize, seed: u6
     }
 }
 
-/// Reads and packs a data file.
-pub fn load(
+/// Packs examples read from `path` into a dataset of sequences of `seq_len` tokens.
+pub fn pack_dataset(
     engine: &Engine,
     path: &Path,
+    examples: &[Example],
+    sha: String,
     seq_len: usize,
-    system: Option<&str>,
 ) -> Result<Dataset, DataError> {
-    let (examples, sha) = read_jsonl(engine, path, system)?;
     let pad = engine.tokenizer.eos.unwrap_or(0);
-    let seqs = pack(&examples, seq_len, pad);
+    let seqs = pack(examples, seq_len, pad);
     if seqs.is_empty() {
         return Err(DataError::Empty(format!(
             "{} has no tokens to learn (every example is masked out or too short)",
@@ -366,6 +366,17 @@ pub fn load(
         seqs,
         sha256: sha,
     })
+}
+
+/// Reads and packs a data file.
+pub fn load(
+    engine: &Engine,
+    path: &Path,
+    seq_len: usize,
+    system: Option<&str>,
+) -> Result<Dataset, DataError> {
+    let (examples, sha) = read_jsonl(engine, path, system)?;
+    pack_dataset(engine, path, &examples, sha, seq_len)
 }
 
 #[cfg(test)]

@@ -216,6 +216,7 @@ impl<'m> Trainer<'m> {
             lora: LoraWeights {
                 cfg: cfg.lora.clone(),
                 pairs,
+                prepared: BTreeMap::new(),
             },
             cfg,
             vars,
@@ -252,6 +253,7 @@ impl<'m> Trainer<'m> {
         Ok(LoraWeights {
             cfg: self.cfg.lora.clone(),
             pairs,
+            prepared: BTreeMap::new(),
         })
     }
 
