@@ -179,7 +179,8 @@ fn interrupted_runs_resume_exactly() {
 }
 
 /// Spawns a long training run and waits until it has finished at least one step (the
-/// checkpoint file appears).
+/// checkpoint file appears). The caller waits for the child.
+#[allow(clippy::zombie_processes)]
 fn spawn_until_checkpoint(home: &Path, data: &Path) -> std::process::Child {
     let child = small_train(home, data, 200)
         .stdout(Stdio::piped())
