@@ -331,3 +331,33 @@ fn exports_gguf_and_peft_and_refuses_another_models_adapter() {
         "{e}"
     );
 }
+
+/// The training forward pass (fused ops, quantised matmul op, packed positions) gives the same
+/// loss as the inference forward pass on the real model.
+#[test]
+fn training_forward_matches_inference_on_the_real_model() {
+    use hone::engine::{Engine, LoadOptions};
+    use hone::model::{Logits, Model};
+    let path = common::default_model();
+    let mut engine = Engine::load("smol", &path, &LoadOptions::default()).unwrap();
+    let ds = hone::train::data::synthetic(&engine.tokenizer, 1, 96, 3);
+    let seq = &ds.seqs[0];
+    let train = hone::train::forward::loss(&engine.model, seq, None, 1.0 / 96.0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    engine.reset();
+    let logits = engine.model.forward(&seq.tokens, Logits::All).unwrap();
+    let lsm = Model::log_softmax(&logits)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let inf: f32 = lsm
+        .iter()
+        .zip(&seq.targets)
+        .map(|(row, &t)| -row[t as usize])
+        .sum::<f32>()
+        / 96.0;
+    eprintln!("mean loss: training forward {train:.6}, inference forward {inf:.6}");
+    assert!((train - inf).abs() < 2e-3 * inf.abs(), "{train} vs {inf}");
+}

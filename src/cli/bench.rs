@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// With --train: the memory budget the planner must keep (e.g. 600MiB)
     #[arg(long)]
     pub max_memory: Option<String>,
+    /// With --train: write the benchmark's token ids to this JSON file (for bench/peft_train.py)
+    #[arg(long)]
+    pub data_out: Option<std::path::PathBuf>,
 }
 
 /// Median, min and max.
@@ -46,7 +49,7 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 
 pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
     if a.train {
-        return super::train::bench(cli, a.reps, a.json, a.max_memory.as_deref());
+        return super::train::bench(cli, a);
     }
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;

@@ -595,6 +595,7 @@ fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
         ..LoadOptions::default()
     };
     let mut engine = Engine::load(&choice.name, &choice.path, &opts)?;
+    train::attach_adapter(&ctx, &choice, &mut engine, false)?;
     let r = engine.perplexity(&text, p.chunk, &mut |i, n, ppl| {
         if !p.json {
             eprint!("\rchunk {i}/{n}: running perplexity {ppl:.4}   ");

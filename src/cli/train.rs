@@ -195,7 +195,17 @@ fn mib(b: u64) -> f64 {
     b as f64 / 1048576.0
 }
 
+/// candle's quantised kernels start a worker pool whose threads spin after each use, taking a
+/// core from the training's matrix products; training does not need them to spin.
+fn quiet_candle_pool() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Edition 2021: set_var is safe; no compute thread has started yet.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+}
+
 pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
+    quiet_candle_pool();
     let mut ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let targets = Target::parse_list(&a.targets)?;
@@ -505,7 +515,9 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
 
 /// `hone bench --train`: LoRA r=8, alpha 16 on q,k,v,o,gate,up,down of every layer, batches of
 /// 4 x 128 tokens, AdamW, on fixed synthetic data; train tokens/s and peak RSS.
-pub fn bench(cli: &Cli, steps: usize, json_out: bool, max_memory: Option<&str>) -> Result<()> {
+pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
+    quiet_candle_pool();
+    let (steps, json_out, max_memory) = (a.reps, a.json, a.max_memory.as_deref());
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let engine = ctx.load(&choice)?;
@@ -532,6 +544,18 @@ pub fn bench(cli: &Cli, steps: usize, json_out: bool, max_memory: Option<&str>) 
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
     let steps = steps.max(1);
     let ds = data::synthetic(&engine.tokenizer, b * (steps + 1), s, 0x5EED);
+    if let Some(out) = &a.data_out {
+        let seqs: Vec<_> = ds
+            .seqs
+            .iter()
+            .map(|q| json!({"tokens": q.tokens, "targets": q.targets}))
+            .collect();
+        std::fs::write(
+            out,
+            json!({"batch": b, "seq_len": s, "sequences": seqs}).to_string(),
+        )
+        .with_context(|| format!("writing {}", out.display()))?;
+    }
     let lora = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), mcfg.n_layers, mcfg.n_layers)?;
     let micro = p.micro_batch.min(b);
     let cfg = TrainConfig {

@@ -114,8 +114,22 @@ fn lora_add(
 
 /// Token embeddings (b, s, dim); no gradient (the embedding is frozen).
 pub fn embed(model: &Model, batch: &Batch) -> Result<Tensor> {
-    let ids = Tensor::from_slice(&batch.tokens, (batch.b, batch.s), &Device::Cpu)?;
-    model.embed.embedding(&ids)
+    // Row by row from the quantised table (candle's quantised embedding would start its spinning
+    // worker pool, which then competes with the matrix products for the cores).
+    let (rows, d) = model.embed.shape().dims2()?;
+    let mut out = Vec::with_capacity(batch.tokens.len() * d);
+    for &t in &batch.tokens {
+        let t = t as usize;
+        if t >= rows {
+            candle_core::bail!("token {t} is outside the vocabulary of {rows}");
+        }
+        out.extend(
+            super::qmatmul::dequantize_rows(&model.embed, t, t + 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    Tensor::from_vec(out, (batch.b, batch.s, d), &Device::Cpu)
 }
 
 /// Layer `li` of the model on `x` (b, s, dim), with the adapters of `lora` (if any).
