@@ -361,3 +361,50 @@ fn training_forward_matches_inference_on_the_real_model() {
     eprintln!("mean loss: training forward {train:.6}, inference forward {inf:.6}");
     assert!((train - inf).abs() < 2e-3 * inf.abs(), "{train} vs {inf}");
 }
+
+/// The planner keeps the measured peak under the budget, and refuses a budget nothing fits in
+/// with a message saying what would.
+#[test]
+fn memory_budget_is_kept_or_refused_with_what_fits() {
+    let home = home_with_model();
+    let data = write_data(home.path(), "text.jsonl", TEXT);
+    let o = run(
+        hone(home.path())
+            .args([
+                "train",
+                "--json",
+                "--max-steps",
+                "2",
+                "--max-memory",
+                "350MiB",
+                "--data",
+            ])
+            .arg(&data),
+        true,
+    );
+    let j = last_json(&o);
+    let j = serde_json::json!({"peak_rss_mb": j["peak_rss_mb"], "estimate_mb": j["estimate_mb"],
+        "micro_batch": j["micro_batch"], "checkpointing": j["checkpointing"], "layers": j["layers"]});
+    let peak = j["peak_rss_mb"].as_f64().unwrap();
+    let est = j["estimate_mb"].as_f64().unwrap();
+    eprintln!("budget 350 MiB: estimate {est:.0} MiB, measured peak {peak:.0} MiB, plan {j}");
+    assert!(est <= 350.0 && peak <= 350.0, "estimate {est}, peak {peak}");
+    let o = run(
+        hone(home.path())
+            .args([
+                "train",
+                "--max-steps",
+                "2",
+                "--max-memory",
+                "120MiB",
+                "--data",
+            ])
+            .arg(&data),
+        false,
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("does not fit in 120 MiB") && e.contains("raise --max-memory to at least"),
+        "{e}"
+    );
+}

@@ -544,18 +544,6 @@ pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
     let steps = steps.max(1);
     let ds = data::synthetic(&engine.tokenizer, b * (steps + 1), s, 0x5EED);
-    if let Some(out) = &a.data_out {
-        let seqs: Vec<_> = ds
-            .seqs
-            .iter()
-            .map(|q| json!({"tokens": q.tokens, "targets": q.targets}))
-            .collect();
-        std::fs::write(
-            out,
-            json!({"batch": b, "seq_len": s, "sequences": seqs}).to_string(),
-        )
-        .with_context(|| format!("writing {}", out.display()))?;
-    }
     let lora = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), mcfg.n_layers, mcfg.n_layers)?;
     let micro = p.micro_batch.min(b);
     let cfg = TrainConfig {
@@ -574,6 +562,23 @@ pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
         checkpointing: p.checkpointing,
     };
     let mut tr = Trainer::new(&engine.model, cfg.clone(), ds, "bench")?;
+    if let Some(out) = &a.data_out {
+        // In the order the trainer consumes them, so the peer sees the same batches.
+        let n = tr.data().seqs.len();
+        let order: Vec<usize> = (0..n).map(|k| tr.stream_seq(k)).collect();
+        let seqs: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                let q = &tr.data().seqs[i];
+                json!({"tokens": q.tokens, "targets": q.targets})
+            })
+            .collect();
+        std::fs::write(
+            out,
+            json!({"batch": b, "seq_len": s, "sequences": seqs}).to_string(),
+        )
+        .with_context(|| format!("writing {}", out.display()))?;
+    }
     let never = AtomicBool::new(false);
     // One untimed warm-up step.
     let (l0, _, _, _) = tr.train_step(&never)?.context("cancelled")?;

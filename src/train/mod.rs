@@ -285,6 +285,11 @@ impl<'m> Trainer<'m> {
         Ok((loss, grads))
     }
 
+    /// The data set's sequence used at position `k` of the training stream.
+    pub fn stream_seq(&mut self, k: usize) -> usize {
+        self.seq_at(k)
+    }
+
     /// The sequence at position `k` of the data stream (epochs shuffled from the seed).
     fn seq_at(&mut self, k: usize) -> usize {
         let n = self.data.seqs.len();
