@@ -3,12 +3,14 @@
 //! The library holds everything; `src/main.rs` is a thin command-line layer over it.
 //! See `ARCHITECTURE.md` for the map of modules and how data flows between them.
 
+pub mod adapters;
 pub mod daemon_lock;
 pub mod device;
 pub mod engine;
 pub mod gguf;
 pub mod home;
 pub mod kernels;
+pub mod lora;
 pub mod manifest;
 pub mod model;
 pub mod notes;
@@ -22,6 +24,7 @@ pub mod sys;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 
 /// The version string printed by `hone --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -73,6 +73,11 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prompt and decode speed and peak memory (like llama-bench)
     Bench(cli::bench::BenchArgs),
+    /// Train a LoRA adapter on your data (JSON Lines); the result becomes the active adapter
+    Train(cli::train::TrainArgs),
+    /// List, choose, roll back and export adapter versions
+    #[command(subcommand)]
+    Adapters(cli::train::AdaptersCommand),
 }
 
 #[derive(Args, Debug)]
@@ -135,12 +140,18 @@ pub struct AskArgs {
     /// Put the most recent notes into the prompt (answer from context, not from memory)
     #[arg(long)]
     pub with_notes: bool,
+    /// Answer with the base model, without the active adapter
+    #[arg(long)]
+    pub base: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
+    /// Chat with the base model, without the active adapter
+    #[arg(long)]
+    pub base: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

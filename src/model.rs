@@ -101,8 +101,8 @@ impl Config {
 /// (`crate::kernels`): the weights are dequantised inside the dot products and the activations
 /// stay f32, so the result is exact up to summation order. Elsewhere (Metal) it uses candle.
 #[derive(Debug, Clone)]
-struct QLinear {
-    q: Arc<QTensor>,
+pub(crate) struct QLinear {
+    pub(crate) q: Arc<QTensor>,
     qtype: Option<QType>,
 }
 
@@ -189,9 +189,9 @@ impl CustomOp1 for KernelMatMul {
 
 /// A projection: a quantised weight and, for qwen2's q/k/v, a bias.
 #[derive(Debug)]
-struct Linear {
-    w: QLinear,
-    b: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) w: QLinear,
+    pub(crate) b: Option<Tensor>,
 }
 
 impl Linear {
@@ -252,16 +252,16 @@ impl KvBuffer {
 }
 
 #[derive(Debug)]
-struct Layer {
-    attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ffn_norm: Tensor,
-    gate: QLinear,
-    up: QLinear,
-    down: QLinear,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ffn_norm: Tensor,
+    pub(crate) gate: QLinear,
+    pub(crate) up: QLinear,
+    pub(crate) down: QLinear,
     k_cache: KvBuffer,
     v_cache: KvBuffer,
 }
@@ -278,12 +278,14 @@ pub enum Logits {
 /// A loaded model with its KV cache.
 pub struct Model {
     pub cfg: Config,
-    embed: Arc<QTensor>,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    output: QLinear,
+    pub(crate) embed: Arc<QTensor>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Tensor,
+    pub(crate) output: QLinear,
     cos: Tensor,
     sin: Tensor,
+    /// LoRA adapters applied next to the base projections (not merged), if any.
+    lora: Option<Arc<crate::lora::LoraWeights>>,
     max_ctx: usize,
     /// Tokens held in the KV cache.
     cached: usize,
@@ -348,6 +350,7 @@ impl Model {
             max_ctx,
             cached: 0,
             device: dev.clone(),
+            lora: None,
         })
     }
 
@@ -376,6 +379,16 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Sets (or removes) the LoRA adapters used by `forward`; forgets the KV cache.
+    pub fn set_adapter(&mut self, lora: Option<Arc<crate::lora::LoraWeights>>) {
+        self.lora = lora;
+        self.clear_cache();
+    }
+
+    pub fn adapter(&self) -> Option<&Arc<crate::lora::LoraWeights>> {
+        self.lora.as_ref()
     }
 
     /// Runs `tokens` at positions `cached_len()..` and returns logits, shape (vocab) for
@@ -412,11 +425,22 @@ impl Model {
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let n_rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        for layer in &mut self.layers {
+        use crate::lora::Target as T;
+        let lora = self.lora.clone();
+        let ad = |i: usize, t: T, x: &Tensor, y: Tensor| -> Result<Tensor> {
+            match &lora {
+                Some(l) => l.apply(i, t, x, y).map_err(|e| match e {
+                    crate::lora::LoraError::Candle(c) => ModelError::Candle(c),
+                    e => ModelError::Candle(candle_core::Error::Msg(e.to_string())),
+                }),
+                None => Ok(y),
+            }
+        };
+        for (li, layer) in self.layers.iter_mut().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps as f32)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
-            let v = layer.v.forward(&h)?;
+            let q = ad(li, T::Q, &h, layer.q.forward(&h)?)?;
+            let k = ad(li, T::K, &h, layer.k.forward(&h)?)?;
+            let v = ad(li, T::V, &h, layer.v.forward(&h)?)?;
             let q = q.reshape((1, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -449,11 +473,12 @@ impl Model {
                 .reshape((1, nh, s, hd))?
                 .transpose(1, 2)?
                 .reshape((1, s, nh * hd))?;
-            x = (x + layer.o.forward(&y)?)?;
+            x = (x + ad(li, T::O, &y, layer.o.forward(&y)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let u = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(g * u)?)?)?;
+            let g = candle_nn::ops::silu(&ad(li, T::Gate, &h, layer.gate.forward(&h)?)?)?;
+            let u = ad(li, T::Up, &h, layer.up.forward(&h)?)?;
+            let gu = (g * u)?;
+            x = (x + ad(li, T::Down, &gu, layer.down.forward(&gu)?)?)?;
         }
         self.cached = pos + s;
         let x = match logits {

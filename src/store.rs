@@ -79,6 +79,27 @@ pub const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // v2: LoRA adapter versions (the weights live in files under adapters/).
+    "CREATE TABLE adapters (
+        version INTEGER PRIMARY KEY,
+        parent INTEGER,
+        created_at TEXT NOT NULL,
+        model TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        architecture TEXT NOT NULL,
+        config TEXT NOT NULL,
+        data TEXT,
+        data_sha256 TEXT,
+        loss_curve TEXT,
+        steps INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        seconds REAL,
+        params INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        file TEXT NOT NULL,
+        active INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX adapters_model ON adapters(model_sha256, version);",
 ];
 
 /// The schema version this build of hone writes.
@@ -629,6 +650,166 @@ impl Store {
         };
         run().map_err(|e| self.err(e))
     }
+
+    // ----- adapters -----
+
+    /// The version number the next adapter will get.
+    pub fn next_adapter_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records an adapter version (its file is already written); when `activate`, it becomes
+    /// the active adapter of its model (one transaction).
+    pub fn add_adapter(&mut self, a: &AdapterRecord, activate: bool) -> Result<i64, StoreError> {
+        let path = self.path.clone();
+        let timeout = self.busy_timeout;
+        let err = |e| classify(&path, timeout, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        if activate {
+            tx.execute(
+                "UPDATE adapters SET active = 0 WHERE model_sha256 = ?1",
+                [&a.model_sha256],
+            )
+            .map_err(err)?;
+        }
+        tx.execute(
+            "INSERT INTO adapters (version, parent, created_at, model, model_sha256, architecture, \
+             config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            rusqlite::params![
+                a.version,
+                a.parent,
+                a.created_at,
+                a.model,
+                a.model_sha256,
+                a.architecture,
+                a.config,
+                a.data,
+                a.data_sha256,
+                a.loss_curve,
+                a.steps as i64,
+                a.tokens as i64,
+                a.seconds,
+                a.params as i64,
+                a.bytes as i64,
+                a.file,
+                activate as i64,
+            ],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(a.version)
+    }
+
+    /// Every adapter version, oldest first.
+    pub fn adapters(&self) -> Result<Vec<AdapterRecord>, StoreError> {
+        self.query_all(
+            &format!("SELECT {ADAPTER_COLUMNS} FROM adapters ORDER BY version"),
+            [],
+            adapter_from_row,
+        )
+    }
+
+    pub fn adapter(&self, version: i64) -> Result<Option<AdapterRecord>, StoreError> {
+        Ok(self
+            .query_all(
+                &format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE version = ?1"),
+                [version],
+                adapter_from_row,
+            )?
+            .pop())
+    }
+
+    /// The active adapter of the model with this sha256, if any.
+    pub fn active_adapter(&self, model_sha256: &str) -> Result<Option<AdapterRecord>, StoreError> {
+        Ok(self
+            .query_all(
+                &format!(
+                    "SELECT {ADAPTER_COLUMNS} FROM adapters WHERE model_sha256 = ?1 AND active = 1 \
+                     ORDER BY version DESC LIMIT 1"
+                ),
+                [model_sha256],
+                adapter_from_row,
+            )?
+            .pop())
+    }
+
+    /// Makes `version` the active adapter of its model (None: the base model answers).
+    pub fn set_active_adapter(
+        &self,
+        model_sha256: &str,
+        version: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE adapters SET active = (version IS ?2) WHERE model_sha256 = ?1",
+                rusqlite::params![model_sha256, version],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+/// Columns of the adapters table, in [`AdapterRecord`] order.
+const ADAPTER_COLUMNS: &str = "version, parent, created_at, model, model_sha256, architecture, \
+     config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active";
+
+/// One adapter version as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterRecord {
+    pub version: i64,
+    /// The version that was active when this one was trained (rollback goes back to it).
+    pub parent: Option<i64>,
+    pub created_at: String,
+    pub model: String,
+    pub model_sha256: String,
+    pub architecture: String,
+    /// The LoRA and training configuration as JSON.
+    pub config: String,
+    /// What it was trained on (a description) and that data's sha256.
+    pub data: Option<String>,
+    pub data_sha256: Option<String>,
+    /// Loss per optimiser step as a JSON array.
+    pub loss_curve: Option<String>,
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: Option<f64>,
+    pub params: u64,
+    pub bytes: u64,
+    /// The weights file, relative to the data directory.
+    pub file: String,
+    pub active: bool,
+}
+
+fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
+    Ok(AdapterRecord {
+        version: r.get(0)?,
+        parent: r.get(1)?,
+        created_at: r.get(2)?,
+        model: r.get(3)?,
+        model_sha256: r.get(4)?,
+        architecture: r.get(5)?,
+        config: r.get(6)?,
+        data: r.get(7)?,
+        data_sha256: r.get(8)?,
+        loss_curve: r.get(9)?,
+        steps: r.get::<_, i64>(10)? as u64,
+        tokens: r.get::<_, i64>(11)? as u64,
+        seconds: r.get(12)?,
+        params: r.get::<_, i64>(13)? as u64,
+        bytes: r.get::<_, i64>(14)? as u64,
+        file: r.get(15)?,
+        active: r.get::<_, i64>(16)? != 0,
+    })
 }
 
 /// Creates the database's folder (0700) and an empty file (0600) if they do

@@ -31,6 +31,15 @@ pub struct BenchArgs {
     /// Keep one core busy with another process during the runs (a busy neighbour)
     #[arg(long)]
     pub neighbour: bool,
+    /// Measure LoRA training instead (r=8 on every projection of every layer, 4x128 tokens)
+    #[arg(long)]
+    pub train: bool,
+    /// With --train: the memory budget the planner must keep (e.g. 600MiB)
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// With --train: write the benchmark's token ids to this JSON file (for bench/peft_train.py)
+    #[arg(long)]
+    pub data_out: Option<std::path::PathBuf>,
 }
 
 /// One llama-bench run: (prompt t/s, decode t/s, peak RSS MiB).
@@ -115,6 +124,9 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 }
 
 pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    if a.train {
+        return super::train::bench(cli, a);
+    }
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let mut engine = ctx.load(&choice)?;

@@ -58,6 +58,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
     let mut engine = ctx.load(&choice)?;
+    super::train::attach_adapter(&ctx, &choice, &mut engine, a.base)?;
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let cancel = cancel.clone();

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chat;
 pub mod schedule;
+pub mod train;
 
 use crate::{Cli, Command, DeviceArg, NoteCommand, SamplingArgs};
 use anyhow::{bail, Context, Result};
@@ -91,6 +92,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(t) => tokenize(&cli, t),
         Command::Schedule(c) => schedule::schedule_cmd(&cli, c),
         Command::Device(d) => schedule::device_cmd(&cli, d),
+        Command::Train(t) => train::train(&cli, t),
+        Command::Adapters(c) => train::adapters_cmd(&cli, c),
     }
 }
 
@@ -166,7 +169,7 @@ pub fn record(
         prompt: turn.prompt.to_string(),
         answer: g.text.clone(),
         model: choice.name.clone(),
-        adapter: None,
+        adapter: train::active_version(),
         prompt_tokens: g.prompt_tokens as u64,
         completion_tokens: g.completion_tokens as u64,
         load_ms: Some(engine.load_time.as_secs_f64() * 1000.0),
@@ -198,6 +201,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
     let mut engine = ctx.load(&choice)?;
+    let adapter = train::attach_adapter(&ctx, &choice, &mut engine, a.base)?;
     let mut messages: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
     let content = if a.with_notes {
         format!("{}\n{}", notes_context(&ctx.store, 50)?, question)
@@ -232,7 +236,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
         let obj = json!({
             "answer": g.text,
             "model": choice.name,
-            "adapter": serde_json::Value::Null,
+            "adapter": adapter,
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,
@@ -594,6 +598,7 @@ fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
         ..LoadOptions::default()
     };
     let mut engine = Engine::load(&choice.name, &choice.path, &opts)?;
+    train::attach_adapter(&ctx, &choice, &mut engine, false)?;
     let r = engine.perplexity(&text, p.chunk, &mut |i, n, ppl| {
         if !p.json {
             eprint!("\rchunk {i}/{n}: running perplexity {ppl:.4}   ");

@@ -1,0 +1,620 @@
+//! `hone train`, `hone adapters ...`, `hone bench --train`, and attaching the active adapter to
+//! a loaded model for `ask` / `chat`.
+//!
+//! It parses, plans, prints and handles signals; the training itself is `hone::train`, versions
+//! and exports are `hone::adapters`.
+
+use super::Ctx;
+use crate::Cli;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use hone::adapters::{self, ModelId, NewVersion};
+use hone::engine::Engine;
+use hone::lora::{LoraConfig, Target};
+use hone::registry::ModelChoice;
+use hone::train::optim::Decay;
+use hone::train::plan::{self, PlanRequest};
+use hone::train::{data, AdamWParamsCfg, Outcome, TrainConfig, Trainer};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training data: JSON Lines with {"text"}, {"prompt","completion"} or {"messages"} objects
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Stop after this many optimiser steps (default: the steps of --epochs)
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the data (default 3 when --max-steps is not given)
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// LoRA rank
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank)
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Peak learning rate
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Warmup steps (linear), then cosine decay to lr/10
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Learning-rate decay after warmup
+    #[arg(long, value_parser = ["cosine", "linear", "constant"], default_value = "cosine")]
+    pub decay: String,
+    /// Adapt only the top K layers (default: as many as the memory budget allows, up to all)
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Projections to adapt: any of q,k,v,o,gate,up,down, or "all"
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    pub targets: String,
+    /// Memory budget for the whole process, e.g. 600MiB or 1GiB
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// Tokens per packed sequence (default: chosen by the planner, at most 512)
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Sequences per micro-batch (default: chosen by the planner)
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimiser step (gradient accumulation)
+    #[arg(long, default_value_t = 1)]
+    pub accum: usize,
+    /// Recompute activations in the backward pass (less memory, ~1/3 more compute)
+    #[arg(long)]
+    pub checkpointing: Option<bool>,
+    /// Clip the global gradient norm to this (0 = off)
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Seed for the adapter initialisation and the data order
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM)
+    #[arg(long, default_value_t = 20)]
+    pub save_every: usize,
+    /// Discard an unfinished run's checkpoint instead of resuming it
+    #[arg(long)]
+    pub fresh: bool,
+    /// Stop after this many steps of this invocation, keeping the checkpoint (as an interruption would)
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+    /// Print one JSON object at the end
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdaptersCommand {
+    /// List adapter versions (the active one is marked)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make VERSION the active adapter of its model ("none" for the base model)
+    Use { version: String },
+    /// Go back to the adapter that was active before the current one (or to none)
+    Rollback,
+    /// Export a version (default: the active one) for llama.cpp (gguf) or PEFT (peft)
+    Export {
+        version: Option<i64>,
+        #[arg(long, value_parser = ["gguf", "peft"])]
+        format: String,
+        /// Output file (gguf) or folder (peft)
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+static ACTIVE: OnceLock<Option<String>> = OnceLock::new();
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// The adapter version attached to the model in this process (for recording exchanges).
+pub fn active_version() -> Option<String> {
+    ACTIVE.get().cloned().flatten()
+}
+
+fn identity(ctx: &Ctx, choice: &ModelChoice, engine: &Engine) -> Result<ModelId> {
+    Ok(adapters::model_id(
+        &ctx.store,
+        choice,
+        &engine.model.cfg.arch_name,
+    )?)
+}
+
+/// Attaches the active adapter of the chosen model to `engine` (unless `base`); returns its
+/// version.
+pub fn attach_adapter(
+    ctx: &Ctx,
+    choice: &ModelChoice,
+    engine: &mut Engine,
+    base: bool,
+) -> Result<Option<String>> {
+    let mut v = None;
+    if !base && !ctx.store.adapters()?.is_empty() {
+        let id = identity(ctx, choice, engine)?;
+        if let Some((rec, w)) =
+            adapters::load_active(&ctx.home, &ctx.store, &id, &engine.model.cfg)?
+        {
+            engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
+            v = Some(rec.version.to_string());
+        }
+    }
+    let _ = ACTIVE.set(v.clone());
+    Ok(v)
+}
+
+/// "600MiB", "1.5GiB", "800MB", "700000000" → bytes.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a size like 600MiB"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1048576.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1073741824.0,
+        u => bail!("unknown size unit {u:?} in {s:?} (use MiB, GiB, MB or GB)"),
+    };
+    Ok((n * mul) as u64)
+}
+
+fn install_signals() {
+    let _ = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    extern "C" fn on_term(_: libc::c_int) {
+        CANCEL.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_term as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// candle's quantised kernels start a worker pool whose threads spin after each use, taking a
+/// core from the training's matrix products; training does not need them to spin.
+fn quiet_candle_pool() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Edition 2021: set_var is safe; no compute thread has started yet.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+}
+
+pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
+    quiet_candle_pool();
+    let mut ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let targets = Target::parse_list(&a.targets)?;
+    let model_bytes = std::fs::metadata(&choice.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let file = hone::gguf::GgufFile::open(&choice.path)?;
+    let mcfg = hone::model::Config::from_gguf(&file)?;
+    drop(file);
+    let budget = a.max_memory.as_deref().map(parse_bytes).transpose()?;
+    // The tokenizer and template come from a model loaded with a small context first; the
+    // examples decide the sequence length (no longer than needed, at most 512 unless asked).
+    let opts = hone::engine::LoadOptions {
+        ctx: a.seq_len.unwrap_or(512).max(64),
+        backend: ctx.backend,
+        ..hone::engine::LoadOptions::default()
+    };
+    let mut engine = Engine::load(&choice.name, &choice.path, &opts)
+        .with_context(|| format!("loading model {}", choice.name))?;
+    // The same system message `hone ask` uses, so training and asking see the same prompt.
+    let system = choice.chat_defaults().system;
+    let (examples, data_sha) = data::read_jsonl(&engine, &a.data, system.as_deref())?;
+    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
+    let seq_len = a
+        .seq_len
+        .unwrap_or_else(|| longest.div_ceil(16).max(1) * 16)
+        .min(a.seq_len.unwrap_or(512));
+    let req = PlanRequest {
+        budget,
+        seq_len: Some(seq_len),
+        micro_batch: a.batch,
+        layers: a.layers,
+        checkpointing: a.checkpointing,
+        rank: a.rank,
+        targets: targets.clone(),
+        model_bytes,
+        cache_seqs: 0,
+    };
+    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let ds = data::pack_dataset(&engine, &a.data, &examples, data_sha, p.seq_len)?;
+    let id = identity(&ctx, &choice, &engine)?;
+    let lora = LoraConfig::top_layers(a.rank, a.alpha, targets, mcfg.n_layers, p.layers)?;
+    let mut cfg = TrainConfig {
+        lora,
+        lr: a.lr,
+        min_lr_ratio: 0.1,
+        warmup: 0,
+        decay: match a.decay.as_str() {
+            "linear" => Decay::Linear,
+            "constant" => Decay::Constant,
+            _ => Decay::Cosine,
+        },
+        adamw: AdamWParamsCfg {
+            weight_decay: a.weight_decay,
+            ..AdamWParamsCfg::default()
+        },
+        clip: a.clip,
+        seq_len: p.seq_len,
+        micro_batch: p.micro_batch,
+        accum: a.accum.max(1),
+        steps: 1,
+        seed: a.seed,
+        checkpointing: p.checkpointing,
+    };
+    cfg.steps = match (a.max_steps, a.epochs) {
+        (Some(s), _) => s.max(1),
+        (None, e) => cfg.steps_for_epochs(ds.seqs.len(), e.unwrap_or(3)),
+    };
+    cfg.warmup = a.warmup.unwrap_or((cfg.steps / 10).min(20));
+    // The plan's cache size follows the data.
+    let cache_limit = plan::cache_bytes(&mcfg, &p, ds.seqs.len(), budget);
+    engine.model.set_adapter(None);
+    let ckpt = adapters::adapters_dir(&ctx.home).join(format!(
+        "checkpoint-{}.safetensors",
+        &id.sha256[..12.min(id.sha256.len())]
+    ));
+    if a.fresh && ckpt.exists() {
+        std::fs::remove_file(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
+    }
+    let mut tr = if ckpt.exists() {
+        let t = Trainer::resume(&engine.model, cfg.clone(), ds, &id.sha256, &ckpt)
+            .with_context(|| "an unfinished run was found".to_string())?;
+        eprintln!(
+            "resuming the unfinished run at step {}/{} ({})",
+            t.step,
+            t.cfg.steps,
+            ckpt.display()
+        );
+        t
+    } else {
+        Trainer::new(&engine.model, cfg.clone(), ds, &id.sha256)?
+    };
+    tr.cache_limit = cache_limit;
+    eprintln!(
+        "training {} on {}: LoRA r={} alpha={} on {} of the top {} layers ({} parameters), {} steps of {}x{} tokens x{} accum, {}checkpointing; plan ~{:.0} MiB{}",
+        choice.name,
+        tr.data().description,
+        cfg.lora.rank,
+        cfg.lora.alpha,
+        cfg.lora.targets_string(),
+        cfg.lora.layers.len(),
+        tr.lora().param_count(),
+        cfg.steps,
+        cfg.micro_batch,
+        cfg.seq_len,
+        cfg.accum,
+        if cfg.checkpointing { "" } else { "no " },
+        mib(p.estimate),
+        budget.map(|b| format!(" (budget {:.0} MiB)", mib(b))).unwrap_or_default()
+    );
+    install_signals();
+    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_position(tr.step as u64);
+    let t0 = Instant::now();
+    let start_step = tr.step;
+    let mut last_save = Instant::now();
+    let stop_after = a.stop_after;
+    let save_every = a.save_every.max(1);
+    let ckpt2 = ckpt.clone();
+    let mut tokens_run = 0usize;
+    let outcome = tr.run(&CANCEL, &mut |r, t| {
+        tokens_run += r.tokens;
+        let tps = tokens_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.4} | lr {:.2e} | {:.0} tok/s | peak {:.0} MiB",
+            r.loss,
+            r.lr,
+            tps,
+            mib(r.peak_rss)
+        ));
+        if r.step < r.steps && (r.step % save_every == 0 || last_save.elapsed().as_secs() >= 120) {
+            t.save_checkpoint(&ckpt2)?;
+            last_save = Instant::now();
+        }
+        if stop_after.is_some_and(|n| r.step - start_step >= n) {
+            CANCEL.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    if outcome == Outcome::Interrupted {
+        tr.save_checkpoint(&ckpt)?;
+        eprintln!(
+            "interrupted at step {}/{}: saved {}; run the same command again to resume",
+            tr.step,
+            tr.cfg.steps,
+            ckpt.display()
+        );
+        if a.json {
+            println!(
+                "{}",
+                json!({"interrupted": true, "step": tr.step, "steps": tr.cfg.steps,
+                       "losses": tr.losses, "checkpoint": ckpt})
+            );
+        }
+        std::process::exit(130);
+    }
+    let w = tr.weights()?;
+    let parent = ctx.store.active_adapter(&id.sha256)?.map(|r| r.version);
+    let nv = NewVersion {
+        parent,
+        config_json: serde_json::to_string(&tr.cfg)?,
+        data: Some(tr.data().description.clone()),
+        data_sha256: Some(tr.data().sha256.clone()),
+        losses: tr.losses.clone(),
+        steps: tr.step as u64,
+        tokens: tr.tokens_done,
+        seconds: Some(tr.seconds),
+    };
+    let version = adapters::save_version(&ctx.home, &mut ctx.store, &id, &w, &nv, true)?;
+    let _ = std::fs::remove_file(&ckpt);
+    let first = tr.losses.first().copied().unwrap_or(0.0);
+    let last = tr.losses.last().copied().unwrap_or(0.0);
+    let peak = hone::sys::peak_rss_bytes().unwrap_or(0);
+    let tps = tr.tokens_done as f64 / tr.seconds.max(1e-9);
+    if a.json {
+        println!(
+            "{}",
+            json!({"version": version, "parent": parent, "steps": tr.step, "loss_first": first,
+                   "loss_last": last, "losses": tr.losses, "train_tps": tps,
+                   "peak_rss_mb": mib(peak), "seconds": tr.seconds, "seq_len": cfg.seq_len,
+                   "micro_batch": cfg.micro_batch, "layers": cfg.lora.layers.len(),
+                   "checkpointing": cfg.checkpointing, "estimate_mb": mib(p.estimate)})
+        );
+    } else {
+        println!(
+            "adapter v{version} is active: {} steps, loss {first:.4} -> {last:.4}, {tps:.0} tokens/s, peak RSS {:.0} MiB",
+            tr.step,
+            mib(peak)
+        );
+    }
+    Ok(())
+}
+
+pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
+    let ctx = Ctx::open(cli)?;
+    match c {
+        AdaptersCommand::List { json } => {
+            let all = ctx.store.adapters()?;
+            if *json {
+                for r in &all {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                return Ok(());
+            }
+            if all.is_empty() {
+                println!("no adapters yet: train one with `hone train --data FILE.jsonl`");
+            }
+            for r in &all {
+                let losses: Vec<f32> = r
+                    .loss_curve
+                    .as_deref()
+                    .and_then(|s| serde_json::from_str(s).ok())
+                    .unwrap_or_default();
+                println!(
+                    "{} v{:<3} {} {} parent {} | {} steps, loss {:.3} -> {:.3} | {} params, {} | {}",
+                    if r.active { "*" } else { " " },
+                    r.version,
+                    &r.created_at[..r.created_at.len().min(19)],
+                    r.model,
+                    r.parent.map(|p| format!("v{p}")).unwrap_or("-".into()),
+                    r.steps,
+                    losses.first().copied().unwrap_or(f32::NAN),
+                    losses.last().copied().unwrap_or(f32::NAN),
+                    r.params,
+                    hone::sys::human_bytes(r.bytes),
+                    r.data.as_deref().unwrap_or("")
+                );
+            }
+        }
+        AdaptersCommand::Use { version } => {
+            if version == "none" || version == "base" {
+                let choice = ctx.choose_model()?;
+                let engine = ctx.load(&choice)?;
+                let id = identity(&ctx, &choice, &engine)?;
+                ctx.store.set_active_adapter(&id.sha256, None)?;
+                println!(
+                    "no adapter is active for {}: the base model answers",
+                    choice.name
+                );
+            } else {
+                let v: i64 = version
+                    .trim_start_matches('v')
+                    .parse()
+                    .with_context(|| format!("{version:?} is not a version number"))?;
+                let rec = adapters::use_version(&ctx.store, v)?;
+                println!("adapter v{} is active for {}", rec.version, rec.model);
+            }
+        }
+        AdaptersCommand::Rollback => {
+            let choice = ctx.choose_model()?;
+            let engine = ctx.load(&choice)?;
+            let id = identity(&ctx, &choice, &engine)?;
+            let (from, to) = adapters::rollback(&ctx.store, &id.sha256)?;
+            println!(
+                "rolled back from v{} to {}",
+                from.unwrap_or(0),
+                to.map(|v| format!("v{v}"))
+                    .unwrap_or("the base model (no adapter)".into())
+            );
+        }
+        AdaptersCommand::Export {
+            version,
+            format,
+            out,
+        } => {
+            let choice = ctx.choose_model()?;
+            let engine = ctx.load(&choice)?;
+            let id = identity(&ctx, &choice, &engine)?;
+            let rec = match version {
+                Some(v) => ctx
+                    .store
+                    .adapter(*v)?
+                    .ok_or(adapters::AdapterError::NoVersion(*v))?,
+                None => ctx
+                    .store
+                    .active_adapter(&id.sha256)?
+                    .context("no adapter is active for this model; name a VERSION")?,
+            };
+            let w = adapters::load_version(&ctx.home, &rec, &id, &engine.model.cfg)?;
+            match format.as_str() {
+                "gguf" => adapters::export_gguf(
+                    &w,
+                    &id.architecture,
+                    &format!("hone adapter v{}", rec.version),
+                    out,
+                )?,
+                _ => adapters::export_peft(&w, &engine.model.cfg, &choice.name, out)?,
+            }
+            println!(
+                "exported adapter v{} as {format}: {}",
+                rec.version,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `hone bench --train`: LoRA r=8, alpha 16 on q,k,v,o,gate,up,down of every layer, batches of
+/// 4 x 128 tokens, AdamW, on fixed synthetic data; train tokens/s and peak RSS.
+pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
+    quiet_candle_pool();
+    let (steps, json_out, max_memory) = (a.reps, a.json, a.max_memory.as_deref());
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let engine = ctx.load(&choice)?;
+    let mcfg = engine.model.cfg.clone();
+    let threads = cli
+        .threads
+        .unwrap_or_else(candle_core::utils::get_num_threads);
+    let (b, s) = (4usize, 128usize);
+    let budget = max_memory.map(parse_bytes).transpose()?;
+    let model_bytes = std::fs::metadata(&choice.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let req = PlanRequest {
+        budget,
+        seq_len: Some(s),
+        micro_batch: None,
+        layers: Some(mcfg.n_layers),
+        checkpointing: None,
+        rank: 8,
+        targets: Target::ALL.to_vec(),
+        model_bytes,
+        cache_seqs: 0,
+    };
+    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let steps = steps.max(1);
+    let ds = data::synthetic(&engine.tokenizer, b * (steps + 1), s, 0x5EED);
+    let lora = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), mcfg.n_layers, mcfg.n_layers)?;
+    let micro = p.micro_batch.min(b);
+    let cfg = TrainConfig {
+        lora,
+        lr: 1e-4,
+        min_lr_ratio: 1.0,
+        warmup: 0,
+        decay: Decay::Constant,
+        adamw: AdamWParamsCfg::default(),
+        clip: 1.0,
+        seq_len: s,
+        micro_batch: micro,
+        accum: b / micro,
+        steps: steps + 1,
+        seed: 0,
+        checkpointing: p.checkpointing,
+    };
+    let mut tr = Trainer::new(&engine.model, cfg.clone(), ds, "bench")?;
+    if let Some(out) = &a.data_out {
+        // In the order the trainer consumes them, so the peer sees the same batches.
+        let n = tr.data().seqs.len();
+        let order: Vec<usize> = (0..n).map(|k| tr.stream_seq(k)).collect();
+        let seqs: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                let q = &tr.data().seqs[i];
+                json!({"tokens": q.tokens, "targets": q.targets})
+            })
+            .collect();
+        std::fs::write(
+            out,
+            json!({"batch": b, "seq_len": s, "sequences": seqs}).to_string(),
+        )
+        .with_context(|| format!("writing {}", out.display()))?;
+    }
+    let never = AtomicBool::new(false);
+    // One untimed warm-up step.
+    let (l0, _, _, _) = tr.train_step(&never)?.context("cancelled")?;
+    let t = Instant::now();
+    let mut losses = vec![l0];
+    for _ in 0..steps {
+        let (l, _, _, _) = tr.train_step(&never)?.context("cancelled")?;
+        losses.push(l);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let tps = (steps * b * s) as f64 / secs;
+    let peak = mib(hone::sys::peak_rss_bytes().unwrap_or(0));
+    println!("| model | threads | test | train tok/s | peak RSS MiB | s/step |\n|---|---|---|---|---|---|");
+    println!(
+        "| {} | {threads} | lora r8 qkvo+mlp x{} layers, {b}x{s} | {tps:.1} | {peak:.0} | {:.2} |",
+        choice.name,
+        mcfg.n_layers,
+        secs / steps as f64
+    );
+    println!(
+        "micro-batch {micro} x accum {}, {}checkpointing, planner estimate {:.0} MiB, loss {:.4} -> {:.4}",
+        b / micro,
+        if cfg.checkpointing { "" } else { "no " },
+        mib(p.estimate),
+        losses[0],
+        losses[losses.len() - 1]
+    );
+    if json_out {
+        println!(
+            "{}",
+            json!({"model": choice.name, "threads": threads, "train_tps": tps, "peak_rss_mb": peak,
+                   "steps": steps, "batch": b, "seq_len": s, "rank": 8, "alpha": 16.0,
+                   "micro_batch": micro, "checkpointing": cfg.checkpointing,
+                   "estimate_mb": mib(p.estimate), "seconds_per_step": secs / steps as f64,
+                   "losses": losses})
+        );
+    }
+    Ok(())
+}

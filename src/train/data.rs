@@ -1,0 +1,410 @@
+//! Training data: JSON Lines in MLX-LM's formats (`{"text": ...}`, `{"prompt": ...,
+//! "completion": ...}`, `{"messages": [...]}`), tokenised with the model's tokenizer and chat
+//! template, with a loss mask (completion / assistant tokens only where there is a prompt part),
+//! cut into windows and packed into fixed-length sequences.
+//!
+//! It must not run the model; it turns a file into token sequences, deterministically.
+
+use super::forward::Batch;
+use crate::engine::Engine;
+use crate::template::Message;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Line {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Empty(String),
+}
+
+/// One tokenised example: tokens and, for each, whether it is a training target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub tokens: Vec<u32>,
+    pub learn: Vec<bool>,
+}
+
+/// A training set: packed sequences ready to batch, and where they came from.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub seqs: Vec<Batch>,
+    pub examples: usize,
+    /// Tokens that carry loss.
+    pub target_tokens: usize,
+    pub sha256: String,
+    pub description: String,
+}
+
+fn line_err(path: &Path, line: usize, message: impl Into<String>) -> DataError {
+    DataError::Line {
+        path: path.display().to_string(),
+        line,
+        message: message.into(),
+    }
+}
+
+/// Tokenises `text` pieces in order, each marked learn or not (BOS first if the model adds it).
+fn segments(engine: &Engine, parts: &[(String, bool)], special: bool) -> Result<Example, String> {
+    let mut tokens = Vec::new();
+    let mut learn = Vec::new();
+    for (i, (text, l)) in parts.iter().enumerate() {
+        if text.is_empty() {
+            continue;
+        }
+        let ids = if i == 0 {
+            engine.text_tokens(text, special)
+        } else {
+            engine.tokenizer.encode(text, special).map_err(Into::into)
+        }
+        .map_err(|e| e.to_string())?;
+        learn.extend(std::iter::repeat_n(*l, ids.len()));
+        tokens.extend(ids);
+    }
+    Ok(Example { tokens, learn })
+}
+
+/// Renders a conversation and marks the assistant turns as targets.
+fn chat_example(engine: &Engine, msgs: &[Message]) -> Result<Example, String> {
+    let full = engine
+        .template
+        .render(msgs, false)
+        .map_err(|e| e.to_string())?;
+    let mut parts: Vec<(String, bool)> = Vec::new();
+    let mut done = 0usize;
+    for (i, m) in msgs.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let start = engine
+            .template
+            .render(&msgs[..i], true)
+            .map_err(|e| e.to_string())?;
+        let end = engine
+            .template
+            .render(&msgs[..=i], false)
+            .map_err(|e| e.to_string())?;
+        if !full.starts_with(&start) || !full.starts_with(&end) || start.len() < done {
+            return Err("the chat template does not render the conversation turn by turn; use {\"text\": ...} instead".into());
+        }
+        parts.push((full[done..start.len()].to_string(), false));
+        parts.push((full[start.len()..end.len()].to_string(), true));
+        done = end.len();
+    }
+    if parts.is_empty() {
+        return Err("the conversation has no assistant message to learn".into());
+    }
+    if done < full.len() {
+        parts.push((full[done..].to_string(), false));
+    }
+    segments(engine, &parts, true)
+}
+
+/// Parses one JSON line into an example. `system` is added to conversations that have none
+/// (the same system message `hone ask` uses, so training and asking see the same prompt).
+pub fn parse_line(engine: &Engine, v: &Value, system: Option<&str>) -> Result<Example, String> {
+    let obj = v.as_object().ok_or("each line must be a JSON object")?;
+    let with_system = |mut msgs: Vec<Message>| {
+        if let Some(s) = system {
+            if msgs.first().map(|m| m.role.as_str()) != Some("system") {
+                msgs.insert(0, Message::system(s));
+            }
+        }
+        msgs
+    };
+    if let Some(t) = obj.get("text") {
+        let t = t.as_str().ok_or("\"text\" must be a string")?;
+        if t.trim().is_empty() {
+            return Err("\"text\" is empty".into());
+        }
+        let mut ex = segments(engine, &[(t.to_string(), true)], false)?;
+        if let Some(eos) = engine.tokenizer.eos {
+            ex.tokens.push(eos);
+            ex.learn.push(true);
+        }
+        return Ok(ex);
+    }
+    if let (Some(p), Some(c)) = (obj.get("prompt"), obj.get("completion")) {
+        let p = p.as_str().ok_or("\"prompt\" must be a string")?;
+        let c = c.as_str().ok_or("\"completion\" must be a string")?;
+        let msgs = with_system(vec![Message::user(p), Message::assistant(c)]);
+        return chat_example(engine, &msgs);
+    }
+    if let Some(m) = obj.get("messages") {
+        let arr = m.as_array().ok_or("\"messages\" must be an array")?;
+        let mut msgs = Vec::new();
+        for x in arr {
+            let role = x
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or("each message needs a string \"role\"")?;
+            let content = x
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or("each message needs a string \"content\"")?;
+            msgs.push(Message::new(role, content));
+        }
+        return chat_example(engine, &with_system(msgs));
+    }
+    Err(
+        "expected {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}"
+            .into(),
+    )
+}
+
+/// Reads a JSONL file into examples; the first bad line stops it with its line number.
+pub fn read_jsonl(
+    engine: &Engine,
+    path: &Path,
+    system: Option<&str>,
+) -> Result<(Vec<Example>, String), DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        line_err(
+            path,
+            bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1,
+            "not valid UTF-8",
+        )
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| line_err(path, i + 1, format!("not JSON: {e}")))?;
+        out.push(parse_line(engine, &v, system).map_err(|m| line_err(path, i + 1, m))?);
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty(format!(
+            "{} has no examples (one JSON object per line)",
+            path.display()
+        )));
+    }
+    Ok((out, sha))
+}
+
+/// Cuts examples longer than `s` tokens into windows overlapping by one token (so every target
+/// is predicted once) and packs them greedily, in order, into sequences of `s` positions.
+pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
+    let s = s.max(2);
+    let mut pieces: Vec<(&[u32], &[bool])> = Vec::new();
+    for ex in examples {
+        if ex.tokens.len() < 2 {
+            continue;
+        }
+        let mut start = 0;
+        loop {
+            let end = (start + s).min(ex.tokens.len());
+            pieces.push((&ex.tokens[start..end], &ex.learn[start..end]));
+            if end == ex.tokens.len() {
+                break;
+            }
+            start = end - 1;
+        }
+    }
+    let mut seqs = Vec::new();
+    let mut cur = empty_seq(s);
+    let mut used = 0usize;
+    let mut seg = 0u32;
+    for (toks, learn) in pieces {
+        if used + toks.len() > s {
+            finish(&mut cur, used, pad, seg);
+            seqs.push(std::mem::replace(&mut cur, empty_seq(s)));
+            used = 0;
+            seg = 0;
+        }
+        for (i, &t) in toks.iter().enumerate() {
+            let p = used + i;
+            cur.tokens[p] = t;
+            cur.positions[p] = i as u32;
+            cur.segments[p] = seg;
+            if i + 1 < toks.len() {
+                cur.targets[p] = toks[i + 1];
+                cur.weights[p] = if learn[i + 1] { 1.0 } else { 0.0 };
+            }
+        }
+        used += toks.len();
+        seg += 1;
+    }
+    if used > 0 {
+        finish(&mut cur, used, pad, seg);
+        seqs.push(cur);
+    }
+    seqs.retain(|q| q.weights.iter().any(|w| *w > 0.0));
+    seqs
+}
+
+fn empty_seq(s: usize) -> Batch {
+    Batch {
+        b: 1,
+        s,
+        tokens: vec![0; s],
+        targets: vec![0; s],
+        weights: vec![0.0; s],
+        positions: vec![0; s],
+        segments: vec![0; s],
+    }
+}
+
+fn finish(b: &mut Batch, used: usize, pad: u32, seg: u32) {
+    for p in used..b.s {
+        b.tokens[p] = pad;
+        b.positions[p] = (p - used) as u32;
+        b.segments[p] = seg;
+    }
+}
+
+/// Stacks sequences into one micro-batch.
+pub fn stack(seqs: &[&Batch]) -> Batch {
+    let s = seqs.first().map(|q| q.s).unwrap_or(0);
+    let mut out = Batch {
+        b: seqs.len(),
+        s,
+        tokens: Vec::new(),
+        targets: Vec::new(),
+        weights: Vec::new(),
+        positions: Vec::new(),
+        segments: Vec::new(),
+    };
+    for q in seqs {
+        out.tokens.extend_from_slice(&q.tokens);
+        out.targets.extend_from_slice(&q.targets);
+        out.weights.extend_from_slice(&q.weights);
+        out.positions.extend_from_slice(&q.positions);
+        out.segments.extend_from_slice(&q.segments);
+    }
+    out
+}
+
+/// Fixed synthetic data for benchmarks: `n` sequences of `s` ordinary (non-special) tokens
+/// from a seeded generator, every position a target.
+pub fn synthetic(tok: &crate::tokenizer::Tokenizer, n: usize, s: usize, seed: u64) -> Dataset {
+    let vocab = tok.vocab_size() as u64;
+    let mut x = seed | 1;
+    let mut next = || loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let id = (x % vocab) as u32;
+        if !tok.is_special(id) {
+            return id;
+        }
+    };
+    let seqs = (0..n)
+        .map(|_| {
+            let toks: Vec<u32> = (0..=s).map(|_| next()).collect();
+            Batch {
+                b: 1,
+                s,
+                tokens: toks[..s].to_vec(),
+                targets: toks[1..].to_vec(),
+                weights: vec![1.0; s],
+                positions: (0..s as u32).collect(),
+                segments: vec![0; s],
+            }
+        })
+        .collect();
+    Dataset {
+        seqs,
+        examples: n,
+        target_tokens: n * s,
+        sha256: format!("synthetic-{seed}"),
+        description: format!("synthetic {n}x{s}"),
+    }
+}
+
+/// Packs examples read from `path` into a dataset of sequences of `seq_len` tokens.
+pub fn pack_dataset(
+    engine: &Engine,
+    path: &Path,
+    examples: &[Example],
+    sha: String,
+    seq_len: usize,
+) -> Result<Dataset, DataError> {
+    let pad = engine.tokenizer.eos.unwrap_or(0);
+    let seqs = pack(examples, seq_len, pad);
+    if seqs.is_empty() {
+        return Err(DataError::Empty(format!(
+            "{} has no tokens to learn (every example is masked out or too short)",
+            path.display()
+        )));
+    }
+    let target_tokens = seqs
+        .iter()
+        .map(|q| q.weights.iter().filter(|w| **w > 0.0).count())
+        .sum();
+    Ok(Dataset {
+        examples: examples.len(),
+        target_tokens,
+        description: format!(
+            "{} ({} examples, {target_tokens} target tokens)",
+            path.file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            examples.len()
+        ),
+        seqs,
+        sha256: sha,
+    })
+}
+
+/// Reads and packs a data file.
+pub fn load(
+    engine: &Engine,
+    path: &Path,
+    seq_len: usize,
+    system: Option<&str>,
+) -> Result<Dataset, DataError> {
+    let (examples, sha) = read_jsonl(engine, path, system)?;
+    pack_dataset(engine, path, &examples, sha, seq_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_windows_and_masks() {
+        let a = Example {
+            tokens: vec![1, 2, 3],
+            learn: vec![false, true, true],
+        };
+        let b = Example {
+            tokens: (10..20).collect(),
+            learn: vec![true; 10],
+        };
+        let seqs = pack(&[a, b], 4, 0);
+        // a fits in one sequence (3 tokens, 2 targets); b becomes windows of 4 overlapping by 1.
+        assert_eq!(seqs[0].tokens[..3], [1, 2, 3]);
+        assert_eq!(seqs[0].weights[..3], [1.0, 1.0, 0.0]);
+        assert_eq!(seqs[0].targets[..2], [2, 3]);
+        let total: usize = seqs
+            .iter()
+            .map(|q| q.weights.iter().filter(|w| **w > 0.0).count())
+            .sum();
+        assert_eq!(total, 2 + 9, "every target predicted exactly once");
+        for q in &seqs {
+            assert_eq!(q.tokens.len(), 4);
+        }
+    }
+}

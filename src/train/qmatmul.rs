@@ -1,0 +1,414 @@
+//! Differentiable products with frozen quantised weights: `y = x·Wᵀ` whose backward returns
+//! `grad_x = grad_y·W`, and the fused output head + cross-entropy used by the trainer.
+//!
+//! candle's `QMatMul` has no backward (it runs with `apply_op1_no_bwd`), so gradients would stop
+//! at the first quantised layer. These ops dequantise W in row tiles, use each tile and drop it:
+//! the weights stay quantised in memory and W itself gets no gradient (it is frozen).
+//!
+//! It must not keep a dequantised copy of any weight alive between calls, nor change a weight.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
+/// Dequantised tiles are at most this many bytes (the whole matrix when it is smaller).
+pub const TILE_BYTES: usize = 16 << 20;
+
+fn deq_blocks<T: GgmlType>(bytes: &[u8], cols: usize, out: &mut [f32]) -> bool {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return false;
+    }
+    // SAFETY: the bytes are the block storage of a QTensor of this block type (checked by the
+    // caller through the dtype), length and alignment are checked above.
+    let blocks: &[T] =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
+    let bpr = cols / T::BLCK_SIZE;
+    let rows = out.len() / cols.max(1);
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = rows.div_ceil(threads * 4).max(1);
+    out.par_chunks_mut(chunk * cols)
+        .zip(blocks.par_chunks(chunk * bpr))
+        .for_each(|(o, b)| T::to_float(b, o));
+    true
+}
+
+/// Rows `r0..r1` of a 2-D quantised matrix as an f32 tensor `(r1 - r0, cols)`.
+pub fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> Result<Tensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    if r0 > r1 || r1 > rows {
+        candle_core::bail!("rows {r0}..{r1} of a matrix with {rows} rows");
+    }
+    let dt = q.dtype();
+    let bs = dt.block_size();
+    if cols % bs != 0 {
+        candle_core::bail!("{cols} columns are not a multiple of the block size {bs}");
+    }
+    let row_bytes = cols / bs * dt.type_size();
+    let data = q.data()?;
+    let bytes = &data[r0 * row_bytes..r1 * row_bytes];
+    let n = (r1 - r0) * cols;
+    let mut out = vec![0f32; n];
+    let done = match dt {
+        GgmlDType::F32 => deq_blocks::<f32>(bytes, cols, &mut out),
+        GgmlDType::Q4_0 => deq_blocks::<BlockQ4_0>(bytes, cols, &mut out),
+        GgmlDType::Q4_1 => deq_blocks::<BlockQ4_1>(bytes, cols, &mut out),
+        GgmlDType::Q5_0 => deq_blocks::<BlockQ5_0>(bytes, cols, &mut out),
+        GgmlDType::Q5_1 => deq_blocks::<BlockQ5_1>(bytes, cols, &mut out),
+        GgmlDType::Q8_0 => deq_blocks::<BlockQ8_0>(bytes, cols, &mut out),
+        GgmlDType::Q8_1 => deq_blocks::<BlockQ8_1>(bytes, cols, &mut out),
+        GgmlDType::Q2K => deq_blocks::<BlockQ2K>(bytes, cols, &mut out),
+        GgmlDType::Q3K => deq_blocks::<BlockQ3K>(bytes, cols, &mut out),
+        GgmlDType::Q4K => deq_blocks::<BlockQ4K>(bytes, cols, &mut out),
+        GgmlDType::Q5K => deq_blocks::<BlockQ5K>(bytes, cols, &mut out),
+        GgmlDType::Q6K => deq_blocks::<BlockQ6K>(bytes, cols, &mut out),
+        GgmlDType::Q8K => deq_blocks::<BlockQ8K>(bytes, cols, &mut out),
+        _ => false,
+    };
+    if done {
+        return Tensor::from_vec(out, (r1 - r0, cols), &Device::Cpu);
+    }
+    // Other types (f16, bf16): through a small quantised copy of the rows.
+    drop(out);
+    let st = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dt)?;
+    QTensor::new(st, (r1 - r0, cols))?.dequantize(&Device::Cpu)
+}
+
+/// Rows per dequantised tile of a matrix with `cols` columns.
+fn tile_rows(rows: usize, cols: usize) -> usize {
+    (TILE_BYTES / (cols.max(1) * 4)).clamp(1, rows.max(1))
+}
+
+/// `x·Wᵀ` for `x` (m, k) and quantised `W` (n, k), without gradient tracking.
+pub fn matmul_wt(x: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let (n, k) = w.shape().dims2()?;
+    let t = tile_rows(n, k);
+    if t >= n {
+        let wd = dequantize_rows(w, 0, n)?;
+        return x.matmul(&wd.t()?);
+    }
+    let mut parts = Vec::with_capacity(n.div_ceil(t));
+    let mut r = 0;
+    while r < n {
+        let e = (r + t).min(n);
+        let wd = dequantize_rows(w, r, e)?;
+        parts.push(x.matmul(&wd.t()?)?);
+        r = e;
+    }
+    Tensor::cat(&parts, 1)
+}
+
+/// `g·W` for `g` (m, n) and quantised `W` (n, k): the gradient of `x·Wᵀ` with respect to x.
+pub fn matmul_w(g: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let (n, k) = w.shape().dims2()?;
+    let t = tile_rows(n, k);
+    let mut acc: Option<Tensor> = None;
+    let mut r = 0;
+    while r < n {
+        let e = (r + t).min(n);
+        let wd = dequantize_rows(w, r, e)?;
+        let gt = if r == 0 && e == n {
+            g.clone()
+        } else {
+            g.narrow(1, r, e - r)?
+        };
+        let part = gt.matmul(&wd)?;
+        acc = Some(match acc {
+            None => part,
+            Some(a) => (a + part)?,
+        });
+        r = e;
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
+}
+
+fn input_2d(storage: &CpuStorage, layout: &Layout, k_expected: usize) -> Result<Tensor> {
+    let v = match storage {
+        CpuStorage::F32(v) => v,
+        _ => candle_core::bail!("quantised matmul needs f32 activations"),
+    };
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("quantised matmul needs a contiguous input".into())
+    })?;
+    let dims = layout.dims();
+    let k = dims.last().copied().unwrap_or(0);
+    if k != k_expected {
+        candle_core::bail!("input has {k} features, the weight expects {k_expected}");
+    }
+    let m = (b - a) / k.max(1);
+    Tensor::from_slice(&v[a..b], (m, k), &Device::Cpu)
+}
+
+/// `y = x·Wᵀ` with a frozen quantised `W` (n_out, n_in); backward gives `grad_x = grad_y·W`.
+#[derive(Clone)]
+pub struct QMatMulGrad {
+    pub w: Arc<QTensor>,
+}
+
+impl CustomOp1 for QMatMulGrad {
+    fn name(&self) -> &'static str {
+        "qmatmul-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.w.shape().dims2()?;
+        let x = input_2d(storage, layout, k)?;
+        let y = matmul_wt(&x, &self.w)?;
+        let mut dims = layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let out = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (n, _k) = self.w.shape().dims2()?;
+        let g = grad_res.reshape(((), n))?.contiguous()?;
+        let gx = matmul_w(&g, &self.w)?;
+        Ok(Some(gx.reshape(arg.shape())?))
+    }
+}
+
+/// `x·Wᵀ` for any leading shape of `x`, differentiable with respect to `x`.
+pub fn qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(QMatMulGrad { w: w.clone() })
+}
+
+/// The output head and the cross-entropy, fused: input `h` (n, d) after the final norm, output
+/// the per-row loss `-log softmax(h·Wᵀ)[target]` (n). The logits are computed tile by tile of
+/// the vocabulary with an online log-sum-exp and never stored whole; the backward pass computes
+/// them again tile by tile (one more product with W) instead of keeping n × vocab floats.
+pub struct HeadCrossEntropy {
+    pub w: Arc<QTensor>,
+    pub targets: Vec<u32>,
+    lse: Mutex<Option<Vec<f32>>>,
+}
+
+impl HeadCrossEntropy {
+    pub fn new(w: Arc<QTensor>, targets: Vec<u32>) -> Self {
+        Self {
+            w,
+            targets,
+            lse: Mutex::new(None),
+        }
+    }
+}
+
+/// Rows of the vocabulary per tile in the head (bounded so a logits tile stays small).
+fn head_tile(vocab: usize, k: usize) -> usize {
+    tile_rows(vocab, k).min(8192)
+}
+
+impl CustomOp1 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (vocab, k) = self.w.shape().dims2()?;
+        let x = input_2d(storage, layout, k)?;
+        let m = x.dim(0)?;
+        if m != self.targets.len() {
+            candle_core::bail!("{m} rows but {} targets", self.targets.len());
+        }
+        if let Some(t) = self.targets.iter().find(|t| **t as usize >= vocab) {
+            candle_core::bail!("target token {t} is outside the vocabulary of {vocab}");
+        }
+        let mut mx = vec![f32::NEG_INFINITY; m];
+        let mut sum = vec![0f64; m];
+        let mut tgt = vec![0f32; m];
+        let t = head_tile(vocab, k);
+        let mut r = 0;
+        while r < vocab {
+            let e = (r + t).min(vocab);
+            let wd = dequantize_rows(&self.w, r, e)?;
+            let part = x.matmul(&wd.t()?)?;
+            drop(wd);
+            let part = part.flatten_all()?.to_vec1::<f32>()?;
+            let w = e - r;
+            part.par_chunks(w)
+                .zip(
+                    mx.par_iter_mut()
+                        .zip(sum.par_iter_mut().zip(tgt.par_iter_mut())),
+                )
+                .zip(self.targets.par_iter())
+                .for_each(|((row, (mxi, (si, ti))), &target)| {
+                    let tm = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let nm = mxi.max(tm);
+                    let mut acc = if si.is_finite() && *si > 0.0 {
+                        *si * ((*mxi - nm) as f64).exp()
+                    } else {
+                        0.0
+                    };
+                    for &v in row {
+                        acc += ((v - nm) as f64).exp();
+                    }
+                    *si = acc;
+                    *mxi = nm;
+                    let tu = target as usize;
+                    if tu >= r && tu < e {
+                        *ti = row[tu - r];
+                    }
+                });
+            r = e;
+        }
+        let lse: Vec<f32> = mx
+            .iter()
+            .zip(&sum)
+            .map(|(m, s)| (*m as f64 + s.ln()) as f32)
+            .collect();
+        let losses: Vec<f32> = lse.iter().zip(&tgt).map(|(l, t)| l - t).collect();
+        if let Ok(mut p) = self.lse.lock() {
+            *p = Some(lse);
+        }
+        Ok((CpuStorage::F32(losses), Shape::from(m)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (vocab, k) = self.w.shape().dims2()?;
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned head state".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("head backward before forward".into()))?;
+        let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let x = arg.reshape(((), k))?.contiguous()?;
+        let m = g.len();
+        let t = head_tile(vocab, k);
+        let mut acc: Option<Tensor> = None;
+        let mut r = 0;
+        while r < vocab {
+            let e = (r + t).min(vocab);
+            let wd = dequantize_rows(&self.w, r, e)?;
+            let mut part = x.matmul(&wd.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let w = e - r;
+            part.par_chunks_mut(w)
+                .zip(lse.par_iter().zip(g.par_iter()))
+                .zip(self.targets.par_iter())
+                .for_each(|((row, (&l, &gi)), &target)| {
+                    for v in row.iter_mut() {
+                        // Probabilities below 1e-20 are flushed to zero: they change nothing
+                        // measurable and as subnormal floats they slow the product 50-fold.
+                        let p = (*v - l).exp();
+                        *v = if p < 1e-20 { 0.0 } else { p * gi };
+                    }
+                    let tu = target as usize;
+                    if tu >= r && tu < e {
+                        row[tu - r] -= gi;
+                    }
+                });
+            let gl = Tensor::from_vec(part, (m, w), &Device::Cpu)?;
+            let p = gl.matmul(&wd)?;
+            acc = Some(match acc {
+                None => p,
+                Some(a) => (a + p)?,
+            });
+            r = e;
+        }
+        let gx = acc.ok_or_else(|| candle_core::Error::Msg("empty head".into()))?;
+        Ok(Some(gx.reshape(arg.shape())?))
+    }
+}
+
+/// Per-row cross-entropy of `h·Wᵀ` against `targets`, differentiable with respect to `h`.
+pub fn head_cross_entropy(h: &Tensor, w: &Arc<QTensor>, targets: Vec<u32>) -> Result<Tensor> {
+    h.contiguous()?
+        .apply_op1(HeadCrossEntropy::new(w.clone(), targets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var};
+
+    fn rand_q(rows: usize, cols: usize, dt: GgmlDType, seed: u64) -> (Tensor, Arc<QTensor>) {
+        let mut s = seed;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dt).unwrap();
+        let d = q.dequantize(&Device::Cpu).unwrap();
+        (d, Arc::new(q))
+    }
+
+    #[test]
+    fn tiles_match_whole_dequantisation() {
+        for dt in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::F16,
+        ] {
+            let (d, q) = rand_q(40, 256, dt, 3);
+            let part = dequantize_rows(&q, 7, 29).unwrap();
+            let want = d.narrow(0, 7, 22).unwrap();
+            let diff = (part - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn forward_and_backward_match_dense() {
+        let (d, q) = rand_q(96, 64, GgmlDType::Q8_0, 5);
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 64), &Device::Cpu).unwrap()).unwrap();
+        let y = qmatmul(x.as_tensor(), &q).unwrap();
+        let want = x.as_tensor().broadcast_matmul(&d.t().unwrap()).unwrap();
+        let diff = (&y - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        let gy = Tensor::randn(0f32, 1., (2, 3, 96), &Device::Cpu).unwrap();
+        let g = (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(&x).unwrap();
+        let want = gy.broadcast_matmul(&d).unwrap();
+        let diff = (gx - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        assert_eq!(gx.dtype(), DType::F32);
+    }
+
+    #[test]
+    fn head_loss_matches_log_softmax() {
+        let (d, q) = rand_q(50, 32, GgmlDType::Q8_0, 9);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 32), &Device::Cpu).unwrap()).unwrap();
+        let targets = vec![3u32, 49, 0, 17];
+        let l = head_cross_entropy(x.as_tensor(), &q, targets.clone()).unwrap();
+        let logits = x.as_tensor().matmul(&d.t().unwrap()).unwrap();
+        let lsm = candle_nn::ops::log_softmax(&logits, 1).unwrap();
+        let idx = Tensor::new(targets.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let want = lsm
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let diff = (&l - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        let w = Tensor::new(&[1f32, 0.5, 0., 2.], &Device::Cpu).unwrap();
+        let g1 = (l * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = (g1.get(&x).unwrap() - g2.get(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+}
