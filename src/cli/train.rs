@@ -243,6 +243,8 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         targets: targets.clone(),
         model_bytes,
         cache_seqs: 0,
+        // There are at most as many packed sequences as examples.
+        max_micro_batch: Some(examples.len()),
     };
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
     let ds = data::pack_dataset(&engine, &a.data, &examples, data_sha, p.seq_len)?;
@@ -540,6 +542,7 @@ pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
         targets: Target::ALL.to_vec(),
         model_bytes,
         cache_seqs: 0,
+        max_micro_batch: None,
     };
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
     let steps = steps.max(1);
