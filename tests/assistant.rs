@@ -213,7 +213,7 @@ fn notes_import_list_remove_and_dedupe() {
     assert!(stderr(&o).contains(&format!("no note {id}")));
     let s = last_json(&run(hone(home.path()).args(["status", "--json"]), true));
     assert_eq!(s["notes"], 2);
-    assert_eq!(s["schema_version"], 1);
+    assert_eq!(s["schema_version"], hone::store::SCHEMA_VERSION);
 }
 
 #[test]
