@@ -23,6 +23,8 @@ pub struct PlanRequest {
     pub model_bytes: u64,
     /// Packed sequences whose frozen-layer outputs may be cached (0: decided later).
     pub cache_seqs: usize,
+    /// No micro-batch larger than this is considered (e.g. the number of sequences there are).
+    pub max_micro_batch: Option<usize>,
 }
 
 /// A chosen configuration and its estimated peak.
@@ -112,7 +114,10 @@ pub fn choose(c: &Config, r: &PlanRequest) -> Result<Plan, String> {
     };
     let mb_opts: Vec<usize> = match r.micro_batch {
         Some(b) => vec![b.max(1)],
-        None => vec![4, 2, 1],
+        None => {
+            let cap = r.max_micro_batch.unwrap_or(4).max(1);
+            [4, 2, 1].into_iter().filter(|b| *b <= cap).collect()
+        }
     };
     let seq_opts: Vec<usize> = match r.seq_len {
         Some(s) => vec![s.max(8)],
@@ -205,6 +210,7 @@ mod tests {
             targets: Target::ALL.to_vec(),
             model_bytes: 98_362_432,
             cache_seqs: 0,
+            max_micro_batch: None,
         }
     }
 
