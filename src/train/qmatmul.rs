@@ -22,7 +22,9 @@ pub const TILE_BYTES: usize = 16 << 20;
 
 fn deq_blocks<T: GgmlType>(bytes: &[u8], cols: usize, out: &mut [f32]) -> bool {
     let size = std::mem::size_of::<T>();
-    if !bytes.len().is_multiple_of(size) || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return false;
     }
     // SAFETY: the bytes are the block storage of a QTensor of this block type (checked by the
