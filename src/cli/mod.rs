@@ -541,6 +541,18 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
         ),
         Err(e) => (None, None, None, Some(format!("{e:#}"))),
     };
+    // The active adapter of the chosen model, if any (the same lookup `ask` does).
+    let adapter: Option<i64> = model.as_ref().ok().and_then(|c| {
+        let arch = hone::gguf::GgufFile::open(&c.path)
+            .ok()
+            .and_then(|f| f.architecture().ok())?;
+        let id = hone::adapters::model_id(&ctx.store, c, &arch).ok()?;
+        ctx.store
+            .active_adapter(&id.sha256)
+            .ok()
+            .flatten()
+            .map(|r| r.version)
+    });
     if json_out {
         println!(
             "{}",
@@ -549,7 +561,7 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
                 "home": ctx.home.root(),
                 "model": model_name, "model_path": model_path, "model_bytes": model_bytes,
                 "model_error": model_err,
-                "adapter": serde_json::Value::Null,
+                "adapter": adapter,
                 "database": ctx.home.db_path(), "db_bytes": stats.db_bytes,
                 "schema_version": stats.schema_version,
                 "notes": stats.notes, "exchanges": stats.exchanges, "registered_models": stats.models,
@@ -568,7 +580,10 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
         (None, Some(e)) => println!("model           none usable: {e}"),
         _ => {}
     }
-    println!("adapter         none (the base model answers)");
+    match adapter {
+        Some(v) => println!("adapter         v{v} (active; `hone ask --base` answers without it)"),
+        None => println!("adapter         none (the base model answers)"),
+    }
     println!(
         "database        {} ({}, schema v{})",
         ctx.home.db_path().display(),
