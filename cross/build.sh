@@ -231,4 +231,4 @@ done
 echo
 echo "hone cross builds (target, profile, size, build wall time, path):"
 printf '  %s\n' "${SUMMARY[@]}"
-echo "Copy the binary to the board (e.g. scp target/cross/aarch64-unknown-linux-gnu/dist/hone pi@raspberrypi.local:) — see cross/README.md."
+echo "Copy a binary to the board, e.g. \`scp ${bin#"$ROOT"/} pi@raspberrypi.local:\`; see cross/README.md."
