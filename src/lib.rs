@@ -10,6 +10,7 @@ pub mod engine;
 pub mod gguf;
 pub mod home;
 pub mod kernels;
+pub mod learn;
 pub mod lora;
 pub mod manifest;
 pub mod model;
