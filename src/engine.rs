@@ -326,6 +326,38 @@ impl Engine {
         })
     }
 
+    /// Mean negative log-likelihood (nats per token) of the tokens marked in `scored`, each given
+    /// the tokens before it: how strongly the model (with its adapter, if any) prefers a known
+    /// answer. Used to measure drift from the base model's answers.
+    pub fn scored_nll(&mut self, tokens: &[u32], scored: &[bool]) -> Result<f64> {
+        if tokens.len() < 2
+            || tokens.len() != scored.len()
+            || tokens.len() > self.model.max_context()
+        {
+            return Err(EngineError::Other(format!(
+                "cannot score {} tokens (context {})",
+                tokens.len(),
+                self.model.max_context()
+            )));
+        }
+        self.reset();
+        let mut rows = Vec::new();
+        for part in tokens.chunks(self.batch) {
+            rows.push(self.model.forward(part, Logits::All)?);
+        }
+        self.reset();
+        let logits = candle_core::Tensor::cat(&rows, 0)?;
+        let lsm = Model::log_softmax(&logits)?.to_vec2::<f32>()?;
+        let (mut nll, mut n) = (0.0f64, 0usize);
+        for i in 1..tokens.len() {
+            if scored[i] {
+                nll -= lsm[i - 1][tokens[i] as usize] as f64;
+                n += 1;
+            }
+        }
+        Ok(if n == 0 { 0.0 } else { nll / n as f64 })
+    }
+
     /// Perplexity of `text` in chunks of `ctx` tokens, scored like llama.cpp's
     /// `llama-perplexity`: the text is tokenized once (BOS first if the model adds one), cut
     /// into whole chunks, each chunk's first token replaced by BOS (if added), and only the

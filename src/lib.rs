@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod daemon_lock;
 pub mod device;
 pub mod engine;
+pub mod eval;
 pub mod gguf;
 pub mod home;
 pub mod kernels;

@@ -78,6 +78,10 @@ pub enum Command {
     /// List, choose, roll back and export adapter versions
     #[command(subcommand)]
     Adapters(cli::train::AdaptersCommand),
+    /// Learn from your notes now: self-edits, training, gate (one cycle); --log shows past cycles
+    Learn(cli::learn::LearnArgs),
+    /// Measure how well notes are learned (no note in the prompt) and what is forgotten
+    Eval(cli::learn::EvalArgs),
 }
 
 #[derive(Args, Debug)]

@@ -100,6 +100,50 @@ pub const MIGRATIONS: &[&str] = &[
         active INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX adapters_model ON adapters(model_sha256, version);",
+    // v3: learning cycles, their self-edits with provenance, and the base model's answers to
+    // the general anchoring prompts.
+    "CREATE TABLE learn_cycles (
+        id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        model TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL,
+        notes TEXT NOT NULL,
+        options TEXT NOT NULL,
+        parent_adapter INTEGER,
+        candidate_adapter INTEGER,
+        activated INTEGER NOT NULL DEFAULT 0,
+        train_tokens INTEGER NOT NULL DEFAULT 0,
+        gate TEXT,
+        reason TEXT
+    );
+    CREATE TABLE learn_items (
+        id INTEGER PRIMARY KEY,
+        cycle INTEGER NOT NULL,
+        note_id INTEGER NOT NULL,
+        note_sha256 TEXT NOT NULL,
+        strategy TEXT NOT NULL,
+        generator TEXT NOT NULL,
+        prompt_version TEXT,
+        sampling TEXT,
+        role TEXT NOT NULL,
+        prompt TEXT,
+        completion TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reason TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX learn_items_cycle ON learn_items(cycle, note_id);
+    CREATE INDEX learn_items_note ON learn_items(note_id);
+    CREATE TABLE anchors (
+        model_sha256 TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (model_sha256, prompt)
+    );
+    ALTER TABLE notes ADD COLUMN learn_attempts INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build of hone writes.
@@ -410,6 +454,15 @@ impl Store {
     }
 
     /// The database file's path.
+    /// The connection, for modules that own their tables' SQL (e.g. `learn::records`).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -200,7 +200,7 @@ fn mib(b: u64) -> f64 {
 /// (which use rayon with all threads), and waiting at thousands of barriers per step cost about
 /// a fifth of the time (measured with perf: 21% in `BarrierGuard::drop`); with one pool thread
 /// the ops run inline and the step is ~25% faster. Workers that exist do not spin either.
-fn quiet_candle_pool() {
+pub fn quiet_candle_pool() {
     // Edition 2021: set_var is safe; no compute thread has started yet.
     std::env::set_var("CANDLE_NUM_THREADS", "1");
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {

@@ -6,51 +6,150 @@
 //! general anchoring answers of the base model → gate the candidate on held-out probes and a
 //! general set → activate it or keep the previous adapter, recording why.
 //!
+//! Every step is stored (`records`), so a cycle stopped by the cancel flag continues where it
+//! stopped: notes whose self-edits are stored are not regenerated, training resumes from its
+//! checkpoint, the gate runs again.
+//!
 //! It must NOT decide *when* to run (that is `schedule` and the daemon), print, or read the
-//! user's terminal; it reports progress through a callback and stops at the cancel flag,
-//! leaving a resumable state.
+//! user's terminal; it reports progress through a callback and stops at the cancel flag.
 
+pub mod records;
+pub mod rules;
+pub mod selfedit;
+
+use crate::adapters::{self, ModelId, NewVersion};
+use crate::engine::{Engine, LoadOptions};
 use crate::home::Home;
+use crate::lora::{LoraConfig, Target};
 use crate::registry::ModelChoice;
+use crate::sample::SamplingParams;
 use crate::store::Store;
-use anyhow::Result;
-use std::sync::atomic::AtomicBool;
+use crate::template::Message;
+use crate::train::optim::Decay;
+use crate::train::plan::{self, PlanRequest};
+use crate::train::{data, AdamWParamsCfg, Outcome, TrainConfig, Trainer};
+use anyhow::{Context, Result};
+use records::{Item, NewItem};
+use selfedit::Strategy;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The general prompts whose base-model answers anchor behaviour (one per line, `#` comments).
+pub const ANCHORS: &str = include_str!("../../prompts/anchors.v1.txt");
+pub const ANCHORS_VERSION: &str = "anchors.v1";
+
+/// The gate's thresholds, fixed before any evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GateThresholds {
+    /// The candidate must answer at least this share of the new notes' held-out probes.
+    pub min_new: f64,
+    /// Accuracy on earlier notes' probes may drop by at most this much against the previous
+    /// adapter.
+    pub max_old_drop: f64,
+    /// Mean NLL (nats/token) of the base model's answers on held-out general prompts may rise
+    /// by at most this much against the base model.
+    pub max_general_drift: f64,
+}
+
+impl Default for GateThresholds {
+    fn default() -> Self {
+        Self {
+            min_new: 0.5,
+            max_old_drop: 0.1,
+            max_general_drift: 0.35,
+        }
+    }
+}
 
 /// What one cycle may do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LearnOptions {
     /// At most this many notes per cycle (oldest unlearned first).
     pub max_notes: usize,
+    pub strategies: Vec<Strategy>,
+    /// Write the generated self-edits with this model instead of the student.
+    #[serde(skip)]
+    pub teacher: Option<ModelChoice>,
+    pub teacher_name: Option<String>,
+    /// Samples per note and generated strategy.
+    pub samples: usize,
+    pub temperature: f32,
     /// Only print the self-edits and verdicts; no training.
     pub dry_run: bool,
     /// Process-wide memory budget in bytes.
     pub max_memory: Option<u64>,
-    /// Compute threads.
-    pub threads: Option<usize>,
+    pub rank: usize,
+    pub alpha: f32,
+    pub lr: f64,
+    pub epochs: usize,
+    /// Adapt only the top K layers (None: all).
+    pub layers: Option<usize>,
+    /// General anchoring examples per note-derived training example.
+    pub anchor_ratio: f64,
+    /// Items replayed per earlier learned note.
+    pub replay_per_note: usize,
+    /// Train about this many token positions instead of `epochs` passes.
+    pub token_budget: Option<u64>,
+    pub gate: GateThresholds,
+    /// Skip the gate (activate the candidate); for ablations that measure training alone.
+    pub no_gate: bool,
+    pub seed: u64,
 }
 
 impl Default for LearnOptions {
     fn default() -> Self {
         Self {
             max_notes: 20,
+            strategies: vec![Strategy::Passage, Strategy::Cloze],
+            teacher: None,
+            teacher_name: None,
+            samples: 1,
+            temperature: 0.7,
             dry_run: false,
             max_memory: None,
-            threads: None,
+            rank: 16,
+            alpha: 32.0,
+            lr: 1e-3,
+            epochs: 4,
+            layers: None,
+            anchor_ratio: 0.5,
+            replay_per_note: 4,
+            token_budget: None,
+            gate: GateThresholds::default(),
+            no_gate: false,
+            seed: 0,
         }
     }
 }
 
 /// The phase a cycle is in, for progress displays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Phase {
+    Load,
     SelfEdits,
     Anchors,
     Training,
     Gate,
 }
 
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Load => "load",
+            Phase::SelfEdits => "self-edits",
+            Phase::Anchors => "anchors",
+            Phase::Training => "training",
+            Phase::Gate => "gate",
+        }
+    }
+}
+
 /// A progress report.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Progress {
     pub phase: Phase,
     pub done: usize,
@@ -60,37 +159,865 @@ pub struct Progress {
     pub message: String,
 }
 
+/// The gate's measurements and decision.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct GateReport {
+    pub new_probes: usize,
+    pub new_correct: usize,
+    pub old_probes: usize,
+    pub old_correct_before: usize,
+    pub old_correct_after: usize,
+    pub general_prompts: usize,
+    pub general_nll_base: f64,
+    pub general_nll_after: f64,
+    pub skipped: bool,
+}
+
 /// How a cycle ended.
 #[derive(Debug, Clone)]
 pub enum CycleOutcome {
     /// No unlearned notes.
     NothingToLearn,
+    /// `dry_run`: the self-edits that would be used, per note.
+    DryRun(Vec<(i64, Vec<NewItem>)>),
     /// The cancel flag was set; the next call continues this cycle where it stopped.
     Interrupted { cycle: i64 },
     /// Finished: the gate's decision.
-    Done { cycle: i64, activated: Option<i64>, reason: String },
+    Done {
+        cycle: i64,
+        activated: Option<i64>,
+        reason: String,
+        gate: GateReport,
+        train_tokens: u64,
+        seconds: f64,
+    },
 }
 
 /// Notes waiting to be learned.
 pub fn pending_notes(store: &Store) -> Result<usize> {
-    Ok(store
-        .list_notes(None)?
-        .iter()
-        .filter(|n| n.learned_at.is_none())
-        .count())
+    Ok(records::pending_note_ids(store, usize::MAX >> 1)?.len())
 }
 
-/// Runs (or continues) one learning cycle.
-pub fn run_cycle(
-    _home: &Home,
-    store: &mut Store,
-    _choice: &ModelChoice,
-    _opts: &LearnOptions,
-    _cancel: &AtomicBool,
-    _progress: &mut dyn FnMut(&Progress),
-) -> Result<CycleOutcome> {
-    if pending_notes(store)? == 0 {
-        return Ok(CycleOutcome::NothingToLearn);
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// The anchoring prompts, and whether each is held out for the gate (every fifth).
+pub fn anchor_prompts() -> Vec<(String, bool)> {
+    ANCHORS
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .enumerate()
+        .map(|(i, l)| (l.to_string(), i % 5 == 4))
+        .collect()
+}
+
+/// Greedy answer of `engine` (as loaded: with or without adapter) to one user turn.
+pub fn answer(
+    engine: &mut Engine,
+    system: Option<&str>,
+    user: &str,
+    max_tokens: usize,
+    cancel: &AtomicBool,
+) -> Result<String> {
+    let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+    msgs.push(Message::user(user));
+    let toks = engine.chat_tokens(&msgs)?;
+    let g = engine.generate(
+        &toks,
+        &SamplingParams::default(),
+        max_tokens,
+        cancel,
+        &mut |_| {},
+    )?;
+    Ok(g.text.trim().to_string())
+}
+
+/// Whether `answer` contains `expected` (case-insensitive, whitespace-normalised).
+pub fn contains_answer(answer: &str, expected: &str) -> bool {
+    let norm = |s: &str| {
+        s.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let e = norm(expected);
+    !e.is_empty() && norm(answer).contains(&e)
+}
+
+fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
     }
-    anyhow::bail!("the learning cycle is being built")
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Everything a cycle needs that is loaded once.
+struct Loaded {
+    engine: Engine,
+    id: ModelId,
+    system: Option<String>,
+}
+
+fn load(choice: &ModelChoice, store: &Store, ctx: usize) -> Result<Loaded> {
+    let opts = LoadOptions {
+        ctx,
+        ..LoadOptions::default()
+    };
+    let engine = Engine::load(&choice.name, &choice.path, &opts)
+        .with_context(|| format!("loading model {}", choice.name))?;
+    let id = adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
+    Ok(Loaded {
+        engine,
+        id,
+        system: choice.chat_defaults().system,
+    })
+}
+
+/// The self-edits of one note: rule items, the passage, and generated items with verdicts.
+#[allow(clippy::too_many_arguments)]
+fn note_items(
+    note: &str,
+    note_id: i64,
+    opts: &LearnOptions,
+    writer: &mut Engine,
+    writer_name: &str,
+    writer_system: Option<&str>,
+    cancel: &AtomicBool,
+) -> Result<Option<Vec<NewItem>>> {
+    let mut items = Vec::new();
+    let chosen = |s: Strategy| opts.strategies.contains(&s);
+    // The passage is always stored (it marks the note done); "unused" when not selected.
+    items.push(NewItem {
+        strategy: "passage".into(),
+        generator: "note".into(),
+        prompt_version: None,
+        sampling: None,
+        role: "train".into(),
+        prompt: None,
+        completion: note.to_string(),
+        verdict: if chosen(Strategy::Passage) {
+            "kept"
+        } else {
+            "unused"
+        }
+        .into(),
+        reason: None,
+    });
+    // Cloze probes are always made: they are the gate's held-out questions.
+    for it in rules::cloze_items(note, 8) {
+        let verdict = if it.probe || chosen(Strategy::Cloze) {
+            "kept"
+        } else {
+            "unused"
+        };
+        items.push(NewItem {
+            strategy: if it.probe { "probe" } else { "cloze" }.into(),
+            generator: "rules".into(),
+            prompt_version: Some(format!("rules.v1/{}", it.kind)),
+            sampling: None,
+            role: if it.probe { "probe" } else { "train" }.into(),
+            prompt: Some(it.prompt),
+            completion: it.completion,
+            verdict: verdict.into(),
+            reason: None,
+        });
+    }
+    for (q, a) in rules::wh_questions(note) {
+        items.push(NewItem {
+            strategy: "questions".into(),
+            generator: "rules".into(),
+            prompt_version: Some("rules.v1/wh".into()),
+            sampling: None,
+            role: "train".into(),
+            prompt: Some(q),
+            completion: a,
+            verdict: if chosen(Strategy::Questions) {
+                "kept"
+            } else {
+                "unused"
+            }
+            .into(),
+            reason: None,
+        });
+    }
+    let mut seen = HashSet::new();
+    for s in opts.strategies.iter().copied().filter(|s| s.generated()) {
+        let Some((version, _)) = s.template() else {
+            continue;
+        };
+        for k in 0..opts.samples.max(1) {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let seed = stable_hash(&[&note_id.to_string(), s.name(), &k.to_string()]) ^ opts.seed;
+            let params = selfedit::sampling(seed, opts.temperature);
+            let raw = selfedit::generate(writer, writer_system, s, note, &params, 200, cancel)?;
+            let sampling =
+                serde_json::json!({"temperature": params.temperature, "top_p": params.top_p,
+                "top_k": params.top_k, "min_p": params.min_p, "seed": seed, "max_tokens": 200})
+                .to_string();
+            for c in selfedit::filter(s, note, &raw, &mut seen) {
+                items.push(NewItem {
+                    strategy: s.name().into(),
+                    generator: writer_name.to_string(),
+                    prompt_version: Some(version.into()),
+                    sampling: Some(sampling.clone()),
+                    role: "train".into(),
+                    prompt: c.prompt,
+                    completion: c.completion,
+                    verdict: if c.dropped.is_some() {
+                        "dropped"
+                    } else {
+                        "kept"
+                    }
+                    .into(),
+                    reason: c.dropped,
+                });
+            }
+        }
+    }
+    Ok(Some(items))
+}
+
+/// An item as a training example.
+fn example(engine: &Engine, system: Option<&str>, it: &Item) -> Result<data::Example> {
+    match &it.prompt {
+        Some(p) => data::chat_pair(engine, system, p, &it.completion),
+        None => data::text_example(engine, &it.completion, false),
+    }
+    .map_err(anyhow::Error::msg)
+}
+
+/// Accuracy of `engine` on probe items (answer contains the expected span).
+fn probe_correct(
+    engine: &mut Engine,
+    system: Option<&str>,
+    probes: &[&Item],
+    cancel: &AtomicBool,
+) -> Result<Option<usize>> {
+    let mut n = 0;
+    for p in probes {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let a = answer(
+            engine,
+            system,
+            p.prompt.as_deref().unwrap_or(""),
+            24,
+            cancel,
+        )?;
+        if contains_answer(&a, &p.completion) {
+            n += 1;
+        }
+    }
+    Ok(Some(n))
+}
+
+fn general_nll(
+    engine: &mut Engine,
+    system: Option<&str>,
+    held: &[(String, String)],
+    cancel: &AtomicBool,
+) -> Result<Option<f64>> {
+    let mut sum = 0.0;
+    for (p, a) in held {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let ex = data::chat_pair(engine, system, p, a).map_err(anyhow::Error::msg)?;
+        sum += engine.scored_nll(&ex.tokens, &ex.learn)?;
+    }
+    Ok(Some(sum / held.len().max(1) as f64))
+}
+
+/// Runs (or continues) one learning cycle for `choice`'s model.
+pub fn run_cycle(
+    home: &Home,
+    store: &mut Store,
+    choice: &ModelChoice,
+    opts: &LearnOptions,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<CycleOutcome> {
+    let t0 = Instant::now();
+    let report = |progress: &mut dyn FnMut(&Progress), phase, done, total, tps, msg: String| {
+        progress(&Progress {
+            phase,
+            done,
+            total,
+            tokens_per_s: tps,
+            peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
+            message: msg,
+        })
+    };
+    report(
+        progress,
+        Phase::Load,
+        0,
+        1,
+        0.0,
+        format!("loading {}", choice.name),
+    );
+    let mut l = load(choice, store, 1024)?;
+    let system = l.system.clone();
+    let sys = system.as_deref();
+
+    // 1. The cycle: the unfinished one, or a new one over the oldest unlearned notes.
+    let cycle = match records::unfinished(store, &l.id.sha256)? {
+        Some(c) if !opts.dry_run => c,
+        _ => {
+            let ids = records::pending_note_ids(store, opts.max_notes.max(1))?;
+            if ids.is_empty() {
+                return Ok(CycleOutcome::NothingToLearn);
+            }
+            if opts.dry_run {
+                return dry_run(store, &ids, opts, &mut l, cancel, progress);
+            }
+            let parent = store.active_adapter(&l.id.sha256)?.map(|r| r.version);
+            records::start(
+                store,
+                &choice.name,
+                &l.id.sha256,
+                &ids,
+                &serde_json::to_string(opts)?,
+                parent,
+            )?
+        }
+    };
+
+    // 2. Self-edits for notes that have none stored yet.
+    let mut teacher: Option<Loaded> = None;
+    let total = cycle.notes.len();
+    for (i, nid) in cycle.notes.iter().enumerate() {
+        if records::has_items(store, cycle.id, *nid)? {
+            continue;
+        }
+        let Some(note) = store.get_note(*nid)? else {
+            // Removed since the cycle started: nothing to learn from it.
+            records::add_items(store, cycle.id, *nid, "", &[])?;
+            continue;
+        };
+        report(
+            progress,
+            Phase::SelfEdits,
+            i,
+            total,
+            0.0,
+            format!("note {}/{total}", i + 1),
+        );
+        let needs_model = opts.strategies.iter().any(|s| s.generated());
+        if needs_model && teacher.is_none() {
+            if let Some(t) = &opts.teacher {
+                teacher = Some(load(t, store, 1024)?);
+            }
+        }
+        let (writer, writer_name, writer_system) = match teacher.as_mut() {
+            Some(t) => (&mut t.engine, t.id.name.clone(), t.system.clone()),
+            None => {
+                l.engine.model.set_adapter(None);
+                (&mut l.engine, l.id.name.clone(), system.clone())
+            }
+        };
+        let Some(items) = note_items(
+            &note.content,
+            *nid,
+            opts,
+            writer,
+            &writer_name,
+            writer_system.as_deref(),
+            cancel,
+        )?
+        else {
+            return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+        };
+        records::add_items(store, cycle.id, *nid, &note.sha256, &items)?;
+    }
+    drop(teacher);
+    if cancel.load(Ordering::Relaxed) {
+        return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+    }
+
+    // 3. The training set: this cycle's kept items and replay of earlier learned notes.
+    let items = records::cycle_items(store, cycle.id)?;
+    let new_train: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.role == "train" && i.verdict == "kept")
+        .collect();
+    let earlier = records::learned_items(store, &l.id.sha256, cycle.id)?;
+    let mut by_note: BTreeMap<i64, Vec<&Item>> = BTreeMap::new();
+    for it in earlier.iter().filter(|i| i.role == "train") {
+        by_note.entry(it.note_id).or_default().push(it);
+    }
+    let mut replay: Vec<&Item> = Vec::new();
+    for (nid, mut v) in by_note {
+        v.sort_by_key(|it| {
+            stable_hash(&[&cycle.id.to_string(), &nid.to_string(), &it.id.to_string()])
+        });
+        replay.extend(v.into_iter().take(opts.replay_per_note));
+    }
+    let mut examples = Vec::new();
+    let mut sha = Sha256::new();
+    for it in new_train.iter().chain(replay.iter()) {
+        examples.push(example(&l.engine, sys, it)?);
+        sha.update(it.id.to_le_bytes());
+    }
+
+    // 4. General anchoring: the base model's answers (stored once per model) to a rotating
+    // share of the anchoring prompts, plus the held-out ones the gate measures drift on.
+    let prompts = anchor_prompts();
+    let pool: Vec<&String> = prompts.iter().filter(|(_, h)| !h).map(|(p, _)| p).collect();
+    let n_anchor = (((examples.len() as f64) * opts.anchor_ratio).round() as usize).min(pool.len());
+    let start = if pool.is_empty() {
+        0
+    } else {
+        (cycle.id as usize * n_anchor) % pool.len()
+    };
+    let chosen: Vec<&String> = (0..n_anchor)
+        .map(|k| pool[(start + k) % pool.len()])
+        .collect();
+    let held: Vec<&String> = if opts.no_gate {
+        Vec::new()
+    } else {
+        prompts.iter().filter(|(_, h)| *h).map(|(p, _)| p).collect()
+    };
+    l.engine.model.set_adapter(None);
+    let mut have: BTreeMap<String, String> =
+        records::anchors(store, &l.id.sha256)?.into_iter().collect();
+    let missing: Vec<&String> = chosen
+        .iter()
+        .chain(held.iter())
+        .copied()
+        .filter(|p| !have.contains_key(*p))
+        .collect();
+    for (k, p) in missing.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+        }
+        report(
+            progress,
+            Phase::Anchors,
+            k,
+            missing.len(),
+            0.0,
+            format!("base answer {}/{}", k + 1, missing.len()),
+        );
+        let a = answer(&mut l.engine, sys, p, 64, cancel)?;
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+        }
+        records::add_anchor(store, &l.id.sha256, p, &a)?;
+        have.insert((*p).clone(), a);
+    }
+    let pair = |p: &String| {
+        have.get(p)
+            .filter(|a| !a.is_empty())
+            .map(|a| (p.clone(), a.clone()))
+    };
+    let anchor_held: Vec<(String, String)> = held.iter().filter_map(|p| pair(p)).collect();
+    for (p, a) in chosen.iter().filter_map(|p| pair(p)) {
+        examples.push(data::chat_pair(&l.engine, sys, &p, &a).map_err(anyhow::Error::msg)?);
+        sha.update(p.as_bytes());
+    }
+    if examples.is_empty() {
+        records::finish(
+            store,
+            cycle.id,
+            false,
+            "{}",
+            "no training data: every self-edit was dropped",
+            &cycle.notes,
+        )?;
+        return Ok(CycleOutcome::Done {
+            cycle: cycle.id,
+            activated: None,
+            reason: "no training data: every self-edit was dropped".into(),
+            gate: GateReport::default(),
+            train_tokens: 0,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+    }
+    let data_sha = hex::encode(sha.finalize());
+
+    // 5. Train, continuing the active adapter when it has this configuration.
+    let mcfg = l.engine.model.cfg.clone();
+    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
+    let seq_len = (longest.div_ceil(16) * 16).clamp(64, 256);
+    let model_bytes = std::fs::metadata(&choice.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let layers = opts.layers.unwrap_or(mcfg.n_layers).min(mcfg.n_layers);
+    let req = PlanRequest {
+        budget: opts.max_memory,
+        seq_len: Some(seq_len),
+        micro_batch: None,
+        layers: Some(layers),
+        checkpointing: None,
+        rank: opts.rank,
+        targets: Target::ALL.to_vec(),
+        model_bytes,
+        cache_seqs: 0,
+        max_micro_batch: Some(4),
+    };
+    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let ds = data::pack_examples(
+        &l.engine,
+        &format!("learning cycle {}", cycle.id),
+        &examples,
+        data_sha,
+        p.seq_len,
+    )?;
+    let lora = LoraConfig::top_layers(
+        opts.rank,
+        opts.alpha,
+        Target::ALL.to_vec(),
+        mcfg.n_layers,
+        p.layers,
+    )?;
+    let mut cfg = TrainConfig {
+        lora: lora.clone(),
+        lr: opts.lr,
+        min_lr_ratio: 0.1,
+        warmup: 0,
+        decay: Decay::Cosine,
+        adamw: AdamWParamsCfg::default(),
+        clip: 1.0,
+        seq_len: p.seq_len,
+        micro_batch: p.micro_batch,
+        accum: 1,
+        steps: 1,
+        seed: opts.seed ^ cycle.id as u64,
+        checkpointing: p.checkpointing,
+    };
+    cfg.steps = match opts.token_budget {
+        Some(t) => (t as usize)
+            .div_ceil(cfg.seq_len * cfg.seqs_per_step())
+            .max(1),
+        None => cfg.steps_for_epochs(ds.seqs.len(), opts.epochs.max(1)),
+    };
+    cfg.warmup = (cfg.steps / 10).min(10);
+    let cache_limit = plan::cache_bytes(&mcfg, &p, ds.seqs.len(), opts.max_memory);
+    let ckpt = adapters::adapters_dir(home).join(format!("learn-cycle-{}.safetensors", cycle.id));
+    let parent = match cycle
+        .parent_adapter
+        .and_then(|v| store.adapter(v).ok().flatten())
+    {
+        Some(rec) => {
+            let w = adapters::load_version(home, &rec, &l.id, &mcfg)?;
+            (w.cfg == lora).then_some(w)
+        }
+        None => None,
+    };
+    let candidate = match cycle.candidate_adapter {
+        Some(v) => v,
+        None => {
+            records::set_status(store, cycle.id, "training")?;
+            l.engine.model.set_adapter(None);
+            l.engine.reset();
+            let mut tr = match ckpt.exists() {
+                true => match Trainer::resume(
+                    &l.engine.model,
+                    cfg.clone(),
+                    ds.clone(),
+                    &l.id.sha256,
+                    &ckpt,
+                ) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(
+                            "not resuming {}: {e}; starting the training again",
+                            ckpt.display()
+                        );
+                        fresh_trainer(&l, &cfg, ds, parent.clone())?
+                    }
+                },
+                false => fresh_trainer(&l, &cfg, ds, parent.clone())?,
+            };
+            tr.cache_limit = cache_limit;
+            let steps = tr.cfg.steps;
+            let tt = Instant::now();
+            let mut run_tokens = 0usize;
+            let mut last_save = Instant::now();
+            let ckpt2 = ckpt.clone();
+            let outcome = tr.run(cancel, &mut |r, t| {
+                run_tokens += r.tokens;
+                let tps = run_tokens as f64 / tt.elapsed().as_secs_f64().max(1e-9);
+                report(
+                    progress,
+                    Phase::Training,
+                    r.step,
+                    steps,
+                    tps,
+                    format!("loss {:.3} | {:.0} MiB", r.loss, mib(r.peak_rss)),
+                );
+                if r.step < r.steps && last_save.elapsed().as_secs() >= 60 {
+                    t.save_checkpoint(&ckpt2)?;
+                    last_save = Instant::now();
+                }
+                Ok(())
+            })?;
+            if outcome == Outcome::Interrupted {
+                tr.save_checkpoint(&ckpt)?;
+                return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+            }
+            let w = tr.weights()?;
+            let nv = NewVersion {
+                parent: cycle.parent_adapter,
+                config_json: serde_json::to_string(&tr.cfg)?,
+                data: Some(format!(
+                    "learning cycle {}: {} notes, {}",
+                    cycle.id,
+                    cycle.notes.len(),
+                    tr.data().description
+                )),
+                data_sha256: Some(tr.data().sha256.clone()),
+                losses: tr.losses.clone(),
+                steps: tr.step as u64,
+                tokens: tr.tokens_done,
+                seconds: Some(tr.seconds),
+            };
+            let tokens = tr.tokens_done;
+            drop(tr);
+            let v = adapters::save_version(home, store, &l.id, &w, &nv, false)?;
+            records::set_candidate(store, cycle.id, v, tokens)?;
+            let _ = std::fs::remove_file(&ckpt);
+            v
+        }
+    };
+    let train_tokens = records::get(store, cycle.id)?
+        .map(|c| c.train_tokens.max(0) as u64)
+        .unwrap_or(0);
+
+    // 6. The gate.
+    let new_probes: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.role == "probe" && i.verdict == "kept")
+        .collect();
+    let old_probes: Vec<&Item> = earlier.iter().filter(|i| i.role == "probe").collect();
+    let mut g = GateReport {
+        new_probes: new_probes.len(),
+        old_probes: old_probes.len(),
+        general_prompts: anchor_held.len(),
+        skipped: opts.no_gate,
+        ..GateReport::default()
+    };
+    let cand_rec = store
+        .adapter(candidate)?
+        .context("the candidate adapter's record is missing")?;
+    let cand = adapters::load_version(home, &cand_rec, &l.id, &mcfg)?;
+    let interrupted = CycleOutcome::Interrupted { cycle: cycle.id };
+    let (activated, reason) = if opts.no_gate {
+        (true, "activated without a gate (--no-gate)".to_string())
+    } else {
+        report(progress, Phase::Gate, 0, 3, 0.0, "general drift".into());
+        l.engine.model.set_adapter(None);
+        let Some(base_nll) = general_nll(&mut l.engine, sys, &anchor_held, cancel)? else {
+            return Ok(interrupted);
+        };
+        if !old_probes.is_empty() {
+            let prev = match cycle
+                .parent_adapter
+                .and_then(|v| store.adapter(v).ok().flatten())
+            {
+                Some(rec) => Some(Arc::new(
+                    adapters::load_version(home, &rec, &l.id, &mcfg)?.prepare()?,
+                )),
+                None => None,
+            };
+            l.engine.model.set_adapter(prev);
+            let Some(n) = probe_correct(&mut l.engine, sys, &old_probes, cancel)? else {
+                return Ok(interrupted);
+            };
+            g.old_correct_before = n;
+        }
+        l.engine.model.set_adapter(Some(Arc::new(cand.prepare()?)));
+        report(progress, Phase::Gate, 1, 3, 0.0, "probes".into());
+        let Some(n) = probe_correct(&mut l.engine, sys, &new_probes, cancel)? else {
+            return Ok(interrupted);
+        };
+        g.new_correct = n;
+        let Some(n) = probe_correct(&mut l.engine, sys, &old_probes, cancel)? else {
+            return Ok(interrupted);
+        };
+        g.old_correct_after = n;
+        report(progress, Phase::Gate, 2, 3, 0.0, "general drift".into());
+        let Some(after) = general_nll(&mut l.engine, sys, &anchor_held, cancel)? else {
+            return Ok(interrupted);
+        };
+        g.general_nll_base = base_nll;
+        g.general_nll_after = after;
+        decide(&g, &opts.gate)
+    };
+    if activated {
+        store.set_active_adapter(&l.id.sha256, Some(candidate))?;
+    }
+    records::finish(
+        store,
+        cycle.id,
+        activated,
+        &serde_json::to_string(&g)?,
+        &reason,
+        &cycle.notes,
+    )?;
+    Ok(CycleOutcome::Done {
+        cycle: cycle.id,
+        activated: activated.then_some(candidate),
+        reason,
+        gate: g,
+        train_tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn fresh_trainer<'m>(
+    l: &'m Loaded,
+    cfg: &TrainConfig,
+    ds: data::Dataset,
+    parent: Option<crate::lora::LoraWeights>,
+) -> Result<Trainer<'m>> {
+    Ok(match parent {
+        Some(w) => Trainer::from_weights(&l.engine.model, cfg.clone(), ds, w, &l.id.sha256)?,
+        None => Trainer::new(&l.engine.model, cfg.clone(), ds, &l.id.sha256)?,
+    })
+}
+
+/// The gate's rule: learned the new notes, kept the old ones, did not drift from the base.
+pub fn decide(g: &GateReport, t: &GateThresholds) -> (bool, String) {
+    let frac = |a: usize, n: usize| if n == 0 { 1.0 } else { a as f64 / n as f64 };
+    let new_acc = frac(g.new_correct, g.new_probes);
+    let before = frac(g.old_correct_before, g.old_probes);
+    let after = frac(g.old_correct_after, g.old_probes);
+    let drift = g.general_nll_after - g.general_nll_base;
+    let summary = format!(
+        "new probes {}/{}, earlier probes {}/{} -> {}/{}, general drift {:+.3} nats/token",
+        g.new_correct,
+        g.new_probes,
+        g.old_correct_before,
+        g.old_probes,
+        g.old_correct_after,
+        g.old_probes,
+        drift
+    );
+    if g.new_probes > 0 && new_acc < t.min_new {
+        return (
+            false,
+            format!(
+                "rejected: learned too little ({summary}; needs {:.0}% of new probes)",
+                t.min_new * 100.0
+            ),
+        );
+    }
+    if before - after > t.max_old_drop {
+        return (
+            false,
+            format!(
+                "rejected: forgot earlier notes ({summary}; may drop {:.0} points)",
+                t.max_old_drop * 100.0
+            ),
+        );
+    }
+    if drift > t.max_general_drift {
+        return (false, format!("rejected: drifted from the base model on general prompts ({summary}; limit {:+.2})", t.max_general_drift));
+    }
+    (true, format!("activated: {summary}"))
+}
+
+fn dry_run(
+    store: &Store,
+    ids: &[i64],
+    opts: &LearnOptions,
+    l: &mut Loaded,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<CycleOutcome> {
+    let mut teacher = match &opts.teacher {
+        Some(t) if opts.strategies.iter().any(|s| s.generated()) => Some(load(t, store, 1024)?),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for (i, nid) in ids.iter().enumerate() {
+        let Some(note) = store.get_note(*nid)? else {
+            continue;
+        };
+        progress(&Progress {
+            phase: Phase::SelfEdits,
+            done: i,
+            total: ids.len(),
+            tokens_per_s: 0.0,
+            peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
+            message: format!("note {}/{}", i + 1, ids.len()),
+        });
+        let (writer, name, system) = match teacher.as_mut() {
+            Some(t) => (&mut t.engine, t.id.name.clone(), t.system.clone()),
+            None => (&mut l.engine, l.id.name.clone(), l.system.clone()),
+        };
+        let Some(items) = note_items(
+            &note.content,
+            *nid,
+            opts,
+            writer,
+            &name,
+            system.as_deref(),
+            cancel,
+        )?
+        else {
+            break;
+        };
+        out.push((*nid, items));
+    }
+    Ok(CycleOutcome::DryRun(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_rules() {
+        let t = GateThresholds::default();
+        let mut g = GateReport {
+            new_probes: 10,
+            new_correct: 8,
+            old_probes: 10,
+            old_correct_before: 9,
+            old_correct_after: 9,
+            general_prompts: 5,
+            general_nll_base: 1.0,
+            general_nll_after: 1.1,
+            skipped: false,
+        };
+        assert!(decide(&g, &t).0);
+        g.new_correct = 2;
+        assert!(decide(&g, &t).1.contains("learned too little"));
+        g.new_correct = 8;
+        g.old_correct_after = 5;
+        assert!(decide(&g, &t).1.contains("forgot"));
+        g.old_correct_after = 9;
+        g.general_nll_after = 2.0;
+        assert!(decide(&g, &t).1.contains("drifted"));
+    }
+
+    #[test]
+    fn answers_are_matched_loosely() {
+        assert!(contains_answer(
+            "Your accountant is  Marisol\nEberhardt.",
+            "marisol eberhardt"
+        ));
+        assert!(!contains_answer("I don't know", "Marisol"));
+        assert!(!contains_answer("anything", "  "));
+    }
+
+    #[test]
+    fn anchors_are_held_out_in_part_and_never_empty() {
+        let a = anchor_prompts();
+        assert!(a.len() >= 100);
+        let held = a.iter().filter(|(_, h)| *h).count();
+        assert!(held >= 20 && held < a.len() / 4, "{held}");
+        assert!(a.iter().all(|(p, _)| !p.trim().is_empty()));
+    }
 }

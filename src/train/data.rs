@@ -163,6 +163,63 @@ pub fn parse_line(engine: &Engine, v: &Value, system: Option<&str>) -> Result<Ex
     )
 }
 
+/// Plain text as an example, every token a target; `eos` appends the end token (leave it off
+/// for notes taught to an instruct model, or it learns to answer with nothing).
+pub fn text_example(engine: &Engine, text: &str, eos: bool) -> Result<Example, String> {
+    let mut ex = segments(engine, &[(text.to_string(), true)], false)?;
+    if eos {
+        if let Some(e) = engine.tokenizer.eos {
+            ex.tokens.push(e);
+            ex.learn.push(true);
+        }
+    }
+    Ok(ex)
+}
+
+/// One question and its answer as a chat (with `system` if given), loss on the answer.
+pub fn chat_pair(
+    engine: &Engine,
+    system: Option<&str>,
+    user: &str,
+    assistant: &str,
+) -> Result<Example, String> {
+    let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+    msgs.push(Message::user(user));
+    msgs.push(Message::assistant(assistant));
+    chat_example(engine, &msgs)
+}
+
+/// Packs in-memory examples (named `name` in messages) into a dataset.
+pub fn pack_examples(
+    engine: &Engine,
+    name: &str,
+    examples: &[Example],
+    sha: String,
+    seq_len: usize,
+) -> Result<Dataset, DataError> {
+    let pad = engine.tokenizer.eos.unwrap_or(0);
+    let seqs = pack(examples, seq_len, pad);
+    if seqs.is_empty() {
+        return Err(DataError::Empty(format!(
+            "{name} has no tokens to learn (every example is masked out or too short)"
+        )));
+    }
+    let target_tokens = seqs
+        .iter()
+        .map(|q| q.weights.iter().filter(|w| **w > 0.0).count())
+        .sum();
+    Ok(Dataset {
+        examples: examples.len(),
+        target_tokens,
+        description: format!(
+            "{name} ({} examples, {target_tokens} target tokens)",
+            examples.len()
+        ),
+        seqs,
+        sha256: sha,
+    })
+}
+
 /// Reads a JSONL file into examples; the first bad line stops it with its line number.
 pub fn read_jsonl(
     engine: &Engine,
@@ -341,31 +398,11 @@ pub fn pack_dataset(
     sha: String,
     seq_len: usize,
 ) -> Result<Dataset, DataError> {
-    let pad = engine.tokenizer.eos.unwrap_or(0);
-    let seqs = pack(examples, seq_len, pad);
-    if seqs.is_empty() {
-        return Err(DataError::Empty(format!(
-            "{} has no tokens to learn (every example is masked out or too short)",
-            path.display()
-        )));
-    }
-    let target_tokens = seqs
-        .iter()
-        .map(|q| q.weights.iter().filter(|w| **w > 0.0).count())
-        .sum();
-    Ok(Dataset {
-        examples: examples.len(),
-        target_tokens,
-        description: format!(
-            "{} ({} examples, {target_tokens} target tokens)",
-            path.file_name()
-                .map(|f| f.to_string_lossy().to_string())
-                .unwrap_or_default(),
-            examples.len()
-        ),
-        seqs,
-        sha256: sha,
-    })
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_else(|| path.display().to_string());
+    pack_examples(engine, &name, examples, sha, seq_len)
 }
 
 /// Reads and packs a data file.

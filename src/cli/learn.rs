@@ -1,0 +1,713 @@
+//! `hone learn` (one learning cycle now, or its log) and `hone eval` (knowledge-incorporation
+//! evaluation, each mode in its own process and fresh data directory).
+//!
+//! Parsing, progress bars and tables only; the cycle is `hone::learn`, the scoring `hone::eval`.
+
+use super::Ctx;
+use crate::Cli;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hone::eval::{self, ModeResult, Pipeline};
+use hone::learn::{self, records, selfedit::Strategy, CycleOutcome, LearnOptions, Progress};
+use hone::registry::ModelChoice;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Training and self-edit settings shared by `learn` and `eval`.
+#[derive(Args, Debug, Clone)]
+pub struct LearnFlags {
+    /// Self-edit strategies: any of passage,cloze,questions,qa,implications,rewrites, or "all"
+    #[arg(long, default_value = "passage,cloze")]
+    pub strategies: String,
+    /// A larger local model that writes the generated self-edits (e.g. qwen2.5-coder-0.5b-instruct)
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Samples per note and generated strategy
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Passes over the cycle's training data
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f32,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Adapt only the top K layers (default: all)
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// General anchoring examples per note-derived example
+    #[arg(long, default_value_t = 0.5)]
+    pub anchor_ratio: f64,
+    /// Items replayed per earlier learned note
+    #[arg(long, default_value_t = 4)]
+    pub replay: usize,
+    /// Memory budget for the whole process, e.g. 1GiB
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct LearnArgs {
+    /// At most this many notes in the cycle (oldest unlearned first)
+    #[arg(long, default_value_t = 20)]
+    pub max_notes: usize,
+    /// Print the self-edits and filter verdicts; do not train
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Show the recorded cycles and gate decisions instead of learning
+    #[arg(long)]
+    pub log: bool,
+    /// Put notes the gate rejected twice back in the queue
+    #[arg(long)]
+    pub retry: bool,
+    /// Activate the candidate without the gate
+    #[arg(long)]
+    pub no_gate: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub flags: LearnFlags,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Notes with questions, one JSON object per line: {"id","note","questions":[{"q","a":[...]}]}
+    #[arg(long)]
+    pub qa: PathBuf,
+    /// General questions ({"q","a":[...]} per line) asked before and after learning
+    #[arg(long)]
+    pub retention: Option<PathBuf>,
+    /// base, in-context, passage, learn, all (those four) or ablation (each strategy alone and combined)
+    #[arg(long, default_value = "all")]
+    pub mode: String,
+    /// Learn the notes in K batches, one cycle after another, and report what each batch keeps
+    #[arg(long)]
+    pub sequential: Option<usize>,
+    /// Keep each mode's data directory (printed) instead of deleting it
+    #[arg(long)]
+    pub keep: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: run one mode in this process, in $HONE_HOME, and print its JSON
+    #[arg(long, hide = true)]
+    pub run_one: Option<String>,
+    /// Internal: train about this many tokens (the passage mode's same budget)
+    #[arg(long, hide = true)]
+    pub token_budget: Option<u64>,
+    #[command(flatten)]
+    pub flags: LearnFlags,
+}
+
+fn install_signals() {
+    let _ = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+}
+
+fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
+    let strategies = Strategy::parse_list(&f.strategies).map_err(anyhow::Error::msg)?;
+    let teacher = match &f.teacher {
+        Some(t) => Some(
+            hone::registry::resolve(&ctx.home, &ctx.store, Some(t))
+                .with_context(|| format!("the teacher model {t:?}"))?,
+        ),
+        None => None,
+    };
+    Ok(LearnOptions {
+        strategies,
+        teacher_name: teacher.as_ref().map(|t| t.name.clone()),
+        teacher,
+        samples: f.samples.max(1),
+        rank: f.rank,
+        alpha: f.alpha,
+        lr: f.lr,
+        epochs: f.epochs.max(1),
+        layers: f.layers,
+        anchor_ratio: f.anchor_ratio.max(0.0),
+        replay_per_note: f.replay,
+        max_memory: f
+            .max_memory
+            .as_deref()
+            .map(super::train::parse_bytes)
+            .transpose()?,
+        seed: f.seed,
+        ..LearnOptions::default()
+    })
+}
+
+fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>10} {bar:25} {pos}/{len} | {msg} | ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if hidden {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
+    let mut phase = None;
+    // Without a terminal (logs, eval's child processes) a line every half minute instead.
+    let plain = bar.is_hidden();
+    let mut last_line = std::time::Instant::now();
+    move |p: &Progress| {
+        if phase != Some(p.phase) {
+            phase = Some(p.phase);
+            bar.reset();
+            bar.set_prefix(p.phase.name());
+        }
+        if plain && (last_line.elapsed().as_secs() >= 30 || p.done == 0) {
+            last_line = std::time::Instant::now();
+            eprintln!(
+                "   [{}] {}/{} {} | peak {:.0} MiB{}",
+                p.phase.name(),
+                p.done,
+                p.total,
+                p.message,
+                p.peak_rss as f64 / 1048576.0,
+                if p.tokens_per_s > 0.0 {
+                    format!(" | {:.0} tok/s", p.tokens_per_s)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        bar.set_length(p.total.max(1) as u64);
+        bar.set_position(p.done as u64);
+        let tps = if p.tokens_per_s > 0.0 {
+            format!("{:.0} tok/s | ", p.tokens_per_s)
+        } else {
+            String::new()
+        };
+        bar.set_message(format!(
+            "{tps}{} | peak {:.0} MiB",
+            p.message,
+            p.peak_rss as f64 / 1048576.0
+        ));
+    }
+}
+
+pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
+    super::train::quiet_candle_pool();
+    let mut ctx = Ctx::open(cli)?;
+    if a.retry {
+        let n = records::retry_rejected(&ctx.store)?;
+        println!("{n} note(s) are back in the learning queue");
+        return Ok(());
+    }
+    if a.log {
+        return show_log(&ctx, a.json);
+    }
+    let choice = ctx.choose_model()?;
+    let mut opts = options(&ctx, &a.flags)?;
+    opts.max_notes = a.max_notes.max(1);
+    opts.dry_run = a.dry_run;
+    opts.no_gate = a.no_gate;
+    install_signals();
+    let bar = progress_bar(a.json);
+    let mut cb = on_progress(&bar);
+    let out = learn::run_cycle(&ctx.home, &mut ctx.store, &choice, &opts, &CANCEL, &mut cb)?;
+    bar.finish_and_clear();
+    match out {
+        CycleOutcome::NothingToLearn => {
+            if a.json {
+                println!("{}", json!({"outcome": "nothing"}));
+            } else {
+                println!("nothing to learn: every note is learned (add some with `hone note add`)");
+            }
+        }
+        CycleOutcome::DryRun(notes) => {
+            if a.json {
+                println!("{}", json!({"outcome": "dry-run", "notes": notes}));
+                return Ok(());
+            }
+            for (nid, items) in notes {
+                println!("note {nid}:");
+                for it in items.iter().filter(|i| i.verdict != "unused") {
+                    let what = match &it.prompt {
+                        Some(p) => format!("{p} => {}", it.completion),
+                        None => it.completion.clone(),
+                    };
+                    println!(
+                        "  [{:<7}] {:<12} {:<5} {}{}",
+                        it.verdict,
+                        it.strategy,
+                        it.role,
+                        what.replace('\n', " "),
+                        it.reason
+                            .as_deref()
+                            .map(|r| format!("  ({r})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        CycleOutcome::Interrupted { cycle } => {
+            if a.json {
+                println!("{}", json!({"outcome": "interrupted", "cycle": cycle}));
+            }
+            eprintln!(
+                "interrupted: cycle {cycle} continues where it stopped on the next `hone learn`"
+            );
+            std::process::exit(130);
+        }
+        CycleOutcome::Done {
+            cycle,
+            activated,
+            reason,
+            gate,
+            train_tokens,
+            seconds,
+        } => {
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"outcome": "done", "cycle": cycle, "activated": activated, "reason": reason,
+                           "gate": gate, "train_tokens": train_tokens, "seconds": seconds,
+                           "peak_rss_mb": hone::sys::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0})
+                );
+            } else {
+                println!(
+                    "cycle {cycle} ({seconds:.0} s, {train_tokens} tokens trained): {}{reason}",
+                    activated
+                        .map(|v| format!("adapter v{v} is active; "))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show_log(ctx: &Ctx, json_out: bool) -> Result<()> {
+    let cycles = records::recent(&ctx.store, 50)?;
+    if json_out {
+        for c in &cycles {
+            let items = records::cycle_items(&ctx.store, c.id)?;
+            println!("{}", json!({"cycle": c, "items": items}));
+        }
+        return Ok(());
+    }
+    if cycles.is_empty() {
+        println!("no learning cycles yet: `hone learn` runs one");
+    }
+    for c in &cycles {
+        let items = records::cycle_items(&ctx.store, c.id)?;
+        let mut per: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        for i in &items {
+            *per.entry((i.strategy.clone(), i.verdict.clone()))
+                .or_default() += 1;
+        }
+        let counts: Vec<String> = per
+            .iter()
+            .filter(|((_, v), _)| v != "unused")
+            .map(|((s, v), n)| format!("{s} {v} {n}"))
+            .collect();
+        println!(
+            "cycle {} {} {} | {} notes | parent {} -> candidate {} | {} tokens | {}",
+            c.id,
+            &c.started_at[..c.started_at.len().min(19)],
+            c.status,
+            c.notes.len(),
+            c.parent_adapter
+                .map(|v| format!("v{v}"))
+                .unwrap_or("-".into()),
+            c.candidate_adapter
+                .map(|v| format!("v{v}"))
+                .unwrap_or("-".into()),
+            c.train_tokens,
+            c.reason.as_deref().unwrap_or("(unfinished)")
+        );
+        println!("    items: {}", counts.join(", "));
+    }
+    Ok(())
+}
+
+/// The modes `--mode` names, in the order they run.
+fn mode_list(a: &EvalArgs) -> Result<Vec<String>> {
+    if let Some(k) = a.sequential {
+        if k == 0 {
+            bail!("--sequential needs K >= 1");
+        }
+        return Ok(vec![format!("sequential-{k}")]);
+    }
+    let v: Vec<&str> = match a.mode.as_str() {
+        "all" => vec!["base", "in-context", "learn", "passage"],
+        "ablation" => vec![
+            "base",
+            "only-passage",
+            "only-cloze",
+            "only-questions",
+            "only-qa",
+            "only-implications",
+            "only-rewrites",
+            "teacher-qa",
+            "combined",
+        ],
+        m @ ("base" | "in-context" | "passage" | "learn") => vec![m],
+        m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, all or ablation"),
+    };
+    let mut v: Vec<String> = v.into_iter().map(str::to_string).collect();
+    // Retention "before" comes from the base model.
+    if a.retention.is_some() && v.first().map(String::as_str) != Some("base") {
+        v.insert(0, "base".into());
+    }
+    Ok(v)
+}
+
+fn pipeline(mode: &str, base: &LearnOptions, a: &EvalArgs) -> Result<Pipeline> {
+    let with = |strategies: Vec<Strategy>, gate: bool| {
+        let mut o = base.clone();
+        o.strategies = strategies;
+        o.no_gate = !gate;
+        o
+    };
+    Ok(match mode {
+        "base" => Pipeline::Base,
+        "in-context" => Pipeline::InContext,
+        "learn" => Pipeline::Learn(base.clone()),
+        "passage" => {
+            // The notes alone with the same training budget: no self-edits, no anchors.
+            let mut o = with(vec![Strategy::Passage], false);
+            o.anchor_ratio = 0.0;
+            o.token_budget = a.token_budget;
+            o.teacher = None;
+            Pipeline::Learn(o)
+        }
+        "combined" => Pipeline::Learn(with(Strategy::ALL.to_vec(), false)),
+        "teacher-qa" => {
+            if base.teacher.is_none() {
+                bail!("teacher-qa needs --teacher MODEL");
+            }
+            Pipeline::Learn(with(vec![Strategy::Qa], false))
+        }
+        m if m.starts_with("only-") => {
+            let s = Strategy::parse(&m[5..]).map_err(anyhow::Error::msg)?;
+            let mut o = with(vec![s], false);
+            o.teacher = None;
+            Pipeline::Learn(o)
+        }
+        m if m.starts_with("sequential-") => {
+            let k: usize = m[11..].parse().context("sequential-K")?;
+            Pipeline::Sequential(base.clone(), k)
+        }
+        m => bail!("unknown mode {m:?}"),
+    })
+}
+
+pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
+    super::train::quiet_candle_pool();
+    let qa = eval::read_qa(&a.qa)?;
+    let retention = a
+        .retention
+        .as_deref()
+        .map(eval::read_retention)
+        .transpose()?;
+    if let Some(mode) = &a.run_one {
+        // Child: $HONE_HOME is the fresh directory the parent made.
+        let ctx = Ctx::open(cli)?;
+        let choice = ctx.choose_model()?;
+        let opts = options(&ctx, &a.flags)?;
+        let p = pipeline(mode, &opts, a)?;
+        install_signals();
+        let bar = progress_bar(false);
+        bar.set_prefix(mode.clone());
+        let mut cb = on_progress(&bar);
+        let r = eval::run(
+            &ctx.home,
+            &choice,
+            &p,
+            &qa,
+            retention.as_deref(),
+            &CANCEL,
+            &mut cb,
+        )?;
+        bar.finish_and_clear();
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let teacher = match &a.flags.teacher {
+        Some(t) => Some(hone::registry::resolve(&ctx.home, &ctx.store, Some(t))?),
+        None => None,
+    };
+    let modes = mode_list(a)?;
+    let mut results: Vec<(String, ModeResult)> = Vec::new();
+    let mut learn_tokens = None;
+    for m in &modes {
+        if m == "teacher-qa" && teacher.is_none() {
+            eprintln!("skipping teacher-qa: no --teacher given");
+            continue;
+        }
+        eprintln!("== eval mode {m}");
+        let r = run_child(cli, a, m, &choice, teacher.as_ref(), learn_tokens)?;
+        if m == "learn" {
+            learn_tokens = Some(r.train_tokens);
+        }
+        eprintln!(
+            "   {m}: {}/{} correct ({:.0}%), {:.0} s",
+            r.correct,
+            r.total,
+            r.accuracy * 100.0,
+            r.wall_s
+        );
+        results.push((m.clone(), r));
+    }
+    print_table(&choice, &results, a.json);
+    Ok(())
+}
+
+/// Runs one mode in a child process with a fresh data directory holding links to the models.
+fn run_child(
+    cli: &Cli,
+    a: &EvalArgs,
+    mode: &str,
+    choice: &ModelChoice,
+    teacher: Option<&ModelChoice>,
+    learn_tokens: Option<u64>,
+) -> Result<ModeResult> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("hone-eval-{mode}-"))
+        .tempdir()
+        .context("creating a temporary data directory")?;
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models)?;
+    // Manifest models are found by file name in models/; others are passed by path.
+    let link = |c: &ModelChoice| -> Result<String> {
+        if let (Some(m), Some(name)) = (&c.manifest, c.path.file_name()) {
+            let src = std::fs::canonicalize(&c.path)
+                .with_context(|| format!("model file {}", c.path.display()))?;
+            std::os::unix::fs::symlink(&src, models.join(name))
+                .with_context(|| format!("linking {} into {}", src.display(), models.display()))?;
+            Ok(m.name.clone())
+        } else {
+            Ok(c.path.display().to_string())
+        }
+    };
+    let model_arg = link(choice)?;
+    let teacher_arg = teacher.map(link).transpose()?;
+    let exe = std::env::current_exe().context("finding the hone executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.env("HONE_HOME", dir.path())
+        .arg("--model")
+        .arg(&model_arg);
+    if let Some(t) = cli.threads {
+        cmd.arg("-t").arg(t.to_string());
+    }
+    cmd.arg("eval")
+        .arg("--qa")
+        .arg(abs(&a.qa)?)
+        .arg("--run-one")
+        .arg(mode);
+    if let Some(r) = &a.retention {
+        cmd.arg("--retention").arg(abs(r)?);
+    }
+    if let (Some(t), true) = (learn_tokens, mode == "passage") {
+        cmd.arg("--token-budget").arg(t.to_string());
+    }
+    let f = &a.flags;
+    cmd.args([
+        "--strategies",
+        &f.strategies,
+        "--samples",
+        &f.samples.to_string(),
+    ])
+    .args([
+        "--epochs",
+        &f.epochs.to_string(),
+        "--rank",
+        &f.rank.to_string(),
+    ])
+    .args(["--alpha", &f.alpha.to_string(), "--lr", &f.lr.to_string()])
+    .args([
+        "--anchor-ratio",
+        &f.anchor_ratio.to_string(),
+        "--replay",
+        &f.replay.to_string(),
+    ])
+    .args(["--seed", &f.seed.to_string()]);
+    if let Some(l) = f.layers {
+        cmd.args(["--layers", &l.to_string()]);
+    }
+    if let Some(m) = &f.max_memory {
+        cmd.args(["--max-memory", m]);
+    }
+    if let Some(t) = &teacher_arg {
+        cmd.args(["--teacher", t]);
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running an eval mode")?;
+    if !out.status.success() {
+        bail!(
+            "eval mode {mode} failed ({}); its errors are above",
+            out.status
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("");
+    let r: Value =
+        serde_json::from_str(last).with_context(|| format!("eval mode {mode} printed {last:?}"))?;
+    if a.keep {
+        let kept = dir.keep();
+        eprintln!("   kept {}", kept.display());
+    }
+    mode_result(&r)
+}
+
+fn abs(p: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("cannot find {}", p.display()))
+}
+
+fn mode_result(v: &Value) -> Result<ModeResult> {
+    let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let answers = |k: &str| -> Vec<hone::eval::Answered> {
+        v.get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|x| hone::eval::Answered {
+                        q: x["q"].as_str().unwrap_or("").into(),
+                        answer: x["answer"].as_str().unwrap_or("").into(),
+                        correct: x["correct"].as_bool().unwrap_or(false),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok(ModeResult {
+        accuracy: f("accuracy"),
+        correct: f("correct") as usize,
+        total: f("total") as usize,
+        retention_after: v.get("retention_after").and_then(Value::as_f64),
+        retention_correct: v
+            .get("retention_correct")
+            .and_then(Value::as_u64)
+            .map(|x| x as usize),
+        train_tokens: f("train_tokens") as u64,
+        cycle_s: f("cycle_s"),
+        wall_s: f("wall_s"),
+        peak_rss_mb: f("peak_rss_mb"),
+        gate: v.get("gate").and_then(Value::as_str).map(str::to_string),
+        answers: answers("answers"),
+        retention_answers: answers("retention_answers"),
+        batches: v
+            .get("batches")
+            .and_then(Value::as_array)
+            .map(|b| {
+                b.iter()
+                    .map(|x| hone::eval::BatchResult {
+                        notes: x["notes"].as_u64().unwrap_or(0) as usize,
+                        questions: x["questions"].as_u64().unwrap_or(0) as usize,
+                        after_own: x["after_own"].as_f64().unwrap_or(0.0),
+                        after_last: x["after_last"].as_f64().unwrap_or(0.0),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+fn print_table(choice: &ModelChoice, results: &[(String, ModeResult)], json_out: bool) {
+    let before = results
+        .iter()
+        .find(|(m, _)| m == "base")
+        .and_then(|(_, r)| r.retention_after);
+    let base_right: Vec<String> = results
+        .iter()
+        .find(|(m, _)| m == "base")
+        .map(|(_, r)| {
+            r.retention_answers
+                .iter()
+                .filter(|a| a.correct)
+                .map(|a| a.q.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("model: {}", choice.name);
+    println!("| mode | accuracy | correct | retention before -> after | lost | tokens trained | cycle s | wall s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut modes = serde_json::Map::new();
+    for (m, r) in results {
+        let lost = r
+            .retention_answers
+            .iter()
+            .filter(|a| !a.correct && base_right.contains(&a.q))
+            .count();
+        println!(
+            "| {m} | {:.1}% | {}/{} | {} -> {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+            r.accuracy * 100.0,
+            r.correct,
+            r.total,
+            before
+                .map(|b| format!("{:.0}%", b * 100.0))
+                .unwrap_or("-".into()),
+            r.retention_after
+                .map(|b| format!("{:.0}%", b * 100.0))
+                .unwrap_or("-".into()),
+            if r.retention_answers.is_empty() {
+                "-".to_string()
+            } else {
+                lost.to_string()
+            },
+            r.train_tokens,
+            r.cycle_s,
+            r.wall_s,
+            r.peak_rss_mb
+        );
+        let mut o = json!({"accuracy": r.accuracy, "correct": r.correct, "total": r.total,
+            "retention_before": before, "retention_after": r.retention_after,
+            "retention_lost": lost, "train_tokens": r.train_tokens, "cycle_s": r.cycle_s,
+            "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb, "gate": r.gate});
+        if !r.batches.is_empty() {
+            o["batches"] = serde_json::to_value(&r.batches).unwrap_or(Value::Null);
+        }
+        modes.insert(m.clone(), o);
+        for (i, b) in r.batches.iter().enumerate() {
+            println!(
+                "    batch {}: {} notes, {} questions: {:.0}% after its own cycle, {:.0}% after the last (kept {:.0}%)",
+                i + 1,
+                b.notes,
+                b.questions,
+                b.after_own * 100.0,
+                b.after_last * 100.0,
+                if b.after_own > 0.0 { b.after_last / b.after_own * 100.0 } else { 100.0 }
+            );
+        }
+        if let Some(g) = &r.gate {
+            println!("    gate: {g}");
+        }
+    }
+    let acc = |m: &str| {
+        results
+            .iter()
+            .find(|(x, _)| x == m)
+            .map(|(_, r)| r.accuracy)
+    };
+    if let (Some(l), Some(c)) = (acc("learn"), acc("in-context")) {
+        if c > 0.0 {
+            println!("learn / in-context = {:.0}%", l / c * 100.0);
+        }
+    }
+    if let (Some(l), Some(p)) = (acc("learn"), acc("passage")) {
+        println!("learn - passage = {:+.1} points", (l - p) * 100.0);
+    }
+    if json_out {
+        println!("{}", json!({"model": choice.name, "modes": modes}));
+    }
+}

@@ -1,0 +1,303 @@
+//! Knowledge-incorporation evaluation: read a set of notes with questions (the format of
+//! `eval/ki-dev.jsonl`) and a retention set, run one pipeline (base, in-context, a learning
+//! cycle with chosen strategies, or K cycles in sequence) in the data directory it is given, ask
+//! every question greedily, and score an answer correct when it contains an accepted alias
+//! (case-insensitive).
+//!
+//! It must NOT pick the data directory (the caller gives it a fresh one) or print; the command
+//! line runs each mode in its own process and prints the table.
+
+use crate::engine::{Engine, LoadOptions};
+use crate::home::Home;
+use crate::learn::{self, CycleOutcome, LearnOptions, Progress};
+use crate::registry::ModelChoice;
+use crate::store::{NewNote, Store};
+use crate::template::Message;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Question {
+    pub q: String,
+    pub a: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QaNote {
+    pub id: String,
+    pub note: String,
+    pub questions: Vec<Question>,
+}
+
+fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<Vec<T>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::str::from_utf8(&bytes)
+        .with_context(|| format!("{} is not valid UTF-8", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(
+            serde_json::from_str(line).with_context(|| {
+                format!("{} line {}: not a {what} object", path.display(), i + 1)
+            })?,
+        );
+    }
+    if out.is_empty() {
+        bail!("{} has no {what} lines", path.display());
+    }
+    Ok(out)
+}
+
+/// Notes with questions: `{"id", "note", "questions": [{"q", "a": [aliases]}]}` per line.
+pub fn read_qa(path: &Path) -> Result<Vec<QaNote>> {
+    let v: Vec<QaNote> = read_lines(path, "{\"id\",\"note\",\"questions\"}")?;
+    for n in &v {
+        if n.note.trim().is_empty() || n.questions.iter().any(|q| q.a.is_empty()) {
+            bail!(
+                "{}: note {:?} has an empty note or a question without answers",
+                path.display(),
+                n.id
+            );
+        }
+    }
+    Ok(v)
+}
+
+/// General questions: `{"id", "q", "a": [aliases]}` per line.
+pub fn read_retention(path: &Path) -> Result<Vec<Question>> {
+    read_lines(path, "{\"q\",\"a\"}")
+}
+
+/// One asked question.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answered {
+    pub q: String,
+    pub answer: String,
+    pub correct: bool,
+}
+
+/// Asks each question (with its context, if any) greedily and scores it.
+pub fn ask_all(
+    engine: &mut Engine,
+    system: Option<&str>,
+    items: &[(&Question, Option<&str>)],
+    cancel: &AtomicBool,
+) -> Result<Vec<Answered>> {
+    let mut out = Vec::new();
+    for (q, ctx) in items {
+        let content = match ctx {
+            Some(n) => format!("My notes:\n- {}\n{}", n.trim(), q.q),
+            None => q.q.clone(),
+        };
+        let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+        msgs.push(Message::user(&content));
+        let toks = engine.chat_tokens(&msgs)?;
+        let g = engine.generate(&toks, &Default::default(), 48, cancel, &mut |_| {})?;
+        let answer = g.text.trim().to_string();
+        let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));
+        out.push(Answered {
+            q: q.q.clone(),
+            answer,
+            correct,
+        });
+    }
+    Ok(out)
+}
+
+/// What a mode runs.
+#[derive(Debug, Clone)]
+pub enum Pipeline {
+    /// The base model, no notes.
+    Base,
+    /// The base model with the question's note in the prompt.
+    InContext,
+    /// One learning cycle over all notes.
+    Learn(LearnOptions),
+    /// The notes split into K batches, learned one cycle after another.
+    Sequential(LearnOptions, usize),
+}
+
+/// One mode's result.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ModeResult {
+    pub accuracy: f64,
+    pub correct: usize,
+    pub total: usize,
+    pub retention_after: Option<f64>,
+    pub retention_correct: Option<usize>,
+    pub train_tokens: u64,
+    pub cycle_s: f64,
+    pub wall_s: f64,
+    pub peak_rss_mb: f64,
+    pub gate: Option<String>,
+    pub answers: Vec<Answered>,
+    pub retention_answers: Vec<Answered>,
+    /// Sequential: per batch, accuracy right after its own cycle and after the last.
+    pub batches: Vec<BatchResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct BatchResult {
+    pub notes: usize,
+    pub questions: usize,
+    pub after_own: f64,
+    pub after_last: f64,
+}
+
+fn frac(a: &[Answered]) -> f64 {
+    if a.is_empty() {
+        0.0
+    } else {
+        a.iter().filter(|x| x.correct).count() as f64 / a.len() as f64
+    }
+}
+
+fn load_with_active(home: &Home, store: &Store, choice: &ModelChoice) -> Result<Engine> {
+    let mut engine = Engine::load(
+        &choice.name,
+        &choice.path,
+        &LoadOptions {
+            ctx: 1024,
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("loading model {}", choice.name))?;
+    let id = crate::adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
+    if let Some((_, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? {
+        engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
+    }
+    Ok(engine)
+}
+
+fn import(store: &mut Store, notes: &[&QaNote]) -> Result<()> {
+    let items: Vec<NewNote> = notes
+        .iter()
+        .map(|n| NewNote {
+            content: n.note.trim().to_string(),
+            source: Some(format!("eval:{}", n.id)),
+            section: None,
+        })
+        .collect();
+    store.add_notes(&items)?;
+    Ok(())
+}
+
+/// Runs one pipeline in `home` (which should be fresh) and scores it.
+pub fn run(
+    home: &Home,
+    choice: &ModelChoice,
+    pipeline: &Pipeline,
+    qa: &[QaNote],
+    retention: Option<&[Question]>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<ModeResult> {
+    let t0 = Instant::now();
+    home.ensure()?;
+    let mut store = Store::open(&home.db_path())?;
+    let system = choice.chat_defaults().system;
+    let sys = system.as_deref();
+    let mut r = ModeResult::default();
+    let all_q = |notes: &[&QaNote], ctx: bool| -> Vec<(Question, Option<String>)> {
+        notes
+            .iter()
+            .flat_map(|n| {
+                n.questions
+                    .iter()
+                    .map(move |q| (q.clone(), ctx.then(|| n.note.clone())))
+            })
+            .collect()
+    };
+    let ask = |engine: &mut Engine, qs: &[(Question, Option<String>)]| {
+        let v: Vec<(&Question, Option<&str>)> = qs.iter().map(|(q, c)| (q, c.as_deref())).collect();
+        ask_all(engine, sys, &v, cancel)
+    };
+    let notes: Vec<&QaNote> = qa.iter().collect();
+    match pipeline {
+        Pipeline::Base | Pipeline::InContext => {
+            let mut engine = load_with_active(home, &store, choice)?;
+            r.answers = ask(
+                &mut engine,
+                &all_q(&notes, matches!(pipeline, Pipeline::InContext)),
+            )?;
+        }
+        Pipeline::Learn(opts) => {
+            import(&mut store, &notes)?;
+            let mut o = opts.clone();
+            o.max_notes = notes.len();
+            let tc = Instant::now();
+            match learn::run_cycle(home, &mut store, choice, &o, cancel, progress)? {
+                CycleOutcome::Done {
+                    train_tokens,
+                    reason,
+                    ..
+                } => {
+                    r.train_tokens = train_tokens;
+                    r.gate = Some(reason);
+                }
+                other => bail!("the learning cycle did not finish: {other:?}"),
+            }
+            r.cycle_s = tc.elapsed().as_secs_f64();
+            let mut engine = load_with_active(home, &store, choice)?;
+            r.answers = ask(&mut engine, &all_q(&notes, false))?;
+        }
+        Pipeline::Sequential(opts, k) => {
+            let k = (*k).clamp(1, notes.len());
+            let per = notes.len().div_ceil(k);
+            let batches: Vec<Vec<&QaNote>> = notes.chunks(per).map(|c| c.to_vec()).collect();
+            let mut gates = Vec::new();
+            for b in &batches {
+                import(&mut store, b)?;
+                let mut o = opts.clone();
+                o.max_notes = b.len();
+                let tc = Instant::now();
+                match learn::run_cycle(home, &mut store, choice, &o, cancel, progress)? {
+                    CycleOutcome::Done {
+                        train_tokens,
+                        reason,
+                        ..
+                    } => {
+                        r.train_tokens += train_tokens;
+                        gates.push(reason);
+                    }
+                    other => bail!("a learning cycle did not finish: {other:?}"),
+                }
+                r.cycle_s += tc.elapsed().as_secs_f64();
+                let mut engine = load_with_active(home, &store, choice)?;
+                let a = ask(&mut engine, &all_q(b, false))?;
+                r.batches.push(BatchResult {
+                    notes: b.len(),
+                    questions: a.len(),
+                    after_own: frac(&a),
+                    after_last: 0.0,
+                });
+            }
+            let mut engine = load_with_active(home, &store, choice)?;
+            for (i, b) in batches.iter().enumerate() {
+                let a = ask(&mut engine, &all_q(b, false))?;
+                r.batches[i].after_last = frac(&a);
+                r.answers.extend(a);
+            }
+            r.gate = Some(gates.join(" | "));
+        }
+    }
+    if let Some(ret) = retention {
+        let mut engine = load_with_active(home, &store, choice)?;
+        let qs: Vec<(&Question, Option<&str>)> = ret.iter().map(|q| (q, None)).collect();
+        r.retention_answers = ask_all(&mut engine, sys, &qs, cancel)?;
+        r.retention_correct = Some(r.retention_answers.iter().filter(|a| a.correct).count());
+        r.retention_after = Some(frac(&r.retention_answers));
+    }
+    r.correct = r.answers.iter().filter(|a| a.correct).count();
+    r.total = r.answers.len();
+    r.accuracy = frac(&r.answers);
+    r.wall_s = t0.elapsed().as_secs_f64();
+    r.peak_rss_mb = crate::sys::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0;
+    Ok(r)
+}

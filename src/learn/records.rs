@@ -1,0 +1,325 @@
+//! The learning cycle's records in SQLite: cycles (notes, options, status, candidate, gate
+//! decision), self-edit items with their provenance and verdicts, and the base model's answers
+//! to the anchoring prompts. Tables are created by the store's migration v3.
+//!
+//! It must NOT decide anything: it reads and writes rows.
+
+use crate::store::{now_rfc3339, Store};
+use anyhow::{Context, Result};
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+/// One learning cycle.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cycle {
+    pub id: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub model: String,
+    pub model_sha256: String,
+    /// selfedits | training | gate | done
+    pub status: String,
+    pub notes: Vec<i64>,
+    pub options: String,
+    pub parent_adapter: Option<i64>,
+    pub candidate_adapter: Option<i64>,
+    pub activated: bool,
+    pub train_tokens: i64,
+    pub gate: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// A self-edit item to store.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewItem {
+    pub strategy: String,
+    /// The model that wrote it, or "rules" / "note".
+    pub generator: String,
+    pub prompt_version: Option<String>,
+    pub sampling: Option<String>,
+    /// "train" or "probe".
+    pub role: String,
+    /// The user turn; None for plain text.
+    pub prompt: Option<String>,
+    pub completion: String,
+    /// "kept", "dropped" or "unused" (a strategy not selected).
+    pub verdict: String,
+    pub reason: Option<String>,
+}
+
+/// A stored item.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    pub id: i64,
+    pub cycle: i64,
+    pub note_id: i64,
+    pub strategy: String,
+    pub generator: String,
+    pub role: String,
+    pub prompt: Option<String>,
+    pub completion: String,
+    pub verdict: String,
+    pub reason: Option<String>,
+}
+
+const CYCLE_COLUMNS: &str =
+    "id, started_at, finished_at, model, model_sha256, status, notes, options, \
+     parent_adapter, candidate_adapter, activated, train_tokens, gate, reason";
+const ITEM_COLUMNS: &str =
+    "id, cycle, note_id, strategy, generator, role, prompt, completion, verdict, reason";
+
+fn cycle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Cycle> {
+    let notes: String = r.get(6)?;
+    Ok(Cycle {
+        id: r.get(0)?,
+        started_at: r.get(1)?,
+        finished_at: r.get(2)?,
+        model: r.get(3)?,
+        model_sha256: r.get(4)?,
+        status: r.get(5)?,
+        notes: serde_json::from_str(&notes).unwrap_or_default(),
+        options: r.get(7)?,
+        parent_adapter: r.get(8)?,
+        candidate_adapter: r.get(9)?,
+        activated: r.get::<_, i64>(10)? != 0,
+        train_tokens: r.get(11)?,
+        gate: r.get(12)?,
+        reason: r.get(13)?,
+    })
+}
+
+fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+    Ok(Item {
+        id: r.get(0)?,
+        cycle: r.get(1)?,
+        note_id: r.get(2)?,
+        strategy: r.get(3)?,
+        generator: r.get(4)?,
+        role: r.get(5)?,
+        prompt: r.get(6)?,
+        completion: r.get(7)?,
+        verdict: r.get(8)?,
+        reason: r.get(9)?,
+    })
+}
+
+/// The unfinished cycle of this model, if any.
+pub fn unfinished(store: &Store, model_sha256: &str) -> Result<Option<Cycle>> {
+    Ok(store
+        .conn()
+        .query_row(
+            &format!(
+                "SELECT {CYCLE_COLUMNS} FROM learn_cycles WHERE model_sha256 = ?1 AND status != 'done' ORDER BY id DESC LIMIT 1"
+            ),
+            params![model_sha256],
+            cycle_row,
+        )
+        .optional()?)
+}
+
+/// Notes waiting to be learned, oldest first (a note rejected by the gate twice waits for the
+/// user: `hone learn --retry`).
+pub fn pending_note_ids(store: &Store, limit: usize) -> Result<Vec<i64>> {
+    let mut st = store.conn().prepare(
+        "SELECT id FROM notes WHERE learned_at IS NULL AND learn_attempts < 2 ORDER BY id LIMIT ?1",
+    )?;
+    let ids = st
+        .query_map(params![limit as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<i64>>>()?;
+    Ok(ids)
+}
+
+/// Puts notes the gate gave up on back in the queue.
+pub fn retry_rejected(store: &Store) -> Result<usize> {
+    Ok(store.conn().execute(
+        "UPDATE notes SET learn_attempts = 0 WHERE learned_at IS NULL AND learn_attempts > 0",
+        [],
+    )?)
+}
+
+/// Starts a cycle over `notes`.
+pub fn start(
+    store: &Store,
+    model: &str,
+    model_sha256: &str,
+    notes: &[i64],
+    options: &str,
+    parent_adapter: Option<i64>,
+) -> Result<Cycle> {
+    store.conn().execute(
+        "INSERT INTO learn_cycles (started_at, model, model_sha256, status, notes, options, parent_adapter)
+         VALUES (?1, ?2, ?3, 'selfedits', ?4, ?5, ?6)",
+        params![now_rfc3339(), model, model_sha256, serde_json::to_string(notes)?, options, parent_adapter],
+    )?;
+    let id = store.conn().last_insert_rowid();
+    get(store, id)?.context("the new cycle vanished")
+}
+
+pub fn get(store: &Store, id: i64) -> Result<Option<Cycle>> {
+    Ok(store
+        .conn()
+        .query_row(
+            &format!("SELECT {CYCLE_COLUMNS} FROM learn_cycles WHERE id = ?1"),
+            params![id],
+            cycle_row,
+        )
+        .optional()?)
+}
+
+/// The most recent cycles, newest first.
+pub fn recent(store: &Store, limit: usize) -> Result<Vec<Cycle>> {
+    let mut st = store.conn().prepare(&format!(
+        "SELECT {CYCLE_COLUMNS} FROM learn_cycles ORDER BY id DESC LIMIT ?1"
+    ))?;
+    let v = st
+        .query_map(params![limit as i64], cycle_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+pub fn set_status(store: &Store, id: i64, status: &str) -> Result<()> {
+    store.conn().execute(
+        "UPDATE learn_cycles SET status = ?2 WHERE id = ?1",
+        params![id, status],
+    )?;
+    Ok(())
+}
+
+pub fn set_candidate(store: &Store, id: i64, version: i64, train_tokens: u64) -> Result<()> {
+    store.conn().execute(
+        "UPDATE learn_cycles SET candidate_adapter = ?2, train_tokens = ?3, status = 'gate' WHERE id = ?1",
+        params![id, version, train_tokens as i64],
+    )?;
+    Ok(())
+}
+
+/// Records the gate's decision and what it means for the notes, in one transaction.
+pub fn finish(
+    store: &mut Store,
+    id: i64,
+    activated: bool,
+    gate_json: &str,
+    reason: &str,
+    notes: &[i64],
+) -> Result<()> {
+    let tx = store.conn_mut().transaction()?;
+    let now = now_rfc3339();
+    tx.execute(
+        "UPDATE learn_cycles SET status = 'done', finished_at = ?2, activated = ?3, gate = ?4, reason = ?5 WHERE id = ?1",
+        params![id, now, activated as i64, gate_json, reason],
+    )?;
+    for n in notes {
+        if activated {
+            tx.execute(
+                "UPDATE notes SET learned_at = ?2 WHERE id = ?1",
+                params![n, now],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE notes SET learn_attempts = learn_attempts + 1 WHERE id = ?1",
+                params![n],
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Whether the note's self-edits for this cycle are stored (they are written in one transaction).
+pub fn has_items(store: &Store, cycle: i64, note_id: i64) -> Result<bool> {
+    Ok(store
+        .conn()
+        .query_row(
+            "SELECT 1 FROM learn_items WHERE cycle = ?1 AND note_id = ?2 LIMIT 1",
+            params![cycle, note_id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Stores a note's items for a cycle, all or none.
+pub fn add_items(
+    store: &mut Store,
+    cycle: i64,
+    note_id: i64,
+    note_sha256: &str,
+    items: &[NewItem],
+) -> Result<()> {
+    let tx = store.conn_mut().transaction()?;
+    let now = now_rfc3339();
+    {
+        let mut st = tx.prepare(
+            "INSERT INTO learn_items (cycle, note_id, note_sha256, strategy, generator, prompt_version, sampling, role, prompt, completion, verdict, reason, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        for it in items {
+            st.execute(params![
+                cycle,
+                note_id,
+                note_sha256,
+                it.strategy,
+                it.generator,
+                it.prompt_version,
+                it.sampling,
+                it.role,
+                it.prompt,
+                it.completion,
+                it.verdict,
+                it.reason,
+                now
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Items of one cycle (all verdicts), in insertion order.
+pub fn cycle_items(store: &Store, cycle: i64) -> Result<Vec<Item>> {
+    let mut st = store.conn().prepare(&format!(
+        "SELECT {ITEM_COLUMNS} FROM learn_items WHERE cycle = ?1 ORDER BY id"
+    ))?;
+    let v = st
+        .query_map(params![cycle], item_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+/// Kept items of earlier cycles of this model whose adapter was activated (replay and old
+/// probes), oldest first.
+pub fn learned_items(store: &Store, model_sha256: &str, before_cycle: i64) -> Result<Vec<Item>> {
+    let mut st = store.conn().prepare(&format!(
+        "SELECT {} FROM learn_items i JOIN learn_cycles c ON c.id = i.cycle
+         WHERE c.model_sha256 = ?1 AND c.activated = 1 AND c.id < ?2 AND i.verdict = 'kept'
+         ORDER BY i.id",
+        ITEM_COLUMNS
+            .split(", ")
+            .map(|c| format!("i.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))?;
+    let v = st
+        .query_map(params![model_sha256, before_cycle], item_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+/// The base model's stored answers to anchoring prompts.
+pub fn anchors(store: &Store, model_sha256: &str) -> Result<Vec<(String, String)>> {
+    let mut st = store
+        .conn()
+        .prepare("SELECT prompt, answer FROM anchors WHERE model_sha256 = ?1")?;
+    let v = st
+        .query_map(params![model_sha256], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+pub fn add_anchor(store: &Store, model_sha256: &str, prompt: &str, answer: &str) -> Result<()> {
+    store.conn().execute(
+        "INSERT OR REPLACE INTO anchors (model_sha256, prompt, answer, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![model_sha256, prompt, answer, now_rfc3339()],
+    )?;
+    Ok(())
+}
