@@ -4,6 +4,7 @@
 //! See `ARCHITECTURE.md` for the map of modules and how data flows between them.
 
 pub mod adapters;
+pub mod daemon;
 pub mod daemon_lock;
 pub mod device;
 pub mod engine;
@@ -12,10 +13,12 @@ pub mod gguf;
 pub mod home;
 pub mod kernels;
 pub mod learn;
+pub mod logfile;
 pub mod lora;
 pub mod manifest;
 pub mod model;
 pub mod notes;
+pub mod presence;
 pub mod pull;
 pub mod registry;
 pub mod sample;

@@ -69,6 +69,9 @@ pub enum Command {
     Schedule(cli::schedule::ScheduleCommand),
     /// Show the detected device and the profile in use
     Device(cli::schedule::DeviceArgs),
+    /// The background learner: run it, see what it does, install it as a login service
+    #[command(subcommand)]
+    Daemon(cli::daemon::DaemonCommand),
     /// Print the token ids of a text (as llama.cpp's llama-tokenize does)
     Tokenize(TokenizeArgs),
     /// Measure prompt and decode speed and peak memory (like llama-bench)
@@ -225,7 +228,13 @@ pub struct PerplexityArgs {
 fn main() {
     hone::sys::reset_sigpipe();
     let cli = Cli::parse();
-    cli::init_logging(cli.verbose);
+    // `hone daemon run` logs to a file in the data directory instead.
+    if !matches!(
+        cli.command,
+        Command::Daemon(cli::daemon::DaemonCommand::Run(_))
+    ) {
+        cli::init_logging(cli.verbose);
+    }
     // Default: the cores other processes leave idle, so a busy machine does not make our
     // threads fight for cores (measured over 30 ms of /proc/stat).
     let threads = cli

@@ -5,6 +5,7 @@ use super::{record, sampling, system_message, Ctx};
 use crate::{ChatArgs, Cli};
 use anyhow::{bail, Context, Result};
 use hone::engine::{Engine, StopReason};
+use hone::presence::UserRequest;
 use hone::template::Message;
 use rustyline::error::ReadlineError;
 use std::io::Write;
@@ -54,6 +55,11 @@ pub fn fit_context(
 }
 
 pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
+    // Background learning yields while the model loads and while each answer is written; not
+    // while the chat waits for you to type (the idle threshold counts from the last answer).
+    let home = hone::home::Home::from_env()?;
+    home.ensure()?;
+    let mut request = Some(UserRequest::begin(home.root()));
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
@@ -76,6 +82,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     );
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
     loop {
+        drop(request.take());
         let line = match rl.readline("you> ") {
             Ok(l) => l,
             Err(ReadlineError::Interrupted) => {
@@ -117,6 +124,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
             }
             continue;
         }
+        request.get_or_insert_with(|| UserRequest::begin(ctx.home.root()));
         messages.push(Message::user(line));
         let (tokens, dropped) = match fit_context(&engine, &mut messages, max_tokens) {
             Ok(x) => x,

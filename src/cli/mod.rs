@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod daemon;
 pub mod learn;
 pub mod schedule;
 pub mod train;
@@ -93,6 +94,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(t) => tokenize(&cli, t),
         Command::Schedule(c) => schedule::schedule_cmd(&cli, c),
         Command::Device(d) => schedule::device_cmd(&cli, d),
+        Command::Daemon(c) => daemon::run(&cli, c),
         Command::Train(t) => train::train(&cli, t),
         Command::Adapters(c) => train::adapters_cmd(&cli, c),
         Command::Learn(a) => learn::learn(&cli, a),
@@ -200,6 +202,11 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     if question.trim().is_empty() {
         bail!("the question is empty");
     }
+    // From here to the end, background learning yields (the daemon pauses within a second).
+    // First thing, before the database is opened, so the daemon starts yielding at once.
+    let home = Home::from_env()?;
+    home.ensure()?;
+    let _request = hone::presence::UserRequest::begin(home.root());
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;

@@ -3,7 +3,7 @@
 //! and `hone::signals`, and prints.
 //!
 //! It must not decide anything itself (the library does). The daemon that acts on the decision
-//! comes with the learning cycle.
+//! is `hone daemon` (`src/cli/daemon.rs`).
 
 use crate::Cli;
 use anyhow::Result;
@@ -12,7 +12,7 @@ use hone::daemon_lock;
 use hone::device::{self, Profile};
 use hone::home::Home;
 use hone::schedule::{self, OrUnset, Schedule, ScheduleUpdate, Window};
-use hone::signals::{self, SystemClock};
+use hone::signals;
 use hone::store::Store;
 use serde_json::json;
 use std::path::Path;
@@ -142,25 +142,14 @@ fn load_schedule(store: &Store) -> Result<Schedule> {
     )?)
 }
 
-/// The stored schedule with the profile's budget and threads filled in, and the decision now.
+/// The stored schedule with the profile's budget and threads filled in, and the decision now
+/// (with the last request and today's learned minutes the daemon would use).
 fn decision_now(env: &Env) -> Result<(Schedule, schedule::Decision)> {
-    let s = load_schedule(&env.store)?.with_defaults(
-        env.profile.learn.memory_budget_bytes,
-        env.profile.threads_for(hone::sys::available_cpus()),
-    );
-    let last = env
-        .store
-        .recent_exchanges(1)?
-        .first()
-        .and_then(|e| schedule::parse_stored_time(&e.created_at));
     let probe = signals::system_probe();
     // Two readings 300 ms apart: CPU load from /proc/stat deltas, not the 1-minute average.
     probe.cpu_load();
     std::thread::sleep(Duration::from_millis(300));
-    // TODO(learning cycle): minutes learned today, from the cycle's records.
-    let used_today = 0.0;
-    let d = schedule::decide(&s, probe.as_ref(), &SystemClock, last, used_today);
-    Ok((s, d))
+    hone::daemon::decision_now(env.home.root(), &env.store, &env.profile, probe.as_ref())
 }
 
 pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {

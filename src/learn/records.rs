@@ -129,6 +129,16 @@ pub fn pending_note_ids(store: &Store, limit: usize) -> Result<Vec<i64>> {
     Ok(ids)
 }
 
+/// How many notes wait to be learned (cheap: the daemon asks every few seconds).
+pub fn pending_count(store: &Store) -> Result<usize> {
+    let n: i64 = store.conn().query_row(
+        "SELECT COUNT(*) FROM notes WHERE learned_at IS NULL AND learn_attempts < 2",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n as usize)
+}
+
 /// Puts notes the gate gave up on back in the queue.
 pub fn retry_rejected(store: &Store) -> Result<usize> {
     Ok(store.conn().execute(
