@@ -29,7 +29,7 @@ pub struct LearnFlags {
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
     /// Passes over the cycle's training data
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 5)]
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
@@ -37,11 +37,11 @@ pub struct LearnFlags {
     pub alpha: f32,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Adapt only the top K layers (default: all)
-    #[arg(long)]
-    pub layers: Option<usize>,
-    /// General anchoring examples per note-derived example
-    #[arg(long, default_value_t = 0.5)]
+    /// Adapt only the top K layers (the frozen layers below run once per cycle; 0 = all)
+    #[arg(long, default_value_t = 12)]
+    pub layers: usize,
+    /// General anchoring examples per note-derived example (at most the anchoring prompts there are)
+    #[arg(long, default_value_t = 1.0)]
     pub anchor_ratio: f64,
     /// Items replayed per earlier learned note
     #[arg(long, default_value_t = 4)]
@@ -131,7 +131,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         alpha: f.alpha,
         lr: f.lr,
         epochs: f.epochs.max(1),
-        layers: f.layers,
+        layers: (f.layers > 0).then_some(f.layers),
         anchor_ratio: f.anchor_ratio.max(0.0),
         replay_per_note: f.replay,
         max_memory: f
@@ -540,9 +540,7 @@ fn run_child(
         &f.replay.to_string(),
     ])
     .args(["--seed", &f.seed.to_string()]);
-    if let Some(l) = f.layers {
-        cmd.args(["--layers", &l.to_string()]);
-    }
+    cmd.args(["--layers", &f.layers.to_string()]);
     if let Some(m) = &f.max_memory {
         cmd.args(["--max-memory", m]);
     }

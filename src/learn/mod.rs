@@ -114,9 +114,9 @@ impl Default for LearnOptions {
             rank: 16,
             alpha: 32.0,
             lr: 1e-3,
-            epochs: 4,
-            layers: None,
-            anchor_ratio: 0.5,
+            epochs: 5,
+            layers: Some(12),
+            anchor_ratio: 1.0,
             replay_per_note: 4,
             token_budget: None,
             gate: GateThresholds::default(),
@@ -327,7 +327,10 @@ fn note_items(
             reason: None,
         });
     }
-    for (q, a) in rules::wh_questions(note) {
+    // The answer is the note's sentence: the model learns to answer a question about a note by
+    // restating what the user wrote (the fact in its words), not a fragment.
+    for (q, _, sentence) in rules::wh_questions(note) {
+        let a = sentence;
         items.push(NewItem {
             strategy: "questions".into(),
             generator: "rules".into(),
@@ -607,7 +610,7 @@ pub fn run_cycle(
             0.0,
             format!("base answer {}/{}", k + 1, missing.len()),
         );
-        let a = answer(&mut l.engine, sys, p, 64, cancel)?;
+        let a = answer(&mut l.engine, sys, p, 48, cancel)?;
         if cancel.load(Ordering::Relaxed) {
             return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
         }
@@ -647,7 +650,9 @@ pub fn run_cycle(
     // 5. Train, continuing the active adapter when it has this configuration.
     let mcfg = l.engine.model.cfg.clone();
     let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
-    let seq_len = (longest.div_ceil(16) * 16).clamp(64, 256);
+    // Short items are packed several to a sequence (attention never crosses them): 256
+    // positions waste little on padding.
+    let seq_len = (longest.div_ceil(16) * 16).clamp(256, 512);
     let model_bytes = std::fs::metadata(&choice.path)
         .map(|m| m.len())
         .unwrap_or(0);

@@ -175,6 +175,13 @@ pub fn parse_qa(text: &str) -> Vec<(String, String)> {
     for line in text.lines() {
         let l = strip_bullet(line);
         if let Some(x) = strip_prefix_ci(l, &["question:", "q:"]) {
+            // "Q: ... A: ..." on one line.
+            if let Some(i) = x.find(" A: ").or_else(|| x.find(" Answer: ")) {
+                let (qq, rest) = x.split_at(i);
+                let a = rest.trim_start().splitn(2, ':').nth(1).unwrap_or("").trim();
+                out.push((qq.trim().to_string(), a.to_string()));
+                continue;
+            }
             q = Some(x.to_string());
         } else if let Some(x) = strip_prefix_ci(l, &["answer:", "a:"]) {
             if let Some(qq) = q.take() {
@@ -335,6 +342,7 @@ mod tests {
 
     #[test]
     fn qa_parsing_and_grounding() {
+        assert_eq!(parse_qa("Q: Who? A: Me").len(), 1);
         let raw = "Q: Who is my accountant?\nA: Marisol Eberhardt\n\n2. Question: When are receipts due?\nAnswer: by the 10th of January\nQ: What is her phone number?\nA: 555-0199\nQ: Who is my accountant?\nA: Marisol";
         let mut seen = HashSet::new();
         let c = filter(Strategy::Qa, NOTE, raw, &mut seen);

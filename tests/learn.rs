@@ -1,0 +1,135 @@
+//! The learning cycle on the real default model: self-edits with verdicts, an interrupted
+//! cycle that resumes, a gate decision that is recorded, and notes answered from the weights
+//! with no note in the prompt.
+
+mod common;
+
+use common::{hone, last_json, run, stderr, stdout};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Fictional notes, written for this test (not the dev set).
+const NOTES: &[&str] = &[
+    "The spare key to the garden shed is hidden under the blue flowerpot by the back door.",
+    "My piano teacher is Ottilie Brandvold and my lesson is every Thursday at 17:30.",
+    "The wifi password at the cabin is marmot-lantern-42.",
+];
+
+fn home_with_model() -> tempfile::TempDir {
+    let src = common::default_model();
+    let home = common::temp_home();
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let name = src.file_name().unwrap();
+    std::os::unix::fs::symlink(&src, models.join(name)).unwrap();
+    let mut marker = src.as_os_str().to_owned();
+    marker.push(".verified");
+    let mut dst = models.join(name).into_os_string();
+    dst.push(".verified");
+    std::fs::copy(PathBuf::from(marker), PathBuf::from(dst)).unwrap();
+    home
+}
+
+fn cycle_status(home: &Path) -> Option<String> {
+    let store = hone::store::Store::open(&home.join("hone.db")).ok()?;
+    hone::learn::records::recent(&store, 1)
+        .ok()?
+        .first()
+        .map(|c| c.status.clone())
+}
+
+fn ask(home: &Path, q: &str, base: bool) -> String {
+    let mut c = hone(home);
+    c.args(["ask", "--json", "--temperature", "0", "-n", "40"]);
+    if base {
+        c.arg("--base");
+    }
+    c.arg(q);
+    last_json(&run(&mut c, true))["answer"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
+    let home = home_with_model();
+    let h = home.path();
+    for n in NOTES {
+        run(hone(h).args(["note", "add", n]), true);
+    }
+    // Dry run: self-edits with verdicts, nothing stored or trained.
+    let d = last_json(&run(hone(h).args(["learn", "--dry-run", "--json"]), true));
+    assert_eq!(d["outcome"], "dry-run");
+    let items: Vec<&serde_json::Value> = d["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n[1].as_array().unwrap())
+        .collect();
+    assert!(items.iter().any(|i| i["strategy"] == "cloze" && i["verdict"] == "kept"));
+    assert!(items.iter().any(|i| i["role"] == "probe"));
+    assert!(cycle_status(h).is_none(), "a dry run records no cycle");
+
+    // A cycle interrupted by SIGINT once it trains.
+    let args = ["learn", "--json", "--epochs", "6", "--seed", "1"];
+    let child = hone(h)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while cycle_status(h).as_deref() != Some("training") {
+        assert!(Instant::now() < deadline, "the cycle never reached training");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let took = t.elapsed();
+    eprintln!("SIGINT during the cycle's training to exit: {:.2} s", took.as_secs_f64());
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(last_json(&out)["outcome"], "interrupted");
+    assert_eq!(cycle_status(h).as_deref(), Some("training"));
+
+    // The same command continues the cycle (same cycle id) and finishes it.
+    let t = Instant::now();
+    let o = run(hone(h).args(args), true);
+    let j = last_json(&o);
+    eprintln!("resumed cycle: {:.0} s: {j}", t.elapsed().as_secs_f64());
+    assert_eq!(j["outcome"], "done", "{}", stdout(&o));
+    assert_eq!(j["cycle"], 1);
+    let gate = &j["gate"];
+    assert!(gate["new_probes"].as_u64().unwrap() >= 3, "{gate}");
+    assert!(
+        gate["general_prompts"].as_u64().unwrap() >= 20,
+        "the gate measures drift on held-out prompts: {gate}"
+    );
+    let reason = j["reason"].as_str().unwrap().to_string();
+    // The log shows the decision and the items.
+    let log = stdout(&run(hone(h).args(["learn", "--log"]), true));
+    assert!(log.contains(&reason), "{log}");
+    assert!(log.contains("cloze kept"), "{log}");
+    // The notes are learned: nothing more to do.
+    let again = last_json(&run(hone(h).args(["learn", "--json"]), true));
+    if j["activated"].is_null() {
+        // A rejected candidate keeps the notes in the queue for one more try.
+        assert!(reason.starts_with("rejected"), "{reason}");
+        return;
+    }
+    assert_eq!(again["outcome"], "nothing");
+    assert!(gate["new_correct"].as_u64().unwrap() * 2 >= gate["new_probes"].as_u64().unwrap());
+    // Answers from the weights, with no note in the prompt; the base model does not know.
+    let q = "What is the wifi password at the cabin?";
+    let with = ask(h, q, false);
+    let base = ask(h, q, true);
+    eprintln!("adapter: {with:?}\nbase: {base:?}");
+    assert!(with.to_lowercase().contains("marmot-lantern-42"), "{with}");
+    assert!(!base.to_lowercase().contains("marmot-lantern"), "{base}");
+}
