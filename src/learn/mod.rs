@@ -68,7 +68,11 @@ pub enum CycleOutcome {
     /// The cancel flag was set; the next call continues this cycle where it stopped.
     Interrupted { cycle: i64 },
     /// Finished: the gate's decision.
-    Done { cycle: i64, activated: Option<i64>, reason: String },
+    Done {
+        cycle: i64,
+        activated: Option<i64>,
+        reason: String,
+    },
 }
 
 /// Notes waiting to be learned.
