@@ -78,6 +78,9 @@ pub enum Command {
     /// List, choose, roll back and export adapter versions
     #[command(subcommand)]
     Adapters(cli::train::AdaptersCommand),
+    /// Commands for the project's own checks (hidden: not for users)
+    #[command(subcommand, hide = true)]
+    Dev(cli::dev::DevCommand),
 }
 
 #[derive(Args, Debug)]

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod dev;
 pub mod schedule;
 pub mod train;
 
@@ -94,6 +95,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Device(d) => schedule::device_cmd(&cli, d),
         Command::Train(t) => train::train(&cli, t),
         Command::Adapters(c) => train::adapters_cmd(&cli, c),
+        Command::Dev(c) => dev::run(c),
     }
 }
 
