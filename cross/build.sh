@@ -8,8 +8,9 @@
 # Targets:  aarch64 = aarch64-unknown-linux-gnu       (64-bit Raspberry Pi OS, Pi 3/4/5, most boards)
 #           armv7   = armv7-unknown-linux-gnueabihf   (32-bit Raspberry Pi OS on Pi 2/3/4)
 # Profile:  dist (default; Cargo.toml: fat LTO, 1 codegen unit, stripped, panic=abort) or release.
-# Output:   target/cross/<triple>/<profile>/hone  (the path and size are printed at the end).
-#           Override the directory with HONE_CROSS_TARGET_DIR.
+# Output:   target/cross/<triple>/<profile>/hone  (the path and size are printed at the end);
+#           $CARGO_TARGET_DIR/cross/... when CARGO_TARGET_DIR is set; HONE_CROSS_TARGET_DIR
+#           replaces the whole target/cross part.
 #
 # Which Rust toolchain builds it (--toolchain, or HONE_CROSS_TOOLCHAIN; default auto):
 #   rustup  the rustup toolchain, if `rustup target list --installed` has the target or
@@ -63,7 +64,8 @@ case "$TOOLCHAIN" in auto | rustup | debian) ;; *) die "--toolchain must be auto
 [[ "$(uname -s)" == Linux ]] || die "this script runs on Linux (it uses Debian's cross compilers); on macOS see cross/README.md"
 command -v dpkg >/dev/null || die "this script needs a Debian-based host (dpkg/apt) for the C cross compilers; or use cross-rs with Cross.toml (see cross/README.md)"
 
-TARGET_DIR="${HONE_CROSS_TARGET_DIR:-$ROOT/target/cross}"
+# Beside the native build: $CARGO_TARGET_DIR/cross when that is set, else target/cross.
+TARGET_DIR="${HONE_CROSS_TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/cross}"
 IS_ROOT=0
 [[ "$(id -u)" == 0 ]] && IS_ROOT=1
 

@@ -85,6 +85,9 @@ pub enum Command {
     Learn(cli::learn::LearnArgs),
     /// Measure how well notes are learned (no note in the prompt) and what is forgotten
     Eval(cli::learn::EvalArgs),
+    /// Commands for the project's own checks (hidden: not for users)
+    #[command(subcommand, hide = true)]
+    Dev(cli::dev::DevCommand),
 }
 
 #[derive(Args, Debug)]

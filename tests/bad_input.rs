@@ -203,3 +203,24 @@ fn bad_sampling_options_name_the_option() {
         .unwrap();
     assert_clean_error(&o, &["--top-p"]);
 }
+
+#[test]
+fn dev_write_tiny_model_refuses_to_overwrite_and_names_a_missing_folder() {
+    let home = temp_home();
+    let p = home.path().join("exists.gguf");
+    std::fs::write(&p, b"keep me").unwrap();
+    let o = hone(home.path())
+        .args(["dev", "write-tiny-model"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &[p.to_str().unwrap(), "--force"]);
+    assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
+    let missing = home.path().join("no-such-dir");
+    let o = hone(home.path())
+        .args(["dev", "write-tiny-model"])
+        .arg(missing.join("t.gguf"))
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &[missing.to_str().unwrap(), "mkdir -p"]);
+}

@@ -68,7 +68,9 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
         .iter()
         .flat_map(|n| n[1].as_array().unwrap())
         .collect();
-    assert!(items.iter().any(|i| i["strategy"] == "cloze" && i["verdict"] == "kept"));
+    assert!(items
+        .iter()
+        .any(|i| i["strategy"] == "cloze" && i["verdict"] == "kept"));
     assert!(items.iter().any(|i| i["role"] == "probe"));
     assert!(cycle_status(h).is_none(), "a dry run records no cycle");
 
@@ -82,7 +84,10 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
     while cycle_status(h).as_deref() != Some("training") {
-        assert!(Instant::now() < deadline, "the cycle never reached training");
+        assert!(
+            Instant::now() < deadline,
+            "the cycle never reached training"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -92,7 +97,10 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
     }
     let out = child.wait_with_output().unwrap();
     let took = t.elapsed();
-    eprintln!("SIGINT during the cycle's training to exit: {:.2} s", took.as_secs_f64());
+    eprintln!(
+        "SIGINT during the cycle's training to exit: {:.2} s",
+        took.as_secs_f64()
+    );
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert_eq!(last_json(&out)["outcome"], "interrupted");

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chat;
 pub mod daemon;
+pub mod dev;
 pub mod learn;
 pub mod schedule;
 pub mod train;
@@ -99,6 +100,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Adapters(c) => train::adapters_cmd(&cli, c),
         Command::Learn(a) => learn::learn(&cli, a),
         Command::Eval(a) => learn::eval(&cli, a),
+        Command::Dev(c) => dev::run(c),
     }
 }
 

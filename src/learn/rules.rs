@@ -389,7 +389,10 @@ mod tests {
             )),
             "{q:?}"
         );
-        assert!(qa.contains(&("What is the gate code?".into(), "4417".into())), "{q:?}");
+        assert!(
+            qa.contains(&("What is the gate code?".into(), "4417".into())),
+            "{q:?}"
+        );
         assert!(q.iter().all(|(_, _, s)| s.ends_with('.')), "{q:?}");
         let q = wh_questions("My landlord is Oskar Lindqvist. The rent is due every first Monday.");
         assert!(
