@@ -316,7 +316,6 @@ fn timed_ask(home: &Path, model: &Path) -> Duration {
 }
 
 #[test]
-#[ignore = "needs the real learning cycle"]
 fn a_request_pauses_training_within_a_second_and_learning_resumes() {
     let home = temp_home();
     let h = home.path();

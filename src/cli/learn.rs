@@ -29,7 +29,7 @@ pub struct LearnFlags {
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
     /// Passes over the cycle's training data
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 6)]
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
@@ -37,11 +37,11 @@ pub struct LearnFlags {
     pub alpha: f32,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Adapt only the top K layers (the frozen layers below run once per cycle; 0 = all)
-    #[arg(long, default_value_t = 12)]
+    /// Adapt only the top K layers (faster: the frozen layers below run once; 0 = all)
+    #[arg(long, default_value_t = 0)]
     pub layers: usize,
     /// General anchoring examples per note-derived example (at most the anchoring prompts there are)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.5)]
     pub anchor_ratio: f64,
     /// Items replayed per earlier learned note
     #[arg(long, default_value_t = 4)]
@@ -144,7 +144,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
     })
 }
 
-fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
+pub fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(1);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -158,7 +158,7 @@ fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
+pub fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
     let mut phase = None;
     // Without a terminal (logs, eval's child processes) a line every half minute instead.
     let plain = bar.is_hidden();

@@ -739,8 +739,56 @@ fn demo(cli: &Cli) -> Result<()> {
             &params,
         )?;
     }
+    drop(engine);
+    // The main job: learn the notes into the adapter, then answer with no note in the prompt.
     println!(
-        "\nEverything above is stored in {} (try `hone history`, `hone chat`).",
+        "\nlearning the notes: self-edits, LoRA training, gate (a few minutes on 2 cores) ..."
+    );
+    train::quiet_candle_pool();
+    let mut ctx = ctx;
+    let opts = hone::learn::LearnOptions::default();
+    let bar = learn::progress_bar(false);
+    let mut cb = learn::on_progress(&bar);
+    let out = hone::learn::run_cycle(&ctx.home, &mut ctx.store, &choice, &opts, &cancel, &mut cb)?;
+    bar.finish_and_clear();
+    if let hone::learn::CycleOutcome::Done {
+        reason, seconds, ..
+    } = &out
+    {
+        println!("cycle done in {seconds:.0} s: {reason}");
+    }
+    let mut engine = ctx.load(&choice)?;
+    let adapter = train::attach_adapter(&ctx, &choice, &mut engine, false)?;
+    let q = "When does the bakery on Linden Street close on Saturdays?";
+    println!(
+        "\n> {q}   (no notes in the prompt; adapter {})",
+        adapter
+            .as_deref()
+            .map(|v| format!("v{v}"))
+            .unwrap_or("none".into())
+    );
+    let tokens = engine.chat_tokens(&[Message::user(q)])?;
+    let stdout = std::io::stdout();
+    let g = engine.generate(&tokens, &params, 80, &cancel, &mut |piece| {
+        let mut out = stdout.lock();
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    println!();
+    record(
+        &ctx.store,
+        &Turn {
+            kind: "ask",
+            session: None,
+            prompt: q,
+        },
+        &g,
+        &choice,
+        &engine,
+        &params,
+    )?;
+    println!(
+        "\nEverything above is stored in {} (try `hone history`, `hone learn --log`, `hone chat`).",
         ctx.home.db_path().display()
     );
     Ok(())
