@@ -178,7 +178,12 @@ pub fn parse_qa(text: &str) -> Vec<(String, String)> {
             // "Q: ... A: ..." on one line.
             if let Some(i) = x.find(" A: ").or_else(|| x.find(" Answer: ")) {
                 let (qq, rest) = x.split_at(i);
-                let a = rest.trim_start().split_once(':').map(|x| x.1).unwrap_or("").trim();
+                let a = rest
+                    .trim_start()
+                    .split_once(':')
+                    .map(|x| x.1)
+                    .unwrap_or("")
+                    .trim();
                 out.push((qq.trim().to_string(), a.to_string()));
                 continue;
             }
