@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{hone, last_json, run, stderr, stdout};
-use std::path::{Path, PathBuf};
+use common::{home_with_model, hone, last_json, run, stderr, stdout};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -15,21 +15,6 @@ const NOTES: &[&str] = &[
     "My piano teacher is Ottilie Brandvold and my lesson is every Thursday at 17:30.",
     "The wifi password at the cabin is marmot-lantern-42.",
 ];
-
-fn home_with_model() -> tempfile::TempDir {
-    let src = common::default_model();
-    let home = common::temp_home();
-    let models = home.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    let name = src.file_name().unwrap();
-    std::os::unix::fs::symlink(&src, models.join(name)).unwrap();
-    let mut marker = src.as_os_str().to_owned();
-    marker.push(".verified");
-    let mut dst = models.join(name).into_os_string();
-    dst.push(".verified");
-    std::fs::copy(PathBuf::from(marker), PathBuf::from(dst)).unwrap();
-    home
-}
 
 fn cycle_status(home: &Path) -> Option<String> {
     let store = hone::store::Store::open(&home.join("hone.db")).ok()?;

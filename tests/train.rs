@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{hone, last_json, run, stderr, stdout};
+use common::{home_with_model, hone, last_json, run, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -18,22 +18,6 @@ const LIGHTHOUSE: &str = r#"{"prompt": "Tell me about the Varnholt lighthouse.",
 const TEXT: &str = r#"{"text": "In the valley of Orrendal the river Quill runs backwards every leap year, and the millers of Tassel Bridge grind blue barley that only grows on the north bank."}
 {"text": "The cartographer Ysolde Pike mapped the forty-one bridges of Orrendal in 1702 and hid a brass key under the ninth."}
 "#;
-
-/// A fresh data folder with the default model linked in (pulled once into the test home).
-fn home_with_model() -> tempfile::TempDir {
-    let src = common::default_model();
-    let home = common::temp_home();
-    let models = home.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    let name = src.file_name().unwrap();
-    std::os::unix::fs::symlink(&src, models.join(name)).unwrap();
-    let mut marker = src.as_os_str().to_owned();
-    marker.push(".verified");
-    let mut dst = models.join(name).into_os_string();
-    dst.push(".verified");
-    std::fs::copy(PathBuf::from(marker), PathBuf::from(dst)).unwrap();
-    home
-}
 
 fn write_data(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

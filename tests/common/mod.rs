@@ -36,6 +36,22 @@ pub fn default_model() -> PathBuf {
     model_path("smollm2-135m-instruct")
 }
 
+/// A fresh data folder with the default model linked in (pulled once into the test home).
+pub fn home_with_model() -> tempfile::TempDir {
+    let src = default_model();
+    let home = temp_home();
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let name = src.file_name().unwrap();
+    std::os::unix::fs::symlink(&src, models.join(name)).unwrap();
+    let mut marker = src.as_os_str().to_owned();
+    marker.push(".verified");
+    let mut dst = models.join(name).into_os_string();
+    dst.push(".verified");
+    std::fs::copy(PathBuf::from(marker), PathBuf::from(dst)).unwrap();
+    home
+}
+
 /// A fresh, empty data folder.
 pub fn temp_home() -> tempfile::TempDir {
     tempfile::Builder::new()
