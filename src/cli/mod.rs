@@ -685,7 +685,6 @@ fn demo(cli: &Cli) -> Result<()> {
         choice.name,
         engine.load_time.as_secs_f64() * 1000.0
     );
-    let params = SamplingParams::greedy();
     let cancel = AtomicBool::new(false);
     let questions: [(&str, bool); 2] = [
         (
@@ -704,7 +703,6 @@ fn demo(cli: &Cli) -> Result<()> {
         } else {
             q.to_string()
         };
-        let tokens = engine.chat_tokens(&[Message::user(&content)])?;
         println!(
             "\n> {q}{}",
             if with_notes {
@@ -713,31 +711,7 @@ fn demo(cli: &Cli) -> Result<()> {
                 ""
             }
         );
-        let stdout = std::io::stdout();
-        let g = engine.generate(&tokens, &params, 80, &cancel, &mut |piece| {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        })?;
-        println!(
-            "\n  [{} prompt tokens at {:.0} tok/s, {} generated at {:.1} tok/s]",
-            g.prompt_tokens,
-            g.prompt_tps(),
-            g.completion_tokens,
-            g.decode_tps()
-        );
-        record(
-            &ctx.store,
-            &Turn {
-                kind: "ask",
-                session: None,
-                prompt: q,
-            },
-            &g,
-            &choice,
-            &engine,
-            &params,
-        )?;
+        demo_answer(&ctx, &choice, &mut engine, q, &content)?;
     }
     drop(engine);
     // The main job: learn the notes into the adapter, then answer with no note in the prompt.
@@ -767,14 +741,38 @@ fn demo(cli: &Cli) -> Result<()> {
             .map(|v| format!("v{v}"))
             .unwrap_or("none".into())
     );
-    let tokens = engine.chat_tokens(&[Message::user(q)])?;
+    demo_answer(&ctx, &choice, &mut engine, q, q)?;
+    println!(
+        "\nEverything above is stored in {} (try `hone history`, `hone learn --log`, `hone chat`).",
+        ctx.home.db_path().display()
+    );
+    Ok(())
+}
+
+/// Streams the greedy answer to `content` (shown as `q`), prints its speed and records it.
+fn demo_answer(
+    ctx: &Ctx,
+    choice: &hone::registry::ModelChoice,
+    engine: &mut Engine,
+    q: &str,
+    content: &str,
+) -> Result<()> {
+    let params = SamplingParams::greedy();
+    let cancel = AtomicBool::new(false);
+    let tokens = engine.chat_tokens(&[Message::user(content)])?;
     let stdout = std::io::stdout();
     let g = engine.generate(&tokens, &params, 80, &cancel, &mut |piece| {
         let mut out = stdout.lock();
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
     })?;
-    println!();
+    println!(
+        "\n  [{} prompt tokens at {:.0} tok/s, {} generated at {:.1} tok/s]",
+        g.prompt_tokens,
+        g.prompt_tps(),
+        g.completion_tokens,
+        g.decode_tps()
+    );
     record(
         &ctx.store,
         &Turn {
@@ -783,14 +781,10 @@ fn demo(cli: &Cli) -> Result<()> {
             prompt: q,
         },
         &g,
-        &choice,
-        &engine,
+        choice,
+        engine,
         &params,
     )?;
-    println!(
-        "\nEverything above is stored in {} (try `hone history`, `hone learn --log`, `hone chat`).",
-        ctx.home.db_path().display()
-    );
     Ok(())
 }
 
