@@ -137,7 +137,7 @@ pub fn holder(home: &Path) -> Result<Option<u32>, LockError> {
 }
 
 /// `flock(op | LOCK_NB)`: `Ok(true)` locked, `Ok(false)` held by someone else.
-fn try_flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
+pub(crate) fn try_flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     loop {
         // SAFETY: flock on a descriptor we own; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };

@@ -20,7 +20,7 @@ use std::os::unix::io::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::daemon_lock;
+use crate::daemon_lock::{self, try_flock};
 
 /// The file requests hold a shared lock on, inside the data directory.
 pub const USER_LOCK_FILE: &str = "user.lock";
@@ -178,23 +178,6 @@ fn open(path: &Path, create: bool) -> std::io::Result<File> {
 fn touch(f: &File, path: &Path) {
     if let Err(e) = f.set_modified(SystemTime::now()) {
         tracing::debug!("cannot touch {}: {e}", path.display());
-    }
-}
-
-/// `flock(op | LOCK_NB)`: `Ok(true)` locked, `Ok(false)` held by someone else.
-fn try_flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(e),
-        }
     }
 }
 
