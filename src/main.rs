@@ -244,6 +244,11 @@ fn main() {
         .threads
         .unwrap_or_else(|| hone::sys::idle_cpus(std::time::Duration::from_millis(30)));
     hone::sys::set_threads(threads);
+    // The daemon computes on a worker thread while its main thread watches for requests, so
+    // its main thread must not be a pool worker (it would take no share of the work).
+    if !matches!(cli.command, Command::Daemon(_)) {
+        hone::sys::adopt_compute_pool(threads);
+    }
     if let Err(e) = cli::run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

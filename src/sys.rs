@@ -46,6 +46,19 @@ pub fn set_threads(n: usize) {
     std::env::set_var("CANDLE_NUM_THREADS", &n);
 }
 
+/// Makes the calling thread worker 0 of rayon's global pool of `n` threads. Parallel work it
+/// starts then runs on it and `n - 1` helpers, instead of being handed to pool threads while
+/// it sleeps: with one thread nothing is handed over at all. That handover (a futex wake per
+/// operation, hundreds per generated token) is what made decoding collapse when another
+/// process kept a core busy (64 -> 16 tokens/s on 1 thread). Call once, at start-up, from the
+/// thread that will run the model; later calls (the pool exists) do nothing.
+pub fn adopt_compute_pool(n: usize) {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .use_current_thread()
+        .build_global();
+}
+
 /// Lowers this process's CPU priority (0 = normal, 19 = lowest), for background learning.
 pub fn set_nice(nice: i32) -> std::io::Result<()> {
     // SAFETY: setpriority takes no pointers; who = 0 means the calling process.
