@@ -244,6 +244,7 @@ fn main() {
         .threads
         .unwrap_or_else(|| hone::sys::idle_cpus(std::time::Duration::from_millis(30)));
     hone::sys::set_threads(threads);
+    hone::sys::tune_allocator();
     // The daemon computes on a worker thread while its main thread watches for requests, so
     // its main thread must not be a pool worker (it would take no share of the work).
     if !matches!(cli.command, Command::Daemon(_)) {

@@ -59,6 +59,20 @@ pub fn adopt_compute_pool(n: usize) {
         .build_global();
 }
 
+/// Keeps freed memory in the heap for reuse instead of returning it to the kernel. Training and
+/// long prompts allocate and free tensors of several MiB thousands of times a second; glibc
+/// serves those with fresh `mmap`s, and every page of each then costs a page fault and a
+/// zeroing (`hone bench --train`: 125 -> 150 tokens/s with this, same peak RSS, because the
+/// freed blocks are reused by the next allocations of the same sizes). Other allocators: no-op.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// Lowers this process's CPU priority (0 = normal, 19 = lowest), for background learning.
 pub fn set_nice(nice: i32) -> std::io::Result<()> {
     // SAFETY: setpriority takes no pointers; who = 0 means the calling process.

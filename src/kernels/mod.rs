@@ -15,6 +15,9 @@
 //! appears in `QType::from_ggml` and as the test oracle).
 
 mod scalar;
+mod tiled;
+
+pub use tiled::{gemm_w, gemm_wt};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

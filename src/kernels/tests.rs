@@ -402,3 +402,91 @@ fn empty_shapes() {
     matmul(&w1, &[], 0, &mut []).unwrap();
     dequantize_rows(&w1, 1, 1, &mut []).unwrap();
 }
+
+/// The tiled GEMM paths against the f64 product with candle's dequantisation, for every type,
+/// shapes that leave partial tiles and partial column ranges, and several pool sizes (the
+/// result must not depend on the thread count: each output element has one owner).
+#[test]
+fn tiled_gemm_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(41);
+    for t in ALL {
+        let bs = t.block_size().max(1);
+        for (n, k, m) in [
+            (37usize, 3 * 256usize, 19usize),
+            (300, 2 * 256, 5),
+            (8, 256, 64),
+        ] {
+            let k = k.next_multiple_of(bs);
+            let data = random_matrix(t, n, k, &mut rng);
+            let w = QMatrix {
+                dtype: t,
+                n,
+                k,
+                data: &data,
+            };
+            let wf = candle_dequant(t, n, k, &data);
+            // Forward: x (m × k) · Wᵀ.
+            let x = random_x(m * k, &mut rng);
+            let (want, scale) = reference(&wf, &x, n, k, m);
+            // Backward: g (m × n) · W, i.e. the reference with Wᵀ as the weight.
+            let g = random_x(m * n, &mut rng);
+            let mut wt = vec![0f32; n * k];
+            for r in 0..n {
+                for c in 0..k {
+                    wt[c * n + r] = wf[r * k + c];
+                }
+            }
+            let (want_g, scale_g) = reference(&wt, &g, k, n, m);
+            let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+            for threads in [1usize, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut out = vec![f32::NAN; m * n];
+                pool.install(|| gemm_wt(&w, &x, m, &mut out)).unwrap();
+                assert_close(
+                    &format!("{t:?} x·Wᵀ n={n} k={k} m={m}"),
+                    &out,
+                    &want,
+                    &scale,
+                    1e-5,
+                );
+                let mut out_g = vec![f32::NAN; m * k];
+                pool.install(|| gemm_w(&w, &g, m, &mut out_g)).unwrap();
+                assert_close(
+                    &format!("{t:?} g·W n={n} k={k} m={m}"),
+                    &out_g,
+                    &want_g,
+                    &scale_g,
+                    1e-5,
+                );
+                match &first {
+                    None => first = Some((out, out_g)),
+                    Some((a, b)) => {
+                        assert_eq!(a, &out, "{t:?} x·Wᵀ differs with {threads} threads");
+                        assert_eq!(b, &out_g, "{t:?} g·W differs with {threads} threads");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tiled_gemm_rejects_bad_sizes() {
+    let (n, k) = (4usize, 64usize);
+    let data = vec![0u8; n * 2 * 18];
+    let w = QMatrix {
+        dtype: QType::Q4_0,
+        n,
+        k,
+        data: &data,
+    };
+    let mut out = vec![0f32; 2 * n];
+    assert!(gemm_wt(&w, &[0f32; 3], 2, &mut out).is_err());
+    let mut out_g = vec![0f32; 2 * k];
+    let g = vec![0f32; 2 * n];
+    assert!(gemm_w(&w, &g, 2, &mut out_g[..5]).is_err());
+    assert!(gemm_w(&w, &g, 2, &mut out_g).is_ok());
+}

@@ -174,7 +174,7 @@ pub fn layer_forward(
     let g = lora_add(lora, li, Target::Gate, &h, g)?;
     let u = qmatmul(&h, &layer.up.q)?;
     let u = lora_add(lora, li, Target::Up, &h, u)?;
-    let gu = (candle_nn::ops::silu(&g)? * u)?;
+    let gu = super::ops::swiglu(&g, &u)?;
     let d = qmatmul(&gu, &layer.down.q)?;
     let d = lora_add(lora, li, Target::Down, &gu, d)?;
     x + d

@@ -17,6 +17,8 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
+use crate::kernels::{self, QMatrix, QType};
+
 /// Dequantised tiles are at most this many bytes (the whole matrix when it is smaller).
 pub const TILE_BYTES: usize = 16 << 20;
 
@@ -87,6 +89,58 @@ fn tile_rows(rows: usize, cols: usize) -> usize {
     (TILE_BYTES / (cols.max(1) * 4)).clamp(1, rows.max(1))
 }
 
+/// Runs `f` on rows `r0..r1` of `w` seen as a `kernels::QMatrix`, or returns `None` when the
+/// kernels do not know its type (then the caller dequantises through candle).
+fn with_rows<R>(
+    w: &QTensor,
+    r0: usize,
+    r1: usize,
+    f: impl FnOnce(&QMatrix) -> std::result::Result<R, String>,
+) -> Result<Option<R>> {
+    let Some(dtype) = QType::from_ggml(w.dtype()) else {
+        return Ok(None);
+    };
+    let (n, k) = w.shape().dims2()?;
+    if r0 > r1 || r1 > n {
+        candle_core::bail!("rows {r0}..{r1} of a matrix with {n} rows");
+    }
+    let data = w.data()?;
+    let full = QMatrix {
+        dtype,
+        n,
+        k,
+        data: &data,
+    };
+    let rb = full.row_bytes().map_err(candle_core::Error::Msg)?;
+    let part = QMatrix {
+        dtype,
+        n: r1 - r0,
+        k,
+        data: data.get(r0 * rb..r1 * rb).ok_or_else(|| {
+            candle_core::Error::Msg("weight data is shorter than its shape".into())
+        })?,
+    };
+    f(&part).map(Some).map_err(candle_core::Error::Msg)
+}
+
+/// `x (m, k) · W[r0..r1]ᵀ` as a flat row-major `m × (r1 - r0)` vector, through the tiled GEMM.
+fn rows_wt(x: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Option<Vec<f32>>> {
+    with_rows(w, r0, r1, |q| {
+        let mut out = vec![0f32; m * q.n];
+        kernels::gemm_wt(q, x, m, &mut out)?;
+        Ok(out)
+    })
+}
+
+/// `g (m, r1 - r0) · W[r0..r1]` as a flat row-major `m × k` vector, through the tiled GEMM.
+fn rows_w(g: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Option<Vec<f32>>> {
+    with_rows(w, r0, r1, |q| {
+        let mut out = vec![0f32; m * q.k];
+        kernels::gemm_w(q, g, m, &mut out)?;
+        Ok(out)
+    })
+}
+
 /// `x·Wᵀ` for `x` (m, k) and quantised `W` (n, k), without gradient tracking.
 pub fn matmul_wt(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     let (n, k) = w.shape().dims2()?;
@@ -130,6 +184,26 @@ pub fn matmul_w(g: &Tensor, w: &QTensor) -> Result<Tensor> {
     acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
 }
 
+/// The contiguous f32 input of a custom op as a slice of `m` rows of `k_expected`, and `m`.
+fn input_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    k_expected: usize,
+) -> Result<(&'a [f32], usize)> {
+    let v = match storage {
+        CpuStorage::F32(v) => v,
+        _ => candle_core::bail!("quantised matmul needs f32 activations"),
+    };
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("quantised matmul needs a contiguous input".into())
+    })?;
+    let k = layout.dims().last().copied().unwrap_or(0);
+    if k != k_expected {
+        candle_core::bail!("input has {k} features, the weight expects {k_expected}");
+    }
+    Ok((&v[a..b], (b - a) / k.max(1)))
+}
+
 fn input_2d(storage: &CpuStorage, layout: &Layout, k_expected: usize) -> Result<Tensor> {
     let v = match storage {
         CpuStorage::F32(v) => v,
@@ -160,20 +234,30 @@ impl CustomOp1 for QMatMulGrad {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, k) = self.w.shape().dims2()?;
-        let x = input_2d(storage, layout, k)?;
-        let y = matmul_wt(&x, &self.w)?;
+        let (xs, m) = input_slice(storage, layout, k)?;
+        let out = match rows_wt(xs, m, &self.w, 0, n)? {
+            Some(out) => out,
+            None => {
+                let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
+                matmul_wt(&x, &self.w)?.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
         let mut dims = layout.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        let out = y.flatten_all()?.to_vec1::<f32>()?;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (n, _k) = self.w.shape().dims2()?;
+        let (n, k) = self.w.shape().dims2()?;
         let g = grad_res.reshape(((), n))?.contiguous()?;
-        let gx = matmul_w(&g, &self.w)?;
+        let m = g.dim(0)?;
+        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        let gx = match rows_w(&gv, m, &self.w, 0, n)? {
+            Some(out) => Tensor::from_vec(out, (m, k), &Device::Cpu)?,
+            None => matmul_w(&g, &self.w)?,
+        };
         Ok(Some(gx.reshape(arg.shape())?))
     }
 }
@@ -223,6 +307,7 @@ impl CustomOp1 for HeadCrossEntropy {
         if let Some(t) = self.targets.iter().find(|t| **t as usize >= vocab) {
             candle_core::bail!("target token {t} is outside the vocabulary of {vocab}");
         }
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let mut mx = vec![f32::NEG_INFINITY; m];
         let mut sum = vec![0f64; m];
         let mut tgt = vec![0f32; m];
@@ -230,10 +315,13 @@ impl CustomOp1 for HeadCrossEntropy {
         let mut r = 0;
         while r < vocab {
             let e = (r + t).min(vocab);
-            let wd = dequantize_rows(&self.w, r, e)?;
-            let part = x.matmul(&wd.t()?)?;
-            drop(wd);
-            let part = part.flatten_all()?.to_vec1::<f32>()?;
+            let part = match rows_wt(&xv, m, &self.w, r, e)? {
+                Some(p) => p,
+                None => {
+                    let wd = dequantize_rows(&self.w, r, e)?;
+                    x.matmul(&wd.t()?)?.flatten_all()?.to_vec1::<f32>()?
+                }
+            };
             let w = e - r;
             part.par_chunks(w)
                 .zip(
@@ -283,14 +371,20 @@ impl CustomOp1 for HeadCrossEntropy {
             .ok_or_else(|| candle_core::Error::Msg("head backward before forward".into()))?;
         let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
         let x = arg.reshape(((), k))?.contiguous()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let m = g.len();
         let t = head_tile(vocab, k);
-        let mut acc: Option<Tensor> = None;
+        let mut acc: Option<Vec<f32>> = None;
         let mut r = 0;
         while r < vocab {
             let e = (r + t).min(vocab);
-            let wd = dequantize_rows(&self.w, r, e)?;
-            let mut part = x.matmul(&wd.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut part = match rows_wt(&xv, m, &self.w, r, e)? {
+                Some(p) => p,
+                None => {
+                    let wd = dequantize_rows(&self.w, r, e)?;
+                    x.matmul(&wd.t()?)?.flatten_all()?.to_vec1::<f32>()?
+                }
+            };
             let w = e - r;
             part.par_chunks_mut(w)
                 .zip(lse.par_iter().zip(g.par_iter()))
@@ -307,15 +401,22 @@ impl CustomOp1 for HeadCrossEntropy {
                         row[tu - r] -= gi;
                     }
                 });
-            let gl = Tensor::from_vec(part, (m, w), &Device::Cpu)?;
-            let p = gl.matmul(&wd)?;
-            acc = Some(match acc {
-                None => p,
-                Some(a) => (a + p)?,
-            });
+            let p = match rows_w(&part, m, &self.w, r, e)? {
+                Some(p) => p,
+                None => {
+                    let wd = dequantize_rows(&self.w, r, e)?;
+                    let gl = Tensor::from_vec(part, (m, w), &Device::Cpu)?;
+                    gl.matmul(&wd)?.flatten_all()?.to_vec1::<f32>()?
+                }
+            };
+            match acc.as_mut() {
+                None => acc = Some(p),
+                Some(a) => a.iter_mut().zip(&p).for_each(|(a, b)| *a += b),
+            }
             r = e;
         }
         let gx = acc.ok_or_else(|| candle_core::Error::Msg("empty head".into()))?;
+        let gx = Tensor::from_vec(gx, (m, k), &Device::Cpu)?;
         Ok(Some(gx.reshape(arg.shape())?))
     }
 }
