@@ -28,6 +28,16 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer `i` elements further (a method, so closures capture the whole `SendPtr`).
+    ///
+    /// # Safety
+    /// `i` must be inside the buffer.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
 fn check(
     w: &QMatrix,
     a: &[f32],
@@ -83,7 +93,6 @@ pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), 
     let per = tiles.div_ceil(tasks);
     let dst = SendPtr(out.as_mut_ptr());
     let work = |t: usize| {
-        let dst = dst;
         let mut buf = vec![0f32; tile * k];
         for ti in t * per..((t + 1) * per).min(tiles) {
             let r0 = ti * tile;
@@ -100,7 +109,7 @@ pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), 
                     m,
                     rows,
                     k,
-                    dst.0.add(r0),
+                    dst.at(r0),
                     1,
                     n as isize,
                     false,
@@ -147,7 +156,6 @@ pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), S
     let tile = (TILE_BYTES / (width * 4)).clamp(16, n.max(16)).min(n);
     let dst = SendPtr(out.as_mut_ptr());
     let work = |t: usize| {
-        let dst = dst;
         let c0 = t * width;
         let c1 = (c0 + width).min(k);
         let cols = c1 - c0;
@@ -168,7 +176,7 @@ pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), S
                     m,
                     cols,
                     rows,
-                    dst.0.add(c0),
+                    dst.at(c0),
                     1,
                     k as isize,
                     r0 > 0,
