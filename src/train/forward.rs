@@ -69,6 +69,22 @@ impl Aux {
     }
 }
 
+impl Aux {
+    /// The rotary embedding op for this batch.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// The masked, scaled softmax of attention scores over `s` positions, head size `hd`.
+    pub fn softmax(&self, s: usize, hd: usize) -> MaskedSoftmax {
+        MaskedSoftmax {
+            allowed: self.allowed.clone(),
+            s,
+            scale: 1.0 / (hd as f32).sqrt(),
+        }
+    }
+}
+
 fn rope(x: &Tensor, aux: &Aux) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Rope {
         cos: aux.rope.cos.clone(),

@@ -10,6 +10,7 @@
 //! It must not touch the database or the terminal (callers get progress through a callback),
 //! and it never changes the base model's weights.
 
+pub mod backward;
 pub mod data;
 pub mod forward;
 pub mod ops;
@@ -437,21 +438,16 @@ impl<'m> Trainer<'m> {
         let n_layers = model.cfg.n_layers;
         let mut x = self.frozen_input(ids, &batch, &aux)?;
         let lora = &self.lora;
-        // Forward through the adapted layers, keeping inputs (checkpointing) or graphs.
-        let mut kept: Vec<(Var, Option<Tensor>)> = Vec::with_capacity(n_layers - first);
+        // Forward through the adapted layers, keeping each layer's input (checkpointing) or
+        // what its backward needs (`train::backward`).
+        let mut kept: Vec<(Tensor, Option<backward::Saved>)> = Vec::with_capacity(n_layers - first);
         for li in first..n_layers {
             if cancel.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-            let xv = Var::from_tensor(&x)?;
-            if self.cfg.checkpointing {
-                x = forward::layer_forward(model, li, &x, Some(lora), &aux)?.detach();
-                kept.push((xv, None));
-            } else {
-                let y = forward::layer_forward(model, li, xv.as_tensor(), Some(lora), &aux)?;
-                x = y.detach();
-                kept.push((xv, Some(y)));
-            }
+            let (y, saved) = backward::layer_fwd(model, li, &x, Some(lora), &aux)?;
+            let input = std::mem::replace(&mut x, y);
+            kept.push((input, (!self.cfg.checkpointing).then_some(saved)));
         }
         let xv = Var::from_tensor(&x)?;
         let loss = forward::head_loss(model, xv.as_tensor(), &batch, norm)?;
@@ -463,39 +459,21 @@ impl<'m> Trainer<'m> {
             .ok_or_else(|| TrainError::Checkpoint("no gradient reached the head".into()))?;
         drop(store);
         drop(loss);
+        let keys: Vec<(usize, Target)> = self.vars.iter().map(|(k, _, _)| *k).collect();
+        let mut sink = backward::GradSink { keys: &keys, grads };
         // Backward, layer by layer from the top.
         for li in (first..n_layers).rev() {
             if cancel.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-            let (xv, y) = kept
+            let (input, saved) = kept
                 .pop()
-                .ok_or_else(|| TrainError::Checkpoint("layer graph missing".into()))?;
-            let y = match y {
-                Some(y) => y,
-                None => forward::layer_forward(model, li, xv.as_tensor(), Some(lora), &aux)?,
+                .ok_or_else(|| TrainError::Checkpoint("layer state missing".into()))?;
+            let saved = match saved {
+                Some(sv) => sv,
+                None => backward::layer_fwd(model, li, &input, Some(lora), &aux)?.1,
             };
-            let s = (y * &g)?.sum_all()?;
-            let store = s.backward()?;
-            for (pi, ((l, _), a, b)) in self.vars.iter().enumerate() {
-                if *l != li {
-                    continue;
-                }
-                for (j, v) in [a, b].into_iter().enumerate() {
-                    if let Some(gv) = store.get(v.as_tensor()) {
-                        let gv = gv.flatten_all()?.to_vec1::<f32>()?;
-                        for (acc, x) in grads[2 * pi + j].iter_mut().zip(gv) {
-                            *acc += x;
-                        }
-                    }
-                }
-            }
-            if li > first {
-                g = store
-                    .get(xv.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| TrainError::Checkpoint("no gradient reached a layer".into()))?;
-            }
+            g = backward::layer_bwd(model, li, Some(lora), &aux, &saved, &g, &mut sink)?;
         }
         Ok(Some(loss_val))
     }
