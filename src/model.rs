@@ -119,7 +119,7 @@ impl QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(D::Minus1)?;
         let m = x.elem_count() / k.max(1);
-        if let (Device::Cpu, Some(qtype), true) = (x.device(), self.qtype, m <= gemm_threshold()) {
+        if let (Device::Cpu, Some(qtype)) = (x.device(), self.qtype) {
             let op = KernelMatMul {
                 q: self.q.clone(),
                 qtype,
@@ -137,8 +137,8 @@ impl QLinear {
     }
 }
 
-/// Above this many rows, dequantising the weight once and running candle's f32 GEMM beats the
-/// fused kernels (measured with `hone bench`; `HONE_GEMM_M` overrides it for experiments).
+/// Above this many rows, dequantising the weight tile by tile into an f32 GEMM
+/// (`kernels::gemm_wt`) beats the fused kernels (measured with `hone bench`; `HONE_GEMM_M` overrides it for experiments).
 fn gemm_threshold() -> usize {
     std::env::var("HONE_GEMM_M")
         .ok()
@@ -178,7 +178,13 @@ impl CustomOp1 for KernelMatMul {
             data: &data,
         };
         let mut out = vec![0f32; m * n];
-        kernels::matmul(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+        if kernels::forced_scalar() {
+            kernels::matmul_scalar(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+        } else if m <= gemm_threshold() {
+            kernels::matmul(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+        } else {
+            kernels::gemm_wt(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+        }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = n;

@@ -241,3 +241,43 @@ fn ask_with_notes_answers_from_the_notes() {
     let a = last_json(&o)["answer"].as_str().unwrap().to_lowercase();
     assert!(a.contains("flowerpot"), "{a}");
 }
+
+/// The fast paths (SIMD dot kernels for decoding, the tiled GEMM for prompts) give the same
+/// greedy answers as the scalar reference kernels (`HONE_KERNELS=scalar`) on fixed prompts.
+#[test]
+fn greedy_answers_match_the_scalar_kernels() {
+    let home = temp_home();
+    let prompts = [
+        "What is the capital of France?",
+        "Name three primary colors.",
+        "Write one sentence about the sea.",
+        "What is 12 times 12?",
+    ];
+    for p in prompts {
+        let mut answers = Vec::new();
+        for scalar in [false, true] {
+            let mut c = hone(home.path());
+            if scalar {
+                c.env("HONE_KERNELS", "scalar");
+            }
+            let o = run(
+                c.arg("--model").arg(model_arg()).args([
+                    "ask",
+                    "--json",
+                    "--temperature",
+                    "0",
+                    "-n",
+                    "40",
+                    p,
+                ]),
+                true,
+            );
+            answers.push(last_json(&o)["answer"].as_str().unwrap().to_string());
+        }
+        assert!(!answers[0].is_empty(), "{p}: empty answer");
+        assert_eq!(
+            answers[0], answers[1],
+            "{p}: fast and scalar paths disagree"
+        );
+    }
+}

@@ -189,6 +189,13 @@ fn simd_kernels(t: QType) -> KernelSet {
     simd.unwrap_or_else(|| scalar::kernels(t))
 }
 
+/// True when `HONE_KERNELS=scalar` asks for the scalar reference path everywhere (to check
+/// that the fast paths give the same answers; read once).
+pub fn forced_scalar() -> bool {
+    static SCALAR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SCALAR.get_or_init(|| std::env::var("HONE_KERNELS").is_ok_and(|v| v == "scalar"))
+}
+
 /// `out[i*n + r] = Σ_j x[i*k + j] * W[r][j]` for `i < m`, using the fastest
 /// path for this CPU. Runs in parallel on the current rayon pool.
 pub fn matmul(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
