@@ -358,6 +358,55 @@ impl Engine {
         Ok(if n == 0 { 0.0 } else { nll / n as f64 })
     }
 
+    /// The model's `k` most likely next tokens and their probabilities (renormalised over
+    /// those `k`) at every scored position `i` (predicting `tokens[i]` from the tokens before
+    /// it): `(i, [(token, p)])`, for distillation toward this model's own distribution.
+    pub fn top_k_targets(
+        &mut self,
+        tokens: &[u32],
+        scored: &[bool],
+        k: usize,
+    ) -> Result<Vec<(usize, Vec<(u32, f32)>)>> {
+        if tokens.len() < 2
+            || tokens.len() != scored.len()
+            || tokens.len() > self.model.max_context()
+        {
+            return Err(EngineError::Other(format!(
+                "cannot score {} tokens (context {})",
+                tokens.len(),
+                self.model.max_context()
+            )));
+        }
+        self.reset();
+        let mut rows = Vec::new();
+        for part in tokens.chunks(self.batch) {
+            rows.push(self.model.forward(part, Logits::All)?);
+        }
+        self.reset();
+        let logits = candle_core::Tensor::cat(&rows, 0)?;
+        let lsm = Model::log_softmax(&logits)?.to_vec2::<f32>()?;
+        let mut out = Vec::new();
+        for i in 1..tokens.len() {
+            if !scored[i] {
+                continue;
+            }
+            let row = &lsm[i - 1];
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            let k = k.clamp(1, row.len());
+            idx.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+            idx.truncate(k);
+            let mut top: Vec<(u32, f32)> =
+                idx.iter().map(|&t| (t, row[t as usize].exp())).collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let z: f32 = top.iter().map(|x| x.1).sum();
+            if z > 0.0 {
+                top.iter_mut().for_each(|x| x.1 /= z);
+            }
+            out.push((i, top));
+        }
+        Ok(out)
+    }
+
     /// Perplexity of `text` in chunks of `ctx` tokens, scored like llama.cpp's
     /// `llama-perplexity`: the text is tokenized once (BOS first if the model adds one), cut
     /// into whole chunks, each chunk's first token replaced by BOS (if added), and only the

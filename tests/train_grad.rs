@@ -1,8 +1,8 @@
 //! Gradient check: on tiny random models written as real GGUF files with quantised (Q8_0 /
 //! Q4_1) weights, every LoRA parameter's gradient from hone's backward pass (the quantised
 //! matmul op, the fused head, the layer-by-layer backward with and without activation
-//! checkpointing, a frozen cached layer below the adapters) matches central finite differences
-//! of the loss.
+//! checkpointing, a frozen cached layer below the adapters, a position with soft targets) matches
+//! central finite differences of the loss.
 //!
 //! Tolerance (f32 throughout): |analytic - numeric| <= 2e-3 + 2e-2·|numeric|, step h = 1e-2.
 
@@ -40,6 +40,7 @@ fn dataset(vocab: usize, s: usize, n: usize) -> Dataset {
             weights: vec![1.0; s],
             positions: vec![0; s],
             segments: vec![0; s],
+            soft: Vec::new(),
         };
         // Two packed examples: positions restart, attention stays inside each.
         let cut = s / 2 + 1;
@@ -49,6 +50,9 @@ fn dataset(vocab: usize, s: usize, n: usize) -> Dataset {
         }
         b.weights[cut - 1] = 0.0;
         b.weights[0] = 0.0;
+        // One position learns a distribution (distillation) instead of a single token.
+        let t2 = (b.targets[2] + 1) % vocab as u32;
+        b.soft = vec![(2, vec![(b.targets[2], 0.6), (t2, 0.4)])];
         seqs.push(b);
     }
     Dataset {

@@ -43,6 +43,10 @@ pub struct LearnFlags {
     /// General anchoring examples per note-derived example (at most the anchoring prompts there are)
     #[arg(long, default_value_t = 0.5)]
     pub anchor_ratio: f64,
+    /// Train anchors toward the base model's K most likely next tokens (distillation; 0 = its
+    /// answer's tokens only)
+    #[arg(long, default_value_t = 0)]
+    pub anchor_topk: usize,
     /// Items replayed per earlier learned note
     #[arg(long, default_value_t = 4)]
     pub replay: usize,
@@ -90,7 +94,7 @@ pub struct EvalArgs {
     /// Learn the notes in K batches, one cycle after another, and report what each batch keeps
     #[arg(long)]
     pub sequential: Option<usize>,
-    /// Keep each mode's data directory (printed) instead of deleting it
+    /// Keep each mode's data directory (printed), with every answer in its result.json
     #[arg(long)]
     pub keep: bool,
     #[arg(long)]
@@ -133,6 +137,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         epochs: f.epochs.max(1),
         layers: (f.layers > 0).then_some(f.layers),
         anchor_ratio: f.anchor_ratio.max(0.0),
+        anchor_topk: f.anchor_topk,
         replay_per_note: f.replay,
         max_memory: f
             .max_memory
@@ -536,6 +541,8 @@ fn run_child(
     .args([
         "--anchor-ratio",
         &f.anchor_ratio.to_string(),
+        "--anchor-topk",
+        &f.anchor_topk.to_string(),
         "--replay",
         &f.replay.to_string(),
     ])
@@ -563,7 +570,11 @@ fn run_child(
         serde_json::from_str(last).with_context(|| format!("eval mode {mode} printed {last:?}"))?;
     if a.keep {
         let kept = dir.keep();
-        eprintln!("   kept {}", kept.display());
+        // Every question with its answer and verdict, to read next to the kept database.
+        let file = kept.join("result.json");
+        std::fs::write(&file, format!("{last}\n"))
+            .with_context(|| format!("writing {}", file.display()))?;
+        eprintln!("   kept {} (answers in result.json)", kept.display());
     }
     mode_result(&r)
 }

@@ -90,6 +90,10 @@ pub struct LearnOptions {
     pub layers: Option<usize>,
     /// General anchoring examples per note-derived training example.
     pub anchor_ratio: f64,
+    /// Train anchors toward the base model's K most likely tokens at each answer position
+    /// (distillation, renormalised over those K) instead of its answer alone; 0 = hard targets.
+    #[serde(default)]
+    pub anchor_topk: usize,
     /// Items replayed per earlier learned note.
     pub replay_per_note: usize,
     /// Train about this many token positions instead of `epochs` passes.
@@ -117,6 +121,7 @@ impl Default for LearnOptions {
             epochs: 6,
             layers: None,
             anchor_ratio: 0.5,
+            anchor_topk: 0,
             replay_per_note: 4,
             token_budget: None,
             gate: GateThresholds::default(),
@@ -621,7 +626,14 @@ pub fn run_cycle(
     };
     let anchor_held: Vec<(String, String)> = held.iter().filter_map(|p| pair(p)).collect();
     for (p, a) in chosen.iter().filter_map(|p| pair(p)) {
-        examples.push(data::chat_pair(&l.engine, sys, &p, &a).map_err(anyhow::Error::msg)?);
+        let mut ex = data::chat_pair(&l.engine, sys, &p, &a).map_err(anyhow::Error::msg)?;
+        if opts.anchor_topk > 0 && ex.tokens.len() >= 2 {
+            // The base model's own distribution (no adapter is set here).
+            ex.soft = l
+                .engine
+                .top_k_targets(&ex.tokens, &ex.learn, opts.anchor_topk)?;
+        }
+        examples.push(ex);
         sha.update(p.as_bytes());
     }
     if examples.is_empty() {

@@ -34,6 +34,9 @@ pub enum DataError {
 pub struct Example {
     pub tokens: Vec<u32>,
     pub learn: Vec<bool>,
+    /// Soft targets: for token `i`, a distribution over candidates (token, probability) to
+    /// learn instead of `tokens[i]` alone (distillation); empty for ordinary examples.
+    pub soft: Vec<(usize, Vec<(u32, f32)>)>,
 }
 
 /// A training set: packed sequences ready to batch, and where they came from.
@@ -72,7 +75,11 @@ fn segments(engine: &Engine, parts: &[(String, bool)], special: bool) -> Result<
         learn.extend(std::iter::repeat_n(*l, ids.len()));
         tokens.extend(ids);
     }
-    Ok(Example { tokens, learn })
+    Ok(Example {
+        tokens,
+        learn,
+        soft: Vec::new(),
+    })
 }
 
 /// Renders a conversation and marks the assistant turns as targets.
@@ -264,7 +271,7 @@ pub fn read_jsonl(
 /// is predicted once) and packs them greedily, in order, into sequences of `s` positions.
 pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
     let s = s.max(2);
-    let mut pieces: Vec<(&[u32], &[bool])> = Vec::new();
+    let mut pieces: Vec<(&[u32], &[bool], &Example, usize)> = Vec::new();
     for ex in examples {
         if ex.tokens.len() < 2 {
             continue;
@@ -272,7 +279,7 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
         let mut start = 0;
         loop {
             let end = (start + s).min(ex.tokens.len());
-            pieces.push((&ex.tokens[start..end], &ex.learn[start..end]));
+            pieces.push((&ex.tokens[start..end], &ex.learn[start..end], ex, start));
             if end == ex.tokens.len() {
                 break;
             }
@@ -283,7 +290,7 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
     let mut cur = empty_seq(s);
     let mut used = 0usize;
     let mut seg = 0u32;
-    for (toks, learn) in pieces {
+    for (toks, learn, ex, start) in pieces {
         if used + toks.len() > s {
             finish(&mut cur, used, pad, seg);
             seqs.push(std::mem::replace(&mut cur, empty_seq(s)));
@@ -298,6 +305,13 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
             if i + 1 < toks.len() {
                 cur.targets[p] = toks[i + 1];
                 cur.weights[p] = if learn[i + 1] { 1.0 } else { 0.0 };
+            }
+        }
+        // Soft targets of the tokens this piece predicts (its positions 1..len).
+        for (ti, dist) in &ex.soft {
+            if *ti > start && *ti < start + toks.len() && learn[ti - start] {
+                let p = used + ti - start - 1;
+                cur.soft.push((p, dist.clone()));
             }
         }
         used += toks.len();
@@ -320,6 +334,7 @@ fn empty_seq(s: usize) -> Batch {
         weights: vec![0.0; s],
         positions: vec![0; s],
         segments: vec![0; s],
+        soft: Vec::new(),
     }
 }
 
@@ -342,8 +357,12 @@ pub fn stack(seqs: &[&Batch]) -> Batch {
         weights: Vec::new(),
         positions: Vec::new(),
         segments: Vec::new(),
+        soft: Vec::new(),
     };
     for q in seqs {
+        let off = out.tokens.len();
+        out.soft
+            .extend(q.soft.iter().map(|(p, d)| (off + p, d.clone())));
         out.tokens.extend_from_slice(&q.tokens);
         out.targets.extend_from_slice(&q.targets);
         out.weights.extend_from_slice(&q.weights);
@@ -378,6 +397,7 @@ pub fn synthetic(tok: &crate::tokenizer::Tokenizer, n: usize, s: usize, seed: u6
                 weights: vec![1.0; s],
                 positions: (0..s as u32).collect(),
                 segments: vec![0; s],
+                soft: Vec::new(),
             }
         })
         .collect();
@@ -425,10 +445,13 @@ mod tests {
         let a = Example {
             tokens: vec![1, 2, 3],
             learn: vec![false, true, true],
+            soft: Vec::new(),
         };
+        // Soft targets for tokens 5 and 8 of b (15 and 18), each led by the token itself.
         let b = Example {
             tokens: (10..20).collect(),
             learn: vec![true; 10],
+            soft: vec![(5, vec![(15, 0.7), (1, 0.3)]), (8, vec![(18, 1.0)])],
         };
         let seqs = pack(&[a, b], 4, 0);
         // a fits in one sequence (3 tokens, 2 targets); b becomes windows of 4 overlapping by 1.
@@ -443,5 +466,23 @@ mod tests {
         for q in &seqs {
             assert_eq!(q.tokens.len(), 4);
         }
+        // Each soft target lands once, at the position that predicts its token.
+        let mut n_soft = 0;
+        for q in &seqs {
+            for (p, d) in &q.soft {
+                assert_eq!(q.targets[*p], d[0].0);
+                assert!(q.weights[*p] > 0.0);
+                n_soft += 1;
+            }
+        }
+        assert_eq!(n_soft, 2);
+        let st = stack(&seqs.iter().collect::<Vec<_>>());
+        for (p, d) in &st.soft {
+            assert_eq!(
+                st.targets[*p], d[0].0,
+                "stacking keeps soft targets in place"
+            );
+        }
+        assert_eq!(st.soft.len(), 2);
     }
 }

@@ -24,6 +24,9 @@ pub struct Batch {
     pub positions: Vec<u32>,
     /// Packed example of each position; attention never crosses examples.
     pub segments: Vec<u32>,
+    /// Positions whose loss is the cross-entropy against a distribution (token, probability)
+    /// instead of `targets[p]` alone (distillation); their weight still comes from `weights`.
+    pub soft: Vec<(usize, Vec<(u32, f32)>)>,
 }
 
 /// Rotary tables and the attention mask for a batch: computed once, shared by all layers.
@@ -201,18 +204,36 @@ pub fn layer_forward(
 pub fn head_loss(model: &Model, x: &Tensor, batch: &Batch, norm: f32) -> Result<Tensor> {
     let (b, s, d) = x.dims3()?;
     let x = x.reshape((b * s, d))?;
-    let idx: Vec<u32> = (0..b * s)
-        .filter(|&i| batch.weights[i] > 0.0)
-        .map(|i| i as u32)
-        .collect();
+    // (row, target, weight): one per position with a weight, or one per candidate of a
+    // position with soft targets (the same row selected several times; its gradients add up).
+    let soft: std::collections::HashMap<usize, &Vec<(u32, f32)>> =
+        batch.soft.iter().map(|(p, dist)| (*p, dist)).collect();
+    let mut idx = Vec::new();
+    let mut targets = Vec::new();
+    let mut w = Vec::new();
+    for i in 0..b * s {
+        let wi = batch.weights[i];
+        if wi <= 0.0 {
+            continue;
+        }
+        match soft.get(&i) {
+            Some(dist) => {
+                for &(t, p) in dist.iter() {
+                    idx.push(i as u32);
+                    targets.push(t);
+                    w.push(wi * p * norm);
+                }
+            }
+            None => {
+                idx.push(i as u32);
+                targets.push(batch.targets[i]);
+                w.push(wi * norm);
+            }
+        }
+    }
     if idx.is_empty() {
         return (x.sum_all()? * 0.0)?.affine(1.0, 0.0);
     }
-    let targets: Vec<u32> = idx.iter().map(|&i| batch.targets[i as usize]).collect();
-    let w: Vec<f32> = idx
-        .iter()
-        .map(|&i| batch.weights[i as usize] * norm)
-        .collect();
     let n = idx.len();
     let idx = Tensor::from_vec(idx, n, &Device::Cpu)?;
     let rows = x.index_select(&idx, 0)?;
