@@ -366,7 +366,7 @@ impl Engine {
         tokens: &[u32],
         scored: &[bool],
         k: usize,
-    ) -> Result<Vec<(usize, Vec<(u32, f32)>)>> {
+    ) -> Result<crate::train::data::SoftTargets> {
         if tokens.len() < 2
             || tokens.len() != scored.len()
             || tokens.len() > self.model.max_context()

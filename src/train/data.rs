@@ -29,6 +29,9 @@ pub enum DataError {
     Empty(String),
 }
 
+/// Soft targets of one sequence: (token index or position, [(candidate token, probability)]).
+pub type SoftTargets = Vec<(usize, Vec<(u32, f32)>)>;
+
 /// One tokenised example: tokens and, for each, whether it is a training target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -36,7 +39,7 @@ pub struct Example {
     pub learn: Vec<bool>,
     /// Soft targets: for token `i`, a distribution over candidates (token, probability) to
     /// learn instead of `tokens[i]` alone (distillation); empty for ordinary examples.
-    pub soft: Vec<(usize, Vec<(u32, f32)>)>,
+    pub soft: SoftTargets,
 }
 
 /// A training set: packed sequences ready to batch, and where they came from.

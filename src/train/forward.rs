@@ -26,7 +26,7 @@ pub struct Batch {
     pub segments: Vec<u32>,
     /// Positions whose loss is the cross-entropy against a distribution (token, probability)
     /// instead of `targets[p]` alone (distillation); their weight still comes from `weights`.
-    pub soft: Vec<(usize, Vec<(u32, f32)>)>,
+    pub soft: super::data::SoftTargets,
 }
 
 /// Rotary tables and the attention mask for a batch: computed once, shared by all layers.
