@@ -14,10 +14,25 @@
 //! any alignment of the weight bytes, or use candle at run time (candle only
 //! appears in `QType::from_ggml` and as the test oracle).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod scalar;
 mod tiled;
 
-pub use tiled::{gemm_w, gemm_wt};
+pub use tiled::{gemm_w, gemm_w_mixed, gemm_wt, gemm_wt_mixed};
+
+/// Whether the mixed-precision products (`gemm_wt_mixed`, `gemm_w_mixed`) use AMX bf16 tiles
+/// on this machine (x86_64 with AMX-BF16, not disabled by `HONE_AMX=0`).
+pub fn amx_in_use() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::in_use()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

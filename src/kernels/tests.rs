@@ -490,3 +490,60 @@ fn tiled_gemm_rejects_bad_sizes() {
     assert!(gemm_w(&w, &g, 2, &mut out_g[..5]).is_err());
     assert!(gemm_w(&w, &g, 2, &mut out_g).is_ok());
 }
+
+/// The mixed-precision products against the f64 reference: exact f32 where AMX is absent,
+/// bf16 inputs with f32 sums where it is present (error at most about 2·2^-9·Σ|x·w|).
+#[test]
+fn mixed_gemm_matches_reference_within_bf16() {
+    let mut rng = StdRng::seed_from_u64(43);
+    let tol = if amx_in_use() { 4e-3 } else { 1e-5 };
+    for t in [QType::Q4_1, QType::Q8_0, QType::Q4K, QType::F32] {
+        let bs = t.block_size().max(1);
+        for (n, k, m) in [
+            (100usize, 576usize, 70usize),
+            (64, 256, 32),
+            (33, 512, 129),
+            (1536, 576, 96),
+            (576, 1536, 64),
+        ] {
+            let k = k.next_multiple_of(bs);
+            let data = random_matrix(t, n, k, &mut rng);
+            let w = QMatrix {
+                dtype: t,
+                n,
+                k,
+                data: &data,
+            };
+            let wf = candle_dequant(t, n, k, &data);
+            let x = random_x(m * k, &mut rng);
+            let (want, scale) = reference(&wf, &x, n, k, m);
+            let mut out = vec![f32::NAN; m * n];
+            gemm_wt_mixed(&w, &x, m, &mut out).unwrap();
+            assert_close(
+                &format!("{t:?} mixed x·Wᵀ n={n} k={k} m={m}"),
+                &out,
+                &want,
+                &scale,
+                tol,
+            );
+            let g = random_x(m * n, &mut rng);
+            let mut wt = vec![0f32; n * k];
+            for r in 0..n {
+                for c in 0..k {
+                    wt[c * n + r] = wf[r * k + c];
+                }
+            }
+            let (want_g, scale_g) = reference(&wt, &g, k, n, m);
+            let mut out_g = vec![f32::NAN; m * k];
+            gemm_w_mixed(&w, &g, m, &mut out_g).unwrap();
+            assert_close(
+                &format!("{t:?} mixed g·W n={n} k={k} m={m}"),
+                &out_g,
+                &want_g,
+                &scale_g,
+                tol,
+            );
+        }
+    }
+    eprintln!("AMX in use: {}", amx_in_use());
+}

@@ -74,8 +74,36 @@ fn split(units: usize) -> usize {
     units.min(threads * 2).max(1)
 }
 
-/// `out (m × n) = x (m × k) · Wᵀ` for `W` (n × k).
+/// `out (m × n) = x (m × k) · Wᵀ` for `W` (n × k), in f32.
 pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+    wt_impl(w, x, m, out, false)
+}
+
+/// Like [`gemm_wt`], but on CPUs with AMX the products may round their inputs to bf16 (sums
+/// stay f32): for training, where that precision is the norm (QLoRA computes in bf16).
+pub fn gemm_wt_mixed(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+    wt_impl(w, x, m, out, true)
+}
+
+/// Like [`gemm_w`], with the precision of [`gemm_wt_mixed`].
+pub fn gemm_w_mixed(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+    w_impl(w, g, m, out, true)
+}
+
+/// Whether a product of `m` rows with reduction length `k` goes to the AMX tiles.
+fn use_amx(mixed: bool, m: usize, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        mixed && m >= super::amx::BLOCK && k >= 64 && super::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (mixed, m, k);
+        false
+    }
+}
+
+fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
     let rb = check(w, x, w.k, m, out, w.n)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || n == 0 {
@@ -92,14 +120,32 @@ pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), 
     let tasks = split(tiles);
     let per = tiles.div_ceil(tasks);
     let dst = SendPtr(out.as_mut_ptr());
+    let amx = use_amx(mixed, m, k);
+    let left = if amx {
+        Left::new(x, m, k)
+    } else {
+        Left::default()
+    };
     let work = |t: usize| {
         let mut buf = vec![0f32; tile * k];
+        let mut packed = Vec::new();
+        let _tiles = amx.then(AmxThread::start);
         for ti in t * per..((t + 1) * per).min(tiles) {
             let r0 = ti * tile;
             let r1 = (r0 + tile).min(n);
             let rows = r1 - r0;
             for (r, o) in (r0..r1).zip(buf.chunks_exact_mut(k)) {
                 scalar::dequantize_row(w.dtype, &w.data[r * rb..(r + 1) * rb], o);
+            }
+            if amx {
+                // Right operand: Wᵀ restricted to this tile (reduction over k).
+                let chunks = amx_pack_transposed(&buf[..rows * k], k, rows, &mut packed);
+                // SAFETY: the tiles are configured on this thread (`_tiles`); the output
+                // columns r0..r1 belong to this tile; see `amx_product`.
+                unsafe {
+                    amx_product(&left, 0, chunks, &packed, rows, dst, n, r0, false);
+                }
+                continue;
             }
             // SAFETY: x is m × k row-major; buf holds `rows` rows of k (read as its transpose:
             // rhs[j][c] = buf[c * k + j]); dst columns r0..r1 of the m × n row-major output
@@ -139,6 +185,10 @@ pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), 
 
 /// `out (m × k) = g (m × n) · W` for `W` (n × k): the gradient of `x·Wᵀ` with respect to `x`.
 pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+    w_impl(w, g, m, out, false)
+}
+
+fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
     let rb = check(w, g, w.n, m, out, w.k)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || k == 0 {
@@ -155,12 +205,20 @@ pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), S
     let chunks = k.div_ceil(width);
     let tile = (TILE_BYTES / (width * 4)).clamp(16, n.max(16)).min(n);
     let dst = SendPtr(out.as_mut_ptr());
+    let amx = use_amx(mixed, m, n);
+    let left = if amx {
+        Left::new(g, m, n)
+    } else {
+        Left::default()
+    };
     let work = |t: usize| {
         let c0 = t * width;
         let c1 = (c0 + width).min(k);
         let cols = c1 - c0;
         let (b0, b1) = (c0 / ub * ubytes, c1 / ub * ubytes);
         let mut buf = vec![0f32; tile * cols];
+        let mut packed = Vec::new();
+        let _tiles = amx.then(AmxThread::start);
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + tile).min(n);
@@ -168,6 +226,15 @@ pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), S
             for (r, o) in (r0..r1).zip(buf.chunks_exact_mut(cols)) {
                 let row = &w.data[r * rb..(r + 1) * rb];
                 scalar::dequantize_row(w.dtype, &row[b0..b1], o);
+            }
+            if amx {
+                let chunks = amx_pack_rows(&buf[..rows * cols], rows, cols, &mut packed);
+                // SAFETY: as above; the output columns c0..c1 belong to this task.
+                unsafe {
+                    amx_product(&left, r0, chunks, &packed, cols, dst, k, c0, r0 > 0);
+                }
+                r0 = r1;
+                continue;
             }
             // SAFETY: g is m × n row-major (columns r0..r1 read); buf is rows × cols row-major;
             // dst columns c0..c1 of the m × k output belong to this task alone.
@@ -203,4 +270,157 @@ pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), S
         (0..chunks).into_par_iter().for_each(work);
     }
     Ok(())
+}
+
+/// The left operand of an AMX product in bf16: `m` rows of `cols` values, zero-padded to
+/// `m_pad` rows (multiple of 32) and `stride` values per row (multiple of 32, plus one step so
+/// a tile step that starts inside the last 32 columns stays in the buffer).
+#[derive(Default)]
+struct Left {
+    data: Vec<u16>,
+    m: usize,
+    m_pad: usize,
+    stride: usize,
+}
+
+impl Left {
+    #[cfg(target_arch = "x86_64")]
+    fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        use super::amx::{pack_left, BLOCK, CHUNK};
+        let m_pad = m.next_multiple_of(BLOCK);
+        let stride = cols.next_multiple_of(CHUNK) + CHUNK;
+        Self {
+            data: pack_left(x, m, cols, m_pad, stride),
+            m,
+            m_pad,
+            stride,
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn new(_x: &[f32], _m: usize, _cols: usize) -> Self {
+        Self::default()
+    }
+}
+
+/// This thread's AMX tiles, configured for as long as the value lives.
+struct AmxThread;
+
+impl AmxThread {
+    fn start() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: only created when `use_amx` (hence `amx::available()`) said yes.
+        unsafe {
+            super::amx::configure();
+        }
+        AmxThread
+    }
+}
+
+impl Drop for AmxThread {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `start` configured the tiles on this thread.
+        unsafe {
+            super::amx::release();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_pack_transposed(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
+    super::amx::pack_transposed(w, red, cols, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_pack_rows(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
+    super::amx::pack_rows(w, red, cols, out)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_pack_transposed(_w: &[f32], _red: usize, _cols: usize, _out: &mut Vec<u16>) -> usize {
+    unreachable!("use_amx is false off x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_pack_rows(_w: &[f32], _red: usize, _cols: usize, _out: &mut Vec<u16>) -> usize {
+    unreachable!("use_amx is false off x86_64")
+}
+
+/// `out[:, col0 .. col0 + cols] (=|+=) left[:, off .. off + 32·chunks] · R`, with `R` packed
+/// (`amx::pack_*`) and `out` row-major with `ldo` floats per row and `left.m` rows. Whole
+/// 32 × 32 blocks are loaded and stored in place; edge blocks go through a scratch block.
+///
+/// # Safety
+/// The AMX tiles must be configured on this thread; `off + 32·chunks` must not exceed the
+/// columns `left` was built with; nothing else may write those output columns meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn amx_product(
+    left: &Left,
+    off: usize,
+    chunks: usize,
+    packed: &[u16],
+    cols: usize,
+    out: SendPtr,
+    ldo: usize,
+    col0: usize,
+    accumulate: bool,
+) {
+    use super::amx::{block, BLOCK, TILE_VALUES};
+    let mut c = [0f32; BLOCK * BLOCK];
+    for cb in 0..cols.div_ceil(BLOCK) {
+        let b0 = packed.as_ptr().add(2 * cb * chunks * TILE_VALUES);
+        let b1 = packed.as_ptr().add((2 * cb + 1) * chunks * TILE_VALUES);
+        let width = (cols - cb * BLOCK).min(BLOCK);
+        for mb in 0..left.m_pad / BLOCK {
+            let a = left.data.as_ptr().add(mb * BLOCK * left.stride + off);
+            let rows = (left.m - mb * BLOCK).min(BLOCK);
+            let o = out.at(mb * BLOCK * ldo + col0 + cb * BLOCK);
+            if rows == BLOCK && width == BLOCK {
+                block(a, left.stride * 2, b0, b1, chunks, o, ldo * 4, accumulate);
+                continue;
+            }
+            for i in 0..BLOCK {
+                for j in 0..BLOCK {
+                    c[i * BLOCK + j] = if accumulate && i < rows && j < width {
+                        *o.add(i * ldo + j)
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            block(
+                a,
+                left.stride * 2,
+                b0,
+                b1,
+                chunks,
+                c.as_mut_ptr(),
+                BLOCK * 4,
+                accumulate,
+            );
+            for i in 0..rows {
+                for j in 0..width {
+                    *o.add(i * ldo + j) = c[i * BLOCK + j];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn amx_product(
+    _left: &Left,
+    _off: usize,
+    _chunks: usize,
+    _packed: &[u16],
+    _cols: usize,
+    _out: SendPtr,
+    _ldo: usize,
+    _col0: usize,
+    _accumulate: bool,
+) {
+    unreachable!("use_amx is false off x86_64")
 }

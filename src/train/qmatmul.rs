@@ -123,11 +123,12 @@ fn with_rows<R>(
     f(&part).map(Some).map_err(candle_core::Error::Msg)
 }
 
-/// `x (m, k) · W[r0..r1]ᵀ` as a flat row-major `m × (r1 - r0)` vector, through the tiled GEMM.
+/// `x (m, k) · W[r0..r1]ᵀ` as a flat row-major `m × (r1 - r0)` vector, through the tiled GEMM
+/// (bf16 AMX tiles where the CPU has them: `kernels::gemm_wt_mixed`).
 fn rows_wt(x: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Option<Vec<f32>>> {
     with_rows(w, r0, r1, |q| {
         let mut out = vec![0f32; m * q.n];
-        kernels::gemm_wt(q, x, m, &mut out)?;
+        kernels::gemm_wt_mixed(q, x, m, &mut out)?;
         Ok(out)
     })
 }
@@ -136,7 +137,7 @@ fn rows_wt(x: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Opt
 fn rows_w(g: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Option<Vec<f32>>> {
     with_rows(w, r0, r1, |q| {
         let mut out = vec![0f32; m * q.k];
-        kernels::gemm_w(q, g, m, &mut out)?;
+        kernels::gemm_w_mixed(q, g, m, &mut out)?;
         Ok(out)
     })
 }
