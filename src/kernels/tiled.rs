@@ -127,8 +127,8 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
         Left::default()
     };
     let work = |t: usize| {
-        let mut buf = vec![0f32; tile * k];
-        let mut packed = Vec::new();
+        let mut scratch = Scratch::take();
+        let (buf, packed) = scratch.get(tile * k);
         let _tiles = amx.then(AmxThread::start);
         for ti in t * per..((t + 1) * per).min(tiles) {
             let r0 = ti * tile;
@@ -139,11 +139,11 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
             }
             if amx {
                 // Right operand: Wᵀ restricted to this tile (reduction over k).
-                let chunks = amx_pack_transposed(&buf[..rows * k], k, rows, &mut packed);
+                let chunks = amx_pack_transposed(&buf[..rows * k], k, rows, packed);
                 // SAFETY: the tiles are configured on this thread (`_tiles`); the output
                 // columns r0..r1 belong to this tile; see `amx_product`.
                 unsafe {
-                    amx_product(&left, 0, chunks, &packed, rows, dst, n, r0, false);
+                    amx_product(&left, 0, chunks, packed, rows, dst, n, r0, false);
                 }
                 continue;
             }
@@ -216,8 +216,8 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
         let c1 = (c0 + width).min(k);
         let cols = c1 - c0;
         let (b0, b1) = (c0 / ub * ubytes, c1 / ub * ubytes);
-        let mut buf = vec![0f32; tile * cols];
-        let mut packed = Vec::new();
+        let mut scratch = Scratch::take();
+        let (buf, packed) = scratch.get(tile * cols);
         let _tiles = amx.then(AmxThread::start);
         let mut r0 = 0;
         while r0 < n {
@@ -228,10 +228,10 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
                 scalar::dequantize_row(w.dtype, &row[b0..b1], o);
             }
             if amx {
-                let chunks = amx_pack_rows(&buf[..rows * cols], rows, cols, &mut packed);
+                let chunks = amx_pack_rows(&buf[..rows * cols], rows, cols, packed);
                 // SAFETY: as above; the output columns c0..c1 belong to this task.
                 unsafe {
-                    amx_product(&left, r0, chunks, &packed, cols, dst, k, c0, r0 > 0);
+                    amx_product(&left, r0, chunks, packed, cols, dst, k, c0, r0 > 0);
                 }
                 r0 = r1;
                 continue;
@@ -369,13 +369,15 @@ unsafe fn amx_product(
 ) {
     use super::amx::{block, BLOCK, TILE_VALUES};
     let mut c = [0f32; BLOCK * BLOCK];
-    for cb in 0..cols.div_ceil(BLOCK) {
-        let b0 = packed.as_ptr().add(2 * cb * chunks * TILE_VALUES);
-        let b1 = packed.as_ptr().add((2 * cb + 1) * chunks * TILE_VALUES);
-        let width = (cols - cb * BLOCK).min(BLOCK);
-        for mb in 0..left.m_pad / BLOCK {
-            let a = left.data.as_ptr().add(mb * BLOCK * left.stride + off);
-            let rows = (left.m - mb * BLOCK).min(BLOCK);
+    // Row blocks outside, column blocks inside: 32 rows of the left operand stay in L1 while
+    // the packed right operand (a few hundred KiB) is read from L2 once per row block.
+    for mb in 0..left.m_pad / BLOCK {
+        let a = left.data.as_ptr().add(mb * BLOCK * left.stride + off);
+        let rows = (left.m - mb * BLOCK).min(BLOCK);
+        for cb in 0..cols.div_ceil(BLOCK) {
+            let b0 = packed.as_ptr().add(2 * cb * chunks * TILE_VALUES);
+            let b1 = packed.as_ptr().add((2 * cb + 1) * chunks * TILE_VALUES);
+            let width = (cols - cb * BLOCK).min(BLOCK);
             let o = out.at(mb * BLOCK * ldo + col0 + cb * BLOCK);
             if rows == BLOCK && width == BLOCK {
                 block(a, left.stride * 2, b0, b1, chunks, o, ldo * 4, accumulate);
@@ -423,4 +425,42 @@ unsafe fn amx_product(
     _accumulate: bool,
 ) {
     unreachable!("use_amx is false off x86_64")
+}
+
+/// A thread's dequantisation and packing buffers, kept between calls (a training step makes
+/// hundreds of products; allocating and zeroing fresh buffers for each was a tenth of it).
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<f32>,
+    packed: Vec<u16>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
+impl Scratch {
+    /// This thread's buffers (or new ones), returned to it on drop.
+    fn take() -> Self {
+        SCRATCH.with(|c| c.take()).unwrap_or_default()
+    }
+
+    /// A dequantisation buffer of at least `n` values (contents unspecified) and the packing
+    /// buffer.
+    fn get(&mut self, n: usize) -> (&mut [f32], &mut Vec<u16>) {
+        if self.buf.len() < n {
+            self.buf.resize(n, 0.0);
+        }
+        (&mut self.buf[..n], &mut self.packed)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mine = Scratch {
+            buf: std::mem::take(&mut self.buf),
+            packed: std::mem::take(&mut self.packed),
+        };
+        SCRATCH.with(|c| c.set(Some(mine)));
+    }
 }
