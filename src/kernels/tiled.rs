@@ -430,37 +430,44 @@ unsafe fn amx_product(
 /// A thread's dequantisation and packing buffers, kept between calls (a training step makes
 /// hundreds of products; allocating and zeroing fresh buffers for each was a tenth of it).
 #[derive(Default)]
-struct Scratch {
+struct Buffers {
     buf: Vec<f32>,
     packed: Vec<u16>,
 }
 
 thread_local! {
-    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+    static SCRATCH: std::cell::Cell<Option<Buffers>> = const { std::cell::Cell::new(None) };
 }
 
+/// This thread's buffers, borrowed for one task and given back when dropped.
+struct Scratch(Buffers);
+
 impl Scratch {
-    /// This thread's buffers (or new ones), returned to it on drop.
+    /// This thread's buffers (or new ones).
     fn take() -> Self {
-        SCRATCH.with(|c| c.take()).unwrap_or_default()
+        Scratch(
+            SCRATCH
+                .try_with(|c| c.take())
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        )
     }
 
     /// A dequantisation buffer of at least `n` values (contents unspecified) and the packing
     /// buffer.
     fn get(&mut self, n: usize) -> (&mut [f32], &mut Vec<u16>) {
-        if self.buf.len() < n {
-            self.buf.resize(n, 0.0);
+        if self.0.buf.len() < n {
+            self.0.buf.resize(n, 0.0);
         }
-        (&mut self.buf[..n], &mut self.packed)
+        (&mut self.0.buf[..n], &mut self.0.packed)
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let mine = Scratch {
-            buf: std::mem::take(&mut self.buf),
-            packed: std::mem::take(&mut self.packed),
-        };
-        SCRATCH.with(|c| c.set(Some(mine)));
+        let b = std::mem::take(&mut self.0);
+        // During thread exit the slot may be gone; then the buffers are simply freed.
+        let _ = SCRATCH.try_with(|c| c.set(Some(b)));
     }
 }

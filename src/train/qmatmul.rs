@@ -339,7 +339,7 @@ impl CustomOp1 for HeadCrossEntropy {
                         0.0
                     };
                     for &v in row {
-                        acc += ((v - nm) as f64).exp();
+                        acc += super::ops::exp_f32(v - nm) as f64;
                     }
                     *si = acc;
                     *mxi = nm;
@@ -394,7 +394,7 @@ impl CustomOp1 for HeadCrossEntropy {
                     for v in row.iter_mut() {
                         // Probabilities below 1e-20 are flushed to zero: they change nothing
                         // measurable and as subnormal floats they slow the product 50-fold.
-                        let p = (*v - l).exp();
+                        let p = super::ops::exp_f32(*v - l);
                         *v = if p < 1e-20 { 0.0 } else { p * gi };
                     }
                     let tu = target as usize;
