@@ -45,7 +45,7 @@ pub struct LearnFlags {
     pub anchor_ratio: f64,
     /// Train anchors toward the base model's K most likely next tokens (distillation; 0 = its
     /// answer's tokens only)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 4)]
     pub anchor_topk: usize,
     /// Items replayed per earlier learned note
     #[arg(long, default_value_t = 4)]
