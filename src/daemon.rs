@@ -1423,6 +1423,12 @@ mod tests {
             "{:?}",
             second - resting
         );
+        // The phase turns to learning just before the worker calls the cycle; give it that
+        // moment instead of racing it.
+        let t = Instant::now();
+        while h.calls.load(Ordering::SeqCst) < 2 && t.elapsed() < PATIENCE {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(h.calls.load(Ordering::SeqCst), 2);
         h.stop();
     }
