@@ -330,6 +330,20 @@ impl Engine {
     /// the tokens before it: how strongly the model (with its adapter, if any) prefers a known
     /// answer. Used to measure drift from the base model's answers.
     pub fn scored_nll(&mut self, tokens: &[u32], scored: &[bool]) -> Result<f64> {
+        let lsm = self.next_token_log_probs(tokens, scored)?;
+        let (mut nll, mut n) = (0.0f64, 0usize);
+        for i in 1..tokens.len() {
+            if scored[i] {
+                nll -= lsm[i - 1][tokens[i] as usize] as f64;
+                n += 1;
+            }
+        }
+        Ok(if n == 0 { 0.0 } else { nll / n as f64 })
+    }
+
+    /// Log-probabilities of the next token after every prefix of `tokens` (row i: after
+    /// `tokens[..=i]`), for scoring the positions marked in `scored` (same length).
+    fn next_token_log_probs(&mut self, tokens: &[u32], scored: &[bool]) -> Result<Vec<Vec<f32>>> {
         if tokens.len() < 2
             || tokens.len() != scored.len()
             || tokens.len() > self.model.max_context()
@@ -347,15 +361,7 @@ impl Engine {
         }
         self.reset();
         let logits = candle_core::Tensor::cat(&rows, 0)?;
-        let lsm = Model::log_softmax(&logits)?.to_vec2::<f32>()?;
-        let (mut nll, mut n) = (0.0f64, 0usize);
-        for i in 1..tokens.len() {
-            if scored[i] {
-                nll -= lsm[i - 1][tokens[i] as usize] as f64;
-                n += 1;
-            }
-        }
-        Ok(if n == 0 { 0.0 } else { nll / n as f64 })
+        Ok(Model::log_softmax(&logits)?.to_vec2::<f32>()?)
     }
 
     /// The model's `k` most likely next tokens and their probabilities (renormalised over
@@ -367,24 +373,7 @@ impl Engine {
         scored: &[bool],
         k: usize,
     ) -> Result<crate::train::data::SoftTargets> {
-        if tokens.len() < 2
-            || tokens.len() != scored.len()
-            || tokens.len() > self.model.max_context()
-        {
-            return Err(EngineError::Other(format!(
-                "cannot score {} tokens (context {})",
-                tokens.len(),
-                self.model.max_context()
-            )));
-        }
-        self.reset();
-        let mut rows = Vec::new();
-        for part in tokens.chunks(self.batch) {
-            rows.push(self.model.forward(part, Logits::All)?);
-        }
-        self.reset();
-        let logits = candle_core::Tensor::cat(&rows, 0)?;
-        let lsm = Model::log_softmax(&logits)?.to_vec2::<f32>()?;
+        let lsm = self.next_token_log_probs(tokens, scored)?;
         let mut out = Vec::new();
         for i in 1..tokens.len() {
             if !scored[i] {

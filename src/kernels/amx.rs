@@ -242,8 +242,3 @@ pub fn pack_left(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> V
     }
     out
 }
-
-/// Whether this process uses the AMX path (for reports and tests).
-pub fn in_use() -> bool {
-    available()
-}

@@ -26,7 +26,7 @@ pub use tiled::{gemm_w, gemm_w_mixed, gemm_wt, gemm_wt_mixed};
 pub fn amx_in_use() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        amx::in_use()
+        amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -122,6 +122,17 @@ fn reference(wf: &[f32], x: &[f32], n: usize, k: usize, m: usize) -> (Vec<f64>, 
     (r, s)
 }
 
+/// The f64 reference of `g (m × n) · W` for `W` (n × k): [`reference`] with Wᵀ as the weight.
+fn reference_g_w(wf: &[f32], g: &[f32], n: usize, k: usize, m: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut wt = vec![0f32; n * k];
+    for r in 0..n {
+        for c in 0..k {
+            wt[c * n + r] = wf[r * k + c];
+        }
+    }
+    reference(&wt, g, k, n, m)
+}
+
 fn assert_close(what: &str, got: &[f32], want: &[f64], scale: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (idx, ((&a, &b), &s)) in got.iter().zip(want).zip(scale).enumerate() {
@@ -428,15 +439,8 @@ fn tiled_gemm_matches_reference() {
             // Forward: x (m × k) · Wᵀ.
             let x = random_x(m * k, &mut rng);
             let (want, scale) = reference(&wf, &x, n, k, m);
-            // Backward: g (m × n) · W, i.e. the reference with Wᵀ as the weight.
             let g = random_x(m * n, &mut rng);
-            let mut wt = vec![0f32; n * k];
-            for r in 0..n {
-                for c in 0..k {
-                    wt[c * n + r] = wf[r * k + c];
-                }
-            }
-            let (want_g, scale_g) = reference(&wt, &g, k, n, m);
+            let (want_g, scale_g) = reference_g_w(&wf, &g, n, k, m);
             let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
             for threads in [1usize, 2, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -527,13 +531,7 @@ fn mixed_gemm_matches_reference_within_bf16() {
                 tol,
             );
             let g = random_x(m * n, &mut rng);
-            let mut wt = vec![0f32; n * k];
-            for r in 0..n {
-                for c in 0..k {
-                    wt[c * n + r] = wf[r * k + c];
-                }
-            }
-            let (want_g, scale_g) = reference(&wt, &g, k, n, m);
+            let (want_g, scale_g) = reference_g_w(&wf, &g, n, k, m);
             let mut out_g = vec![f32::NAN; m * k];
             gemm_w_mixed(&w, &g, m, &mut out_g).unwrap();
             assert_close(

@@ -158,31 +158,19 @@ pub fn layer_fwd(
     let rep = nh / nkv;
     let eps = cfg.eps as f32;
     let sc = scale(lora);
-    let lp = |t| pair(lora, li, t);
     let x = x.detach().contiguous()?.reshape((m, d))?;
+    // Each projection's output; its x·Aᵀ goes into `ax` for the backward.
+    let mut ax: [Option<Tensor>; 7] = Default::default();
+    let mut proj = |t: Target, w: &QLinear, bias: Option<&Tensor>, input: &Tensor| {
+        let (y, a) = proj_fwd(w, bias, pair(lora, li, t)?.as_ref(), sc, input)?;
+        ax[slot(t)] = a;
+        Ok::<_, candle_core::Error>(y)
+    };
 
     let (_, h1) = norm(&x, &layer.attn_norm, eps)?;
-    let (q, ax_q) = proj_fwd(
-        &layer.q.w,
-        layer.q.b.as_ref(),
-        lp(Target::Q)?.as_ref(),
-        sc,
-        &h1,
-    )?;
-    let (k, ax_k) = proj_fwd(
-        &layer.k.w,
-        layer.k.b.as_ref(),
-        lp(Target::K)?.as_ref(),
-        sc,
-        &h1,
-    )?;
-    let (v, ax_v) = proj_fwd(
-        &layer.v.w,
-        layer.v.b.as_ref(),
-        lp(Target::V)?.as_ref(),
-        sc,
-        &h1,
-    )?;
+    let q = proj(Target::Q, &layer.q.w, layer.q.b.as_ref(), &h1)?;
+    let k = proj(Target::K, &layer.k.w, layer.k.b.as_ref(), &h1)?;
+    let v = proj(Target::V, &layer.v.w, layer.v.b.as_ref(), &h1)?;
     let rope = aux.rope();
     let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
     let q = q.apply_op1_no_bwd(rope)?.reshape((b, nkv, rep * s, hd))?;
@@ -197,32 +185,14 @@ pub fn layer_fwd(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((m, nh * hd))?;
-    let (o, ax_o) = proj_fwd(
-        &layer.o.w,
-        layer.o.b.as_ref(),
-        lp(Target::O)?.as_ref(),
-        sc,
-        &y,
-    )?;
+    let o = proj(Target::O, &layer.o.w, layer.o.b.as_ref(), &y)?;
     let x2 = (&x + o)?;
     let (_, h2) = norm(&x2, &layer.ffn_norm, eps)?;
-    let (g, ax_g) = proj_fwd(&layer.gate, None, lp(Target::Gate)?.as_ref(), sc, &h2)?;
-    let (u, ax_u) = proj_fwd(&layer.up, None, lp(Target::Up)?.as_ref(), sc, &h2)?;
+    let g = proj(Target::Gate, &layer.gate, None, &h2)?;
+    let u = proj(Target::Up, &layer.up, None, &h2)?;
     let gu = g.apply_op2_no_bwd(&u, &SwiGlu)?;
-    let (dn, ax_d) = proj_fwd(&layer.down, None, lp(Target::Down)?.as_ref(), sc, &gu)?;
+    let dn = proj(Target::Down, &layer.down, None, &gu)?;
     let out = (&x2 + dn)?.reshape((b, s, d))?;
-    let mut ax: [Option<Tensor>; 7] = Default::default();
-    for (t, a) in [
-        (Target::Q, ax_q),
-        (Target::K, ax_k),
-        (Target::V, ax_v),
-        (Target::O, ax_o),
-        (Target::Gate, ax_g),
-        (Target::Up, ax_u),
-        (Target::Down, ax_d),
-    ] {
-        ax[slot(t)] = a;
-    }
     drop((h1, h2, gu));
     let saved = Saved {
         x,
@@ -273,59 +243,32 @@ pub fn layer_bwd(
     let rep = nh / nkv;
     let eps = cfg.eps as f32;
     let sc = scale(lora);
-    let lp = |t| pair(lora, li, t);
-    let ax = |t: Target| sv.ax[slot(t)].as_ref();
     let dy = dout.contiguous()?.reshape((m, d))?;
     let (n1, h1) = norm(&sv.x, &layer.attn_norm, eps)?;
     let (n2, h2) = norm(&sv.x2, &layer.ffn_norm, eps)?;
     let gu = sv.g.apply_op2_no_bwd(&sv.u, &SwiGlu)?;
+    // dx of projection `t` (input `input`, output gradient `dy`); its dA, dB go to the sink.
+    let mut proj = |t: Target, w: &QLinear, input: &Tensor, dy: &Tensor| {
+        let lp = pair(lora, li, t)?;
+        let ax = sv.ax[slot(t)].as_ref();
+        proj_bwd(w, lp.as_ref(), sc, input, ax, dy, sink.pair_mut(li, t))
+    };
 
     // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2).
-    let dgu = proj_bwd(
-        &layer.down,
-        lp(Target::Down)?.as_ref(),
-        sc,
-        &gu,
-        ax(Target::Down),
-        &dy,
-        sink.pair_mut(li, Target::Down),
-    )?;
+    let dgu = proj(Target::Down, &layer.down, &gu, &dy)?;
     let (dg, du) = SwiGlu.bwd(&sv.g, &sv.u, &gu, &dgu)?;
     let (dg, du) = match (dg, du) {
         (Some(a), Some(b)) => (a, b),
         _ => candle_core::bail!("swiglu gave no gradient"),
     };
-    let dh2 = (proj_bwd(
-        &layer.gate,
-        lp(Target::Gate)?.as_ref(),
-        sc,
-        &h2,
-        ax(Target::Gate),
-        &dg,
-        sink.pair_mut(li, Target::Gate),
-    )? + proj_bwd(
-        &layer.up,
-        lp(Target::Up)?.as_ref(),
-        sc,
-        &h2,
-        ax(Target::Up),
-        &du,
-        sink.pair_mut(li, Target::Up),
-    )?)?;
+    let dh2 =
+        (proj(Target::Gate, &layer.gate, &h2, &dg)? + proj(Target::Up, &layer.up, &h2, &du)?)?;
     let dx2 = (&dy
         + n2.bwd(&sv.x2, &h2, &dh2)?
             .ok_or_else(|| candle_core::Error::Msg("rms norm gave no gradient".into()))?)?;
 
     // Attention: x2 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x).
-    let dyatt = proj_bwd(
-        &layer.o.w,
-        lp(Target::O)?.as_ref(),
-        sc,
-        &sv.y,
-        ax(Target::O),
-        &dx2,
-        sink.pair_mut(li, Target::O),
-    )?;
+    let dyatt = proj(Target::O, &layer.o.w, &sv.y, &dx2)?;
     let dyatt = dyatt
         .reshape((b, s, nh, hd))?
         .transpose(1, 2)?
@@ -351,35 +294,8 @@ pub fn layer_bwd(
         t.transpose(1, 2)?.contiguous()?.reshape((m, heads * hd))
     };
     let (dq, dk, dv) = (back(dq, nh)?, back(dk, nkv)?, back(dv, nkv)?);
-    let mut dh1 = proj_bwd(
-        &layer.q.w,
-        lp(Target::Q)?.as_ref(),
-        sc,
-        &h1,
-        ax(Target::Q),
-        &dq,
-        sink.pair_mut(li, Target::Q),
-    )?;
-    dh1 = (dh1
-        + proj_bwd(
-            &layer.k.w,
-            lp(Target::K)?.as_ref(),
-            sc,
-            &h1,
-            ax(Target::K),
-            &dk,
-            sink.pair_mut(li, Target::K),
-        )?)?;
-    dh1 = (dh1
-        + proj_bwd(
-            &layer.v.w,
-            lp(Target::V)?.as_ref(),
-            sc,
-            &h1,
-            ax(Target::V),
-            &dv,
-            sink.pair_mut(li, Target::V),
-        )?)?;
+    let dh1 = ((proj(Target::Q, &layer.q.w, &h1, &dq)? + proj(Target::K, &layer.k.w, &h1, &dk)?)?
+        + proj(Target::V, &layer.v.w, &h1, &dv)?)?;
     let dx = (dx2
         + n1.bwd(&sv.x, &h1, &dh1)?
             .ok_or_else(|| candle_core::Error::Msg("rms norm gave no gradient".into()))?)?;

@@ -206,20 +206,8 @@ fn input_slice<'a>(
 }
 
 fn input_2d(storage: &CpuStorage, layout: &Layout, k_expected: usize) -> Result<Tensor> {
-    let v = match storage {
-        CpuStorage::F32(v) => v,
-        _ => candle_core::bail!("quantised matmul needs f32 activations"),
-    };
-    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("quantised matmul needs a contiguous input".into())
-    })?;
-    let dims = layout.dims();
-    let k = dims.last().copied().unwrap_or(0);
-    if k != k_expected {
-        candle_core::bail!("input has {k} features, the weight expects {k_expected}");
-    }
-    let m = (b - a) / k.max(1);
-    Tensor::from_slice(&v[a..b], (m, k), &Device::Cpu)
+    let (v, m) = input_slice(storage, layout, k_expected)?;
+    Tensor::from_slice(v, (m, k_expected), &Device::Cpu)
 }
 
 /// `y = x·Wᵀ` with a frozen quantised `W` (n_out, n_in); backward gives `grad_x = grad_y·W`.
