@@ -22,7 +22,10 @@ use std::arch::aarch64::*;
 fn check(row: &[u8], x: &[f32], k: usize, out: &[f32], m: usize, t: QType) {
     let bs = t.block_size();
     assert!(
-        k % bs == 0 && row.len() == k / bs * t.block_bytes() && x.len() >= m * k && out.len() == m,
+        k.is_multiple_of(bs)
+            && row.len() == k / bs * t.block_bytes()
+            && x.len() >= m * k
+            && out.len() == m,
         "neon kernel called with inconsistent sizes"
     );
 }

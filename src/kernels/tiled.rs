@@ -276,6 +276,7 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
 /// `m_pad` rows (multiple of 32) and `stride` values per row (multiple of 32, plus one step so
 /// a tile step that starts inside the last 32 columns stays in the buffer).
 #[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Left {
     data: Vec<u16>,
     m: usize,
