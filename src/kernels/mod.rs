@@ -252,25 +252,37 @@ pub fn dequantize_rows(w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) -> Re
 }
 
 fn check_sizes(w: &QMatrix, x: &[f32], m: usize, out: &[f32]) -> Result<usize, String> {
+    check_operands("matmul", w, x, w.k, m, out, w.n)
+}
+
+/// Validates `w` and that `a` holds `m × a_cols` values and `out` `m × out_cols`; returns the
+/// bytes per row of `w`. `what` names the operation in the messages.
+fn check_operands(
+    what: &str,
+    w: &QMatrix,
+    a: &[f32],
+    a_cols: usize,
+    m: usize,
+    out: &[f32],
+    out_cols: usize,
+) -> Result<usize, String> {
     let rb = w.validate()?;
-    let xs = m
-        .checked_mul(w.k)
-        .ok_or_else(|| "matmul: m * k overflows".to_string())?;
-    if x.len() != xs {
+    let want_a = m
+        .checked_mul(a_cols)
+        .ok_or_else(|| format!("{what}: input size overflows"))?;
+    if a.len() != want_a {
         return Err(format!(
-            "matmul: x has {} values, expected m * k = {m} * {} = {xs}",
-            x.len(),
-            w.k
+            "{what}: input has {} values, expected {m} x {a_cols} = {want_a}",
+            a.len()
         ));
     }
-    let os = m
-        .checked_mul(w.n)
-        .ok_or_else(|| "matmul: m * n overflows".to_string())?;
-    if out.len() != os {
+    let want_o = m
+        .checked_mul(out_cols)
+        .ok_or_else(|| format!("{what}: output size overflows"))?;
+    if out.len() != want_o {
         return Err(format!(
-            "matmul: out has {} values, expected m * n = {m} * {} = {os}",
-            out.len(),
-            w.n
+            "{what}: output has {} values, expected {m} x {out_cols} = {want_o}",
+            out.len()
         ));
     }
     Ok(rb)

@@ -122,6 +122,53 @@ fn reference(wf: &[f32], x: &[f32], n: usize, k: usize, m: usize) -> (Vec<f64>, 
     (r, s)
 }
 
+/// One random product case for the tiled GEMM: W (n × k) of type `dtype`, x (m × k) and
+/// g (m × n), with the f64 references of `x·Wᵀ` and `g·W` and their scales.
+struct GemmCase {
+    dtype: QType,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+    x: Vec<f32>,
+    want: Vec<f64>,
+    scale: Vec<f64>,
+    g: Vec<f32>,
+    want_g: Vec<f64>,
+    scale_g: Vec<f64>,
+}
+
+impl GemmCase {
+    fn new(dtype: QType, n: usize, k: usize, m: usize, rng: &mut StdRng) -> Self {
+        let data = random_matrix(dtype, n, k, rng);
+        let wf = candle_dequant(dtype, n, k, &data);
+        let x = random_x(m * k, rng);
+        let (want, scale) = reference(&wf, &x, n, k, m);
+        let g = random_x(m * n, rng);
+        let (want_g, scale_g) = reference_g_w(&wf, &g, n, k, m);
+        Self {
+            dtype,
+            n,
+            k,
+            data,
+            x,
+            want,
+            scale,
+            g,
+            want_g,
+            scale_g,
+        }
+    }
+
+    fn matrix(&self) -> QMatrix<'_> {
+        QMatrix {
+            dtype: self.dtype,
+            n: self.n,
+            k: self.k,
+            data: &self.data,
+        }
+    }
+}
+
 /// The f64 reference of `g (m × n) · W` for `W` (n × k): [`reference`] with Wᵀ as the weight.
 fn reference_g_w(wf: &[f32], g: &[f32], n: usize, k: usize, m: usize) -> (Vec<f64>, Vec<f64>) {
     let mut wt = vec![0f32; n * k];
@@ -428,19 +475,17 @@ fn tiled_gemm_matches_reference() {
             (8, 256, 64),
         ] {
             let k = k.next_multiple_of(bs);
-            let data = random_matrix(t, n, k, &mut rng);
-            let w = QMatrix {
-                dtype: t,
-                n,
-                k,
-                data: &data,
-            };
-            let wf = candle_dequant(t, n, k, &data);
-            // Forward: x (m × k) · Wᵀ.
-            let x = random_x(m * k, &mut rng);
-            let (want, scale) = reference(&wf, &x, n, k, m);
-            let g = random_x(m * n, &mut rng);
-            let (want_g, scale_g) = reference_g_w(&wf, &g, n, k, m);
+            let c = GemmCase::new(t, n, k, m, &mut rng);
+            let GemmCase {
+                x,
+                want,
+                scale,
+                g,
+                want_g,
+                scale_g,
+                ..
+            } = &c;
+            let w = c.matrix();
             let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
             for threads in [1usize, 2, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -448,21 +493,21 @@ fn tiled_gemm_matches_reference() {
                     .build()
                     .unwrap();
                 let mut out = vec![f32::NAN; m * n];
-                pool.install(|| gemm_wt(&w, &x, m, &mut out)).unwrap();
+                pool.install(|| gemm_wt(&w, x, m, &mut out)).unwrap();
                 assert_close(
                     &format!("{t:?} x·Wᵀ n={n} k={k} m={m}"),
                     &out,
-                    &want,
-                    &scale,
+                    want,
+                    scale,
                     1e-5,
                 );
                 let mut out_g = vec![f32::NAN; m * k];
-                pool.install(|| gemm_w(&w, &g, m, &mut out_g)).unwrap();
+                pool.install(|| gemm_w(&w, g, m, &mut out_g)).unwrap();
                 assert_close(
                     &format!("{t:?} g·W n={n} k={k} m={m}"),
                     &out_g,
-                    &want_g,
-                    &scale_g,
+                    want_g,
+                    scale_g,
                     1e-5,
                 );
                 match &first {
@@ -511,34 +556,33 @@ fn mixed_gemm_matches_reference_within_bf16() {
             (576, 1536, 64),
         ] {
             let k = k.next_multiple_of(bs);
-            let data = random_matrix(t, n, k, &mut rng);
-            let w = QMatrix {
-                dtype: t,
-                n,
-                k,
-                data: &data,
-            };
-            let wf = candle_dequant(t, n, k, &data);
-            let x = random_x(m * k, &mut rng);
-            let (want, scale) = reference(&wf, &x, n, k, m);
+            let c = GemmCase::new(t, n, k, m, &mut rng);
+            let GemmCase {
+                x,
+                want,
+                scale,
+                g,
+                want_g,
+                scale_g,
+                ..
+            } = &c;
+            let w = c.matrix();
             let mut out = vec![f32::NAN; m * n];
-            gemm_wt_mixed(&w, &x, m, &mut out).unwrap();
+            gemm_wt_mixed(&w, x, m, &mut out).unwrap();
             assert_close(
                 &format!("{t:?} mixed x·Wᵀ n={n} k={k} m={m}"),
                 &out,
-                &want,
-                &scale,
+                want,
+                scale,
                 tol,
             );
-            let g = random_x(m * n, &mut rng);
-            let (want_g, scale_g) = reference_g_w(&wf, &g, n, k, m);
             let mut out_g = vec![f32::NAN; m * k];
-            gemm_w_mixed(&w, &g, m, &mut out_g).unwrap();
+            gemm_w_mixed(&w, g, m, &mut out_g).unwrap();
             assert_close(
                 &format!("{t:?} mixed g·W n={n} k={k} m={m}"),
                 &out_g,
-                &want_g,
-                &scale_g,
+                want_g,
+                scale_g,
                 tol,
             );
         }

@@ -38,36 +38,6 @@ impl SendPtr {
     }
 }
 
-fn check(
-    w: &QMatrix,
-    a: &[f32],
-    a_cols: usize,
-    m: usize,
-    out: &[f32],
-    out_cols: usize,
-) -> Result<usize, String> {
-    let rb = w.validate()?;
-    let want_a = m
-        .checked_mul(a_cols)
-        .ok_or_else(|| "gemm: input size overflows".to_string())?;
-    if a.len() != want_a {
-        return Err(format!(
-            "gemm: input has {} values, expected {m} x {a_cols}",
-            a.len()
-        ));
-    }
-    let want_o = m
-        .checked_mul(out_cols)
-        .ok_or_else(|| "gemm: output size overflows".to_string())?;
-    if out.len() != want_o {
-        return Err(format!(
-            "gemm: output has {} values, expected {m} x {out_cols}",
-            out.len()
-        ));
-    }
-    Ok(rb)
-}
-
 /// Number of tasks for `units` independent pieces of work on the current pool.
 fn split(units: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
@@ -104,7 +74,7 @@ fn use_amx(mixed: bool, m: usize, k: usize) -> bool {
 }
 
 fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
-    let rb = check(w, x, w.k, m, out, w.n)?;
+    let rb = super::check_operands("gemm", w, x, w.k, m, out, w.n)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || n == 0 {
         return Ok(());
@@ -189,7 +159,7 @@ pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), S
 }
 
 fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
-    let rb = check(w, g, w.n, m, out, w.k)?;
+    let rb = super::check_operands("gemm", w, g, w.n, m, out, w.k)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || k == 0 {
         return Ok(());
