@@ -20,7 +20,7 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 #[derive(Args, Debug, Clone)]
 pub struct LearnFlags {
     /// Self-edit strategies: any of passage,cloze,questions,qa,implications,rewrites, or "all"
-    #[arg(long, default_value = "passage,cloze")]
+    #[arg(long, default_value = "passage,cloze,questions")]
     pub strategies: String,
     /// A larger local model that writes the generated self-edits (e.g. qwen2.5-coder-0.5b-instruct)
     #[arg(long)]
@@ -29,7 +29,7 @@ pub struct LearnFlags {
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
     /// Passes over the cycle's training data
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 5)]
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
@@ -50,6 +50,9 @@ pub struct LearnFlags {
     /// Items replayed per earlier learned note
     #[arg(long, default_value_t = 4)]
     pub replay: usize,
+    /// Replay at least this many earlier items per new item, spread evenly over earlier notes
+    #[arg(long, default_value_t = 1.0)]
+    pub replay_ratio: f64,
     /// Memory budget for the whole process, e.g. 1GiB
     #[arg(long)]
     pub max_memory: Option<String>,
@@ -139,6 +142,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         anchor_ratio: f.anchor_ratio.max(0.0),
         anchor_topk: f.anchor_topk,
         replay_per_note: f.replay,
+        replay_ratio: f.replay_ratio.max(0.0),
         max_memory: f
             .max_memory
             .as_deref()
@@ -545,6 +549,8 @@ fn run_child(
         &f.anchor_topk.to_string(),
         "--replay",
         &f.replay.to_string(),
+        "--replay-ratio",
+        &f.replay_ratio.to_string(),
     ])
     .args(["--seed", &f.seed.to_string()]);
     cmd.args(["--layers", &f.layers.to_string()]);

@@ -117,11 +117,14 @@ pub fn unfinished(store: &Store, model_sha256: &str) -> Result<Option<Cycle>> {
         .optional()?)
 }
 
-/// Notes waiting to be learned, oldest first (a note rejected by the gate twice waits for the
-/// user: `hone learn --retry`).
+/// Notes waiting to be learned: never-tried first, then oldest first. A note rejected by the
+/// gate twice waits for the user (`hone learn --retry`).
 pub fn pending_note_ids(store: &Store, limit: usize) -> Result<Vec<i64>> {
+    // Notes never tried go before notes the gate refused once, so one refused batch does not
+    // keep newer notes waiting behind its retry.
     let mut st = store.conn().prepare(
-        "SELECT id FROM notes WHERE learned_at IS NULL AND learn_attempts < 2 ORDER BY id LIMIT ?1",
+        "SELECT id FROM notes WHERE learned_at IS NULL AND learn_attempts < 2
+         ORDER BY learn_attempts, id LIMIT ?1",
     )?;
     let ids = st
         .query_map(params![limit as i64], |r| r.get(0))?
@@ -332,4 +335,31 @@ pub fn add_anchor(store: &Store, model_sha256: &str, prompt: &str, answer: &str)
         params![model_sha256, prompt, answer, now_rfc3339()],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_notes_wait_behind_notes_never_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("hone.db")).unwrap();
+        let ids: Vec<i64> = ["first note", "second note", "third note"]
+            .iter()
+            .map(|n| store.add_note(n, None, None).unwrap().id())
+            .collect();
+        assert_eq!(pending_note_ids(&store, 2).unwrap(), ids[..2]);
+        let c = start(&store, "m", "sha", &ids[..2], "{}", None).unwrap();
+        finish(&mut store, c.id, false, "{}", "rejected", &ids[..2]).unwrap();
+        // The refused pair goes behind the third note, still oldest first among themselves.
+        assert_eq!(
+            pending_note_ids(&store, 3).unwrap(),
+            vec![ids[2], ids[0], ids[1]]
+        );
+        let c = start(&store, "m", "sha", &ids[2..], "{}", None).unwrap();
+        finish(&mut store, c.id, true, "{}", "activated", &ids[2..]).unwrap();
+        assert_eq!(pending_note_ids(&store, 3).unwrap(), ids[..2]);
+        assert_eq!(pending_count(&store).unwrap(), 2);
+    }
 }

@@ -294,7 +294,7 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
             let lw = w.to_lowercase();
             if matches!(
                 lw.as_str(),
-                "and" | "but" | "while" | "because" | "so" | "who" | "which"
+                "and" | "but" | "while" | "because" | "so" | "who" | "which" | "where"
             ) {
                 clauses.push(Vec::new());
                 continue;
@@ -308,6 +308,9 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
             }
         }
         for c in clauses {
+            if let Some(q) = first_person_question(&c) {
+                out.push((q.0, q.1, full.clone()));
+            }
             let Some(k) = c
                 .iter()
                 .position(|w| COPULAS.contains(&w.to_lowercase().as_str()))
@@ -334,6 +337,26 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
                 .iter()
                 .filter(|w| is_cap(w) && !NOT_NAMES.contains(&w.to_lowercase().as_str()))
                 .count();
+            let name = |ws: &[&str]| {
+                ws.iter()
+                    .all(|w| is_cap(w) && !NOT_NAMES.contains(&w.to_lowercase().as_str()))
+            };
+            // The reverse question, answered by the subject: models trained on "A is B" do not
+            // answer "what is B?" unless they saw it asked that way (the reversal curse).
+            if comp.len() <= 8 && !TIME_WORDS.contains(&first.as_str()) {
+                let wh = if name(subj_words) { "Who" } else { "What" };
+                out.push((format!("{wh} {cop} {answer}?"), subj.clone(), full.clone()));
+            }
+            if first.ends_with("ing") && comp.len() >= 2 {
+                // "Giulia is bringing the cake": what is Giulia bringing?
+                let rest = comp[1..].join(" ");
+                out.push((
+                    format!("What {cop} {subj} {}?", comp[0]),
+                    rest,
+                    full.clone(),
+                ));
+                continue;
+            }
             let q = if (first.ends_with("ed") || first.ends_with("en"))
                 && comp.len() > 2
                 && PLACE_WORDS.contains(&comp[1].to_lowercase().as_str())
@@ -354,6 +377,42 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
         }
     }
     out
+}
+
+/// "I volunteer at the shelter on Sundays" → ("Where do I volunteer?", "at the shelter on
+/// Sundays"); the same for "we", and "when" for a time. Present tense only: the question needs
+/// the verb's base form, which is the present tense's for "I" and "we".
+fn first_person_question(c: &[&str]) -> Option<(String, String)> {
+    let [who, verb, prep, ..] = c else {
+        return None;
+    };
+    let who = match who.to_lowercase().as_str() {
+        "i" => "I",
+        "we" => "we",
+        _ => return None,
+    };
+    let verb_l = verb.to_lowercase();
+    if !verb.chars().all(|ch| ch.is_lowercase())
+        || verb_l.ends_with("ed")
+        || COPULAS.contains(&verb_l.as_str())
+        || NOT_NAMES.contains(&verb_l.as_str())
+        || matches!(
+            verb_l.as_str(),
+            "have" | "had" | "am" | "will" | "would" | "can" | "could" | "should" | "must" | "may"
+        )
+        || c.len() < 4
+    {
+        return None;
+    }
+    let p = prep.to_lowercase();
+    let wh = if TIME_WORDS.contains(&p.as_str()) && p != "on" {
+        "When"
+    } else if PLACE_WORDS.contains(&p.as_str()) {
+        "Where"
+    } else {
+        return None;
+    };
+    Some((format!("{wh} do {who} {verb}?"), c[2..].join(" ")))
 }
 
 #[cfg(test)]
@@ -402,6 +461,55 @@ mod tests {
             "{q:?}"
         );
         assert!(wh_questions("It is fine.").is_empty());
+    }
+
+    #[test]
+    fn questions_the_other_way_round_and_about_habits() {
+        let qa = |note: &str| -> Vec<(String, String)> {
+            wh_questions(note)
+                .into_iter()
+                .map(|(q, a, _)| (q, a))
+                .collect()
+        };
+        // Reversed: answered by the subject.
+        let q = qa("Henrike Vogt is the treasurer of the rowing club.");
+        assert!(
+            q.contains(&(
+                "Who is the treasurer of the rowing club?".into(),
+                "Henrike Vogt".into()
+            )),
+            "{q:?}"
+        );
+        // A progressive clause asks for its subject and its object.
+        let q = qa("The picnic is on Sunday, and Tomasz is baking the bread.");
+        assert!(
+            q.contains(&("Who is baking the bread?".into(), "Tomasz".into())),
+            "{q:?}"
+        );
+        assert!(
+            q.contains(&("What is Tomasz baking?".into(), "the bread".into())),
+            "{q:?}"
+        );
+        assert!(!q.iter().any(|(q, _)| q == "What is Tomasz?"), "{q:?}");
+        // Times are not reversed ("What is on Sunday?" asks nothing).
+        assert!(!q.iter().any(|(q, _)| q.starts_with("What is on")), "{q:?}");
+        // First-person habits: where and when.
+        let q = qa("We swim at the Nordbad before work, where the lifeguard is Ines Kahl.");
+        assert!(
+            q.contains(&(
+                "Where do we swim?".into(),
+                "at the Nordbad before work".into()
+            )),
+            "{q:?}"
+        );
+        assert!(
+            q.contains(&("Who is the lifeguard?".into(), "Ines Kahl".into())),
+            "{q:?}"
+        );
+        assert!(qa("I walked to the shop.").is_empty());
+        assert!(qa("I am in the garden.")
+            .iter()
+            .all(|(q, _)| !q.starts_with("Where do")));
     }
 
     #[test]
