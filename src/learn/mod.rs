@@ -403,6 +403,38 @@ fn note_items(
     Ok(Some(items))
 }
 
+/// The earlier notes' items a cycle trains on again. Every earlier note gets the same share, at
+/// least `replay_per_note` items, and together at least `replay_ratio` times the cycle's own
+/// item count: a fixed 4 per note let one new batch push the earlier notes' probes from 8/10 to
+/// 4/10. The note itself comes first, then its self-edits in an order that changes every cycle.
+fn replay_items<'a>(
+    earlier: &'a [Item],
+    new_items: usize,
+    opts: &LearnOptions,
+    cycle: i64,
+) -> Vec<&'a Item> {
+    let mut by_note: BTreeMap<i64, Vec<&Item>> = BTreeMap::new();
+    for it in earlier.iter().filter(|i| i.role == "train") {
+        by_note.entry(it.note_id).or_default().push(it);
+    }
+    if by_note.is_empty() {
+        return Vec::new();
+    }
+    let share = (new_items as f64 * opts.replay_ratio / by_note.len() as f64).ceil() as usize;
+    let per_note = opts.replay_per_note.max(share);
+    let mut replay = Vec::new();
+    for (nid, mut v) in by_note {
+        v.sort_by_key(|it| {
+            (
+                it.prompt.is_some(),
+                stable_hash(&[&cycle.to_string(), &nid.to_string(), &it.id.to_string()]),
+            )
+        });
+        replay.extend(v.into_iter().take(per_note));
+    }
+    replay
+}
+
 /// An item as a training example.
 fn example(engine: &Engine, system: Option<&str>, it: &Item) -> Result<data::Example> {
     match &it.prompt {
@@ -569,30 +601,7 @@ pub fn run_cycle(
         .filter(|i| i.role == "train" && i.verdict == "kept")
         .collect();
     let earlier = records::learned_items(store, &l.id.sha256, cycle.id)?;
-    let mut by_note: BTreeMap<i64, Vec<&Item>> = BTreeMap::new();
-    for it in earlier.iter().filter(|i| i.role == "train") {
-        by_note.entry(it.note_id).or_default().push(it);
-    }
-    // Every earlier note gets the same share, at least `replay_per_note` items, and together
-    // at least `replay_ratio` times this cycle's items: a fixed few per note let a new batch
-    // push the earlier notes' probes from 8/10 to 4/10.
-    let per_note = if by_note.is_empty() {
-        0
-    } else {
-        let share = (new_train.len() as f64 * opts.replay_ratio / by_note.len() as f64).ceil();
-        opts.replay_per_note.max(share as usize)
-    };
-    let mut replay: Vec<&Item> = Vec::new();
-    for (nid, mut v) in by_note {
-        // The note itself first, then its self-edits in an order that changes every cycle.
-        v.sort_by_key(|it| {
-            (
-                it.prompt.is_some(),
-                stable_hash(&[&cycle.id.to_string(), &nid.to_string(), &it.id.to_string()]),
-            )
-        });
-        replay.extend(v.into_iter().take(per_note));
-    }
+    let replay = replay_items(&earlier, new_train.len(), opts, cycle.id);
     let mut examples = Vec::new();
     let mut sha = Sha256::new();
     for it in new_train.iter().chain(replay.iter()) {
@@ -1021,6 +1030,45 @@ fn dry_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_gives_every_earlier_note_an_even_share_note_first() {
+        let item = |id: i64, note_id: i64, prompt: bool, role: &str| Item {
+            id,
+            cycle: 1,
+            note_id,
+            strategy: if prompt { "cloze" } else { "passage" }.into(),
+            generator: "rules".into(),
+            role: role.into(),
+            prompt: prompt.then(|| format!("q{id}")),
+            completion: format!("a{id}"),
+            verdict: "kept".into(),
+            reason: None,
+        };
+        // Two earlier notes with 10 train items each (the passage last by id) and a probe.
+        let mut earlier = Vec::new();
+        for note in [1, 2] {
+            for k in 0..9 {
+                earlier.push(item(note * 100 + k, note, true, "train"));
+            }
+            earlier.push(item(note * 100 + 50, note, false, "train"));
+            earlier.push(item(note * 100 + 60, note, true, "probe"));
+        }
+        let opts = LearnOptions::default();
+        let count = |v: &[&Item], note: i64| v.iter().filter(|i| i.note_id == note).count();
+        // 6 new items at ratio 1: 3 per note, raised to the floor of 4 per note.
+        let r = replay_items(&earlier, 6, &opts, 7);
+        assert_eq!((count(&r, 1), count(&r, 2)), (4, 4));
+        // 14 new items: 7 per note; each note's own text comes first; never a probe.
+        let r = replay_items(&earlier, 14, &opts, 7);
+        assert_eq!((count(&r, 1), count(&r, 2)), (7, 7));
+        assert_eq!((r[0].id, r[7].id), (150, 250));
+        assert!(r.iter().all(|i| i.role == "train"));
+        // More than a note has: all of it, once.
+        let r = replay_items(&earlier, 100, &opts, 7);
+        assert_eq!(r.len(), 20);
+        assert!(replay_items(&[], 100, &opts, 7).is_empty());
+    }
 
     #[test]
     fn gate_rules() {
