@@ -351,9 +351,9 @@ fn mode_list(a: &EvalArgs) -> Result<Vec<String>> {
         if k == 0 {
             bail!("--sequential needs K >= 1");
         }
-        return Ok(vec![format!("sequential-{k}")]);
     }
     let v: Vec<&str> = match a.mode.as_str() {
+        _ if a.sequential.is_some() => vec![],
         "all" => vec!["base", "in-context", "learn", "passage"],
         "ablation" => vec![
             "base",
@@ -370,6 +370,9 @@ fn mode_list(a: &EvalArgs) -> Result<Vec<String>> {
         m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, all or ablation"),
     };
     let mut v: Vec<String> = v.into_iter().map(str::to_string).collect();
+    if let Some(k) = a.sequential {
+        v.push(format!("sequential-{k}"));
+    }
     // Retention "before" comes from the base model.
     if a.retention.is_some() && v.first().map(String::as_str) != Some("base") {
         v.insert(0, "base".into());
@@ -687,7 +690,7 @@ fn print_table(choice: &ModelChoice, results: &[(String, ModeResult)], json_out:
         );
         let mut o = json!({"accuracy": r.accuracy, "correct": r.correct, "total": r.total,
             "retention_before": before, "retention_after": r.retention_after,
-            "retention_lost": lost, "train_tokens": r.train_tokens, "cycle_s": r.cycle_s,
+            "retention_lost": (!base_right.is_empty() || before.is_some()).then_some(lost), "train_tokens": r.train_tokens, "cycle_s": r.cycle_s,
             "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb, "gate": r.gate});
         if !r.batches.is_empty() {
             o["batches"] = serde_json::to_value(&r.batches).unwrap_or(Value::Null);

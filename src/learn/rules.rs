@@ -285,7 +285,7 @@ const PRONOUNS: &[&str] = &[
 /// multi-word name; else what). Returns (question, complement, the sentence it came from).
 pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for sentence in note.split_inclusive(['.', '!', '?', ';']) {
+    for sentence in sentences(note) {
         let full = sentence.trim().to_string();
         let sentence = sentence.trim_end_matches(['.', '!', '?', ';']);
         // Clauses: split at ", " and the joining words; a clause needs its own subject.
@@ -379,6 +379,46 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
     out
 }
 
+/// Titles and abbreviations whose full stop does not end a sentence.
+const ABBREVIATIONS: &[&str] = &[
+    "mr", "mrs", "ms", "dr", "prof", "st", "no", "nr", "mt", "jr", "sr", "vs", "etc", "e.g", "i.e",
+    "approx", "ave", "rd", "fig", "ca",
+];
+
+/// The note's sentences (and ";"-separated parts), each with its end mark. A full stop after a
+/// title or abbreviation ("Dr.", "No.", "St."), a single capital ("J.") or inside a number
+/// ("2.5") does not end one.
+fn sentences(note: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, ch) in note.char_indices() {
+        if !matches!(ch, '.' | '!' | '?' | ';') {
+            continue;
+        }
+        let end = i + ch.len_utf8();
+        if ch == '.' {
+            let next_is_text = note[end..]
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_whitespace());
+            let word = note[start..i]
+                .rsplit(|c: char| c.is_whitespace() || c == '(')
+                .next()
+                .unwrap_or("");
+            let single_cap = word.chars().count() == 1 && word.chars().all(char::is_uppercase);
+            if next_is_text || single_cap || ABBREVIATIONS.contains(&word.to_lowercase().as_str()) {
+                continue;
+            }
+        }
+        out.push(&note[start..end]);
+        start = end;
+    }
+    if start < note.len() {
+        out.push(&note[start..]);
+    }
+    out
+}
+
 /// "I volunteer at the shelter on Sundays" → ("Where do I volunteer?", "at the shelter on
 /// Sundays"); the same for "we", and "when" for a time. Present tense only: the question needs
 /// the verb's base form, which is the present tense's for "I" and "we".
@@ -461,6 +501,24 @@ mod tests {
             "{q:?}"
         );
         assert!(wh_questions("It is fine.").is_empty());
+    }
+
+    #[test]
+    fn sentences_do_not_end_at_titles_or_inside_numbers() {
+        let v = sentences(
+            "Dr. Amsel moved the check-up to 10.30 because St. Ida's is closed. Ask Mr. J. Brook; he knows! Fine",
+        );
+        assert_eq!(
+            v,
+            [
+                "Dr. Amsel moved the check-up to 10.30 because St. Ida's is closed.",
+                " Ask Mr. J. Brook;",
+                " he knows!",
+                " Fine"
+            ]
+        );
+        assert!(sentences("").is_empty());
+        assert_eq!(sentences("..."), ["..."]);
     }
 
     #[test]
