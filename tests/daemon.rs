@@ -338,6 +338,7 @@ fn a_request_pauses_training_within_a_second_and_learning_resumes() {
     std::thread::sleep(Duration::from_millis(500));
 
     let t0 = Instant::now();
+    let t0_wall = chrono::Utc::now();
     let ask = hone(h)
         .arg("--model")
         .arg(&model)
@@ -354,10 +355,25 @@ fn a_request_pauses_training_within_a_second_and_learning_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start hone ask");
+    // When the ask ends before the cycle has checkpointed, the daemon resumes at once and
+    // "paused" may last only milliseconds; the interrupted cycle's result, stamped after the
+    // request began, shows the pause as well.
+    let interrupted_at = |s: &Value| {
+        let r = &s["last_result"];
+        (r["outcome"] == "interrupted")
+            .then(|| chrono::DateTime::parse_from_rfc3339(r["at"].as_str()?).ok())
+            .flatten()
+            .filter(|at| *at >= t0_wall)
+    };
     let paused = wait_status(h, "the daemon to pause", Duration::from_secs(10), |s| {
-        phase(s) == "paused"
+        phase(s) == "paused" || interrupted_at(s).is_some()
     });
-    let pause = t0.elapsed();
+    let pause = match interrupted_at(&paused) {
+        Some(at) if phase(&paused) != "paused" => (at.with_timezone(&chrono::Utc) - t0_wall)
+            .to_std()
+            .unwrap_or_default(),
+        _ => t0.elapsed(),
+    };
     let o = ask.wait_with_output().expect("hone ask");
     let busy = t0.elapsed();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
