@@ -690,7 +690,7 @@ fn print_table(choice: &ModelChoice, results: &[(String, ModeResult)], json_out:
         );
         let mut o = json!({"accuracy": r.accuracy, "correct": r.correct, "total": r.total,
             "retention_before": before, "retention_after": r.retention_after,
-            "retention_lost": (!base_right.is_empty() || before.is_some()).then_some(lost), "train_tokens": r.train_tokens, "cycle_s": r.cycle_s,
+            "retention_lost": before.map(|_| lost), "train_tokens": r.train_tokens, "cycle_s": r.cycle_s,
             "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb, "gate": r.gate});
         if !r.batches.is_empty() {
             o["batches"] = serde_json::to_value(&r.batches).unwrap_or(Value::Null);

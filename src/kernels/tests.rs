@@ -167,6 +167,26 @@ impl GemmCase {
             data: &self.data,
         }
     }
+
+    /// Checks `out` (x·Wᵀ) and `out_g` (g·W) against the f64 references within `tol`.
+    fn check(&self, what: &str, out: &[f32], out_g: &[f32], tol: f64) {
+        let (t, n, k, m) = (self.dtype, self.n, self.k, self.x.len() / self.k);
+        let at = format!("n={n} k={k} m={m}");
+        assert_close(
+            &format!("{t:?} {what}x·Wᵀ {at}"),
+            out,
+            &self.want,
+            &self.scale,
+            tol,
+        );
+        assert_close(
+            &format!("{t:?} {what}g·W {at}"),
+            out_g,
+            &self.want_g,
+            &self.scale_g,
+            tol,
+        );
+    }
 }
 
 /// The f64 reference of `g (m × n) · W` for `W` (n × k): [`reference`] with Wᵀ as the weight.
@@ -476,15 +496,6 @@ fn tiled_gemm_matches_reference() {
         ] {
             let k = k.next_multiple_of(bs);
             let c = GemmCase::new(t, n, k, m, &mut rng);
-            let GemmCase {
-                x,
-                want,
-                scale,
-                g,
-                want_g,
-                scale_g,
-                ..
-            } = &c;
             let w = c.matrix();
             let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
             for threads in [1usize, 2, 3] {
@@ -493,23 +504,10 @@ fn tiled_gemm_matches_reference() {
                     .build()
                     .unwrap();
                 let mut out = vec![f32::NAN; m * n];
-                pool.install(|| gemm_wt(&w, x, m, &mut out)).unwrap();
-                assert_close(
-                    &format!("{t:?} x·Wᵀ n={n} k={k} m={m}"),
-                    &out,
-                    want,
-                    scale,
-                    1e-5,
-                );
+                pool.install(|| gemm_wt(&w, &c.x, m, &mut out)).unwrap();
                 let mut out_g = vec![f32::NAN; m * k];
-                pool.install(|| gemm_w(&w, g, m, &mut out_g)).unwrap();
-                assert_close(
-                    &format!("{t:?} g·W n={n} k={k} m={m}"),
-                    &out_g,
-                    want_g,
-                    scale_g,
-                    1e-5,
-                );
+                pool.install(|| gemm_w(&w, &c.g, m, &mut out_g)).unwrap();
+                c.check("", &out, &out_g, 1e-5);
                 match &first {
                     None => first = Some((out, out_g)),
                     Some((a, b)) => {
@@ -557,34 +555,12 @@ fn mixed_gemm_matches_reference_within_bf16() {
         ] {
             let k = k.next_multiple_of(bs);
             let c = GemmCase::new(t, n, k, m, &mut rng);
-            let GemmCase {
-                x,
-                want,
-                scale,
-                g,
-                want_g,
-                scale_g,
-                ..
-            } = &c;
             let w = c.matrix();
             let mut out = vec![f32::NAN; m * n];
-            gemm_wt_mixed(&w, x, m, &mut out).unwrap();
-            assert_close(
-                &format!("{t:?} mixed x·Wᵀ n={n} k={k} m={m}"),
-                &out,
-                want,
-                scale,
-                tol,
-            );
+            gemm_wt_mixed(&w, &c.x, m, &mut out).unwrap();
             let mut out_g = vec![f32::NAN; m * k];
-            gemm_w_mixed(&w, g, m, &mut out_g).unwrap();
-            assert_close(
-                &format!("{t:?} mixed g·W n={n} k={k} m={m}"),
-                &out_g,
-                want_g,
-                scale_g,
-                tol,
-            );
+            gemm_w_mixed(&w, &c.g, m, &mut out_g).unwrap();
+            c.check("mixed ", &out, &out_g, tol);
         }
     }
     eprintln!("AMX in use: {}", amx_in_use());

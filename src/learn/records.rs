@@ -117,11 +117,10 @@ pub fn unfinished(store: &Store, model_sha256: &str) -> Result<Option<Cycle>> {
         .optional()?)
 }
 
-/// Notes waiting to be learned: never-tried first, then oldest first. A note rejected by the
-/// gate twice waits for the user (`hone learn --retry`).
+/// Notes waiting to be learned: never-tried first (so one refused batch does not keep newer
+/// notes waiting behind its retry), then oldest first. A note rejected by the gate twice waits
+/// for the user (`hone learn --retry`).
 pub fn pending_note_ids(store: &Store, limit: usize) -> Result<Vec<i64>> {
-    // Notes never tried go before notes the gate refused once, so one refused batch does not
-    // keep newer notes waiting behind its retry.
     let mut st = store.conn().prepare(
         "SELECT id FROM notes WHERE learned_at IS NULL AND learn_attempts < 2
          ORDER BY learn_attempts, id LIMIT ?1",

@@ -79,6 +79,10 @@ fn words(text: &str) -> Vec<Word<'_>> {
 fn is_cap(w: &str) -> bool {
     w.chars().next().is_some_and(|c| c.is_uppercase())
 }
+/// Capitalised because it names something, not for grammar.
+fn is_name_word(w: &str) -> bool {
+    is_cap(w) && !NOT_NAMES.contains(&lower(w).as_str())
+}
 fn has_digit(w: &str) -> bool {
     w.chars().any(|c| c.is_ascii_digit())
 }
@@ -101,7 +105,7 @@ pub fn key_spans(note: &str, max: usize) -> Vec<Span> {
     let mut i = 0;
     while i < ws.len() {
         let w = ws[i].core;
-        let name_start = is_cap(w) && !NOT_NAMES.contains(&lower(w).as_str());
+        let name_start = is_name_word(w);
         if name_start || has_digit(w) {
             let mut j = i;
             while j + 1 < ws.len() && !ws[j].breaks {
@@ -308,8 +312,8 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
             }
         }
         for c in clauses {
-            if let Some(q) = first_person_question(&c) {
-                out.push((q.0, q.1, full.clone()));
+            if let Some((q, a)) = first_person_question(&c) {
+                out.push((q, a, full.clone()));
             }
             let Some(k) = c
                 .iter()
@@ -333,18 +337,15 @@ pub fn wh_questions(note: &str) -> Vec<(String, String, String)> {
             let comp = &c[k + 1..];
             let first = comp[0].to_lowercase();
             let answer = comp.join(" ");
-            let caps = comp
-                .iter()
-                .filter(|w| is_cap(w) && !NOT_NAMES.contains(&w.to_lowercase().as_str()))
-                .count();
-            let name = |ws: &[&str]| {
-                ws.iter()
-                    .all(|w| is_cap(w) && !NOT_NAMES.contains(&w.to_lowercase().as_str()))
-            };
+            let caps = comp.iter().filter(|w| is_name_word(w)).count();
             // The reverse question, answered by the subject: models trained on "A is B" do not
             // answer "what is B?" unless they saw it asked that way (the reversal curse).
             if comp.len() <= 8 && !TIME_WORDS.contains(&first.as_str()) {
-                let wh = if name(subj_words) { "Who" } else { "What" };
+                let wh = if subj_words.iter().all(|w| is_name_word(w)) {
+                    "Who"
+                } else {
+                    "What"
+                };
                 out.push((format!("{wh} {cop} {answer}?"), subj.clone(), full.clone()));
             }
             if first.ends_with("ing") && comp.len() >= 2 {
