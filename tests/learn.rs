@@ -55,7 +55,7 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
         .collect();
     assert!(items
         .iter()
-        .any(|i| i["strategy"] == "cloze" && i["verdict"] == "kept"));
+        .any(|i| i["strategy"] == "recall" && i["verdict"] == "kept"));
     assert!(items.iter().any(|i| i["role"] == "probe"));
     assert!(cycle_status(h).is_none(), "a dry run records no cycle");
 
@@ -108,7 +108,7 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
     // The log shows the decision and the items.
     let log = stdout(&run(hone(h).args(["learn", "--log"]), true));
     assert!(log.contains(&reason), "{log}");
-    assert!(log.contains("cloze kept"), "{log}");
+    assert!(log.contains("recall kept"), "{log}");
     // The notes are learned: nothing more to do.
     let again = last_json(&run(hone(h).args(["learn", "--json"]), true));
     if j["activated"].is_null() {

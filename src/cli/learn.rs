@@ -19,8 +19,8 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 /// Training and self-edit settings shared by `learn` and `eval`.
 #[derive(Args, Debug, Clone)]
 pub struct LearnFlags {
-    /// Self-edit strategies: any of passage,cloze,questions,qa,implications,rewrites, or "all"
-    #[arg(long, default_value = "passage,cloze,questions")]
+    /// Self-edit strategies: any of passage,cloze,recall,questions,qa,implications,rewrites, or "all"
+    #[arg(long, default_value = "passage,recall,questions")]
     pub strategies: String,
     /// A larger local model that writes the generated self-edits (e.g. qwen2.5-coder-0.5b-instruct)
     #[arg(long)]
@@ -359,6 +359,7 @@ fn mode_list(a: &EvalArgs) -> Result<Vec<String>> {
             "base",
             "only-passage",
             "only-cloze",
+            "only-recall",
             "only-questions",
             "only-qa",
             "only-implications",

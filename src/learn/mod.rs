@@ -118,7 +118,7 @@ impl Default for LearnOptions {
     fn default() -> Self {
         Self {
             max_notes: 20,
-            strategies: vec![Strategy::Passage, Strategy::Cloze, Strategy::Questions],
+            strategies: vec![Strategy::Passage, Strategy::Recall, Strategy::Questions],
             teacher: None,
             teacher_name: None,
             samples: 1,
@@ -326,13 +326,18 @@ fn note_items(
     });
     // Cloze probes are always made: they are the gate's held-out questions.
     for it in rules::cloze_items(note, 8) {
-        let verdict = if it.probe || chosen(Strategy::Cloze) {
+        let strategy = match (it.probe, it.kind) {
+            (true, _) => None,
+            (false, "recall") => Some(Strategy::Recall),
+            (false, _) => Some(Strategy::Cloze),
+        };
+        let verdict = if strategy.is_none_or(chosen) {
             "kept"
         } else {
             "unused"
         };
         items.push(NewItem {
-            strategy: if it.probe { "probe" } else { "cloze" }.into(),
+            strategy: strategy.map_or("probe", Strategy::name).into(),
             generator: "rules".into(),
             prompt_version: Some(format!("rules.v1/{}", it.kind)),
             sampling: None,

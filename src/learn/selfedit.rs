@@ -20,8 +20,11 @@ use std::sync::atomic::AtomicBool;
 pub enum Strategy {
     /// The note's own text.
     Passage,
-    /// Rule-based blanks and recall questions (no model).
+    /// Rule-based fill-in-the-blank items: the note with one key span blanked (no model).
     Cloze,
+    /// Rule-based recall questions: "What do my notes say about <name>?" answered with the
+    /// whole note (no model).
+    Recall,
     /// Rule-based wh-questions from "<subject> is <complement>" clauses (no model).
     Questions,
     /// Question-answer pairs written by the model.
@@ -33,9 +36,10 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 6] = [
+    pub const ALL: [Strategy; 7] = [
         Strategy::Passage,
         Strategy::Cloze,
+        Strategy::Recall,
         Strategy::Questions,
         Strategy::Qa,
         Strategy::Implications,
@@ -46,6 +50,7 @@ impl Strategy {
         match self {
             Strategy::Passage => "passage",
             Strategy::Cloze => "cloze",
+            Strategy::Recall => "recall",
             Strategy::Questions => "questions",
             Strategy::Qa => "qa",
             Strategy::Implications => "implications",
@@ -58,7 +63,7 @@ impl Strategy {
             .into_iter()
             .find(|x| x.name() == s.trim())
             .ok_or_else(|| {
-                format!("unknown strategy {s:?}: use passage, cloze, questions, qa, implications or rewrites")
+                format!("unknown strategy {s:?}: use passage, cloze, recall, questions, qa, implications or rewrites")
             })
     }
 
@@ -334,7 +339,7 @@ pub fn filter(
                 });
             }
         }
-        Strategy::Passage | Strategy::Cloze | Strategy::Questions => {}
+        Strategy::Passage | Strategy::Cloze | Strategy::Recall | Strategy::Questions => {}
     }
     out
 }
@@ -377,7 +382,7 @@ mod tests {
             Strategy::parse_list("qa,cloze").unwrap(),
             vec![Strategy::Cloze, Strategy::Qa]
         );
-        assert_eq!(Strategy::parse_list("all").unwrap().len(), 6);
+        assert_eq!(Strategy::parse_list("all").unwrap().len(), 7);
         assert!(Strategy::parse_list("qa,nope").is_err());
     }
 }
