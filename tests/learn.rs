@@ -55,6 +55,9 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
         .collect();
     assert!(items
         .iter()
+        .any(|i| i["strategy"] == "cloze" && i["verdict"] == "kept"));
+    assert!(items
+        .iter()
         .any(|i| i["strategy"] == "recall" && i["verdict"] == "kept"));
     assert!(items.iter().any(|i| i["role"] == "probe"));
     assert!(cycle_status(h).is_none(), "a dry run records no cycle");

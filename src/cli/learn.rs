@@ -20,7 +20,7 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 #[derive(Args, Debug, Clone)]
 pub struct LearnFlags {
     /// Self-edit strategies: any of passage,cloze,recall,questions,qa,implications,rewrites, or "all"
-    #[arg(long, default_value = "passage,recall,questions")]
+    #[arg(long, default_value = "passage,cloze,recall,questions")]
     pub strategies: String,
     /// A larger local model that writes the generated self-edits (e.g. qwen2.5-coder-0.5b-instruct)
     #[arg(long)]
@@ -31,6 +31,9 @@ pub struct LearnFlags {
     /// Passes over the cycle's training data
     #[arg(long, default_value_t = 5)]
     pub epochs: usize,
+    /// Train at least this many steps of one packed sequence, however few the notes
+    #[arg(long, default_value_t = 100)]
+    pub min_steps: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -143,6 +146,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         anchor_topk: f.anchor_topk,
         replay_per_note: f.replay,
         replay_ratio: f.replay_ratio.max(0.0),
+        min_steps: f.min_steps,
         max_memory: f
             .max_memory
             .as_deref()
@@ -542,6 +546,8 @@ fn run_child(
     .args([
         "--epochs",
         &f.epochs.to_string(),
+        "--min-steps",
+        &f.min_steps.to_string(),
         "--rank",
         &f.rank.to_string(),
     ])

@@ -86,6 +86,11 @@ pub struct LearnOptions {
     pub alpha: f32,
     pub lr: f64,
     pub epochs: usize,
+    /// Train at least this many steps (one packed sequence each), whatever `epochs` gives: a
+    /// cycle of a few notes packs into a handful of sequences, and 5 passes over those learned
+    /// too little for the gate (measured: 5-note cycles of 50 steps).
+    #[serde(default)]
+    pub min_steps: usize,
     /// Adapt only the top K layers (None: all).
     pub layers: Option<usize>,
     /// General anchoring examples per note-derived training example.
@@ -118,7 +123,12 @@ impl Default for LearnOptions {
     fn default() -> Self {
         Self {
             max_notes: 20,
-            strategies: vec![Strategy::Passage, Strategy::Recall, Strategy::Questions],
+            strategies: vec![
+                Strategy::Passage,
+                Strategy::Cloze,
+                Strategy::Recall,
+                Strategy::Questions,
+            ],
             teacher: None,
             teacher_name: None,
             samples: 1,
@@ -134,6 +144,7 @@ impl Default for LearnOptions {
             anchor_topk: 4,
             replay_per_note: 4,
             replay_ratio: default_replay_ratio(),
+            min_steps: 100,
             token_budget: None,
             gate: GateThresholds::default(),
             no_gate: false,
@@ -757,7 +768,9 @@ pub fn run_cycle(
         Some(t) => (t as usize)
             .div_ceil(cfg.seq_len * cfg.seqs_per_step())
             .max(1),
-        None => cfg.steps_for_epochs(ds.seqs.len(), opts.epochs.max(1)),
+        None => cfg
+            .steps_for_epochs(ds.seqs.len(), opts.epochs.max(1))
+            .max(opts.min_steps),
     };
     cfg.warmup = (cfg.steps / 10).min(10);
     let cache_limit = plan::cache_bytes(&mcfg, &p, ds.seqs.len(), opts.max_memory);
