@@ -6,6 +6,8 @@
 //! operand (bf16, row-major) times two 16-column tiles of the right operand, which is packed in
 //! the "VNNI" layout the instruction wants (pairs along the reduction dimension interleaved).
 //! Inputs are rounded to bf16 (8-bit mantissa); sums are f32. `HONE_AMX=0` turns it off.
+//! The operands are packed by `kernels::amx_pack` (AVX-512); the scalar packers here are the
+//! tests' reference.
 //!
 //! Must not: be used where results must match the f32 reference exactly (inference), run
 //! without `available()` having returned true on this process, or leave tiles configured
@@ -72,6 +74,7 @@ fn detect() -> bool {
 }
 
 /// f32 to bf16, rounding to nearest even (NaN stays NaN).
+#[cfg(test)]
 #[inline]
 pub fn bf16(v: f32) -> u16 {
     let b = v.to_bits();
@@ -191,6 +194,7 @@ pub unsafe fn block(
 /// index r, column c) goes to column group `c / 16`, step `r / 32`, tile row `(r % 32) / 2`,
 /// position `2 (c % 16) + r % 2`. Groups come in pairs (columns padded to 32), steps cover
 /// `red` padded to 32; padding is zero. Returns the number of steps.
+#[cfg(test)]
 fn packed_len(red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
     let chunks = red.div_ceil(CHUNK);
     let groups = cols.div_ceil(BLOCK) * 2;
@@ -201,6 +205,7 @@ fn packed_len(red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
 
 /// The right operand `Wᵀ` of `x · Wᵀ` from `w`: `cols` rows of `red` values (row-major), so
 /// value (r, c) = `w[c * red + r]`.
+#[cfg(test)]
 pub fn pack_transposed(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
     let chunks = packed_len(red, cols, out);
     for (c, row) in w.chunks_exact(red).take(cols).enumerate() {
@@ -218,6 +223,7 @@ pub fn pack_transposed(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -
 
 /// The right operand `W` of `g · W` from `w`: `red` rows of `cols` values (row-major), so
 /// value (r, c) = `w[r * cols + c]`.
+#[cfg(test)]
 pub fn pack_rows(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
     let chunks = packed_len(red, cols, out);
     for (r, row) in w.chunks_exact(cols).take(red).enumerate() {
@@ -233,6 +239,7 @@ pub fn pack_rows(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usiz
 }
 
 /// Rounds `x` (`m` rows of `k`) to bf16 in a zero-padded `m_pad × k_pad` buffer.
+#[cfg(test)]
 pub fn pack_left(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> Vec<u16> {
     let mut out = vec![0u16; m_pad * k_pad];
     for (o, r) in out.chunks_exact_mut(k_pad).zip(x.chunks_exact(k)).take(m) {

@@ -544,7 +544,15 @@ fn tiled_gemm_rejects_bad_sizes() {
 fn mixed_gemm_matches_reference_within_bf16() {
     let mut rng = StdRng::seed_from_u64(43);
     let tol = if amx_in_use() { 4e-3 } else { 1e-5 };
-    for t in [QType::Q4_1, QType::Q8_0, QType::Q4K, QType::F32] {
+    for t in [
+        QType::Q4_1,
+        QType::Q4_0,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q6K,
+        QType::F16,
+        QType::F32,
+    ] {
         let bs = t.block_size().max(1);
         for (n, k, m) in [
             (100usize, 576usize, 70usize),
@@ -552,6 +560,7 @@ fn mixed_gemm_matches_reference_within_bf16() {
             (33, 512, 129),
             (1536, 576, 96),
             (576, 1536, 64),
+            (40, 77, 33),
         ] {
             let k = k.next_multiple_of(bs);
             let c = GemmCase::new(t, n, k, m, &mut rng);
@@ -564,4 +573,89 @@ fn mixed_gemm_matches_reference_within_bf16() {
         }
     }
     eprintln!("AMX in use: {}", amx_in_use());
+}
+
+/// The AVX-512 packers (`amx_pack`) write exactly the bits of the scalar packers applied to
+/// the dequantised matrix, for every type, panel position and ragged edge, and the left
+/// operand's rounding matches `amx::bf16` on special values (NaN, infinities, subnormals, ties).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn fused_packers_match_scalar_packers() {
+    use super::{amx, amx_pack};
+    if !amx_pack::available() {
+        eprintln!("no AVX-512 here: nothing to compare");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(44);
+    for t in ALL {
+        let bs = t.block_size();
+        let (n, k) = (
+            50usize,
+            if bs == 1 {
+                77
+            } else {
+                (96usize).next_multiple_of(bs) * 2
+            },
+        );
+        let data = random_matrix(t, n, k, &mut rng);
+        let w = QMatrix {
+            dtype: t,
+            n,
+            k,
+            data: &data,
+        };
+        let rb = w.row_bytes().unwrap();
+        let mut wf = vec![0f32; n * k];
+        for (r, o) in wf.chunks_exact_mut(k).enumerate() {
+            scalar::dequantize_row(t, &data[r * rb..(r + 1) * rb], o);
+        }
+        let sub = |r0: usize, r1: usize, c0: usize, c1: usize| -> Vec<f32> {
+            (r0..r1)
+                .flat_map(|r| wf[r * k + c0..r * k + c1].to_vec())
+                .collect()
+        };
+        let (mut f, mut got, mut want) = (Vec::new(), Vec::new(), Vec::new());
+        // x·Wᵀ: output columns over W's rows, reduction over W's columns.
+        let k_mid = (k / 2).next_multiple_of(bs.max(32));
+        for (c0, c1) in [(0, n), (16, 37), (3, 4)] {
+            for (k0, k1) in [(0, k), (k_mid.min(k), k), (0, 32.min(k))] {
+                let chunks = amx_pack::pack_wt(&w, rb, (c0, c1), (k0, k1), &mut f, &mut got);
+                // The reference reads rows c of the sub-matrix as its columns.
+                let s = sub(c0, c1, k0, k1);
+                let want_chunks = amx::pack_transposed(&s, k1 - k0, c1 - c0, &mut want);
+                assert_eq!(chunks, want_chunks, "{t:?} wt chunks");
+                assert!(got == want, "{t:?} wt rows {c0}..{c1} cols {k0}..{k1}");
+            }
+        }
+        // g·W: reduction over W's rows, output columns over W's columns (whole blocks).
+        let c_mid = (k / 2) / bs * bs;
+        for (r0, r1) in [(0, n), (5, 40), (7, 8)] {
+            for (c0, c1) in [(0, k), (c_mid, k), (0, c_mid.max(bs))] {
+                let chunks = amx_pack::pack_w(&w, rb, (r0, r1), (c0, c1), &mut f, &mut got);
+                let s = sub(r0, r1, c0, c1);
+                let want_chunks = amx::pack_rows(&s, r1 - r0, c1 - c0, &mut want);
+                assert_eq!(chunks, want_chunks, "{t:?} w chunks");
+                assert!(got == want, "{t:?} w rows {r0}..{r1} cols {c0}..{c1}");
+            }
+        }
+    }
+    // The left operand, with special values.
+    let mut x = random_x(5 * 77, &mut rng);
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        -1e-42,
+        f32::from_bits(0x3f80_8000), // a tie, rounds to even
+        f32::from_bits(0x3f81_8000), // a tie, rounds up
+        f32::MAX,
+        -0.0,
+    ];
+    for (i, v) in specials.iter().enumerate() {
+        x[i * 13] = *v;
+    }
+    let got = amx_pack::pack_left(&x, 5, 77, 32, 160);
+    let want = amx::pack_left(&x, 5, 77, 32, 160);
+    assert!(got == want, "left operand rounding");
 }

@@ -8,6 +8,10 @@
 //! each thread owns a disjoint part of the output, so nothing is reduced across threads and
 //! the result does not depend on the thread count.
 //!
+//! On CPUs with AMX (training only, `gemm_*_mixed`) the right operand is packed to bf16 straight
+//! from the quantised blocks (`amx_pack`) in panels of 96 output columns × 256 reduction values,
+//! and each 32-row block of the left operand is reused across a panel while it sits in L1.
+//!
 //! Must not: allocate per tile (one buffer per task), keep a dequantised copy after the call,
 //! or run candle; sizes are validated and reported as `Err`, never by panicking.
 
@@ -64,7 +68,11 @@ pub fn gemm_w_mixed(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result
 fn use_amx(mixed: bool, m: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        mixed && m >= super::amx::BLOCK && k >= 64 && super::amx::available()
+        mixed
+            && m >= super::amx::BLOCK
+            && k >= 64
+            && super::amx::available()
+            && super::amx_pack::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -83,6 +91,13 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
         out.fill(0.0);
         return Ok(());
     }
+    if use_amx(mixed, m, k) {
+        // Right operand: Wᵀ (reduction over W's columns, output columns over W's rows).
+        amx_drive(&Left::new(x, m, k), k, n, 1, out, &|cols, red, f, p| {
+            amx_pack_wt(w, rb, cols, red, f, p)
+        });
+        return Ok(());
+    }
     let tile = (TILE_BYTES / (k * 4) / ROW_STEP * ROW_STEP)
         .max(ROW_STEP)
         .min(n);
@@ -90,32 +105,15 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
     let tasks = split(tiles);
     let per = tiles.div_ceil(tasks);
     let dst = SendPtr(out.as_mut_ptr());
-    let amx = use_amx(mixed, m, k);
-    let left = if amx {
-        Left::new(x, m, k)
-    } else {
-        Left::default()
-    };
     let work = |t: usize| {
         let mut scratch = Scratch::take();
-        let (buf, packed) = scratch.get(tile * k);
-        let _tiles = amx.then(AmxThread::start);
+        let (buf, _) = scratch.get(tile * k);
         for ti in t * per..((t + 1) * per).min(tiles) {
             let r0 = ti * tile;
             let r1 = (r0 + tile).min(n);
             let rows = r1 - r0;
             for (r, o) in (r0..r1).zip(buf.chunks_exact_mut(k)) {
                 scalar::dequantize_row(w.dtype, &w.data[r * rb..(r + 1) * rb], o);
-            }
-            if amx {
-                // Right operand: Wᵀ restricted to this tile (reduction over k).
-                let chunks = amx_pack_transposed(&buf[..rows * k], k, rows, packed);
-                // SAFETY: the tiles are configured on this thread (`_tiles`); the output
-                // columns r0..r1 belong to this tile; see `amx_product`.
-                unsafe {
-                    amx_product(&left, 0, chunks, packed, rows, dst, n, r0, false);
-                }
-                continue;
             }
             // SAFETY: x is m × k row-major; buf holds `rows` rows of k (read as its transpose:
             // rhs[j][c] = buf[c * k + j]); dst columns r0..r1 of the m × n row-major output
@@ -168,27 +166,27 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
         out.fill(0.0);
         return Ok(());
     }
+    let (ub, ubytes) = (w.dtype.block_size(), w.dtype.block_bytes());
+    if use_amx(mixed, m, n) {
+        // Right operand: W (reduction over W's rows); panels of whole blocks of columns.
+        amx_drive(&Left::new(g, m, n), n, k, ub, out, &|cols, red, f, p| {
+            amx_pack_w(w, rb, red, cols, f, p)
+        });
+        return Ok(());
+    }
     // Column ranges of a fixed width (whole blocks, at least 64 values), and row tiles sized
     // from that width only, so the summation order never depends on the thread count.
-    let (ub, ubytes) = (w.dtype.block_size(), w.dtype.block_bytes());
     let width = ub.max(64).next_multiple_of(ub);
     let chunks = k.div_ceil(width);
     let tile = (TILE_BYTES / (width * 4)).clamp(16, n.max(16)).min(n);
     let dst = SendPtr(out.as_mut_ptr());
-    let amx = use_amx(mixed, m, n);
-    let left = if amx {
-        Left::new(g, m, n)
-    } else {
-        Left::default()
-    };
     let work = |t: usize| {
         let c0 = t * width;
         let c1 = (c0 + width).min(k);
         let cols = c1 - c0;
         let (b0, b1) = (c0 / ub * ubytes, c1 / ub * ubytes);
         let mut scratch = Scratch::take();
-        let (buf, packed) = scratch.get(tile * cols);
-        let _tiles = amx.then(AmxThread::start);
+        let (buf, _) = scratch.get(tile * cols);
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + tile).min(n);
@@ -196,15 +194,6 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
             for (r, o) in (r0..r1).zip(buf.chunks_exact_mut(cols)) {
                 let row = &w.data[r * rb..(r + 1) * rb];
                 scalar::dequantize_row(w.dtype, &row[b0..b1], o);
-            }
-            if amx {
-                let chunks = amx_pack_rows(&buf[..rows * cols], rows, cols, packed);
-                // SAFETY: as above; the output columns c0..c1 belong to this task.
-                unsafe {
-                    amx_product(&left, r0, chunks, packed, cols, dst, k, c0, r0 > 0);
-                }
-                r0 = r1;
-                continue;
             }
             // SAFETY: g is m × n row-major (columns r0..r1 read); buf is rows × cols row-major;
             // dst columns c0..c1 of the m × k output belong to this task alone.
@@ -257,7 +246,8 @@ struct Left {
 impl Left {
     #[cfg(target_arch = "x86_64")]
     fn new(x: &[f32], m: usize, cols: usize) -> Self {
-        use super::amx::{pack_left, BLOCK, CHUNK};
+        use super::amx::{BLOCK, CHUNK};
+        use super::amx_pack::pack_left;
         let m_pad = m.next_multiple_of(BLOCK);
         let stride = cols.next_multiple_of(CHUNK) + CHUNK;
         Self {
@@ -275,11 +265,12 @@ impl Left {
 }
 
 /// This thread's AMX tiles, configured for as long as the value lives.
+#[cfg(target_arch = "x86_64")]
 struct AmxThread;
 
+#[cfg(target_arch = "x86_64")]
 impl AmxThread {
     fn start() -> Self {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: only created when `use_amx` (hence `amx::available()`) said yes.
         unsafe {
             super::amx::configure();
@@ -288,9 +279,9 @@ impl AmxThread {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Drop for AmxThread {
     fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: `start` configured the tiles on this thread.
         unsafe {
             super::amx::release();
@@ -298,23 +289,107 @@ impl Drop for AmxThread {
     }
 }
 
+/// Reduction values per packed step of the AMX path: a 32-row block of the left operand over
+/// this span (at most 16 KiB in bf16) stays in L1 while the panel's column blocks pass by.
 #[cfg(target_arch = "x86_64")]
-fn amx_pack_transposed(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
-    super::amx::pack_transposed(w, red, cols, out)
-}
+const AMX_SPAN: usize = 256;
 
+/// Output columns per AMX task (a panel); its packed span (≤ 48 KiB) stays in L2.
 #[cfg(target_arch = "x86_64")]
-fn amx_pack_rows(w: &[f32], red: usize, cols: usize, out: &mut Vec<u16>) -> usize {
-    super::amx::pack_rows(w, red, cols, out)
+const AMX_PANEL: usize = 96;
+
+/// Packs one panel's right operand: (output columns, reduction range, f32 scratch, packed
+/// buffer) → reduction steps.
+type PackFn<'a> =
+    dyn Fn((usize, usize), (usize, usize), &mut Vec<f32>, &mut Vec<u16>) -> usize + Sync + 'a;
+
+/// `out (m × ncols) = left (m × red) · R` on AMX tiles, `R` packed panel by panel by `pack`.
+/// Each task owns a panel of output columns (a multiple of `align` wide) and walks the
+/// reduction in spans, so the summation order (whole 32-steps, in order) never depends on the
+/// thread count or the panel sizes.
+#[cfg(target_arch = "x86_64")]
+fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, out: &mut [f32], pack: &PackFn) {
+    use super::amx::CHUNK;
+    let panel = AMX_PANEL.next_multiple_of(align.max(1));
+    let panels = ncols.div_ceil(panel);
+    let spans = red.div_ceil(AMX_SPAN);
+    let span = red.div_ceil(spans).next_multiple_of(CHUNK);
+    let dst = SendPtr(out.as_mut_ptr());
+    let work = |p: usize| {
+        let mut scratch = Scratch::take();
+        let (f, packed) = scratch.vecs();
+        let _tiles = AmxThread::start();
+        let (c0, c1) = (p * panel, ((p + 1) * panel).min(ncols));
+        let mut k0 = 0;
+        while k0 < red {
+            let k1 = (k0 + span).min(red);
+            let chunks = pack((c0, c1), (k0, k1), f, packed);
+            // SAFETY: the tiles are configured on this thread (`_tiles`); the output columns
+            // c0..c1 belong to this task; the left operand covers k0 + 32·chunks (its stride is
+            // padded past `red`); see `amx_product`.
+            unsafe {
+                amx_product(left, k0, chunks, packed, c1 - c0, dst, ncols, c0, k0 > 0);
+            }
+            k0 = k1;
+        }
+    };
+    if panels == 1 || rayon::current_num_threads() == 1 {
+        (0..panels).for_each(work);
+    } else {
+        (0..panels).into_par_iter().for_each(work);
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_pack_transposed(_w: &[f32], _red: usize, _cols: usize, _out: &mut Vec<u16>) -> usize {
+fn amx_drive(_l: &Left, _r: usize, _n: usize, _a: usize, _o: &mut [f32], _p: &PackFn) {
+    unreachable!("use_amx is false off x86_64")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_pack_wt(
+    w: &QMatrix,
+    rb: usize,
+    cols: (usize, usize),
+    red: (usize, usize),
+    f: &mut Vec<f32>,
+    p: &mut Vec<u16>,
+) -> usize {
+    super::amx_pack::pack_wt(w, rb, cols, red, f, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_pack_w(
+    w: &QMatrix,
+    rb: usize,
+    red: (usize, usize),
+    cols: (usize, usize),
+    f: &mut Vec<f32>,
+    p: &mut Vec<u16>,
+) -> usize {
+    super::amx_pack::pack_w(w, rb, red, cols, f, p)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_pack_wt(
+    _w: &QMatrix,
+    _rb: usize,
+    _c: (usize, usize),
+    _r: (usize, usize),
+    _f: &mut Vec<f32>,
+    _p: &mut Vec<u16>,
+) -> usize {
     unreachable!("use_amx is false off x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_pack_rows(_w: &[f32], _red: usize, _cols: usize, _out: &mut Vec<u16>) -> usize {
+fn amx_pack_w(
+    _w: &QMatrix,
+    _rb: usize,
+    _r: (usize, usize),
+    _c: (usize, usize),
+    _f: &mut Vec<f32>,
+    _p: &mut Vec<u16>,
+) -> usize {
     unreachable!("use_amx is false off x86_64")
 }
 
@@ -382,22 +457,6 @@ unsafe fn amx_product(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn amx_product(
-    _left: &Left,
-    _off: usize,
-    _chunks: usize,
-    _packed: &[u16],
-    _cols: usize,
-    _out: SendPtr,
-    _ldo: usize,
-    _col0: usize,
-    _accumulate: bool,
-) {
-    unreachable!("use_amx is false off x86_64")
-}
-
 /// A thread's dequantisation and packing buffers, kept between calls (a training step makes
 /// hundreds of products; allocating and zeroing fresh buffers for each was a tenth of it).
 #[derive(Default)]
@@ -432,6 +491,12 @@ impl Scratch {
             self.0.buf.resize(n, 0.0);
         }
         (&mut self.0.buf[..n], &mut self.0.packed)
+    }
+
+    /// Both buffers as vectors, for packers that size them themselves.
+    #[cfg(target_arch = "x86_64")]
+    fn vecs(&mut self) -> (&mut Vec<f32>, &mut Vec<u16>) {
+        (&mut self.0.buf, &mut self.0.packed)
     }
 }
 
