@@ -13,10 +13,10 @@
 
 use super::forward::Aux;
 use super::ops::{RmsNorm, Rope, SwiGlu};
-use super::qmatmul::{qmatmul, QMatMulGrad};
+use super::qmatmul::{w_vec, wt_vec};
 use crate::lora::{LoraWeights, Target};
 use crate::model::{Model, QLinear};
-use candle_core::{CustomOp1, CustomOp2, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Result, Storage, Tensor};
 
 /// What the backward of one layer needs from its forward.
 /// The normed inputs and SwiGLU's product are recomputed in the backward (one cheap pass
@@ -79,6 +79,76 @@ fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(RmsNorm, Tensor)> {
     Ok((op, y))
 }
 
+/// Runs `f` on the f32 values of `t` in row-major order: borrowed when `t` is a contiguous f32
+/// CPU tensor (every tensor here is), copied otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (st, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*st, layout.contiguous_offsets())
+        {
+            return f(&v[a..b]);
+        }
+    }
+    let v = t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    f(&v)
+}
+
+/// An f32 operand of [`product`]: values, and the strides of a row and of a column.
+struct Op<'a>(&'a [f32], usize, usize);
+
+/// `dst (rows × cols, row-major) = [dst +] beta · lhs (rows × inner) · rhs (inner × cols)` with
+/// the `gemm` crate's f32 kernels (the small products of the LoRA factors; candle's matmul
+/// added an allocation, a scaling pass and an addition pass around each).
+fn product(
+    (rows, cols, inner): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Op,
+    rhs: Op,
+    beta: f32,
+) -> Result<()> {
+    let fits =
+        |o: &Op, r: usize, c: usize| r == 0 || c == 0 || (r - 1) * o.1 + (c - 1) * o.2 < o.0.len();
+    if dst.len() < rows * cols || !fits(&lhs, rows, inner) || !fits(&rhs, inner, cols) {
+        candle_core::bail!("LoRA product {rows}x{inner}x{cols}: an operand is too short");
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let par = if rows * cols * inner >= 1 << 18 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the product reads or writes is inside its slice (checked above), and
+    // `dst` does not overlap the operands (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
 /// `x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ` for `x` (m, k); returns the output and `x·Aᵀ`.
 fn proj_fwd(
     w: &QLinear,
@@ -87,18 +157,48 @@ fn proj_fwd(
     s: f64,
     x: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let mut y = qmatmul(x, &w.q)?;
+    let (m, k) = x.dims2()?;
+    let n = w.q.shape().dims2()?.0;
+    let (mut y, ax) = with_f32(x, |xs| {
+        let mut y = wt_vec(xs, m, &w.q)?;
+        let Some((a, b)) = lp else {
+            return Ok((y, None));
+        };
+        let r = a.dim(0)?;
+        let mut ax = vec![0f32; m * r];
+        // x·Aᵀ: Aᵀ (k × r) read from A (r × k).
+        with_f32(a, |av| {
+            product((m, r, k), &mut ax, false, Op(xs, k, 1), Op(av, 1, k), 1.0)
+        })?;
+        // y += s·(x·Aᵀ)·Bᵀ: Bᵀ (r × n) read from B (n × r).
+        with_f32(b, |bv| {
+            product(
+                (m, n, r),
+                &mut y,
+                true,
+                Op(&ax, r, 1),
+                Op(bv, 1, r),
+                s as f32,
+            )
+        })?;
+        Ok((y, Some((ax, r))))
+    })?;
     if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
+        with_f32(b, |bv| {
+            if bv.len() != n {
+                candle_core::bail!("bias of {} values for {n} outputs", bv.len());
+            }
+            y.chunks_exact_mut(n)
+                .for_each(|row| row.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
+            Ok(())
+        })?;
     }
-    match lp {
-        None => Ok((y, None)),
-        Some((a, b)) => {
-            let ax = x.matmul(&a.t()?)?;
-            let d = (ax.matmul(&b.t()?)? * s)?;
-            Ok(((y + d)?, Some(ax)))
-        }
-    }
+    let y = Tensor::from_vec(y, (m, n), &Device::Cpu)?;
+    let ax = match ax {
+        Some((v, r)) => Some(Tensor::from_vec(v, (m, r), &Device::Cpu)?),
+        None => None,
+    };
+    Ok((y, ax))
 }
 
 /// Gradients of [`proj_fwd`]: adds dA and dB into `ga`/`gb` and returns dx.
@@ -111,35 +211,34 @@ fn proj_bwd(
     dy: &Tensor,
     acc: Option<(&mut [f32], &mut [f32])>,
 ) -> Result<Tensor> {
-    let op = QMatMulGrad { w: w.q.clone() };
-    let dx = op
-        .bwd(x, dy, dy)?
-        .ok_or_else(|| candle_core::Error::Msg("no input gradient".into()))?;
-    let (Some((a, b)), Some(ax)) = (lp, ax) else {
-        return Ok(dx);
-    };
-    // dB = s·dyᵀ·(x·Aᵀ), d(x·Aᵀ) = s·dy·B, dA = d(x·Aᵀ)ᵀ·x, dx += d(x·Aᵀ)·A.
-    let gb = (dy.t()?.matmul(ax)? * s)?;
-    let dax = (dy.matmul(b)? * s)?;
-    let ga = dax.t()?.matmul(x)?;
-    if let Some((acc_a, acc_b)) = acc {
-        add_into(acc_a, &ga)?;
-        add_into(acc_b, &gb)?;
-    }
-    dx + dax.matmul(a)?
-}
-
-fn add_into(acc: &mut [f32], t: &Tensor) -> Result<()> {
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
-    if v.len() != acc.len() {
-        candle_core::bail!(
-            "gradient of {} values for a parameter of {}",
-            v.len(),
-            acc.len()
-        );
-    }
-    acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
-    Ok(())
+    let (m, n) = dy.dims2()?;
+    let k = w.q.shape().dims2()?.1;
+    let s = s as f32;
+    let dx = with_f32(dy, |dys| {
+        let mut dx = w_vec(dys, m, &w.q)?;
+        let (Some((a, b)), Some(ax)) = (lp, ax) else {
+            return Ok(dx);
+        };
+        let r = a.dim(0)?;
+        // d(x·Aᵀ) = s·dy·B, dB = s·dyᵀ·(x·Aᵀ), dA = d(x·Aᵀ)ᵀ·x, dx += d(x·Aᵀ)·A.
+        let mut dax = vec![0f32; m * r];
+        with_f32(b, |bv| {
+            product((m, r, n), &mut dax, false, Op(dys, n, 1), Op(bv, r, 1), s)
+        })?;
+        if let Some((acc_a, acc_b)) = acc {
+            with_f32(ax, |axv| {
+                product((n, r, m), acc_b, true, Op(dys, 1, n), Op(axv, r, 1), s)
+            })?;
+            with_f32(x, |xs| {
+                product((r, k, m), acc_a, true, Op(&dax, 1, r), Op(xs, k, 1), 1.0)
+            })?;
+        }
+        with_f32(a, |av| {
+            product((m, k, r), &mut dx, true, Op(&dax, r, 1), Op(av, k, 1), 1.0)
+        })?;
+        Ok(dx)
+    })?;
+    Tensor::from_vec(dx, (m, k), &Device::Cpu)
 }
 
 /// Layer `li` on `x` (b, s, dim): the output and what [`layer_bwd`] needs.

@@ -142,6 +142,27 @@ fn rows_w(g: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Opti
     })
 }
 
+/// `x (m, k) · Wᵀ` as a flat row-major `m × n` vector, through the tiled GEMM where the kernels
+/// know W's type and through candle otherwise (the layer-by-layer backward's forward product).
+pub(crate) fn wt_vec(x: &[f32], m: usize, w: &QTensor) -> Result<Vec<f32>> {
+    let (n, k) = w.shape().dims2()?;
+    if let Some(out) = rows_wt(x, m, w, 0, n)? {
+        return Ok(out);
+    }
+    let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+    matmul_wt(&xt, w)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `g (m, n) · W` as a flat row-major `m × k` vector: the input gradient of [`wt_vec`].
+pub(crate) fn w_vec(g: &[f32], m: usize, w: &QTensor) -> Result<Vec<f32>> {
+    let (n, _) = w.shape().dims2()?;
+    if let Some(out) = rows_w(g, m, w, 0, n)? {
+        return Ok(out);
+    }
+    let gt = Tensor::from_slice(g, (m, n), &Device::Cpu)?;
+    matmul_w(&gt, w)?.flatten_all()?.to_vec1::<f32>()
+}
+
 /// `x·Wᵀ` for `x` (m, k) and quantised `W` (n, k), without gradient tracking.
 pub fn matmul_wt(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     let (n, k) = w.shape().dims2()?;
