@@ -24,6 +24,84 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Runs `f` on the f32 values of `t` in row-major order: borrowed when `t` is a contiguous f32
+/// CPU tensor (every tensor of the training path is), copied otherwise.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (st, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*st, layout.contiguous_offsets())
+        {
+            return f(&v[a..b]);
+        }
+    }
+    f(&to_vec(t)?)
+}
+
+/// `Σ f(i)` for i in 0..n, in eight interleaved partial sums (so the loop vectorises; the
+/// order is fixed, so the result does not depend on the thread count).
+#[inline(always)]
+fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let full = n / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(i + l);
+        }
+        i += 8;
+    }
+    let mut tail = 0f32;
+    for j in full..n {
+        tail += f(j);
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Runs `f` inside a function compiled for AVX-512 (or AVX2 + FMA) when the CPU has it, so the
+/// elementwise loops of `f`, inlined there, vectorise 16 or 8 wide (the portable x86_64 build
+/// has SSE2 only). Elsewhere it is just `f()`.
+#[inline(always)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        let level = *LEVEL.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+            {
+                2
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                1
+            } else {
+                0
+            }
+        });
+        // SAFETY: the features each wrapper enables were detected on this CPU just above.
+        match level {
+            2 => return unsafe { wide512(f) },
+            1 => return unsafe { wide256(f) },
+            _ => {}
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn wide512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wide256<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// `y = x / sqrt(mean(x²) + eps) · w` over the last dimension; `w` is frozen.
 pub struct RmsNorm {
     pub w: Vec<f32>,
@@ -42,11 +120,13 @@ impl CustomOp1 for RmsNorm {
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(yr, xr)| {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(&self.w) {
-                    *o = xi * r * wi;
-                }
+                wide(|| {
+                    let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
+                    let r = 1.0 / (ms + self.eps).sqrt();
+                    for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(&self.w) {
+                        *o = xi * r * wi;
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -59,19 +139,16 @@ impl CustomOp1 for RmsNorm {
         dx.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(o, (xr, gr))| {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                // dot = Σ g·w·x̂ / d
-                let dot = xr
-                    .iter()
-                    .zip(gr)
-                    .zip(&self.w)
-                    .map(|((xi, gi), wi)| gi * wi * xi * r)
-                    .sum::<f32>()
-                    / d as f32;
-                for (((oi, &xi), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(&self.w) {
-                    *oi = r * (gi * wi - xi * r * dot);
-                }
+                wide(|| {
+                    let w = &self.w[..d];
+                    let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
+                    let r = 1.0 / (ms + self.eps).sqrt();
+                    // dot = Σ g·w·x̂ / d
+                    let dot = sum8(d, |i| gr[i] * w[i] * xr[i] * r) / d as f32;
+                    for (((oi, &xi), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                        *oi = r * (gi * wi - xi * r * dot);
+                    }
+                })
             });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
@@ -173,16 +250,16 @@ impl CustomOp1 for MaskedSoftmax {
                         mx = mx.max(xr[j] * self.scale);
                     }
                 }
-                let mut sum = 0f32;
-                for j in 0..s {
-                    let v = if mask[j] {
-                        exp_f32(xr[j] * self.scale - mx)
-                    } else {
-                        0.0
-                    };
-                    yr[j] = v;
-                    sum += v;
-                }
+                wide(|| {
+                    for j in 0..s {
+                        yr[j] = if mask[j] {
+                            exp_f32(xr[j] * self.scale - mx)
+                        } else {
+                            0.0
+                        };
+                    }
+                });
+                let sum: f32 = yr.iter().sum();
                 let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                 for v in yr.iter_mut() {
                     *v *= inv;
@@ -199,10 +276,12 @@ impl CustomOp1 for MaskedSoftmax {
         dx.par_chunks_mut(s)
             .zip(p.par_chunks(s).zip(g.par_chunks(s)))
             .for_each(|(o, (pr, gr))| {
-                let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for j in 0..s {
-                    o[j] = self.scale * pr[j] * (gr[j] - dot);
-                }
+                wide(|| {
+                    let dot = sum8(s, |j| pr[j] * gr[j]);
+                    for j in 0..s {
+                        o[j] = self.scale * pr[j] * (gr[j] - dot);
+                    }
+                })
             });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
@@ -245,9 +324,11 @@ impl CustomOp2 for SwiGlu {
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(yc, (gc, uc))| {
-                for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = gi * sigmoid(gi) * ui;
-                }
+                wide(|| {
+                    for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
+                        *o = gi * sigmoid(gi) * ui;
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -259,24 +340,36 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dy) = (to_vec(g)?, to_vec(u)?, to_vec(grad)?);
-        let mut dg = vec![0f32; gv.len()];
-        let mut du = vec![0f32; gv.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                gv.par_chunks(CHUNK)
-                    .zip(uv.par_chunks(CHUNK))
-                    .zip(dy.par_chunks(CHUNK)),
-            )
-            .for_each(|((dgc, duc), ((gc, uc), dyc))| {
-                for i in 0..gc.len() {
-                    let (gi, ui, d) = (gc[i], uc[i], dyc[i]);
-                    let sg = sigmoid(gi);
-                    duc[i] = d * gi * sg;
-                    dgc[i] = d * ui * sg * (1.0 + gi * (1.0 - sg));
-                }
-            });
+        let n = g.elem_count();
+        if u.elem_count() != n || grad.elem_count() != n {
+            candle_core::bail!("swiglu backward: sizes differ");
+        }
+        let mut dg = vec![0f32; n];
+        let mut du = vec![0f32; n];
+        with_f32(g, |gv| {
+            with_f32(u, |uv| {
+                with_f32(grad, |dy| {
+                    dg.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks_mut(CHUNK))
+                        .zip(
+                            gv.par_chunks(CHUNK)
+                                .zip(uv.par_chunks(CHUNK))
+                                .zip(dy.par_chunks(CHUNK)),
+                        )
+                        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+                            wide(|| {
+                                for i in 0..gc.len() {
+                                    let (gi, ui, d) = (gc[i], uc[i], dyc[i]);
+                                    let sg = sigmoid(gi);
+                                    duc[i] = d * gi * sg;
+                                    dgc[i] = d * ui * sg * (1.0 + gi * (1.0 - sg));
+                                }
+                            })
+                        });
+                    Ok(())
+                })
+            })
+        })?;
         let dg = Tensor::from_vec(dg, g.shape(), &Device::Cpu)?;
         let du = Tensor::from_vec(du, u.shape(), &Device::Cpu)?;
         Ok((Some(dg), Some(du)))

@@ -325,7 +325,7 @@ impl CustomOp1 for HeadCrossEntropy {
         let mut r = 0;
         while r < vocab {
             let e = (r + t).min(vocab);
-            let part = match rows_wt(&xv, m, &self.w, r, e)? {
+            let mut part = match rows_wt(&xv, m, &self.w, r, e)? {
                 Some(p) => p,
                 None => {
                     let wd = dequantize_rows(&self.w, r, e)?;
@@ -333,13 +333,17 @@ impl CustomOp1 for HeadCrossEntropy {
                 }
             };
             let w = e - r;
-            part.par_chunks(w)
+            part.par_chunks_mut(w)
                 .zip(
                     mx.par_iter_mut()
                         .zip(sum.par_iter_mut().zip(tgt.par_iter_mut())),
                 )
                 .zip(self.targets.par_iter())
                 .for_each(|((row, (mxi, (si, ti))), &target)| {
+                    let tu = target as usize;
+                    if tu >= r && tu < e {
+                        *ti = row[tu - r];
+                    }
                     let tm = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let nm = mxi.max(tm);
                     let mut acc = if si.is_finite() && *si > 0.0 {
@@ -347,15 +351,23 @@ impl CustomOp1 for HeadCrossEntropy {
                     } else {
                         0.0
                     };
-                    for &v in row {
-                        acc += super::ops::exp_f32(v - nm) as f64;
+                    // The exponentials in place (vectorised), then summed in eight f64 lanes.
+                    super::ops::wide(|| {
+                        for v in row.iter_mut() {
+                            *v = super::ops::exp_f32(*v - nm);
+                        }
+                    });
+                    let mut lanes = [0f64; 8];
+                    let mut chunks = row.chunks_exact(8);
+                    for c in &mut chunks {
+                        for (l, v) in lanes.iter_mut().zip(c) {
+                            *l += *v as f64;
+                        }
                     }
+                    acc += lanes.iter().sum::<f64>();
+                    acc += chunks.remainder().iter().map(|v| *v as f64).sum::<f64>();
                     *si = acc;
                     *mxi = nm;
-                    let tu = target as usize;
-                    if tu >= r && tu < e {
-                        *ti = row[tu - r];
-                    }
                 });
             r = e;
         }
@@ -400,12 +412,14 @@ impl CustomOp1 for HeadCrossEntropy {
                 .zip(lse.par_iter().zip(g.par_iter()))
                 .zip(self.targets.par_iter())
                 .for_each(|((row, (&l, &gi)), &target)| {
-                    for v in row.iter_mut() {
-                        // Probabilities below 1e-20 are flushed to zero: they change nothing
-                        // measurable and as subnormal floats they slow the product 50-fold.
-                        let p = super::ops::exp_f32(*v - l);
-                        *v = if p < 1e-20 { 0.0 } else { p * gi };
-                    }
+                    super::ops::wide(|| {
+                        for v in row.iter_mut() {
+                            // Probabilities below 1e-20 are flushed to zero: they change nothing
+                            // measurable and as subnormal floats they slow the product 50-fold.
+                            let p = super::ops::exp_f32(*v - l);
+                            *v = if p < 1e-20 { 0.0 } else { p * gi };
+                        }
+                    });
                     let tu = target as usize;
                     if tu >= r && tu < e {
                         row[tu - r] -= gi;
