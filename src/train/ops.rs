@@ -292,6 +292,7 @@ impl CustomOp1 for MaskedSoftmax {
 /// of candle's six elementwise kernels (and their temporaries) forward and eleven backward.
 pub struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
@@ -358,11 +359,13 @@ impl CustomOp2 for SwiGlu {
                         )
                         .for_each(|((dgc, duc), ((gc, uc), dyc))| {
                             wide(|| {
-                                for i in 0..gc.len() {
-                                    let (gi, ui, d) = (gc[i], uc[i], dyc[i]);
+                                let it = dgc.iter_mut().zip(duc.iter_mut());
+                                for ((dgi, dui), ((&gi, &ui), &d)) in
+                                    it.zip(gc.iter().zip(uc).zip(dyc))
+                                {
                                     let sg = sigmoid(gi);
-                                    duc[i] = d * gi * sg;
-                                    dgc[i] = d * ui * sg * (1.0 + gi * (1.0 - sg));
+                                    *dui = d * gi * sg;
+                                    *dgi = d * ui * sg * (1.0 + gi * (1.0 - sg));
                                 }
                             })
                         });
@@ -390,14 +393,16 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let t = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (0.166_666_67
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // t's low mantissa bits hold n (t = 1.5·2^23 + n): integer ops only, so loops vectorise.
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4b40_0000).wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
