@@ -3,7 +3,8 @@
 //! Job: for Q4_1 1536x576 and 576x1536 and the Q8_0 49152x576 vocab matrix, at
 //! m = 1 and m = 128, time (median of 20 runs) `kernels::matmul`, candle's
 //! `QMatMul::forward`, and dequantise-to-f32 + candle matmul, with 1 and 2
-//! threads, and print GFLOP/s and effective GB/s of quantised weight bytes.
+//! threads, and print GFLOP/s and effective GB/s of quantised weight bytes; for the Q4_1
+//! matrices also the training products (`gemm_wt_mixed`, `gemm_w_mixed`) at m = 512.
 //! It re-runs itself once per thread count because candle sizes its thread
 //! pools from CANDLE_NUM_THREADS / RAYON_NUM_THREADS at first use.
 //!
@@ -14,7 +15,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use hone::kernels::{matmul, simd_path, QMatrix, QType};
+use hone::kernels::{amx_in_use, gemm_w_mixed, gemm_wt_mixed, matmul, simd_path, QMatrix, QType};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -103,6 +104,43 @@ fn child(threads: usize) -> candle_core::Result<()> {
                 x.matmul(&wdeq.t().expect("t")).expect("matmul");
             });
             row("candle f32 matmul (pre-deq)", ms, None);
+        }
+        // The training shapes: 512 rows (4 x 128 tokens), forward x·Wᵀ and its input gradient
+        // g·W, in the mixed precision of training (bf16 AMX tiles where the CPU has them).
+        if gt == GgmlDType::Q4_1 {
+            let m = 512;
+            let flop = 2.0 * (m * n * k) as f64;
+            let x = Tensor::randn(0f32, 1f32, (m, k), &dev)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let g = Tensor::randn(0f32, 1f32, (m, n), &dev)?;
+            let gv = g.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; m * n];
+            let mut out_g = vec![0f32; m * k];
+            let reference = x.matmul(&wdeq.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let reference_g = g.matmul(&wdeq)?.flatten_all()?.to_vec1::<f32>()?;
+            let what = if amx_in_use() { "AMX bf16" } else { "f32" };
+            for (label, grad) in [("x·Wᵀ", false), ("g·W", true)] {
+                let (ms, min) = pool.install(|| {
+                    median_ms(|| {
+                        if grad {
+                            gemm_w_mixed(&qm, &gv, m, &mut out_g).expect("gemm");
+                        } else {
+                            gemm_wt_mixed(&qm, &xv, m, &mut out).expect("gemm");
+                        }
+                    })
+                });
+                let err = if grad {
+                    max_rel_err(&out_g, &reference_g)
+                } else {
+                    max_rel_err(&out, &reference)
+                };
+                println!(
+                    "{name:<15} {m:>4} {threads:>3}  {:<27} {ms:>9.3} {min:>9.3} {:>8.2} {:>8} {err:9.2e}",
+                    format!("train {label} ({what})"),
+                    flop / ms / 1e6,
+                    "",
+                );
+            }
         }
     }
     Ok(())
