@@ -21,7 +21,9 @@ mod amx_pack;
 mod scalar;
 mod tiled;
 
-pub use tiled::{gemm_w, gemm_w_mixed, gemm_wt, gemm_wt_mixed};
+pub use tiled::{
+    gemm_w, gemm_w_mixed, gemm_w_mixed_vec, gemm_wt, gemm_wt_mixed, gemm_wt_mixed_vec,
+};
 
 /// Whether the mixed-precision products (`gemm_wt_mixed`, `gemm_w_mixed`) use AMX bf16 tiles
 /// on this machine (x86_64 with AMX-BF16, not disabled by `HONE_AMX=0`).
@@ -254,7 +256,7 @@ pub fn dequantize_rows(w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) -> Re
 }
 
 fn check_sizes(w: &QMatrix, x: &[f32], m: usize, out: &[f32]) -> Result<usize, String> {
-    check_operands("matmul", w, x, w.k, m, out, w.n)
+    check_operands("matmul", w, x, w.k, m, out.len(), w.n)
 }
 
 /// Validates `w` and that `a` holds `m × a_cols` values and `out` `m × out_cols`; returns the
@@ -265,7 +267,7 @@ fn check_operands(
     a: &[f32],
     a_cols: usize,
     m: usize,
-    out: &[f32],
+    out_len: usize,
     out_cols: usize,
 ) -> Result<usize, String> {
     let rb = w.validate()?;
@@ -281,10 +283,9 @@ fn check_operands(
     let want_o = m
         .checked_mul(out_cols)
         .ok_or_else(|| format!("{what}: output size overflows"))?;
-    if out.len() != want_o {
+    if out_len != want_o {
         return Err(format!(
-            "{what}: output has {} values, expected {m} x {out_cols} = {want_o}",
-            out.len()
+            "{what}: output has {out_len} values, expected {m} x {out_cols} = {want_o}"
         ));
     }
     Ok(rb)

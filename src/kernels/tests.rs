@@ -570,6 +570,20 @@ fn mixed_gemm_matches_reference_within_bf16() {
             let mut out_g = vec![f32::NAN; m * k];
             gemm_w_mixed(&w, &c.g, m, &mut out_g).unwrap();
             c.check("mixed ", &out, &out_g, tol);
+            // The allocating variants (not zeroed first on the AMX path) give the same bits.
+            let v = gemm_wt_mixed_vec(&w, &c.x, m).unwrap();
+            let v_g = gemm_w_mixed_vec(&w, &c.g, m).unwrap();
+            let same = |a: &[f32], b: &[f32]| {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            };
+            assert!(
+                same(&v, &out),
+                "{t:?} {n}x{k} m={m}: gemm_wt_mixed_vec differs"
+            );
+            assert!(
+                same(&v_g, &out_g),
+                "{t:?} {n}x{k} m={m}: gemm_w_mixed_vec differs"
+            );
         }
     }
     eprintln!("AMX in use: {}", amx_in_use());

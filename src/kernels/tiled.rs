@@ -82,7 +82,7 @@ fn use_amx(mixed: bool, m: usize, k: usize) -> bool {
 }
 
 fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
-    let rb = super::check_operands("gemm", w, x, w.k, m, out, w.n)?;
+    let rb = super::check_operands("gemm", w, x, w.k, m, out.len(), w.n)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || n == 0 {
         return Ok(());
@@ -93,7 +93,8 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
     }
     if use_amx(mixed, m, k) {
         // Right operand: Wᵀ (reduction over W's columns, output columns over W's rows).
-        amx_drive(&Left::new(x, m, k), k, n, 1, out, &|cols, red, f, p| {
+        let dst = SendPtr(out.as_mut_ptr());
+        amx_drive(&Left::new(x, m, k), k, n, 1, dst, &|cols, red, f, p| {
             amx_pack_wt(w, rb, cols, red, f, p)
         });
         return Ok(());
@@ -151,13 +152,68 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
     Ok(())
 }
 
+/// [`gemm_wt_mixed`] into a new `m × n` vector. On the AMX path the vector is not zeroed
+/// first: the first reduction span stores every element once (a tenth of a training step went
+/// to zeroing outputs that were then overwritten).
+pub fn gemm_wt_mixed_vec(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, String> {
+    let len = m
+        .checked_mul(w.n)
+        .ok_or_else(|| "gemm: output size overflows".to_string())?;
+    if m == 0 || w.n == 0 || w.k == 0 || !use_amx(true, m, w.k) {
+        let mut out = vec![0f32; len];
+        wt_impl(w, x, m, &mut out, true)?;
+        return Ok(out);
+    }
+    let rb = super::check_operands("gemm", w, x, w.k, m, len, w.n)?;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    amx_drive(
+        &Left::new(x, m, w.k),
+        w.k,
+        w.n,
+        1,
+        SendPtr(out.as_mut_ptr()),
+        &|cols, red, f, p| amx_pack_wt(w, rb, cols, red, f, p),
+    );
+    // SAFETY: amx_drive stored all m × n elements (every row block and column block of every
+    // panel, in its first reduction span), within the capacity reserved above.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+/// [`gemm_w_mixed`] into a new `m × k` vector, not zeroed first on the AMX path (as
+/// [`gemm_wt_mixed_vec`]).
+pub fn gemm_w_mixed_vec(w: &QMatrix, g: &[f32], m: usize) -> Result<Vec<f32>, String> {
+    let len = m
+        .checked_mul(w.k)
+        .ok_or_else(|| "gemm: output size overflows".to_string())?;
+    if m == 0 || w.n == 0 || w.k == 0 || !use_amx(true, m, w.n) {
+        let mut out = vec![0f32; len];
+        w_impl(w, g, m, &mut out, true)?;
+        return Ok(out);
+    }
+    let rb = super::check_operands("gemm", w, g, w.n, m, len, w.k)?;
+    let ub = w.dtype.block_size();
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    amx_drive(
+        &Left::new(g, m, w.n),
+        w.n,
+        w.k,
+        ub,
+        SendPtr(out.as_mut_ptr()),
+        &|cols, red, f, p| amx_pack_w(w, rb, red, cols, f, p),
+    );
+    // SAFETY: as in `gemm_wt_mixed_vec`.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
 /// `out (m × k) = g (m × n) · W` for `W` (n × k): the gradient of `x·Wᵀ` with respect to `x`.
 pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
     w_impl(w, g, m, out, false)
 }
 
 fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
-    let rb = super::check_operands("gemm", w, g, w.n, m, out, w.k)?;
+    let rb = super::check_operands("gemm", w, g, w.n, m, out.len(), w.k)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || k == 0 {
         return Ok(());
@@ -169,7 +225,8 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
     let (ub, ubytes) = (w.dtype.block_size(), w.dtype.block_bytes());
     if use_amx(mixed, m, n) {
         // Right operand: W (reduction over W's rows); panels of whole blocks of columns.
-        amx_drive(&Left::new(g, m, n), n, k, ub, out, &|cols, red, f, p| {
+        let dst = SendPtr(out.as_mut_ptr());
+        amx_drive(&Left::new(g, m, n), n, k, ub, dst, &|cols, red, f, p| {
             amx_pack_w(w, rb, red, cols, f, p)
         });
         return Ok(());
@@ -308,13 +365,12 @@ type PackFn<'a> =
 /// reduction in spans, so the summation order (whole 32-steps, in order) never depends on the
 /// thread count or the panel sizes.
 #[cfg(target_arch = "x86_64")]
-fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, out: &mut [f32], pack: &PackFn) {
+fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, dst: SendPtr, pack: &PackFn) {
     use super::amx::CHUNK;
     let panel = AMX_PANEL.next_multiple_of(align.max(1));
     let panels = ncols.div_ceil(panel);
     let spans = red.div_ceil(AMX_SPAN);
     let span = red.div_ceil(spans).next_multiple_of(CHUNK);
-    let dst = SendPtr(out.as_mut_ptr());
     let work = |p: usize| {
         let mut scratch = Scratch::take();
         let (f, packed) = scratch.vecs();
@@ -341,7 +397,7 @@ fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, out: &mut [f32
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_drive(_l: &Left, _r: usize, _n: usize, _a: usize, _o: &mut [f32], _p: &PackFn) {
+fn amx_drive(_l: &Left, _r: usize, _n: usize, _a: usize, _o: SendPtr, _p: &PackFn) {
     unreachable!("use_amx is false off x86_64")
 }
 

@@ -126,20 +126,12 @@ fn with_rows<R>(
 /// `x (m, k) · W[r0..r1]ᵀ` as a flat row-major `m × (r1 - r0)` vector, through the tiled GEMM
 /// (bf16 AMX tiles where the CPU has them: `kernels::gemm_wt_mixed`).
 fn rows_wt(x: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Option<Vec<f32>>> {
-    with_rows(w, r0, r1, |q| {
-        let mut out = vec![0f32; m * q.n];
-        kernels::gemm_wt_mixed(q, x, m, &mut out)?;
-        Ok(out)
-    })
+    with_rows(w, r0, r1, |q| kernels::gemm_wt_mixed_vec(q, x, m))
 }
 
 /// `g (m, r1 - r0) · W[r0..r1]` as a flat row-major `m × k` vector, through the tiled GEMM.
 fn rows_w(g: &[f32], m: usize, w: &QTensor, r0: usize, r1: usize) -> Result<Option<Vec<f32>>> {
-    with_rows(w, r0, r1, |q| {
-        let mut out = vec![0f32; m * q.k];
-        kernels::gemm_w_mixed(q, g, m, &mut out)?;
-        Ok(out)
-    })
+    with_rows(w, r0, r1, |q| kernels::gemm_w_mixed_vec(q, g, m))
 }
 
 /// `x (m, k) · Wᵀ` as a flat row-major `m × n` vector, through the tiled GEMM where the kernels
