@@ -132,24 +132,30 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = to_vec(arg)?;
-        let g = to_vec(grad)?;
         let d = self.w.len();
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (xr, gr))| {
-                wide(|| {
-                    let w = &self.w[..d];
-                    let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
-                    let r = 1.0 / (ms + self.eps).sqrt();
-                    // dot = Σ g·w·x̂ / d
-                    let dot = sum8(d, |i| gr[i] * w[i] * xr[i] * r) / d as f32;
-                    for (((oi, &xi), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                        *oi = r * (gi * wi - xi * r * dot);
-                    }
-                })
-            });
+        if arg.elem_count() != grad.elem_count() || d == 0 || arg.elem_count() % d != 0 {
+            candle_core::bail!("rms norm backward: shapes do not match");
+        }
+        let mut dx = vec![0f32; arg.elem_count()];
+        with_f32(arg, |x| {
+            with_f32(grad, |g| {
+                dx.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .for_each(|(o, (xr, gr))| {
+                        wide(|| {
+                            let w = &self.w[..d];
+                            let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
+                            let r = 1.0 / (ms + self.eps).sqrt();
+                            // dot = Σ g·w·x̂ / d
+                            let dot = sum8(d, |i| gr[i] * w[i] * xr[i] * r) / d as f32;
+                            for (((oi, &xi), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                                *oi = r * (gi * wi - xi * r * dot);
+                            }
+                        })
+                    });
+                Ok(())
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -210,9 +216,8 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = to_vec(grad)?;
         // A rotation's transpose is the rotation by the opposite angle.
-        let dx = self.apply(&g, arg.dims(), true)?;
+        let dx = with_f32(grad, |g| self.apply(g, arg.dims(), true))?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -269,20 +274,26 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let p = to_vec(res)?;
-        let g = to_vec(grad)?;
         let s = self.s;
-        let mut dx = vec![0f32; p.len()];
-        dx.par_chunks_mut(s)
-            .zip(p.par_chunks(s).zip(g.par_chunks(s)))
-            .for_each(|(o, (pr, gr))| {
-                wide(|| {
-                    let dot = sum8(s, |j| pr[j] * gr[j]);
-                    for j in 0..s {
-                        o[j] = self.scale * pr[j] * (gr[j] - dot);
-                    }
-                })
-            });
+        if res.elem_count() != grad.elem_count() || s == 0 || res.elem_count() % s != 0 {
+            candle_core::bail!("softmax backward: shapes do not match");
+        }
+        let mut dx = vec![0f32; res.elem_count()];
+        with_f32(res, |p| {
+            with_f32(grad, |g| {
+                dx.par_chunks_mut(s)
+                    .zip(p.par_chunks(s).zip(g.par_chunks(s)))
+                    .for_each(|(o, (pr, gr))| {
+                        wide(|| {
+                            let dot = sum8(s, |j| pr[j] * gr[j]);
+                            for ((oj, &pj), &gj) in o.iter_mut().zip(pr).zip(gr) {
+                                *oj = self.scale * pj * (gj - dot);
+                            }
+                        })
+                    });
+                Ok(())
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
