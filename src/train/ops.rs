@@ -133,7 +133,7 @@ impl CustomOp1 for RmsNorm {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let d = self.w.len();
-        if arg.elem_count() != grad.elem_count() || d == 0 || arg.elem_count() % d != 0 {
+        if arg.elem_count() != grad.elem_count() || d == 0 || !arg.elem_count().is_multiple_of(d) {
             candle_core::bail!("rms norm backward: shapes do not match");
         }
         let mut dx = vec![0f32; arg.elem_count()];
@@ -275,7 +275,7 @@ impl CustomOp1 for MaskedSoftmax {
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let s = self.s;
-        if res.elem_count() != grad.elem_count() || s == 0 || res.elem_count() % s != 0 {
+        if res.elem_count() != grad.elem_count() || s == 0 || !res.elem_count().is_multiple_of(s) {
             candle_core::bail!("softmax backward: shapes do not match");
         }
         let mut dx = vec![0f32; res.elem_count()];
