@@ -350,21 +350,32 @@ unsafe fn w_panel(
 }
 
 /// Rounds `x` (`m` rows of `k`) to bf16 into `out` (`m_pad` rows of `stride`, zero-padded).
+/// Every value is stored exactly once (the rows, then their padding, then the padding rows),
+/// so the buffer is not zeroed first.
 pub fn pack_left(x: &[f32], m: usize, k: usize, m_pad: usize, stride: usize) -> Vec<u16> {
     use rayon::prelude::*;
-    let mut out = vec![0u16; m_pad * stride];
-    out.par_chunks_mut(stride)
-        .zip(x.par_chunks(k))
-        .take(m)
-        .for_each(|(o, r)| {
-            // SAFETY: `available()` (the caller's contract); `o` has at least k values.
-            unsafe { left_row(r, o) }
+    let (m, k) = (m.min(m_pad), k.min(stride));
+    let len = m_pad * stride;
+    let mut out: Vec<u16> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(stride.max(1))
+        .enumerate()
+        .for_each(|(i, o)| {
+            let (row, pad) = o.split_at_mut(if i < m { k } else { 0 });
+            if i < m {
+                // SAFETY: `available()` (the caller's contract); `row` has k values and
+                // `x` row i has k values (x holds m rows of k).
+                unsafe { left_row(&x[i * k..(i + 1) * k], row.as_mut_ptr() as *mut u16) }
+            }
+            pad.fill(std::mem::MaybeUninit::new(0));
         });
+    // SAFETY: every chunk of `stride` values was written: `k` by `left_row`, the rest by `fill`.
+    unsafe { out.set_len(len) };
     out
 }
 
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
-unsafe fn left_row(r: &[f32], o: &mut [u16]) {
+unsafe fn left_row(r: &[f32], o: *mut u16) {
     let k = r.len();
     let mut j = 0;
     while j < k {
@@ -375,7 +386,7 @@ unsafe fn left_row(r: &[f32], o: &mut [u16]) {
         let hi = _mm512_maskz_loadu_ps(m1, r.as_ptr().add(j + 16));
         let v = pairs(lo, hi);
         let words = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
-        _mm512_mask_storeu_epi16(o.as_mut_ptr().add(j) as *mut _, words, v);
+        _mm512_mask_storeu_epi16(o.add(j) as *mut _, words, v);
         j += 32;
     }
 }

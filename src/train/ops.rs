@@ -8,6 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let v = match storage {
@@ -36,6 +37,21 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
         }
     }
     f(&to_vec(t)?)
+}
+
+/// A vector of `n` floats whose chunks of `chunk` values are written in parallel by `fill`,
+/// without zeroing it first (zeroing outputs that were then overwritten was a tenth of a step).
+/// `fill(i, out)` gets chunk `i` (the last may be shorter) and must write every element of
+/// `out`: each caller does it with one loop over `out` zipped with inputs of the same length.
+fn fresh(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: `fill` wrote all n elements (its contract, above), inside the capacity.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// `Σ f(i)` for i in 0..n, in eight interleaved partial sums (so the loop vectorises; the
@@ -116,18 +132,19 @@ impl CustomOp1 for RmsNorm {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout, "rms norm")?;
         let d = self.w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(yr, xr)| {
-                wide(|| {
-                    let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
-                    let r = 1.0 / (ms + self.eps).sqrt();
-                    for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(&self.w) {
-                        *o = xi * r * wi;
-                    }
-                })
-            });
+        if d == 0 || !x.len().is_multiple_of(d) {
+            candle_core::bail!("rms norm: {} values are not rows of {d}", x.len());
+        }
+        let y = fresh(x.len(), d, |i, yr| {
+            let xr = &x[i * d..(i + 1) * d];
+            wide(|| {
+                let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(&self.w) {
+                    o.write(xi * r * wi);
+                }
+            })
+        });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -136,24 +153,21 @@ impl CustomOp1 for RmsNorm {
         if arg.elem_count() != grad.elem_count() || d == 0 || !arg.elem_count().is_multiple_of(d) {
             candle_core::bail!("rms norm backward: shapes do not match");
         }
-        let mut dx = vec![0f32; arg.elem_count()];
-        with_f32(arg, |x| {
+        let dx = with_f32(arg, |x| {
             with_f32(grad, |g| {
-                dx.par_chunks_mut(d)
-                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-                    .for_each(|(o, (xr, gr))| {
-                        wide(|| {
-                            let w = &self.w[..d];
-                            let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
-                            let r = 1.0 / (ms + self.eps).sqrt();
-                            // dot = Σ g·w·x̂ / d
-                            let dot = sum8(d, |i| gr[i] * w[i] * xr[i] * r) / d as f32;
-                            for (((oi, &xi), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                                *oi = r * (gi * wi - xi * r * dot);
-                            }
-                        })
-                    });
-                Ok(())
+                Ok(fresh(x.len(), d, |i, o| {
+                    let (xr, gr) = (&x[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
+                    wide(|| {
+                        let w = &self.w[..d];
+                        let ms = sum8(d, |i| xr[i] * xr[i]) / d as f32;
+                        let r = 1.0 / (ms + self.eps).sqrt();
+                        // dot = Σ g·w·x̂ / d
+                        let dot = sum8(d, |i| gr[i] * w[i] * xr[i] * r) / d as f32;
+                        for (((oi, &xi), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                            oi.write(r * (gi * wi - xi * r * dot));
+                        }
+                    })
+                }))
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -278,20 +292,17 @@ impl CustomOp1 for MaskedSoftmax {
         if res.elem_count() != grad.elem_count() || s == 0 || !res.elem_count().is_multiple_of(s) {
             candle_core::bail!("softmax backward: shapes do not match");
         }
-        let mut dx = vec![0f32; res.elem_count()];
-        with_f32(res, |p| {
+        let dx = with_f32(res, |p| {
             with_f32(grad, |g| {
-                dx.par_chunks_mut(s)
-                    .zip(p.par_chunks(s).zip(g.par_chunks(s)))
-                    .for_each(|(o, (pr, gr))| {
-                        wide(|| {
-                            let dot = sum8(s, |j| pr[j] * gr[j]);
-                            for ((oj, &pj), &gj) in o.iter_mut().zip(pr).zip(gr) {
-                                *oj = self.scale * pj * (gj - dot);
-                            }
-                        })
-                    });
-                Ok(())
+                Ok(fresh(p.len(), s, |i, o| {
+                    let (pr, gr) = (&p[i * s..(i + 1) * s], &g[i * s..(i + 1) * s]);
+                    wide(|| {
+                        let dot = sum8(s, |j| pr[j] * gr[j]);
+                        for ((oj, &pj), &gj) in o.iter_mut().zip(pr).zip(gr) {
+                            oj.write(self.scale * pj * (gj - dot));
+                        }
+                    })
+                }))
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -332,16 +343,17 @@ impl CustomOp2 for SwiGlu {
                 l2.shape()
             );
         }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| {
-                wide(|| {
-                    for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
-                        *o = gi * sigmoid(gi) * ui;
-                    }
-                })
-            });
+        if g.len() != u.len() {
+            candle_core::bail!("swiglu: {} and {} values", g.len(), u.len());
+        }
+        let y = fresh(g.len(), CHUNK, |i, yc| {
+            let (gc, uc) = (&g[i * CHUNK..][..yc.len()], &u[i * CHUNK..][..yc.len()]);
+            wide(|| {
+                for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
+                    o.write(gi * sigmoid(gi) * ui);
+                }
+            })
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -356,13 +368,14 @@ impl CustomOp2 for SwiGlu {
         if u.elem_count() != n || grad.elem_count() != n {
             candle_core::bail!("swiglu backward: sizes differ");
         }
-        let mut dg = vec![0f32; n];
-        let mut du = vec![0f32; n];
+        let mut dg: Vec<f32> = Vec::with_capacity(n);
+        let mut du: Vec<f32> = Vec::with_capacity(n);
         with_f32(g, |gv| {
             with_f32(u, |uv| {
                 with_f32(grad, |dy| {
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
+                    dg.spare_capacity_mut()[..n]
+                        .par_chunks_mut(CHUNK)
+                        .zip(du.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
                         .zip(
                             gv.par_chunks(CHUNK)
                                 .zip(uv.par_chunks(CHUNK))
@@ -375,8 +388,8 @@ impl CustomOp2 for SwiGlu {
                                     it.zip(gc.iter().zip(uc).zip(dyc))
                                 {
                                     let sg = sigmoid(gi);
-                                    *dui = d * gi * sg;
-                                    *dgi = d * ui * sg * (1.0 + gi * (1.0 - sg));
+                                    dui.write(d * gi * sg);
+                                    dgi.write(d * ui * sg * (1.0 + gi * (1.0 - sg)));
                                 }
                             })
                         });
@@ -384,6 +397,12 @@ impl CustomOp2 for SwiGlu {
                 })
             })
         })?;
+        // SAFETY: the loop above wrote every element of both: chunks of n values zipped with
+        // inputs of n values each (sizes checked at the top).
+        unsafe {
+            dg.set_len(n);
+            du.set_len(n);
+        }
         let dg = Tensor::from_vec(dg, g.shape(), &Device::Cpu)?;
         let du = Tensor::from_vec(du, u.shape(), &Device::Cpu)?;
         Ok((Some(dg), Some(du)))
