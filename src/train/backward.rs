@@ -94,6 +94,23 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     f(&v)
 }
 
+/// A pointer into `product`'s output that may cross threads (blocks write disjoint rows).
+#[derive(Clone, Copy)]
+struct SendF32(*mut f32);
+// SAFETY: see `product`: each task writes its own rows.
+unsafe impl Send for SendF32 {}
+unsafe impl Sync for SendF32 {}
+
+impl SendF32 {
+    /// The pointer `i` elements further (a method, so closures capture the whole value).
+    ///
+    /// # Safety
+    /// `i` must be inside the buffer.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
 /// An f32 operand of [`product`]: values, and the strides of a row and of a column.
 struct Op<'a>(&'a [f32], usize, usize);
 
@@ -116,35 +133,55 @@ fn product(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let par = if rows * cols * inner >= 1 << 18 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    // Rows split between the threads, each block a single-threaded product: for these skinny
+    // shapes the gemm crate's own threading costs more than it saves. Rows are independent, so
+    // the result does not depend on the split.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = if rows * cols * inner >= 1 << 18 {
+        threads.min(rows)
     } else {
-        gemm::Parallelism::None
+        1
     };
-    // SAFETY: every index the product reads or writes is inside its slice (checked above), and
-    // `dst` does not overlap the operands (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            cols as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
+    let per = rows.div_ceil(blocks);
+    let (dst_ptr, lhs_ptr) = (SendF32(dst.as_mut_ptr()), lhs.0.as_ptr() as usize);
+    let rhs_ptr = rhs.0.as_ptr() as usize;
+    let run = |bi: usize| {
+        let r0 = bi * per;
+        let n = per.min(rows.saturating_sub(r0));
+        if n == 0 {
+            return;
+        }
+        // SAFETY: every index the product reads or writes is inside its slice (checked above);
+        // blocks write disjoint rows of `dst`, which does not overlap the operands.
+        unsafe {
+            gemm::gemm(
+                n,
+                cols,
+                inner,
+                dst_ptr.at(r0 * cols),
+                1,
+                cols as isize,
+                accumulate,
+                (lhs_ptr as *const f32).add(r0 * lhs.1),
+                lhs.2 as isize,
+                lhs.1 as isize,
+                rhs_ptr as *const f32,
+                rhs.2 as isize,
+                rhs.1 as isize,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    if blocks == 1 {
+        run(0);
+    } else {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().for_each(run);
     }
     Ok(())
 }
