@@ -17,6 +17,7 @@ use super::qmatmul::{w_vec, wt_vec};
 use crate::lora::{LoraWeights, Target};
 use crate::model::{Model, QLinear};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 /// What the backward of one layer needs from its forward.
 /// The normed inputs and SwiGLU's product are recomputed in the backward (one cheap pass
@@ -186,6 +187,67 @@ fn product(
     Ok(())
 }
 
+/// `A·B` for every (batch, head) of contiguous 4-D tensors, `A` or `B` read transposed (`ta`,
+/// `tb`): the attention products. Each (batch, head) is one single-threaded gemm, the heads in
+/// parallel (candle's batched matmul threads inside each small product instead).
+fn bmm(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    let (b0, h, a1, a2) = a.dims4()?;
+    let (c0, c1, b1, b2) = b.dims4()?;
+    let (m, k) = if ta { (a2, a1) } else { (a1, a2) };
+    let (k2, n) = if tb { (b2, b1) } else { (b1, b2) };
+    if k != k2 || (b0, h) != (c0, c1) {
+        candle_core::bail!("attention product of {:?} and {:?}", a.dims(), b.dims());
+    }
+    let heads = b0 * h;
+    // Strides (row, column) of the operands as read.
+    let (lrs, lcs) = if ta { (1, m) } else { (k, 1) };
+    let (rrs, rcs) = if tb { (1, k) } else { (n, 1) };
+    let out = with_f32(a, |av| {
+        with_f32(b, |bv| {
+            if av.len() != heads * m * k || bv.len() != heads * k * n {
+                candle_core::bail!("attention product: operands are not contiguous");
+            }
+            let mut out = vec![0f32; heads * m * n];
+            if m * n == 0 {
+                return Ok(out);
+            }
+            out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
+                let (ap, bp) = (
+                    &av[i * m * k..(i + 1) * m * k],
+                    &bv[i * k * n..(i + 1) * k * n],
+                );
+                // SAFETY: `ap` is m × k and `bp` k × n (as read through the strides above),
+                // `o` is m × n; all three have exactly those sizes.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        o.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        ap.as_ptr(),
+                        lcs as isize,
+                        lrs as isize,
+                        bp.as_ptr(),
+                        rcs as isize,
+                        rrs as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            Ok(out)
+        })
+    })?;
+    Tensor::from_vec(out, (b0, h, m, n), &Device::Cpu)
+}
+
 /// `x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ` for `x` (m, k); returns the output and `x·Aᵀ`.
 fn proj_fwd(
     w: &QLinear,
@@ -314,9 +376,8 @@ pub fn layer_fwd(
     let k = k.apply_op1_no_bwd(rope)?;
     let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let sm = aux.softmax(s, hd);
-    let p = q.matmul(&k.t()?)?.apply_op1_no_bwd(&sm)?;
-    let y = p
-        .matmul(&v)?
+    let p = bmm(&q, &k, false, true)?.apply_op1_no_bwd(&sm)?;
+    let y = bmm(&p, &v, false, false)?
         .reshape((b, nh, s, hd))?
         .transpose(1, 2)?
         .contiguous()?
@@ -410,14 +471,14 @@ pub fn layer_bwd(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, nkv, rep * s, hd))?;
-    let dp = dyatt.matmul(&sv.v.t()?)?;
-    let dv = sv.p.t()?.matmul(&dyatt)?;
+    let dp = bmm(&dyatt, &sv.v, false, true)?;
+    let dv = bmm(&sv.p, &dyatt, true, false)?;
     let sm = aux.softmax(s, hd);
     let dscores = sm
         .bwd(&dp, &sv.p, &dp)?
         .ok_or_else(|| candle_core::Error::Msg("softmax gave no gradient".into()))?;
-    let dq = dscores.matmul(&sv.k)?;
-    let dk = dscores.t()?.matmul(&sv.q)?;
+    let dq = bmm(&dscores, &sv.k, false, false)?;
+    let dk = bmm(&dscores, &sv.q, true, false)?;
     let rope: &Rope = aux.rope();
     let dq = dq.reshape((b, nh, s, hd))?;
     let dq = rope
