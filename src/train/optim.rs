@@ -82,19 +82,25 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         let decay = (1.0 - lr * self.p.weight_decay) as f32;
-        for (i, (w, g)) in params.iter_mut().zip(grads).enumerate() {
-            let m = &mut self.m[i];
-            let v = &mut self.v[i];
-            for j in 0..w.len() {
-                let gj = g[j] as f64;
-                let mj = b1 * m[j] as f64 + (1.0 - b1) * gj;
-                let vj = b2 * v[j] as f64 + (1.0 - b2) * gj * gj;
-                m[j] = mj as f32;
-                v[j] = vj as f32;
-                let upd = (mj / c1) / ((vj / c2).sqrt() + self.p.eps);
-                w[j] = w[j] * decay - (lr * upd) as f32;
-            }
-        }
+        let eps = self.p.eps;
+        // Every element is updated on its own, so the tensors go to the threads in parallel.
+        use rayon::prelude::*;
+        params
+            .par_iter_mut()
+            .zip(grads.par_iter())
+            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .for_each(|((w, g), (m, v))| {
+                for (((wj, &gj), mj), vj) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                {
+                    let gj = gj as f64;
+                    let mn = b1 * *mj as f64 + (1.0 - b1) * gj;
+                    let vn = b2 * *vj as f64 + (1.0 - b2) * gj * gj;
+                    *mj = mn as f32;
+                    *vj = vn as f32;
+                    let upd = (mn / c1) / ((vn / c2).sqrt() + eps);
+                    *wj = *wj * decay - (lr * upd) as f32;
+                }
+            });
     }
 }
 
