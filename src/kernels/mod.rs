@@ -21,6 +21,7 @@ mod amx_pack;
 mod scalar;
 mod tiled;
 
+pub(crate) use tiled::SendPtr;
 pub use tiled::{
     gemm_w, gemm_w_mixed, gemm_w_mixed_vec, gemm_wt, gemm_wt_mixed, gemm_wt_mixed_vec,
 };

@@ -25,9 +25,10 @@ const TILE_BYTES: usize = 512 * 1024;
 /// Rows of W per tile are a multiple of this: the GEMM micro-kernel's width on AVX-512 (4 × 16).
 const ROW_STEP: usize = 64;
 
-/// A pointer that may cross threads; each task writes a disjoint part of the output.
+/// A pointer that may cross threads; each task writes a disjoint part of the output (also used
+/// by `train::backward` for its row blocks).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint elements (see the callers), and the buffer outlives the scope.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -37,7 +38,7 @@ impl SendPtr {
     ///
     /// # Safety
     /// `i` must be inside the buffer.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(&self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
 }

@@ -14,6 +14,7 @@
 use super::forward::Aux;
 use super::ops::{RmsNorm, Rope, SwiGlu};
 use super::qmatmul::{w_vec, wt_vec};
+use crate::kernels::SendPtr;
 use crate::lora::{LoraWeights, Target};
 use crate::model::{Model, QLinear};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Result, Storage, Tensor};
@@ -95,23 +96,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     f(&v)
 }
 
-/// A pointer into `product`'s output that may cross threads (blocks write disjoint rows).
-#[derive(Clone, Copy)]
-struct SendF32(*mut f32);
-// SAFETY: see `product`: each task writes its own rows.
-unsafe impl Send for SendF32 {}
-unsafe impl Sync for SendF32 {}
-
-impl SendF32 {
-    /// The pointer `i` elements further (a method, so closures capture the whole value).
-    ///
-    /// # Safety
-    /// `i` must be inside the buffer.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
-        self.0.add(i)
-    }
-}
-
 /// An f32 operand of [`product`]: values, and the strides of a row and of a column.
 struct Op<'a>(&'a [f32], usize, usize);
 
@@ -144,7 +128,7 @@ fn product(
         1
     };
     let per = rows.div_ceil(blocks);
-    let (dst_ptr, lhs_ptr) = (SendF32(dst.as_mut_ptr()), lhs.0.as_ptr() as usize);
+    let (dst_ptr, lhs_ptr) = (SendPtr(dst.as_mut_ptr()), lhs.0.as_ptr() as usize);
     let rhs_ptr = rhs.0.as_ptr() as usize;
     let run = |bi: usize| {
         let r0 = bi * per;
