@@ -162,6 +162,24 @@ fn interrupted_runs_resume_exactly() {
     assert!(ck.is_empty());
 }
 
+/// The trainer's numbers do not depend on the thread count. Without `-t` it follows the
+/// machine's load, so a run resumed in another process (the test above) must not see other
+/// bits: products split by thread count once made it fail in CI.
+#[test]
+fn losses_do_not_depend_on_the_thread_count() {
+    let mut runs = Vec::new();
+    for threads in ["1", "2", "3"] {
+        let h = home_with_model();
+        let d = write_data(h.path(), "text.jsonl", TEXT);
+        let o = run(small_train(h.path(), &d, 3).args(["-t", threads]), true);
+        runs.push(losses(&last_json(&o)));
+    }
+    eprintln!("1, 2, 3 threads: {runs:?}");
+    assert_eq!(runs[0].len(), 3);
+    assert_eq!(runs[0], runs[1], "1 and 2 threads differ");
+    assert_eq!(runs[0], runs[2], "1 and 3 threads differ");
+}
+
 /// Spawns a long training run and waits until it has finished at least one step (the
 /// checkpoint file appears). The caller waits for the child.
 #[allow(clippy::zombie_processes)]

@@ -12,12 +12,12 @@
 //! and get no gradient.
 
 use super::forward::Aux;
-use super::ops::{RmsNorm, Rope, SwiGlu};
+use super::ops::{with_f32, RmsNorm, Rope, SwiGlu};
 use super::qmatmul::{w_vec, wt_vec};
 use crate::kernels::SendPtr;
 use crate::lora::{LoraWeights, Target};
 use crate::model::{Model, QLinear};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Result, Storage, Tensor};
+use candle_core::{CustomOp1, CustomOp2, Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// What the backward of one layer needs from its forward.
@@ -81,21 +81,6 @@ fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(RmsNorm, Tensor)> {
     Ok((op, y))
 }
 
-/// Runs `f` on the f32 values of `t` in row-major order: borrowed when `t` is a contiguous f32
-/// CPU tensor (every tensor here is), copied otherwise.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    {
-        let (st, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-            (&*st, layout.contiguous_offsets())
-        {
-            return f(&v[a..b]);
-        }
-    }
-    let v = t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    f(&v)
-}
-
 /// An f32 operand of [`product`]: values, and the strides of a row and of a column.
 struct Op<'a>(&'a [f32], usize, usize);
 
@@ -118,16 +103,18 @@ fn product(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    // Rows split between the threads, each block a single-threaded product: for these skinny
-    // shapes the gemm crate's own threading costs more than it saves. Rows are independent, so
-    // the result does not depend on the split.
-    let threads = rayon::current_num_threads().max(1);
-    let blocks = if rows * cols * inner >= 1 << 18 {
-        threads.min(rows)
+    // Blocks of a fixed number of rows, each a single-threaded product, spread over the threads:
+    // for these skinny shapes the gemm crate's own threading costs more than it saves. The block
+    // size must not depend on the thread count: gemm's blocking of the reduction depends on the
+    // shape it is given, so blocks sized by the threads changed the bits with the machine's load
+    // (and a resumed run differed from an uninterrupted one).
+    const BLOCK_ROWS: usize = 64;
+    let per = if rows * cols * inner >= 1 << 18 {
+        BLOCK_ROWS
     } else {
-        1
+        rows
     };
-    let per = rows.div_ceil(blocks);
+    let blocks = rows.div_ceil(per);
     let (dst_ptr, lhs_ptr) = (SendPtr(dst.as_mut_ptr()), lhs.0.as_ptr() as usize);
     let rhs_ptr = rhs.0.as_ptr() as usize;
     let run = |bi: usize| {

@@ -193,27 +193,37 @@ impl Rope {
             candle_core::bail!("rope tables do not match the input");
         }
         let sign = if inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .enumerate()
-            .for_each(|(row, (yr, xr))| {
-                let bi = row / (h * s);
-                let si = row % s;
-                let base = (bi * s + si) * half;
-                let c = &self.cos[base..base + half];
-                let sn = &self.sin[base..base + half];
-                for i in 0..half {
-                    let (ci, si_) = (c[i], sign * sn[i]);
-                    let (a, bb) = if self.interleaved {
-                        (2 * i, 2 * i + 1)
-                    } else {
-                        (i, i + half)
-                    };
-                    yr[a] = xr[a] * ci - xr[bb] * si_;
-                    yr[bb] = xr[a] * si_ + xr[bb] * ci;
+        if d == 0 || !x.len().is_multiple_of(d) || half * 2 != d {
+            candle_core::bail!("rope: {} values are not rows of an even {d}", x.len());
+        }
+        let y = fresh(x.len(), d, |row, yr| {
+            let xr = &x[row * d..(row + 1) * d];
+            let bi = row / (h * s);
+            let si = row % s;
+            let base = (bi * s + si) * half;
+            let c = &self.cos[base..base + half];
+            let sn = &self.sin[base..base + half];
+            wide(|| {
+                if self.interleaved {
+                    let pairs = yr.chunks_exact_mut(2).zip(xr.chunks_exact(2));
+                    for ((yp, xp), (&ci, &si)) in pairs.zip(c.iter().zip(sn)) {
+                        let si = sign * si;
+                        yp[0].write(xp[0] * ci - xp[1] * si);
+                        yp[1].write(xp[0] * si + xp[1] * ci);
+                    }
+                } else {
+                    let (y0, y1) = yr.split_at_mut(half);
+                    let (x0, x1) = xr.split_at(half);
+                    let ys = y0.iter_mut().zip(y1.iter_mut());
+                    let xs = x0.iter().zip(x1);
+                    for ((ya, yb), ((&xa, &xb), (&ci, &si))) in ys.zip(xs.zip(c.iter().zip(sn))) {
+                        let si = sign * si;
+                        ya.write(xa * ci - xb * si);
+                        yb.write(xa * si + xb * ci);
+                    }
                 }
-            });
+            })
+        });
         Ok(y)
     }
 }
@@ -255,6 +265,9 @@ impl CustomOp1 for MaskedSoftmax {
         let dims = layout.dims();
         let s = self.s;
         let rows_per_batch = x.len() / s / dims[0].max(1);
+        if s == 0 || !x.len().is_multiple_of(s) {
+            candle_core::bail!("softmax: {} values are not rows of {s}", x.len());
+        }
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(s)
             .zip(x.par_chunks(s))
@@ -263,26 +276,30 @@ impl CustomOp1 for MaskedSoftmax {
                 let bi = row / rows_per_batch;
                 let qi = row % s;
                 let mask = &self.allowed[(bi * s + qi) * s..(bi * s + qi + 1) * s];
-                let mut mx = f32::NEG_INFINITY;
-                for j in 0..s {
-                    if mask[j] {
-                        mx = mx.max(xr[j] * self.scale);
-                    }
-                }
                 wide(|| {
-                    for j in 0..s {
-                        yr[j] = if mask[j] {
-                            exp_f32(xr[j] * self.scale - mx)
+                    let mut lanes = [f32::NEG_INFINITY; 8];
+                    for (j, (&xj, &mj)) in xr.iter().zip(mask).enumerate() {
+                        let v = if mj {
+                            xj * self.scale
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        lanes[j % 8] = lanes[j % 8].max(v);
+                    }
+                    let mx = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    for ((yj, &xj), &mj) in yr.iter_mut().zip(xr).zip(mask) {
+                        *yj = if mj {
+                            exp_f32(xj * self.scale - mx)
                         } else {
                             0.0
                         };
                     }
-                });
-                let sum: f32 = yr.iter().sum();
-                let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                for v in yr.iter_mut() {
-                    *v *= inv;
-                }
+                    let sum = sum8(s, |j| yr[j]);
+                    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                    for v in yr.iter_mut() {
+                        *v *= inv;
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
