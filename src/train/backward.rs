@@ -26,8 +26,9 @@ use rayon::prelude::*;
 pub struct Saved {
     x: Tensor,
     x2: Tensor,
-    /// `x·Aᵀ` of each adapted projection (m, r), in `Target::ALL` order.
-    ax: [Option<Tensor>; 7],
+    /// `x·[A…]ᵀ` of each group of adapted projections that share an input (m, Σr), in the
+    /// order q/k/v, o, gate/up, down.
+    ax: [Option<Tensor>; 4],
     /// After the rotary embedding: q (b, kv heads, rep·s, hd), k (b, kv heads, s, hd).
     q: Tensor,
     k: Tensor,
@@ -57,10 +58,6 @@ impl Saved {
     }
 }
 
-fn slot(t: Target) -> usize {
-    Target::ALL.iter().position(|x| *x == t).unwrap_or(0)
-}
-
 /// The LoRA pair of (layer, target) as plain tensors (no autograd tracking), and its scale.
 fn pair(lora: Option<&LoraWeights>, li: usize, t: Target) -> Result<Option<(Tensor, Tensor)>> {
     Ok(lora
@@ -84,12 +81,12 @@ fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(RmsNorm, Tensor)> {
 /// An f32 operand of [`product`]: values, and the strides of a row and of a column.
 struct Op<'a>(&'a [f32], usize, usize);
 
-/// `dst (rows × cols, row-major) = [dst +] beta · lhs (rows × inner) · rhs (inner × cols)` with
+/// `dst (rows × cols, row stride ld) = [dst +] beta · lhs (rows × inner) · rhs (inner × cols)` with
 /// the `gemm` crate's f32 kernels (the small products of the LoRA factors; candle's matmul
 /// added an allocation, a scaling pass and an addition pass around each).
 fn product(
     (rows, cols, inner): (usize, usize, usize),
-    dst: &mut [f32],
+    (dst, ld): (&mut [f32], usize),
     accumulate: bool,
     lhs: Op,
     rhs: Op,
@@ -97,7 +94,8 @@ fn product(
 ) -> Result<()> {
     let fits =
         |o: &Op, r: usize, c: usize| r == 0 || c == 0 || (r - 1) * o.1 + (c - 1) * o.2 < o.0.len();
-    if dst.len() < rows * cols || !fits(&lhs, rows, inner) || !fits(&rhs, inner, cols) {
+    let dst_fits = rows == 0 || cols == 0 || (ld >= cols && (rows - 1) * ld + cols <= dst.len());
+    if !dst_fits || !fits(&lhs, rows, inner) || !fits(&rhs, inner, cols) {
         candle_core::bail!("LoRA product {rows}x{inner}x{cols}: an operand is too short");
     }
     if rows == 0 || cols == 0 {
@@ -130,9 +128,9 @@ fn product(
                 n,
                 cols,
                 inner,
-                dst_ptr.at(r0 * cols),
+                dst_ptr.at(r0 * ld),
                 1,
-                cols as isize,
+                ld as isize,
                 accumulate,
                 (lhs_ptr as *const f32).add(r0 * lhs.1),
                 lhs.2 as isize,
@@ -219,96 +217,247 @@ fn bmm(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     Tensor::from_vec(out, (b0, h, m, n), &Device::Cpu)
 }
 
-/// `x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ` for `x` (m, k); returns the output and `x·Aᵀ`.
-fn proj_fwd(
-    w: &QLinear,
-    bias: Option<&Tensor>,
-    lp: Option<&(Tensor, Tensor)>,
-    s: f64,
-    x: &Tensor,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let (m, k) = x.dims2()?;
-    let n = w.q.shape().dims2()?.0;
-    let (mut y, ax) = with_f32(x, |xs| {
-        let mut y = wt_vec(xs, m, &w.q)?;
-        let Some((a, b)) = lp else {
-            return Ok((y, None));
-        };
-        let r = a.dim(0)?;
-        let mut ax = vec![0f32; m * r];
-        // x·Aᵀ: Aᵀ (k × r) read from A (r × k).
-        with_f32(a, |av| {
-            product((m, r, k), &mut ax, false, Op(xs, k, 1), Op(av, 1, k), 1.0)
-        })?;
-        // y += s·(x·Aᵀ)·Bᵀ: Bᵀ (r × n) read from B (n × r).
-        with_f32(b, |bv| {
-            product(
-                (m, n, r),
-                &mut y,
-                true,
-                Op(&ax, r, 1),
-                Op(bv, 1, r),
-                s as f32,
-            )
-        })?;
-        Ok((y, Some((ax, r))))
-    })?;
-    if let Some(b) = bias {
-        with_f32(b, |bv| {
-            if bv.len() != n {
-                candle_core::bail!("bias of {} values for {n} outputs", bv.len());
-            }
-            y.chunks_exact_mut(n)
-                .for_each(|row| row.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
-            Ok(())
-        })?;
-    }
-    let y = Tensor::from_vec(y, (m, n), &Device::Cpu)?;
-    let ax = match ax {
-        Some((v, r)) => Some(Tensor::from_vec(v, (m, r), &Device::Cpu)?),
-        None => None,
-    };
-    Ok((y, ax))
+/// One frozen projection of a layer: its weight, bias and LoRA target.
+#[derive(Clone, Copy)]
+struct Proj<'a> {
+    t: Target,
+    w: &'a QLinear,
+    bias: Option<&'a Tensor>,
 }
 
-/// Gradients of [`proj_fwd`]: adds dA and dB into `ga`/`gb` and returns dx.
-fn proj_bwd(
-    w: &QLinear,
-    lp: Option<&(Tensor, Tensor)>,
+/// The LoRA factors of projections that read the same input (q, k, v, or gate and up): their A
+/// factors stacked into one `(Σr) × k` matrix, so the input is read once for all of them (and
+/// the input gradient written once), and per projection its rows in the stack and its B.
+struct Stack {
+    a: Vec<f32>,
+    rows: usize,
+    parts: Vec<Option<(usize, usize, Tensor)>>,
+}
+
+impl Stack {
+    fn new(lora: Option<&LoraWeights>, li: usize, projs: &[Proj], k: usize) -> Result<Self> {
+        let mut st = Stack {
+            a: Vec::new(),
+            rows: 0,
+            parts: Vec::with_capacity(projs.len()),
+        };
+        for p in projs {
+            match pair(lora, li, p.t)? {
+                Some((a, b)) => {
+                    let r = a.dim(0)?;
+                    with_f32(&a, |av| {
+                        if av.len() != r * k {
+                            candle_core::bail!("LoRA A of {:?} is not {r} x {k}", p.t);
+                        }
+                        st.a.extend_from_slice(av);
+                        Ok(())
+                    })?;
+                    st.parts.push(Some((st.rows, r, b)));
+                    st.rows += r;
+                }
+                None => st.parts.push(None),
+            }
+        }
+        Ok(st)
+    }
+}
+
+/// `x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ` of each projection in `projs`, all reading `x` (m, k); returns
+/// the outputs and the stacked `x·[A…]ᵀ` (m, Σr) for the backward.
+fn group_fwd(
+    projs: &[Proj],
+    lora: Option<&LoraWeights>,
+    li: usize,
+    s: f64,
+    x: &Tensor,
+) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    let (m, k) = x.dims2()?;
+    let st = Stack::new(lora, li, projs, k)?;
+    let rt = st.rows;
+    let (ys, ax) = with_f32(x, |xs| {
+        // x·[A…]ᵀ: the stack's transpose (k × Σr) read from the stack.
+        let mut ax = vec![0f32; m * rt];
+        if rt > 0 {
+            product(
+                (m, rt, k),
+                (&mut ax, rt),
+                false,
+                Op(xs, k, 1),
+                Op(&st.a, 1, k),
+                1.0,
+            )?;
+        }
+        let mut ys = Vec::with_capacity(projs.len());
+        for (p, part) in projs.iter().zip(&st.parts) {
+            let n = p.w.q.shape().dims2()?.0;
+            let mut y = wt_vec(xs, m, &p.w.q)?;
+            // y += s·(x·Aᵀ)·Bᵀ: Bᵀ (r × n) read from B (n × r).
+            if let Some((off, r, b)) = part {
+                with_f32(b, |bv| {
+                    product(
+                        (m, n, *r),
+                        (&mut y, n),
+                        true,
+                        Op(&ax[*off..], rt, 1),
+                        Op(bv, 1, *r),
+                        s as f32,
+                    )
+                })?;
+            }
+            if let Some(b) = p.bias {
+                with_f32(b, |bv| {
+                    if bv.len() != n {
+                        candle_core::bail!("bias of {} values for {n} outputs", bv.len());
+                    }
+                    y.par_chunks_exact_mut(n)
+                        .for_each(|row| row.iter_mut().zip(bv).for_each(|(o, b)| *o += b));
+                    Ok(())
+                })?;
+            }
+            ys.push(Tensor::from_vec(y, (m, n), &Device::Cpu)?);
+        }
+        Ok((ys, ax))
+    })?;
+    let ax = if rt > 0 {
+        Some(Tensor::from_vec(ax, (m, rt), &Device::Cpu)?)
+    } else {
+        None
+    };
+    Ok((ys, ax))
+}
+
+/// Gradients of [`group_fwd`] given each output's gradient `dys`: adds every dA and dB into
+/// the sink and returns dx, the sum over the projections.
+#[allow(clippy::too_many_arguments)]
+fn group_bwd(
+    projs: &[Proj],
+    lora: Option<&LoraWeights>,
+    li: usize,
     s: f64,
     x: &Tensor,
     ax: Option<&Tensor>,
-    dy: &Tensor,
-    acc: Option<(&mut [f32], &mut [f32])>,
+    dys: &[&Tensor],
+    sink: &mut GradSink,
 ) -> Result<Tensor> {
-    let (m, n) = dy.dims2()?;
-    let k = w.q.shape().dims2()?.1;
+    let (m, k) = x.dims2()?;
+    let st = Stack::new(lora, li, projs, k)?;
+    let rt = st.rows;
     let s = s as f32;
-    let dx = with_f32(dy, |dys| {
-        let mut dx = w_vec(dys, m, &w.q)?;
-        let (Some((a, b)), Some(ax)) = (lp, ax) else {
-            return Ok(dx);
-        };
-        let r = a.dim(0)?;
-        // d(x·Aᵀ) = s·dy·B, dB = s·dyᵀ·(x·Aᵀ), dA = d(x·Aᵀ)ᵀ·x, dx += d(x·Aᵀ)·A.
-        let mut dax = vec![0f32; m * r];
-        with_f32(b, |bv| {
-            product((m, r, n), &mut dax, false, Op(dys, n, 1), Op(bv, r, 1), s)
-        })?;
-        if let Some((acc_a, acc_b)) = acc {
-            with_f32(ax, |axv| {
-                product((n, r, m), acc_b, true, Op(dys, 1, n), Op(axv, r, 1), s)
-            })?;
-            with_f32(x, |xs| {
-                product((r, k, m), acc_a, true, Op(&dax, 1, r), Op(xs, k, 1), 1.0)
+    if dys.len() != projs.len() || (rt > 0 && ax.is_none()) {
+        candle_core::bail!("projection group backward without its forward state");
+    }
+    let dx = with_f32(x, |xs| {
+        let mut dx: Option<Vec<f32>> = None;
+        // d(x·[A…]ᵀ): s·dy·B of each projection, side by side (m × Σr).
+        let mut dax = vec![0f32; m * rt];
+        for ((p, part), dy) in projs.iter().zip(&st.parts).zip(dys) {
+            let n = p.w.q.shape().dims2()?.0;
+            with_f32(dy, |dys| {
+                if dys.len() != m * n {
+                    candle_core::bail!("output gradient of {:?} is not {m} x {n}", p.t);
+                }
+                let g = w_vec(dys, m, &p.w.q)?;
+                match dx.as_mut() {
+                    None => dx = Some(g),
+                    Some(d) => d
+                        .par_chunks_mut(k)
+                        .zip(g.par_chunks(k))
+                        .for_each(|(d, g)| d.iter_mut().zip(g).for_each(|(d, g)| *d += g)),
+                }
+                let (Some((off, r, b)), Some(ax)) = (part, ax) else {
+                    return Ok(());
+                };
+                with_f32(b, |bv| {
+                    product(
+                        (m, *r, n),
+                        (&mut dax[*off..], rt),
+                        false,
+                        Op(dys, n, 1),
+                        Op(bv, *r, 1),
+                        s,
+                    )
+                })?;
+                // dB += s·dyᵀ·(x·Aᵀ).
+                if let Some((_, acc_b)) = sink.pair_mut(li, p.t) {
+                    with_f32(ax, |axv| {
+                        product(
+                            (n, *r, m),
+                            (acc_b, *r),
+                            true,
+                            Op(dys, 1, n),
+                            Op(&axv[*off..], rt, 1),
+                            s,
+                        )
+                    })?;
+                }
+                Ok(())
             })?;
         }
-        with_f32(a, |av| {
-            product((m, k, r), &mut dx, true, Op(&dax, r, 1), Op(av, k, 1), 1.0)
-        })?;
+        let mut dx = dx.ok_or_else(|| candle_core::Error::Msg("empty projection group".into()))?;
+        if rt > 0 {
+            // dA of the stack = d(x·[A…]ᵀ)ᵀ·x (Σr × k), split into each projection's gradient.
+            let mut da = vec![0f32; rt * k];
+            product(
+                (rt, k, m),
+                (&mut da, k),
+                false,
+                Op(&dax, 1, rt),
+                Op(xs, k, 1),
+                1.0,
+            )?;
+            for (p, part) in projs.iter().zip(&st.parts) {
+                if let (Some((off, r, _)), Some((acc_a, _))) = (part, sink.pair_mut(li, p.t)) {
+                    let src = &da[off * k..(off + r) * k];
+                    if acc_a.len() != src.len() {
+                        candle_core::bail!("gradient of LoRA A of {:?} has the wrong size", p.t);
+                    }
+                    acc_a.iter_mut().zip(src).for_each(|(a, g)| *a += g);
+                }
+            }
+            // dx += d(x·[A…]ᵀ)·[A…].
+            product(
+                (m, k, rt),
+                (&mut dx, k),
+                true,
+                Op(&dax, rt, 1),
+                Op(&st.a, k, 1),
+                1.0,
+            )?;
+        }
         Ok(dx)
     })?;
     Tensor::from_vec(dx, (m, k), &Device::Cpu)
+}
+
+/// The projection groups of a layer (by input): q/k/v, o, gate/up, down.
+const QKV: usize = 0;
+const O: usize = 1;
+const GATE_UP: usize = 2;
+const DOWN: usize = 3;
+
+fn groups(layer: &crate::model::Layer) -> [Vec<Proj<'_>>; 4] {
+    let p = |t, w, bias| Proj { t, w, bias };
+    [
+        vec![
+            p(Target::Q, &layer.q.w, layer.q.b.as_ref()),
+            p(Target::K, &layer.k.w, layer.k.b.as_ref()),
+            p(Target::V, &layer.v.w, layer.v.b.as_ref()),
+        ],
+        vec![p(Target::O, &layer.o.w, layer.o.b.as_ref())],
+        vec![
+            p(Target::Gate, &layer.gate, None),
+            p(Target::Up, &layer.up, None),
+        ],
+        vec![p(Target::Down, &layer.down, None)],
+    ]
+}
+
+/// The only output of a one-projection group.
+fn one(mut ys: Vec<Tensor>) -> Result<Tensor> {
+    match (ys.pop(), ys.is_empty()) {
+        (Some(y), true) => Ok(y),
+        _ => candle_core::bail!("a one-projection group gave {} outputs", ys.len() + 1),
+    }
 }
 
 /// Layer `li` on `x` (b, s, dim): the output and what [`layer_bwd`] needs.
@@ -328,18 +477,19 @@ pub fn layer_fwd(
     let eps = cfg.eps as f32;
     let sc = scale(lora);
     let x = x.detach().contiguous()?.reshape((m, d))?;
-    // Each projection's output; its x·Aᵀ goes into `ax` for the backward.
-    let mut ax: [Option<Tensor>; 7] = Default::default();
-    let mut proj = |t: Target, w: &QLinear, bias: Option<&Tensor>, input: &Tensor| {
-        let (y, a) = proj_fwd(w, bias, pair(lora, li, t)?.as_ref(), sc, input)?;
-        ax[slot(t)] = a;
-        Ok::<_, candle_core::Error>(y)
+    let groups = groups(layer);
+    // Each group's outputs; its x·[A…]ᵀ goes into `ax` for the backward.
+    let mut ax: [Option<Tensor>; 4] = Default::default();
+    let mut run = |gi: usize, input: &Tensor| {
+        let (ys, a) = group_fwd(&groups[gi], lora, li, sc, input)?;
+        ax[gi] = a;
+        Ok::<_, candle_core::Error>(ys)
     };
 
     let (_, h1) = norm(&x, &layer.attn_norm, eps)?;
-    let q = proj(Target::Q, &layer.q.w, layer.q.b.as_ref(), &h1)?;
-    let k = proj(Target::K, &layer.k.w, layer.k.b.as_ref(), &h1)?;
-    let v = proj(Target::V, &layer.v.w, layer.v.b.as_ref(), &h1)?;
+    let [q, k, v]: [Tensor; 3] = run(QKV, &h1)?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("q/k/v group".into()))?;
     let rope = aux.rope();
     let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
     let q = q.apply_op1_no_bwd(rope)?.reshape((b, nkv, rep * s, hd))?;
@@ -353,13 +503,14 @@ pub fn layer_fwd(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((m, nh * hd))?;
-    let o = proj(Target::O, &layer.o.w, layer.o.b.as_ref(), &y)?;
+    let o = one(run(O, &y)?)?;
     let x2 = (&x + o)?;
     let (_, h2) = norm(&x2, &layer.ffn_norm, eps)?;
-    let g = proj(Target::Gate, &layer.gate, None, &h2)?;
-    let u = proj(Target::Up, &layer.up, None, &h2)?;
+    let [g, u]: [Tensor; 2] = run(GATE_UP, &h2)?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("gate/up group".into()))?;
     let gu = g.apply_op2_no_bwd(&u, &SwiGlu)?;
-    let dn = proj(Target::Down, &layer.down, None, &gu)?;
+    let dn = one(run(DOWN, &gu)?)?;
     let out = (&x2 + dn)?.reshape((b, s, d))?;
     drop((h1, h2, gu));
     let saved = Saved {
@@ -415,28 +566,27 @@ pub fn layer_bwd(
     let (n1, h1) = norm(&sv.x, &layer.attn_norm, eps)?;
     let (n2, h2) = norm(&sv.x2, &layer.ffn_norm, eps)?;
     let gu = sv.g.apply_op2_no_bwd(&sv.u, &SwiGlu)?;
-    // dx of projection `t` (input `input`, output gradient `dy`); its dA, dB go to the sink.
-    let mut proj = |t: Target, w: &QLinear, input: &Tensor, dy: &Tensor| {
-        let lp = pair(lora, li, t)?;
-        let ax = sv.ax[slot(t)].as_ref();
-        proj_bwd(w, lp.as_ref(), sc, input, ax, dy, sink.pair_mut(li, t))
+    let groups = groups(layer);
+    // dx of group `gi` (input `input`, output gradients `dys`); its dA, dB go to the sink.
+    let mut run = |gi: usize, input: &Tensor, dys: &[&Tensor]| {
+        let ax = sv.ax[gi].as_ref();
+        group_bwd(&groups[gi], lora, li, sc, input, ax, dys, sink)
     };
 
     // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2).
-    let dgu = proj(Target::Down, &layer.down, &gu, &dy)?;
+    let dgu = run(DOWN, &gu, &[&dy])?;
     let (dg, du) = SwiGlu.bwd(&sv.g, &sv.u, &gu, &dgu)?;
     let (dg, du) = match (dg, du) {
         (Some(a), Some(b)) => (a, b),
         _ => candle_core::bail!("swiglu gave no gradient"),
     };
-    let dh2 =
-        (proj(Target::Gate, &layer.gate, &h2, &dg)? + proj(Target::Up, &layer.up, &h2, &du)?)?;
+    let dh2 = run(GATE_UP, &h2, &[&dg, &du])?;
     let dx2 = (&dy
         + n2.bwd(&sv.x2, &h2, &dh2)?
             .ok_or_else(|| candle_core::Error::Msg("rms norm gave no gradient".into()))?)?;
 
     // Attention: x2 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x).
-    let dyatt = proj(Target::O, &layer.o.w, &sv.y, &dx2)?;
+    let dyatt = run(O, &sv.y, &[&dx2])?;
     let dyatt = dyatt
         .reshape((b, s, nh, hd))?
         .transpose(1, 2)?
@@ -462,8 +612,7 @@ pub fn layer_bwd(
         t.transpose(1, 2)?.contiguous()?.reshape((m, heads * hd))
     };
     let (dq, dk, dv) = (back(dq, nh)?, back(dk, nkv)?, back(dv, nkv)?);
-    let dh1 = ((proj(Target::Q, &layer.q.w, &h1, &dq)? + proj(Target::K, &layer.k.w, &h1, &dk)?)?
-        + proj(Target::V, &layer.v.w, &h1, &dv)?)?;
+    let dh1 = run(QKV, &h1, &[&dq, &dk, &dv])?;
     let dx = (dx2
         + n1.bwd(&sv.x, &h1, &dh1)?
             .ok_or_else(|| candle_core::Error::Msg("rms norm gave no gradient".into()))?)?;
