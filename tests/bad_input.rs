@@ -224,3 +224,47 @@ fn dev_write_tiny_model_refuses_to_overwrite_and_names_a_missing_folder() {
         .unwrap();
     assert_clean_error(&o, &[missing.to_str().unwrap(), "mkdir -p"]);
 }
+
+#[test]
+fn a_peer_python_without_peft_is_refused_before_any_round() {
+    let home = temp_home();
+    let p = home.path().join("tiny.gguf");
+    write_tiny_model(&p, &TinySpec::default()).unwrap();
+    let missing = home.path().join("no-such-python");
+    let o = hone(home.path())
+        .arg("--model")
+        .arg(&p)
+        .args(["bench", "--train", "--vs-peft"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &[missing.to_str().unwrap(), "--vs-peft"]);
+    // A Python that runs but has no torch: the error says what to install.
+    let fake = home.path().join("fake-python");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let o = hone(home.path())
+        .arg("--model")
+        .arg(&p)
+        .args(["bench", "--train", "--vs-peft"])
+        .arg(&fake)
+        .output()
+        .unwrap();
+    assert_clean_error(
+        &o,
+        &[
+            "cannot import torch",
+            "pip install torch transformers peft gguf",
+        ],
+    );
+    assert!(
+        !stdout(&o).contains("round"),
+        "no round ran: {}",
+        stdout(&o)
+    );
+}

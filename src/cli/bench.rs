@@ -40,6 +40,14 @@ pub struct BenchArgs {
     /// With --train: write the benchmark's token ids to this JSON file (for bench/peft_train.py)
     #[arg(long)]
     pub data_out: Option<std::path::PathBuf>,
+    /// With --train: also train with PyTorch + PEFT (this Python, which must have torch,
+    /// transformers, peft and gguf installed) on the same data and LoRA config, alternating
+    /// with hone round by round, and print the ratios
+    #[arg(long, value_name = "PYTHON")]
+    pub vs_peft: Option<std::path::PathBuf>,
+    /// With --train: measured rounds (the median is reported; default 5 with --vs-peft, else 1)
+    #[arg(long)]
+    pub rounds: Option<usize>,
 }
 
 /// One llama-bench run: (prompt t/s, decode t/s, peak RSS MiB).
