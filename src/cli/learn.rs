@@ -44,7 +44,7 @@ pub struct LearnFlags {
     #[arg(long, default_value_t = 0)]
     pub layers: usize,
     /// General anchoring examples per note-derived example (at most the anchoring prompts there are)
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.75)]
     pub anchor_ratio: f64,
     /// Train anchors toward the base model's K most likely next tokens (distillation; 0 = its
     /// answer's tokens only)

@@ -39,8 +39,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// The general prompts whose base-model answers anchor behaviour (one per line, `#` comments).
-pub const ANCHORS: &str = include_str!("../../prompts/anchors.v1.txt");
-pub const ANCHORS_VERSION: &str = "anchors.v1";
+pub const ANCHORS: &str = include_str!("../../prompts/anchors.v2.txt");
+pub const ANCHORS_VERSION: &str = "anchors.v2";
 
 /// The gate's thresholds, fixed before any evaluation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -140,7 +140,7 @@ impl Default for LearnOptions {
             lr: 1e-3,
             epochs: 5,
             layers: None,
-            anchor_ratio: 0.5,
+            anchor_ratio: 0.75,
             anchor_topk: 4,
             replay_per_note: 4,
             replay_ratio: default_replay_ratio(),

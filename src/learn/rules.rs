@@ -181,6 +181,54 @@ pub fn key_spans(note: &str, max: usize) -> Vec<Span> {
     out
 }
 
+/// Words that open a topic phrase ("our weekly grocery order", "the car's next service").
+const TOPIC_OPENERS: &[&str] = &["my", "our", "the", "his", "her", "their"];
+
+/// The note's topic phrases: a possessive or "the" and the words after it, up to a break, a
+/// preposition, a copula, a joining word or a past-tense verb (at most four words). People
+/// ask about a note by its topic ("the grocery order") as often as by its names; recall items
+/// keyed on topics bind those words to the note too. At most `max`, in order, no repeats.
+pub fn topic_phrases(note: &str, max: usize) -> Vec<String> {
+    let ws = words(note);
+    let mut out: Vec<String> = Vec::new();
+    for (k, w) in ws.iter().enumerate() {
+        if out.len() >= max {
+            break;
+        }
+        let opener = lower(w.core);
+        if !TOPIC_OPENERS.contains(&opener.as_str()) || w.breaks || k + 1 >= ws.len() {
+            continue;
+        }
+        let ends = |x: &str| {
+            let x = lower(x);
+            COPULAS.contains(&x.as_str())
+                || PREPOSITIONS.contains(&x.as_str())
+                || STOPS.contains(&x.as_str())
+                || NOT_NAMES.contains(&x.as_str())
+                || (x.len() > 4 && x.ends_with("ed"))
+                || has_digit(&x)
+        };
+        let a = k + 1;
+        let mut b = a;
+        if ends(ws[a].core) {
+            continue;
+        }
+        while b + 1 < ws.len() && b - a < 3 && !ws[b].breaks && !ends(ws[b + 1].core) {
+            b += 1;
+        }
+        let phrase = &note[ws[a].start..ws[b].end];
+        // One short word ("the end", "my car") is kept only when it is not a bare pronoun.
+        if phrase.chars().count() < 3 {
+            continue;
+        }
+        let topic = format!("{} {}", opener, phrase);
+        if !out.iter().any(|o| o.eq_ignore_ascii_case(&topic)) {
+            out.push(topic);
+        }
+    }
+    out
+}
+
 /// A rule-made training or probe item: a user turn and the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleItem {
@@ -218,6 +266,14 @@ pub fn cloze_items(note: &str, max_spans: usize) -> Vec<RuleItem> {
     {
         out.push(RuleItem {
             prompt: format!("What do my notes say about {}?", s.text),
+            completion: note.to_string(),
+            probe: false,
+            kind: "recall",
+        });
+    }
+    for t in topic_phrases(note, 2) {
+        out.push(RuleItem {
+            prompt: format!("What do my notes say about {t}?"),
             completion: note.to_string(),
             probe: false,
             kind: "recall",
@@ -569,6 +625,31 @@ mod tests {
         assert!(qa("I am in the garden.")
             .iter()
             .all(|(q, _)| !q.starts_with("Where do")));
+    }
+
+    #[test]
+    fn topic_phrases_stop_at_verbs_prepositions_and_copulas() {
+        assert_eq!(
+            topic_phrases(
+                "Our weekly grocery order from Fernbrook Market arrives on Saturdays.",
+                3
+            ),
+            vec!["our weekly grocery order"]
+        );
+        assert_eq!(
+            topic_phrases(
+                "The spare key is under the blue flowerpot by the back door.",
+                3
+            ),
+            vec!["the spare key", "the blue flowerpot", "the back door"]
+        );
+        assert_eq!(
+            topic_phrases("My sister moved to the city; her dog stayed.", 3),
+            vec!["my sister", "the city", "her dog"]
+        );
+        assert!(topic_phrases("", 3).is_empty());
+        assert!(topic_phrases("the", 3).is_empty());
+        assert!(topic_phrases("It is the 4th.", 3).is_empty());
     }
 
     #[test]
