@@ -119,8 +119,8 @@ fn run_llama_bench(
     Ok((pp, tg, peak_mb))
 }
 
-/// Median, min and max.
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+/// Median, min and max of a non-empty list.
+pub(super) fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     let med = if n % 2 == 1 {

@@ -592,14 +592,9 @@ fn peft_round(
     }
 }
 
+/// The median of the (non-empty) figures, as `hone bench` reports them.
 fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
+    super::bench::stats(&mut v.to_vec()).0
 }
 
 pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
