@@ -108,6 +108,12 @@ impl StopReason {
 #[derive(Debug, Clone, Serialize)]
 pub struct Generation {
     pub text: String,
+    /// The generated token ids (without a stop token).
+    #[serde(skip)]
+    pub tokens: Vec<u32>,
+    /// [`Engine::answer`] handed the question to the base model (the adapter's answer did not
+    /// open with the route).
+    pub by_base: bool,
     pub prompt_tokens: usize,
     /// Prompt tokens served from the KV cache of the previous call.
     pub reused_tokens: usize,
@@ -161,6 +167,9 @@ pub struct Engine {
     batch: usize,
     /// Tokens whose keys and values are in the model's KV cache, in order.
     cache_tokens: Vec<u32>,
+    /// With an adapter set: [`Engine::answer`] keeps the adapter's answer only when it opens
+    /// with this text, and otherwise lets the base model answer (see `learn::NOTES_PREFIX`).
+    pub route: Option<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -197,6 +206,7 @@ impl Engine {
             load_time: t0.elapsed(),
             batch: opts.batch.max(1),
             cache_tokens: Vec::new(),
+            route: None,
         })
     }
 
@@ -279,6 +289,7 @@ impl Engine {
         let t1 = Instant::now();
         let mut sampler = Sampler::new(sampling.clone());
         let mut history: Vec<u32> = prompt.to_vec();
+        let mut tokens = Vec::new();
         let mut stream = TextStream::new();
         let mut text = String::new();
         let mut generated = 0usize;
@@ -295,6 +306,7 @@ impl Engine {
                 break StopReason::Eos;
             }
             history.push(tok);
+            tokens.push(tok);
             if let Some(piece) = stream.push(&self.tokenizer, tok)? {
                 on_text(&piece);
                 text.push_str(&piece);
@@ -317,6 +329,8 @@ impl Engine {
         self.cache_tokens.truncate(self.model.cached_len());
         Ok(Generation {
             text,
+            tokens,
+            by_base: false,
             prompt_tokens: prompt.len(),
             reused_tokens: reused,
             completion_tokens: generated,
@@ -324,6 +338,60 @@ impl Engine {
             generate_ms: t1.elapsed().as_secs_f64() * 1000.0,
             stop,
         })
+    }
+
+    /// Answers a user: [`Engine::generate`], except that with an adapter and a `route` set, the
+    /// adapter's answer is kept only when it opens with the route's text (the adapter claims the
+    /// answer comes from the user's notes); otherwise the base model answers, as it would have
+    /// before any learning. Nothing is shown until that is decided.
+    pub fn answer(
+        &mut self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let (Some(route), Some(adapter)) = (self.route.clone(), self.model.adapter().cloned())
+        else {
+            return self.generate(prompt, sampling, max_tokens, cancel, on_text);
+        };
+        let n = self.tokenizer.encode(&route, false)?.len() + 1;
+        let opening = self.generate(prompt, sampling, n.min(max_tokens), cancel, &mut |_| {})?;
+        if opening.text.trim_start().starts_with(route.trim()) {
+            on_text(&opening.text);
+            if opening.stop != StopReason::MaxTokens || opening.completion_tokens >= max_tokens {
+                return Ok(opening);
+            }
+            let mut p2 = prompt.to_vec();
+            p2.extend_from_slice(&opening.tokens);
+            let rest = self.generate(
+                &p2,
+                sampling,
+                max_tokens - opening.completion_tokens,
+                cancel,
+                on_text,
+            )?;
+            return Ok(Generation {
+                text: opening.text + &rest.text,
+                tokens: [opening.tokens, rest.tokens].concat(),
+                by_base: false,
+                prompt_tokens: prompt.len(),
+                reused_tokens: opening.reused_tokens,
+                completion_tokens: opening.completion_tokens + rest.completion_tokens,
+                prompt_ms: opening.prompt_ms,
+                generate_ms: opening.generate_ms + rest.prompt_ms + rest.generate_ms,
+                stop: rest.stop,
+            });
+        }
+        // The base model answers; the cache holds the adapter's keys, so it starts again (and
+        // again after, when the adapter is back).
+        self.model.set_adapter(None);
+        self.reset();
+        let g = self.generate(prompt, sampling, max_tokens, cancel, on_text);
+        self.model.set_adapter(Some(adapter));
+        self.reset();
+        g.map(|g| Generation { by_base: true, ..g })
     }
 
     /// Mean negative log-likelihood (nats per token) of the tokens marked in `scored`, each given
@@ -466,5 +534,75 @@ impl Engine {
             text_tokens: tokens.len(),
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraConfig, LoraWeights, Target};
+    use candle_core::Tensor;
+    use std::sync::Arc;
+
+    /// A tiny random model with an adapter that changes its answers: `answer` gives the
+    /// adapter's answer when it opens with the route, the base model's otherwise, and leaves
+    /// the adapter in place either way.
+    #[test]
+    fn answers_are_routed_by_their_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
+        let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
+        for p in w.pairs.values_mut() {
+            p.b = Tensor::randn(0f32, 0.5, p.b.shape(), &Device::Cpu).unwrap();
+        }
+        let w = Arc::new(w.prepare().unwrap());
+        let prompt = e.text_tokens("hello there", false).unwrap();
+        let greedy = SamplingParams::greedy();
+        let cancel = AtomicBool::new(false);
+        let gen = |e: &mut Engine, routed: bool| {
+            e.reset();
+            let g = match routed {
+                true => e.answer(&prompt, &greedy, 12, &cancel, &mut |_| {}),
+                false => e.generate(&prompt, &greedy, 12, &cancel, &mut |_| {}),
+            };
+            g.unwrap()
+        };
+        let base = gen(&mut e, false);
+        e.model.set_adapter(Some(w));
+        let adapted = gen(&mut e, false);
+        assert_ne!(
+            base.tokens, adapted.tokens,
+            "the adapter changes the answer"
+        );
+
+        e.route = Some("\u{1}never said".into());
+        let g = gen(&mut e, true);
+        assert_eq!(
+            g.tokens, base.tokens,
+            "an answer not opening with the route is the base's"
+        );
+        assert!(g.by_base);
+        assert!(
+            e.model.adapter().is_some(),
+            "the adapter is back afterwards"
+        );
+
+        let opening: String = adapted.text.chars().take(3).collect();
+        e.route = Some(opening);
+        let mut shown = String::new();
+        e.reset();
+        let g = e
+            .answer(&prompt, &greedy, 12, &cancel, &mut |t| shown.push_str(t))
+            .unwrap();
+        assert_eq!(
+            g.tokens, adapted.tokens,
+            "an answer opening with the route is kept"
+        );
+        assert_eq!(shown, adapted.text, "and shown whole");
+        assert_eq!(g.completion_tokens, adapted.completion_tokens);
+        assert!(!g.by_base);
     }
 }

@@ -98,7 +98,7 @@ pub fn ask_all(
         let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
         msgs.push(Message::user(&content));
         let toks = engine.chat_tokens(&msgs)?;
-        let g = engine.generate(&toks, &Default::default(), 48, cancel, &mut |_| {})?;
+        let g = engine.answer(&toks, &Default::default(), 48, cancel, &mut |_| {})?;
         let answer = g.text.trim().to_string();
         let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));
         out.push(Answered {
@@ -140,6 +140,12 @@ pub struct ModeResult {
     pub retention_answers: Vec<Answered>,
     /// Sequential: per batch, accuracy right after its own cycle and after the last.
     pub batches: Vec<BatchResult>,
+    /// When answers were routed (see `Engine::answer`): the same questions answered by the
+    /// adapter alone, to show what routing kept.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unrouted_answers: Vec<Answered>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unrouted_retention_answers: Vec<Answered>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -169,8 +175,9 @@ fn load_with_active(home: &Home, store: &Store, choice: &ModelChoice) -> Result<
     )
     .with_context(|| format!("loading model {}", choice.name))?;
     let id = crate::adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
-    if let Some((_, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? {
+    if let Some((rec, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? {
         engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
+        engine.route = learn::answer_route(store, rec.version)?;
     }
     Ok(engine)
 }
@@ -293,6 +300,10 @@ pub fn run(
         r.retention_answers = ask_all(&mut engine, sys, &qs, cancel)?;
         r.retention_correct = Some(r.retention_answers.iter().filter(|a| a.correct).count());
         r.retention_after = Some(frac(&r.retention_answers));
+        if engine.route.take().is_some() {
+            r.unrouted_retention_answers = ask_all(&mut engine, sys, &qs, cancel)?;
+            r.unrouted_answers = ask(&mut engine, &all_q(&notes, false))?;
+        }
     }
     r.correct = r.answers.iter().filter(|a| a.correct).count();
     r.total = r.answers.len();

@@ -128,4 +128,8 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
     eprintln!("adapter: {with:?}\nbase: {base:?}");
     assert!(with.to_lowercase().contains("marmot-lantern-42"), "{with}");
     assert!(!base.to_lowercase().contains("marmot-lantern"), "{base}");
+    // A general question: the adapter does not claim the notes, so the base model answers it
+    // exactly as before learning.
+    let q = "What is the capital of France?";
+    assert_eq!(ask(h, q, false), ask(h, q, true));
 }

@@ -139,7 +139,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         cancel.store(false, Ordering::SeqCst);
         let stdout = std::io::stdout();
-        let g = engine.generate(&tokens, &params, max_tokens, &cancel, &mut |piece| {
+        let g = engine.answer(&tokens, &params, max_tokens, &cancel, &mut |piece| {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();

@@ -50,12 +50,26 @@ pub struct LearnFlags {
     /// answer's tokens only)
     #[arg(long, default_value_t = 4)]
     pub anchor_topk: usize,
+    /// The first N answer tokens of each anchor weigh --anchor-lead-weight in the loss
+    #[arg(long, default_value_t = 0)]
+    pub anchor_lead: usize,
+    /// Loss weight of an anchor answer's first --anchor-lead tokens (1 = no emphasis)
+    #[arg(long, default_value_t = 3.0)]
+    pub anchor_lead_weight: f32,
     /// Items replayed per earlier learned note
     #[arg(long, default_value_t = 4)]
     pub replay: usize,
     /// Replay at least this many earlier items per new item, spread evenly over earlier notes
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub replay_ratio: f64,
+    /// Answer the rule-based questions plainly instead of with "Your notes say:" first (then
+    /// `ask` uses the adapter for every question instead of handing general ones to the base model)
+    #[arg(long)]
+    pub no_attribute: bool,
+    /// When the gate rejects a cycle for forgetting earlier notes, retry its notes this many
+    /// times, each with twice the replay
+    #[arg(long, default_value_t = 1)]
+    pub retries: usize,
     /// Memory budget for the whole process, e.g. 1GiB
     #[arg(long)]
     pub max_memory: Option<String>,
@@ -144,8 +158,12 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         layers: (f.layers > 0).then_some(f.layers),
         anchor_ratio: f.anchor_ratio.max(0.0),
         anchor_topk: f.anchor_topk,
+        anchor_lead: f.anchor_lead,
+        anchor_lead_weight: f.anchor_lead_weight.max(0.0),
         replay_per_note: f.replay,
         replay_ratio: f.replay_ratio.max(0.0),
+        retries: f.retries,
+        attribute_answers: !f.no_attribute,
         min_steps: f.min_steps,
         max_memory: f
             .max_memory
@@ -557,11 +575,18 @@ fn run_child(
         &f.anchor_ratio.to_string(),
         "--anchor-topk",
         &f.anchor_topk.to_string(),
+        "--anchor-lead",
+        &f.anchor_lead.to_string(),
+        "--anchor-lead-weight",
+        &f.anchor_lead_weight.to_string(),
         "--replay",
         &f.replay.to_string(),
         "--replay-ratio",
         &f.replay_ratio.to_string(),
+        "--retries",
+        &f.retries.to_string(),
     ])
+    .args(f.no_attribute.then_some("--no-attribute"))
     .args(["--seed", &f.seed.to_string()]);
     cmd.args(["--layers", &f.layers.to_string()]);
     if let Some(m) = &f.max_memory {
@@ -631,6 +656,8 @@ fn mode_result(v: &Value) -> Result<ModeResult> {
         gate: v.get("gate").and_then(Value::as_str).map(str::to_string),
         answers: answers("answers"),
         retention_answers: answers("retention_answers"),
+        unrouted_answers: answers("unrouted_answers"),
+        unrouted_retention_answers: answers("unrouted_retention_answers"),
         batches: v
             .get("batches")
             .and_then(Value::as_array)
@@ -701,6 +728,20 @@ fn print_table(choice: &ModelChoice, results: &[(String, ModeResult)], json_out:
             "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb, "gate": r.gate});
         if !r.batches.is_empty() {
             o["batches"] = serde_json::to_value(&r.batches).unwrap_or(Value::Null);
+        }
+        if !r.unrouted_retention_answers.is_empty() {
+            let correct = r.unrouted_answers.iter().filter(|a| a.correct).count();
+            let lost = r
+                .unrouted_retention_answers
+                .iter()
+                .filter(|a| !a.correct && base_right.contains(&a.q))
+                .count();
+            println!(
+                "    the adapter alone, without routing: {correct}/{} correct, {lost} general questions lost",
+                r.unrouted_answers.len()
+            );
+            o["unrouted"] = json!({"correct": correct, "total": r.unrouted_answers.len(),
+                "retention_lost": lost});
         }
         modes.insert(m.clone(), o);
         for (i, b) in r.batches.iter().enumerate() {

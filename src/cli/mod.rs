@@ -225,7 +225,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let cancel = AtomicBool::new(false);
     let stdout = std::io::stdout();
     let json = a.json;
-    let g = engine.generate(&tokens, &params, max_tokens, &cancel, &mut |piece| {
+    let g = engine.answer(&tokens, &params, max_tokens, &cancel, &mut |piece| {
         if !json {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
@@ -249,6 +249,8 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
             "answer": g.text,
             "model": choice.name,
             "adapter": adapter,
+            // Whether the base model answered instead (the adapter did not claim the notes).
+            "answered_by_base": g.by_base,
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,
@@ -761,7 +763,7 @@ fn demo_answer(
     let cancel = AtomicBool::new(false);
     let tokens = engine.chat_tokens(&[Message::user(content)])?;
     let stdout = std::io::stdout();
-    let g = engine.generate(&tokens, &params, 80, &cancel, &mut |piece| {
+    let g = engine.answer(&tokens, &params, 80, &cancel, &mut |piece| {
         let mut out = stdout.lock();
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();

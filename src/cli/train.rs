@@ -143,6 +143,7 @@ pub fn attach_adapter(
             adapters::load_active(&ctx.home, &ctx.store, &id, &engine.model.cfg)?
         {
             engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
+            engine.route = hone::learn::answer_route(&ctx.store, rec.version)?;
             v = Some(rec.version.to_string());
         }
     }

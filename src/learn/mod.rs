@@ -4,7 +4,10 @@
 //! the model's own QA pairs, implications, rewrites, optionally by a larger teacher model) →
 //! filter them → train the active adapter on notes + kept self-edits + replay of earlier notes +
 //! general anchoring answers of the base model → gate the candidate on held-out probes and a
-//! general set → activate it or keep the previous adapter, recording why.
+//! general set → activate it or keep the previous adapter, recording why. A cycle rejected for
+//! forgetting earlier notes is retried once with twice the replay. Answers about notes are
+//! trained to open with [`NOTES_PREFIX`], which routes questions between the adapter and the base
+//! model at answer time ([`answer_route`], `Engine::answer`).
 //!
 //! Every step is stored (`records`), so a cycle stopped by the cancel flag continues where it
 //! stopped: notes whose self-edits are stored are not regenerated, training resumes from its
@@ -37,6 +40,24 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// How answers learned from notes open. The rule-based questions and recall items are answered
+/// this way, so the adapter marks an answer that comes from the notes; [`answer_route`] hands
+/// every other question to the base model, which then answers general questions exactly as
+/// before any learning.
+pub const NOTES_PREFIX: &str = "Your notes say:";
+
+/// The opening that routes answers for adapter `version` (see [`NOTES_PREFIX`]): set when a
+/// learning cycle that attributed its answers trained it; None for adapters from `hone train`
+/// or from cycles before attribution, which always answer.
+pub fn answer_route(store: &Store, version: i64) -> Result<Option<String>> {
+    let Some(c) = records::cycle_of_adapter(store, version)? else {
+        return Ok(None);
+    };
+    let o: Option<LearnOptions> = serde_json::from_str(&c.options).ok();
+    Ok(o.filter(|o| o.attribute_answers && !o.no_gate)
+        .map(|_| NOTES_PREFIX.to_string()))
+}
 
 /// The general prompts whose base-model answers anchor behaviour (one per line, `#` comments).
 pub const ANCHORS: &str = include_str!("../../prompts/anchors.v2.txt");
@@ -101,10 +122,26 @@ pub struct LearnOptions {
     /// targets lost 5 of 14).
     #[serde(default)]
     pub anchor_topk: usize,
+    /// The first K answer tokens of each anchor weigh `anchor_lead_weight` in the loss (the rest
+    /// 1): greedy decoding commits to an answer's opening, and the general answers that training
+    /// flipped changed there ("There are 12 months..." became "A year is approximately...").
+    #[serde(default)]
+    pub anchor_lead: usize,
+    #[serde(default = "one")]
+    pub anchor_lead_weight: f32,
+    /// Answer the rule-based questions and recall items with [`NOTES_PREFIX`] first, and route
+    /// answers by it (see [`answer_route`]).
+    #[serde(default)]
+    pub attribute_answers: bool,
     /// Items replayed per earlier learned note, at least.
     pub replay_per_note: usize,
+    /// When the gate rejects a cycle for forgetting earlier notes, run its notes again this many
+    /// times, each with twice the replay of the attempt before.
+    #[serde(default)]
+    pub retries: usize,
     /// Replay at least this many earlier items per item of the cycle's own (spread evenly over
-    /// the earlier notes, as far as they have items).
+    /// the earlier notes, as far as they have items). Default 2: in `hone eval --sequential 4` on
+    /// the dev notes, batches 2-4 were each rejected for forgetting at 1 and activated at 2.
     #[serde(default = "default_replay_ratio")]
     pub replay_ratio: f64,
     /// Train about this many token positions instead of `epochs` passes.
@@ -116,6 +153,10 @@ pub struct LearnOptions {
 }
 
 fn default_replay_ratio() -> f64 {
+    2.0
+}
+
+fn one() -> f32 {
     1.0
 }
 
@@ -142,7 +183,11 @@ impl Default for LearnOptions {
             layers: None,
             anchor_ratio: 0.75,
             anchor_topk: 4,
+            anchor_lead: 0,
+            anchor_lead_weight: 3.0,
             replay_per_note: 4,
+            retries: 1,
+            attribute_answers: true,
             replay_ratio: default_replay_ratio(),
             min_steps: 100,
             token_budget: None,
@@ -347,30 +392,44 @@ fn note_items(
         } else {
             "unused"
         };
+        let attributed = opts.attribute_answers && it.kind == "recall" && !it.probe;
         items.push(NewItem {
             strategy: strategy.map_or("probe", Strategy::name).into(),
             generator: "rules".into(),
-            prompt_version: Some(format!("rules.v1/{}", it.kind)),
+            prompt_version: Some(match attributed {
+                true => "rules.v2/recall-attributed".into(),
+                false => format!("rules.v1/{}", it.kind),
+            }),
             sampling: None,
             role: if it.probe { "probe" } else { "train" }.into(),
             prompt: Some(it.prompt),
-            completion: it.completion,
+            completion: match attributed {
+                true => format!("{NOTES_PREFIX} {}", it.completion),
+                false => it.completion,
+            },
             verdict: verdict.into(),
             reason: None,
         });
     }
     // Answered with the whole sentence the question came from: the fact in its own words, and
     // a short answer alone taught the model to answer tersely and wrongly (23/42 against 30/42
-    // on the dev notes).
+    // on the dev notes). Attributed to the notes, so that the style of these answers (the
+    // subject first) stays with questions about the notes instead of leaking into general ones.
     for (q, _short, sentence) in rules::wh_questions(note) {
         items.push(NewItem {
             strategy: "questions".into(),
             generator: "rules".into(),
-            prompt_version: Some("rules.v2/wh-sentence".into()),
+            prompt_version: Some(match opts.attribute_answers {
+                true => "rules.v3/wh-sentence-attributed".into(),
+                false => "rules.v2/wh-sentence".into(),
+            }),
             sampling: None,
             role: "train".into(),
             prompt: Some(q),
-            completion: sentence,
+            completion: match opts.attribute_answers {
+                true => format!("{NOTES_PREFIX} {sentence}"),
+                false => sentence,
+            },
             verdict: if chosen(Strategy::Questions) {
                 "kept"
             } else {
@@ -451,6 +510,22 @@ fn replay_items<'a>(
     replay
 }
 
+/// Loss weights that stress the first `lead` learned tokens (weight `w`; the rest 1).
+fn lead_weights(learn: &[bool], lead: usize, w: f32) -> Vec<f32> {
+    let mut seen = 0;
+    learn
+        .iter()
+        .map(|&l| {
+            seen += l as usize;
+            if l && seen <= lead {
+                w
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
 /// An item as a training example.
 fn example(engine: &Engine, system: Option<&str>, it: &Item) -> Result<data::Example> {
     match &it.prompt {
@@ -512,6 +587,66 @@ pub fn run_cycle(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<CycleOutcome> {
+    let first = run_one(home, store, choice, opts, None, cancel, progress)?;
+    let CycleOutcome::Done {
+        cycle,
+        activated: None,
+        reason,
+        gate,
+        train_tokens,
+        seconds,
+    } = &first
+    else {
+        return Ok(first);
+    };
+    if opts.retries == 0 || opts.no_gate || !forgot(gate, &opts.gate) {
+        return Ok(first);
+    }
+    // Rejected for forgetting earlier notes: the lever is replay, so the same notes get one more
+    // cycle from the same parent with twice the replay (a new cycle record: `hone learn --log`
+    // shows both attempts).
+    let notes = records::get(store, *cycle)?
+        .map(|c| c.notes)
+        .unwrap_or_default();
+    let mut o = opts.clone();
+    o.retries -= 1;
+    o.replay_ratio *= 2.0;
+    o.replay_per_note *= 2;
+    tracing::info!("cycle {cycle} {reason}; retrying its notes with twice the replay");
+    match run_one(home, store, choice, &o, Some(&notes), cancel, progress)? {
+        CycleOutcome::Done {
+            cycle: c2,
+            activated,
+            reason: r2,
+            gate: g2,
+            train_tokens: t2,
+            seconds: s2,
+        } => Ok(CycleOutcome::Done {
+            cycle: c2,
+            activated,
+            reason: format!(
+                "cycle {cycle} {reason}; retried with twice the replay as cycle {c2}: {r2}"
+            ),
+            gate: g2,
+            train_tokens: train_tokens + t2,
+            seconds: seconds + s2,
+        }),
+        CycleOutcome::NothingToLearn => Ok(first),
+        other => Ok(other),
+    }
+}
+
+/// One cycle; `only`: start a new cycle over these notes (those still unlearned) instead of the
+/// oldest unlearned ones.
+fn run_one(
+    home: &Home,
+    store: &mut Store,
+    choice: &ModelChoice,
+    opts: &LearnOptions,
+    only: Option<&[i64]>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<CycleOutcome> {
     let t0 = Instant::now();
     let report = |progress: &mut dyn FnMut(&Progress), phase, done, total, tps, msg: String| {
         progress(&Progress {
@@ -539,7 +674,10 @@ pub fn run_cycle(
     let cycle = match records::unfinished(store, &l.id.sha256)? {
         Some(c) if !opts.dry_run => c,
         _ => {
-            let ids = records::pending_note_ids(store, opts.max_notes.max(1))?;
+            let ids = match only {
+                Some(only) => records::unlearned(store, only)?,
+                None => records::pending_note_ids(store, opts.max_notes.max(1))?,
+            };
             if ids.is_empty() {
                 return Ok(CycleOutcome::NothingToLearn);
             }
@@ -557,6 +695,14 @@ pub fn run_cycle(
             )?
         }
     };
+    // A resumed cycle keeps the replay it started with (a retry's is doubled).
+    let resumed: Option<LearnOptions> = serde_json::from_str(&cycle.options).ok();
+    let mut own = opts.clone();
+    if let Some(r) = resumed {
+        own.replay_ratio = r.replay_ratio;
+        own.replay_per_note = r.replay_per_note;
+    }
+    let opts = &own;
 
     // 2. Self-edits for notes that have none stored yet.
     let mut teacher: Option<Loaded> = None;
@@ -685,6 +831,7 @@ pub fn run_cycle(
                 .engine
                 .top_k_targets(&ex.tokens, &ex.learn, opts.anchor_topk)?;
         }
+        ex.weights = lead_weights(&ex.learn, opts.anchor_lead, opts.anchor_lead_weight);
         examples.push(ex);
         sha.update(p.as_bytes());
     }
@@ -958,12 +1105,22 @@ fn fresh_trainer<'m>(
     })
 }
 
+/// Whether the earlier notes' probes dropped more than the gate allows.
+fn forgot(g: &GateReport, t: &GateThresholds) -> bool {
+    if g.old_probes == 0 {
+        return false;
+    }
+    let frac = |a: usize, n: usize| if n == 0 { 1.0 } else { a as f64 / n as f64 };
+    // The tolerance keeps a drop of exactly the limit (1 of 10 probes against 10 points) allowed:
+    // 0.8 - 0.7 is 0.10000000000000009 in floating point.
+    frac(g.old_correct_before, g.old_probes) - frac(g.old_correct_after, g.old_probes)
+        > t.max_old_drop + 1e-9
+}
+
 /// The gate's rule: learned the new notes, kept the old ones, did not drift from the base.
 pub fn decide(g: &GateReport, t: &GateThresholds) -> (bool, String) {
     let frac = |a: usize, n: usize| if n == 0 { 1.0 } else { a as f64 / n as f64 };
     let new_acc = frac(g.new_correct, g.new_probes);
-    let before = frac(g.old_correct_before, g.old_probes);
-    let after = frac(g.old_correct_after, g.old_probes);
     let drift = g.general_nll_after - g.general_nll_base;
     let summary = format!(
         "new probes {}/{}, earlier probes {}/{} -> {}/{}, general drift {:+.3} nats/token",
@@ -984,7 +1141,7 @@ pub fn decide(g: &GateReport, t: &GateThresholds) -> (bool, String) {
             ),
         );
     }
-    if before - after > t.max_old_drop {
+    if forgot(g, t) {
         return (
             false,
             format!(
@@ -1088,6 +1245,89 @@ mod tests {
         assert!(replay_items(&[], 100, &opts, 7).is_empty());
     }
 
+    /// Two cycles on a tiny random model: the second is made to count as forgetting, so it is
+    /// retried once over the same notes with twice the replay, as a cycle of its own.
+    #[test]
+    fn a_cycle_rejected_for_forgetting_is_retried_with_twice_the_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path().join("home"));
+        home.ensure().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let choice = ModelChoice {
+            name: "tiny".into(),
+            path,
+            manifest: None,
+        };
+        let mut store = Store::open(&home.db_path()).unwrap();
+        let mut opts = LearnOptions {
+            epochs: 1,
+            min_steps: 2,
+            anchor_ratio: 0.0,
+            gate: GateThresholds {
+                min_new: 0.0,
+                max_old_drop: 1.0,
+                max_general_drift: 1e9,
+            },
+            ..LearnOptions::default()
+        };
+        let cancel = AtomicBool::new(false);
+        let mut quiet = |_: &Progress| {};
+        store
+            .add_note(
+                "My landlord is Oskar Lindqvist. The rent is due every first Monday.",
+                None,
+                None,
+            )
+            .unwrap();
+        let first = run_cycle(&home, &mut store, &choice, &opts, &cancel, &mut quiet).unwrap();
+        assert!(
+            matches!(
+                first,
+                CycleOutcome::Done {
+                    cycle: 1,
+                    activated: Some(_),
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+        let b = store
+            .add_note(
+                "The spare key is hidden under the blue flowerpot.",
+                None,
+                None,
+            )
+            .unwrap();
+        // Any result now counts as forgetting the first note.
+        opts.gate.max_old_drop = -1.0;
+        let out = run_cycle(&home, &mut store, &choice, &opts, &cancel, &mut quiet).unwrap();
+        let CycleOutcome::Done {
+            cycle,
+            activated,
+            reason,
+            ..
+        } = out
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!((cycle, activated), (3, None), "{reason}");
+        assert!(
+            reason.contains("retried with twice the replay as cycle 3"),
+            "{reason}"
+        );
+        let (c2, c3) = (
+            records::get(&store, 2).unwrap().unwrap(),
+            records::get(&store, 3).unwrap().unwrap(),
+        );
+        assert_eq!(c2.notes, vec![b.id()]);
+        assert_eq!(c3.notes, c2.notes, "the retry learns the same notes");
+        let o2: LearnOptions = serde_json::from_str(&c2.options).unwrap();
+        let o3: LearnOptions = serde_json::from_str(&c3.options).unwrap();
+        assert_eq!(o3.replay_per_note, 2 * o2.replay_per_note);
+        assert_eq!(o3.retries, 0, "one retry, not a loop");
+    }
+
     #[test]
     fn gate_rules() {
         let t = GateThresholds::default();
@@ -1108,6 +1348,9 @@ mod tests {
         g.new_correct = 8;
         g.old_correct_after = 5;
         assert!(decide(&g, &t).1.contains("forgot"));
+        // Exactly the allowed drop (10 points) passes.
+        g.old_correct_after = 8;
+        assert!(decide(&g, &t).0, "{}", decide(&g, &t).1);
         g.old_correct_after = 9;
         g.general_nll_after = 2.0;
         assert!(decide(&g, &t).1.contains("drifted"));
@@ -1121,6 +1364,16 @@ mod tests {
         ));
         assert!(!contains_answer("I don't know", "Marisol"));
         assert!(!contains_answer("anything", "  "));
+    }
+
+    #[test]
+    fn lead_weights_stress_only_the_opening_of_the_answer() {
+        let learn = [false, false, true, true, true, false, true];
+        assert_eq!(
+            lead_weights(&learn, 2, 3.0),
+            [1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 1.0]
+        );
+        assert_eq!(lead_weights(&learn, 0, 3.0), [1.0; 7]);
     }
 
     #[test]

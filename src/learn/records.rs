@@ -131,6 +131,32 @@ pub fn pending_note_ids(store: &Store, limit: usize) -> Result<Vec<i64>> {
     Ok(ids)
 }
 
+/// The cycle that trained adapter `version`, if a cycle did.
+pub fn cycle_of_adapter(store: &Store, version: i64) -> Result<Option<Cycle>> {
+    Ok(store
+        .conn()
+        .query_row(
+            &format!("SELECT {CYCLE_COLUMNS} FROM learn_cycles WHERE candidate_adapter = ?1"),
+            params![version],
+            cycle_row,
+        )
+        .optional()?)
+}
+
+/// Those of `ids` that exist and are not learned yet, in order.
+pub fn unlearned(store: &Store, ids: &[i64]) -> Result<Vec<i64>> {
+    let mut st = store
+        .conn()
+        .prepare("SELECT 1 FROM notes WHERE id = ?1 AND learned_at IS NULL")?;
+    let mut out = Vec::new();
+    for id in ids {
+        if st.exists(params![id])? {
+            out.push(*id);
+        }
+    }
+    Ok(out)
+}
+
 /// How many notes wait to be learned (cheap: the daemon asks every few seconds).
 pub fn pending_count(store: &Store) -> Result<usize> {
     let n: i64 = store.conn().query_row(

@@ -40,6 +40,9 @@ pub struct Example {
     /// Soft targets: for token `i`, a distribution over candidates (token, probability) to
     /// learn instead of `tokens[i]` alone (distillation); empty for ordinary examples.
     pub soft: SoftTargets,
+    /// Loss weight of each learned token (empty: 1.0 each), e.g. to stress the opening of an
+    /// answer that greedy decoding commits to first.
+    pub weights: Vec<f32>,
 }
 
 /// A training set: packed sequences ready to batch, and where they came from.
@@ -82,6 +85,7 @@ fn segments(engine: &Engine, parts: &[(String, bool)], special: bool) -> Result<
         tokens,
         learn,
         soft: Vec::new(),
+        weights: Vec::new(),
     })
 }
 
@@ -307,7 +311,10 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
             cur.segments[p] = seg;
             if i + 1 < toks.len() {
                 cur.targets[p] = toks[i + 1];
-                cur.weights[p] = if learn[i + 1] { 1.0 } else { 0.0 };
+                cur.weights[p] = match learn[i + 1] {
+                    true => ex.weights.get(start + i + 1).copied().unwrap_or(1.0),
+                    false => 0.0,
+                };
             }
         }
         // Soft targets of the tokens this piece predicts (its positions 1..len).
@@ -449,12 +456,15 @@ mod tests {
             tokens: vec![1, 2, 3],
             learn: vec![false, true, true],
             soft: Vec::new(),
+            weights: Vec::new(),
         };
         // Soft targets for tokens 5 and 8 of b (15 and 18), each led by the token itself.
         let b = Example {
             tokens: (10..20).collect(),
             learn: vec![true; 10],
             soft: vec![(5, vec![(15, 0.7), (1, 0.3)]), (8, vec![(18, 1.0)])],
+            // Token 7 (17) weighs 3; the rest 1.
+            weights: (0..10).map(|i| if i == 7 { 3.0 } else { 1.0 }).collect(),
         };
         let seqs = pack(&[a, b], 4, 0);
         // a fits in one sequence (3 tokens, 2 targets); b becomes windows of 4 overlapping by 1.
@@ -479,6 +489,14 @@ mod tests {
             }
         }
         assert_eq!(n_soft, 2);
+        // A token's weight lands on the position that predicts it, across windows.
+        for q in &seqs {
+            for (t, w) in q.targets.iter().zip(&q.weights) {
+                if *w > 0.0 && *t >= 11 {
+                    assert_eq!(*w, if *t == 17 { 3.0 } else { 1.0 }, "target {t}");
+                }
+            }
+        }
         let st = stack(&seqs.iter().collect::<Vec<_>>());
         for (p, d) in &st.soft {
             assert_eq!(
