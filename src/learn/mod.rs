@@ -1229,7 +1229,10 @@ mod tests {
             earlier.push(item(note * 100 + 50, note, false, "train"));
             earlier.push(item(note * 100 + 60, note, true, "probe"));
         }
-        let opts = LearnOptions::default();
+        let opts = LearnOptions {
+            replay_ratio: 1.0,
+            ..LearnOptions::default()
+        };
         let count = |v: &[&Item], note: i64| v.iter().filter(|i| i.note_id == note).count();
         // 6 new items at ratio 1: 3 per note, raised to the floor of 4 per note.
         let r = replay_items(&earlier, 6, &opts, 7);
@@ -1243,6 +1246,9 @@ mod tests {
         let r = replay_items(&earlier, 100, &opts, 7);
         assert_eq!(r.len(), 20);
         assert!(replay_items(&[], 100, &opts, 7).is_empty());
+        // The default ratio, 2: 6 new items get 12 replayed, 6 per note.
+        let r = replay_items(&earlier, 6, &LearnOptions::default(), 7);
+        assert_eq!((count(&r, 1), count(&r, 2)), (6, 6));
     }
 
     /// Two cycles on a tiny random model: the second is made to count as forgetting, so it is
