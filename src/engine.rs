@@ -156,6 +156,10 @@ pub struct Perplexity {
     pub seconds: f64,
 }
 
+/// Hold the text of the first `n` tokens back until the check has seen it (see
+/// [`Engine::answer`]).
+type Hold<'a> = (usize, &'a dyn Fn(&str) -> bool);
+
 /// A loaded model ready to answer.
 pub struct Engine {
     pub name: String,
@@ -274,6 +278,21 @@ impl Engine {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        let g = self.generate_held(prompt, sampling, max_tokens, cancel, on_text, None)?;
+        g.ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))
+    }
+
+    /// [`Engine::generate`], optionally holding the text of the first `n` tokens back until
+    /// `keep` has seen it: None when `keep` refuses it (nothing was shown).
+    fn generate_held(
+        &mut self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+        mut hold: Option<Hold<'_>>,
+    ) -> Result<Option<Generation>> {
         let max_ctx = self.model.max_context();
         if prompt.len() >= max_ctx {
             return Err(ModelError::ContextFull {
@@ -293,6 +312,18 @@ impl Engine {
         let mut stream = TextStream::new();
         let mut text = String::new();
         let mut generated = 0usize;
+        let mut refused = false;
+        // Decides on the held text; shows it when kept.
+        let release =
+            |hold: &mut Option<Hold<'_>>, text: &str, on_text: &mut dyn FnMut(&str)| match hold
+                .take()
+            {
+                Some((_, keep)) if !keep(text) => false,
+                _ => {
+                    on_text(text);
+                    true
+                }
+            };
         let stop = loop {
             if cancel.load(Ordering::Relaxed) {
                 break StopReason::Cancelled;
@@ -308,8 +339,14 @@ impl Engine {
             history.push(tok);
             tokens.push(tok);
             if let Some(piece) = stream.push(&self.tokenizer, tok)? {
-                on_text(&piece);
+                if hold.is_none() {
+                    on_text(&piece);
+                }
                 text.push_str(&piece);
+            }
+            if hold.is_some_and(|(n, _)| generated >= n) && !release(&mut hold, &text, on_text) {
+                refused = true;
+                break StopReason::Cancelled;
             }
             if self.model.cached_len() + 1 > max_ctx {
                 break StopReason::ContextFull;
@@ -321,13 +358,21 @@ impl Engine {
             logits = self.model.forward(&[tok], Logits::Last)?.to_vec1::<f32>()?;
             self.cache_tokens.push(tok);
         };
-        if let Some(piece) = stream.flush(&self.tokenizer)? {
-            on_text(&piece);
-            text.push_str(&piece);
-        }
         // Keep the cache consistent with what it holds (the last sampled token never ran).
         self.cache_tokens.truncate(self.model.cached_len());
-        Ok(Generation {
+        if refused {
+            return Ok(None);
+        }
+        if let Some(piece) = stream.flush(&self.tokenizer)? {
+            if hold.is_none() {
+                on_text(&piece);
+            }
+            text.push_str(&piece);
+        }
+        if hold.is_some() && !release(&mut hold, &text, on_text) {
+            return Ok(None);
+        }
+        Ok(Some(Generation {
             text,
             tokens,
             by_base: false,
@@ -337,7 +382,7 @@ impl Engine {
             prompt_ms,
             generate_ms: t1.elapsed().as_secs_f64() * 1000.0,
             stop,
-        })
+        }))
     }
 
     /// Answers a user: [`Engine::generate`], except that with an adapter and a `route` set, the
@@ -357,32 +402,10 @@ impl Engine {
             return self.generate(prompt, sampling, max_tokens, cancel, on_text);
         };
         let n = self.tokenizer.encode(&route, false)?.len() + 1;
-        let opening = self.generate(prompt, sampling, n.min(max_tokens), cancel, &mut |_| {})?;
-        if opening.text.trim_start().starts_with(route.trim()) {
-            on_text(&opening.text);
-            if opening.stop != StopReason::MaxTokens || opening.completion_tokens >= max_tokens {
-                return Ok(opening);
-            }
-            let mut p2 = prompt.to_vec();
-            p2.extend_from_slice(&opening.tokens);
-            let rest = self.generate(
-                &p2,
-                sampling,
-                max_tokens - opening.completion_tokens,
-                cancel,
-                on_text,
-            )?;
-            return Ok(Generation {
-                text: opening.text + &rest.text,
-                tokens: [opening.tokens, rest.tokens].concat(),
-                by_base: false,
-                prompt_tokens: prompt.len(),
-                reused_tokens: opening.reused_tokens,
-                completion_tokens: opening.completion_tokens + rest.completion_tokens,
-                prompt_ms: opening.prompt_ms,
-                generate_ms: opening.generate_ms + rest.prompt_ms + rest.generate_ms,
-                stop: rest.stop,
-            });
+        let opens = |t: &str| t.trim_start().starts_with(route.trim());
+        let hold: Option<Hold<'_>> = Some((n, &opens));
+        if let Some(g) = self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)? {
+            return Ok(g);
         }
         // The base model answers; the cache holds the adapter's keys, so it starts again (and
         // again after, when the adapter is back).
@@ -542,6 +565,7 @@ mod tests {
     use super::*;
     use crate::lora::{LoraConfig, LoraWeights, Target};
     use candle_core::Tensor;
+    use rand::{Rng, SeedableRng};
     use std::sync::Arc;
 
     /// A tiny random model with an adapter that changes its answers: `answer` gives the
@@ -553,56 +577,65 @@ mod tests {
         let path = dir.path().join("tiny.gguf");
         crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
         let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
-        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
-        let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
-        for p in w.pairs.values_mut() {
-            p.b = Tensor::randn(0f32, 0.5, p.b.shape(), &Device::Cpu).unwrap();
-        }
-        let w = Arc::new(w.prepare().unwrap());
-        let prompt = e.text_tokens("hello there", false).unwrap();
-        let greedy = SamplingParams::greedy();
-        let cancel = AtomicBool::new(false);
-        let gen = |e: &mut Engine, routed: bool| {
-            e.reset();
-            let g = match routed {
-                true => e.answer(&prompt, &greedy, 12, &cancel, &mut |_| {}),
-                false => e.generate(&prompt, &greedy, 12, &cancel, &mut |_| {}),
+        // Several random adapters: the texts differ, multi-byte pieces included.
+        for seed in 0..4u64 {
+            let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
+            let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            for p in w.pairs.values_mut() {
+                let b: Vec<f32> = (0..p.b.elem_count())
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
+                p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
+            }
+            let w = Arc::new(w.prepare().unwrap());
+            let prompt = e.text_tokens("hello there", false).unwrap();
+            let greedy = SamplingParams::greedy();
+            let cancel = AtomicBool::new(false);
+            let gen = |e: &mut Engine, routed: bool| {
+                e.reset();
+                let g = match routed {
+                    true => e.answer(&prompt, &greedy, 12, &cancel, &mut |_| {}),
+                    false => e.generate(&prompt, &greedy, 12, &cancel, &mut |_| {}),
+                };
+                g.unwrap()
             };
-            g.unwrap()
-        };
-        let base = gen(&mut e, false);
-        e.model.set_adapter(Some(w));
-        let adapted = gen(&mut e, false);
-        assert_ne!(
-            base.tokens, adapted.tokens,
-            "the adapter changes the answer"
-        );
+            e.model.set_adapter(None);
+            e.route = None;
+            let base = gen(&mut e, false);
+            e.model.set_adapter(Some(w));
+            let adapted = gen(&mut e, false);
+            assert_ne!(
+                base.tokens, adapted.tokens,
+                "the adapter changes the answer"
+            );
 
-        e.route = Some("\u{1}never said".into());
-        let g = gen(&mut e, true);
-        assert_eq!(
-            g.tokens, base.tokens,
-            "an answer not opening with the route is the base's"
-        );
-        assert!(g.by_base);
-        assert!(
-            e.model.adapter().is_some(),
-            "the adapter is back afterwards"
-        );
+            e.route = Some("\u{1}never said".into());
+            let g = gen(&mut e, true);
+            assert_eq!(
+                g.tokens, base.tokens,
+                "an answer not opening with the route is the base's"
+            );
+            assert!(g.by_base);
+            assert!(
+                e.model.adapter().is_some(),
+                "the adapter is back afterwards"
+            );
 
-        let opening: String = adapted.text.chars().take(3).collect();
-        e.route = Some(opening);
-        let mut shown = String::new();
-        e.reset();
-        let g = e
-            .answer(&prompt, &greedy, 12, &cancel, &mut |t| shown.push_str(t))
-            .unwrap();
-        assert_eq!(
-            g.tokens, adapted.tokens,
-            "an answer opening with the route is kept"
-        );
-        assert_eq!(shown, adapted.text, "and shown whole");
-        assert_eq!(g.completion_tokens, adapted.completion_tokens);
-        assert!(!g.by_base);
+            let opening: String = adapted.text.chars().take(3).collect();
+            e.route = Some(opening);
+            let mut shown = String::new();
+            e.reset();
+            let g = e
+                .answer(&prompt, &greedy, 12, &cancel, &mut |t| shown.push_str(t))
+                .unwrap();
+            assert_eq!(
+                g.tokens, adapted.tokens,
+                "an answer opening with the route is kept"
+            );
+            assert_eq!(shown, adapted.text, "and shown whole");
+            assert_eq!(g.completion_tokens, adapted.completion_tokens);
+            assert!(!g.by_base);
+        }
     }
 }
