@@ -15,7 +15,9 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use hone::kernels::{amx_in_use, gemm_w_mixed, gemm_wt_mixed, matmul, simd_path, QMatrix, QType};
+use hone::kernels::{
+    gemm_w_mixed, gemm_wt_mixed, matmul, simd_path, train_kernels, QMatrix, QType,
+};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -118,7 +120,7 @@ fn child(threads: usize) -> candle_core::Result<()> {
             let mut out_g = vec![0f32; m * k];
             let reference = x.matmul(&wdeq.t()?)?.flatten_all()?.to_vec1::<f32>()?;
             let reference_g = g.matmul(&wdeq)?.flatten_all()?.to_vec1::<f32>()?;
-            let what = if amx_in_use() { "AMX bf16" } else { "f32" };
+            let what = train_kernels().name();
             for (label, grad) in [("x·Wᵀ", false), ("g·W", true)] {
                 let (ms, min) = pool.install(|| {
                     median_ms(|| {

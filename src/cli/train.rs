@@ -715,9 +715,10 @@ pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
         choice.name, mcfg.n_layers,
     );
     println!(
-        "micro-batch {micro} x accum {}, {}checkpointing, planner estimate {:.0} MiB, loss {:.4} -> {:.4}",
+        "micro-batch {micro} x accum {}, {}checkpointing, training kernels {}, planner estimate {:.0} MiB, loss {:.4} -> {:.4}",
         b / micro,
         if cfg.checkpointing { "" } else { "no " },
+        hone::kernels::train_kernels().name(),
         mib(p.estimate),
         losses[0],
         losses[losses.len() - 1]
@@ -760,6 +761,7 @@ pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
             json!({"model": choice.name, "threads": threads, "train_tps": med, "peak_rss_mb": peak,
                    "steps": steps, "rounds": rounds, "rounds_tps": tps, "batch": b, "seq_len": s,
                    "rank": 8, "alpha": 16.0,
+                   "train_kernels": hone::kernels::train_kernels().name(),
                    "micro_batch": micro, "checkpointing": cfg.checkpointing,
                    "estimate_mb": mib(p.estimate), "seconds_per_step": sps,
                    "losses": losses, "vs": peer_json})

@@ -21,22 +21,113 @@ mod amx_pack;
 mod scalar;
 mod tiled;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
+
 pub(crate) use tiled::SendPtr;
 pub use tiled::{
     gemm_w, gemm_w_mixed, gemm_w_mixed_vec, gemm_wt, gemm_wt_mixed, gemm_wt_mixed_vec,
 };
 
-/// Whether the mixed-precision products (`gemm_wt_mixed`, `gemm_w_mixed`) use AMX bf16 tiles
-/// on this machine (x86_64 with AMX-BF16, not disabled by `HONE_AMX=0`).
-pub fn amx_in_use() -> bool {
+/// The kernels of the training products (`gemm_*_mixed`): bf16 inputs with f32 sums on AMX
+/// tiles or with AVX512_BF16 dot products, both packed straight from the quantised blocks, or
+/// dequantised f32 tiles through the `gemm` crate (AVX-512, AVX2+FMA or NEON, picked by it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainKernels {
+    Amx,
+    Avx512Bf16,
+    F32,
+}
+
+impl TrainKernels {
+    /// The name `HONE_TRAIN_KERNELS` takes and reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainKernels::Amx => "amx",
+            TrainKernels::Avx512Bf16 => "avx512bf16",
+            TrainKernels::F32 => "f32",
+        }
+    }
+
+    /// Whether this CPU can run them (and, for AMX, `HONE_AMX` does not forbid it).
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            TrainKernels::Amx => amx::available() && amx_pack::available(),
+            #[cfg(target_arch = "x86_64")]
+            TrainKernels::Avx512Bf16 => avx512bf16::available(),
+            TrainKernels::F32 => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+/// The training products' kernels on this machine: the fastest available, unless
+/// `HONE_TRAIN_KERNELS=amx|avx512bf16|f32` picks one (a path the CPU lacks falls back to the
+/// next slower one, with a warning) or `HONE_AMX=0` rules out AMX. Read once.
+pub fn train_kernels() -> TrainKernels {
+    static PATH: std::sync::OnceLock<TrainKernels> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        let order = [
+            TrainKernels::Amx,
+            TrainKernels::Avx512Bf16,
+            TrainKernels::F32,
+        ];
+        let asked = std::env::var("HONE_TRAIN_KERNELS").ok();
+        let from = match asked.as_deref() {
+            None | Some("") | Some("auto") => 0,
+            Some(v) => match order.iter().position(|k| k.name() == v) {
+                Some(i) => i,
+                None => {
+                    tracing::warn!(
+                        "HONE_TRAIN_KERNELS={v} is not one of amx, avx512bf16, f32; using the fastest available"
+                    );
+                    0
+                }
+            },
+        };
+        // Left to itself, AVX512_BF16 is picked only where `vdpbf16ps` runs at full rate
+        // (AMD Zen 4/5: one 512-bit dot product of 32 pairs per cycle, twice the f32 FMA rate).
+        // On Intel without AMX it runs at half rate, slower than f32 FMA on both ports
+        // (measured on a Sapphire Rapids with AMX off: see BENCHMARKS.md).
+        let pick = order[from..]
+            .iter()
+            .copied()
+            .filter(|k| from > 0 || *k != TrainKernels::Avx512Bf16 || full_rate_bf16())
+            .find(|k| k.available())
+            .unwrap_or(TrainKernels::F32);
+        if pick != order[from] {
+            {
+                tracing::warn!(
+                    "training kernels {} are not available on this CPU; using {}",
+                    order[from].name(),
+                    pick.name()
+                );
+            }
+        }
+        pick
+    })
+}
+
+/// Whether this CPU's `vdpbf16ps` is known to run at full rate (AMD's).
+fn full_rate_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        amx::available()
+        let v = std::arch::x86_64::__cpuid(0);
+        // "AuthenticAMD" in EBX, EDX, ECX.
+        (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// Whether the mixed-precision products (`gemm_wt_mixed`, `gemm_w_mixed`) use AMX bf16 tiles
+/// on this machine (x86_64 with AMX-BF16, not disabled by `HONE_AMX=0`).
+pub fn amx_in_use() -> bool {
+    train_kernels() == TrainKernels::Amx
 }
 
 #[cfg(target_arch = "x86_64")]

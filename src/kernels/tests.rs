@@ -589,6 +589,63 @@ fn mixed_gemm_matches_reference_within_bf16() {
     eprintln!("AMX in use: {}", amx_in_use());
 }
 
+/// Every training-product path this CPU has (AMX tiles, AVX512_BF16 dot products, f32 tiles)
+/// against the f64 reference, whatever `HONE_TRAIN_KERNELS` picked for the process: bf16 inputs
+/// with f32 sums for the packed paths, exact f32 for the other; the allocating variants give the
+/// same bits as the in-place ones.
+#[test]
+fn every_training_path_matches_reference() {
+    use super::tiled::{w_impl, w_vec, wt_impl, wt_vec};
+    use super::TrainKernels;
+    let mut rng = StdRng::seed_from_u64(47);
+    let paths: Vec<TrainKernels> = [
+        TrainKernels::Amx,
+        TrainKernels::Avx512Bf16,
+        TrainKernels::F32,
+    ]
+    .into_iter()
+    .filter(|k| k.available())
+    .collect();
+    for &path in &paths {
+        let tol = if path == TrainKernels::F32 {
+            1e-5
+        } else {
+            4e-3
+        };
+        for t in [QType::Q4_1, QType::Q8_0, QType::Q6K, QType::F16] {
+            let bs = t.block_size().max(1);
+            for (n, k, m) in [
+                (100usize, 576usize, 70usize),
+                (33, 512, 129),
+                (576, 1536, 64),
+            ] {
+                let k = k.next_multiple_of(bs);
+                let c = GemmCase::new(t, n, k, m, &mut rng);
+                let w = c.matrix();
+                let mut out = vec![f32::NAN; m * n];
+                wt_impl(&w, &c.x, m, &mut out, Some(path)).unwrap();
+                let mut out_g = vec![f32::NAN; m * k];
+                w_impl(&w, &c.g, m, &mut out_g, Some(path)).unwrap();
+                c.check(path.name(), &out, &out_g, tol);
+                let v = wt_vec(&w, &c.x, m, Some(path)).unwrap();
+                let v_g = w_vec(&w, &c.g, m, Some(path)).unwrap();
+                let same = |a: &[f32], b: &[f32]| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(
+                    same(&v, &out),
+                    "{path:?} {t:?} {n}x{k} m={m}: wt_vec differs"
+                );
+                assert!(
+                    same(&v_g, &out_g),
+                    "{path:?} {t:?} {n}x{k} m={m}: w_vec differs"
+                );
+            }
+        }
+    }
+    eprintln!("training paths checked: {paths:?}");
+}
+
 /// The AVX-512 packers (`amx_pack`) write exactly the bits of the scalar packers applied to
 /// the dequantised matrix, for every type, panel position and ragged edge, and the left
 /// operand's rounding matches `amx::bf16` on special values (NaN, infinities, subnormals, ties).

@@ -15,7 +15,7 @@
 //! Must not: allocate per tile (one buffer per task), keep a dequantised copy after the call,
 //! or run candle; sizes are validated and reported as `Err`, never by panicking.
 
-use super::{scalar, QMatrix};
+use super::{scalar, QMatrix, TrainKernels};
 use ::gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -51,38 +51,49 @@ fn split(units: usize) -> usize {
 
 /// `out (m × n) = x (m × k) · Wᵀ` for `W` (n × k), in f32.
 pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
-    wt_impl(w, x, m, out, false)
+    wt_impl(w, x, m, out, None)
 }
 
 /// Like [`gemm_wt`], but on CPUs with AMX the products may round their inputs to bf16 (sums
 /// stay f32): for training, where that precision is the norm (QLoRA computes in bf16).
 pub fn gemm_wt_mixed(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
-    wt_impl(w, x, m, out, true)
+    wt_impl(w, x, m, out, Some(super::train_kernels()))
 }
 
 /// Like [`gemm_w`], with the precision of [`gemm_wt_mixed`].
 pub fn gemm_w_mixed(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
-    w_impl(w, g, m, out, true)
+    w_impl(w, g, m, out, Some(super::train_kernels()))
 }
 
-/// Whether a product of `m` rows with reduction length `k` goes to the AMX tiles.
-fn use_amx(mixed: bool, m: usize, k: usize) -> bool {
+/// Whether a product of `m` rows with reduction length `k` goes to packed bf16 operands (AMX
+/// tiles or AVX512_BF16), and which.
+fn packed_path(kernels: Option<TrainKernels>, m: usize, k: usize) -> Option<TrainKernels> {
     #[cfg(target_arch = "x86_64")]
     {
-        mixed
-            && m >= super::amx::BLOCK
-            && k >= 64
-            && super::amx::available()
-            && super::amx_pack::available()
+        match kernels {
+            Some(p @ (TrainKernels::Amx | TrainKernels::Avx512Bf16))
+                if m >= super::amx::BLOCK && k >= 64 =>
+            {
+                Some(p)
+            }
+            _ => None,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (mixed, m, k);
-        false
+        let _ = (kernels, m, k);
+        None
     }
 }
 
-fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
+/// `x · Wᵀ`; `kernels`: the training products' kernels (`None`: exact f32).
+pub(crate) fn wt_impl(
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    kernels: Option<TrainKernels>,
+) -> Result<(), String> {
     let rb = super::check_operands("gemm", w, x, w.k, m, out.len(), w.n)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || n == 0 {
@@ -92,12 +103,18 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
         out.fill(0.0);
         return Ok(());
     }
-    if use_amx(mixed, m, k) {
+    if let Some(path) = packed_path(kernels, m, k) {
         // Right operand: Wᵀ (reduction over W's columns, output columns over W's rows).
         let dst = SendPtr(out.as_mut_ptr());
-        amx_drive(&Left::new(x, m, k), k, n, 1, dst, &|cols, red, f, p| {
-            amx_pack_wt(w, rb, cols, red, f, p)
-        });
+        amx_drive(
+            path,
+            &Left::new(x, m, k),
+            k,
+            n,
+            1,
+            dst,
+            &|cols, red, f, p| amx_pack_wt(w, rb, cols, red, f, p),
+        );
         return Ok(());
     }
     let tile = (TILE_BYTES / (k * 4) / ROW_STEP * ROW_STEP)
@@ -157,17 +174,31 @@ fn wt_impl(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Re
 /// first: the first reduction span stores every element once (a tenth of a training step went
 /// to zeroing outputs that were then overwritten).
 pub fn gemm_wt_mixed_vec(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, String> {
+    wt_vec(w, x, m, Some(super::train_kernels()))
+}
+
+/// [`gemm_wt_mixed_vec`] with the given kernels.
+pub(crate) fn wt_vec(
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    kernels: Option<TrainKernels>,
+) -> Result<Vec<f32>, String> {
     let len = m
         .checked_mul(w.n)
         .ok_or_else(|| "gemm: output size overflows".to_string())?;
-    if m == 0 || w.n == 0 || w.k == 0 || !use_amx(true, m, w.k) {
-        let mut out = vec![0f32; len];
-        wt_impl(w, x, m, &mut out, true)?;
-        return Ok(out);
-    }
+    let path = match packed_path(kernels, m, w.k) {
+        Some(p) if m > 0 && w.n > 0 => p,
+        _ => {
+            let mut out = vec![0f32; len];
+            wt_impl(w, x, m, &mut out, kernels)?;
+            return Ok(out);
+        }
+    };
     let rb = super::check_operands("gemm", w, x, w.k, m, len, w.n)?;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     amx_drive(
+        path,
         &Left::new(x, m, w.k),
         w.k,
         w.n,
@@ -184,18 +215,32 @@ pub fn gemm_wt_mixed_vec(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, S
 /// [`gemm_w_mixed`] into a new `m × k` vector, not zeroed first on the AMX path (as
 /// [`gemm_wt_mixed_vec`]).
 pub fn gemm_w_mixed_vec(w: &QMatrix, g: &[f32], m: usize) -> Result<Vec<f32>, String> {
+    w_vec(w, g, m, Some(super::train_kernels()))
+}
+
+/// [`gemm_w_mixed_vec`] with the given kernels.
+pub(crate) fn w_vec(
+    w: &QMatrix,
+    g: &[f32],
+    m: usize,
+    kernels: Option<TrainKernels>,
+) -> Result<Vec<f32>, String> {
     let len = m
         .checked_mul(w.k)
         .ok_or_else(|| "gemm: output size overflows".to_string())?;
-    if m == 0 || w.n == 0 || w.k == 0 || !use_amx(true, m, w.n) {
-        let mut out = vec![0f32; len];
-        w_impl(w, g, m, &mut out, true)?;
-        return Ok(out);
-    }
+    let path = match packed_path(kernels, m, w.n) {
+        Some(p) if m > 0 && w.k > 0 => p,
+        _ => {
+            let mut out = vec![0f32; len];
+            w_impl(w, g, m, &mut out, kernels)?;
+            return Ok(out);
+        }
+    };
     let rb = super::check_operands("gemm", w, g, w.n, m, len, w.k)?;
     let ub = w.dtype.block_size();
     let mut out: Vec<f32> = Vec::with_capacity(len);
     amx_drive(
+        path,
         &Left::new(g, m, w.n),
         w.n,
         w.k,
@@ -210,10 +255,17 @@ pub fn gemm_w_mixed_vec(w: &QMatrix, g: &[f32], m: usize) -> Result<Vec<f32>, St
 
 /// `out (m × k) = g (m × n) · W` for `W` (n × k): the gradient of `x·Wᵀ` with respect to `x`.
 pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
-    w_impl(w, g, m, out, false)
+    w_impl(w, g, m, out, None)
 }
 
-fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Result<(), String> {
+/// `g · W`; `kernels` as in [`wt_impl`].
+pub(crate) fn w_impl(
+    w: &QMatrix,
+    g: &[f32],
+    m: usize,
+    out: &mut [f32],
+    kernels: Option<TrainKernels>,
+) -> Result<(), String> {
     let rb = super::check_operands("gemm", w, g, w.n, m, out.len(), w.k)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || k == 0 {
@@ -224,12 +276,18 @@ fn w_impl(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32], mixed: bool) -> Res
         return Ok(());
     }
     let (ub, ubytes) = (w.dtype.block_size(), w.dtype.block_bytes());
-    if use_amx(mixed, m, n) {
+    if let Some(path) = packed_path(kernels, m, n) {
         // Right operand: W (reduction over W's rows); panels of whole blocks of columns.
         let dst = SendPtr(out.as_mut_ptr());
-        amx_drive(&Left::new(g, m, n), n, k, ub, dst, &|cols, red, f, p| {
-            amx_pack_w(w, rb, red, cols, f, p)
-        });
+        amx_drive(
+            path,
+            &Left::new(g, m, n),
+            n,
+            k,
+            ub,
+            dst,
+            &|cols, red, f, p| amx_pack_w(w, rb, red, cols, f, p),
+        );
         return Ok(());
     }
     // Column ranges of a fixed width (whole blocks, at least 64 values), and row tiles sized
@@ -366,7 +424,15 @@ type PackFn<'a> =
 /// reduction in spans, so the summation order (whole 32-steps, in order) never depends on the
 /// thread count or the panel sizes.
 #[cfg(target_arch = "x86_64")]
-fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, dst: SendPtr, pack: &PackFn) {
+fn amx_drive(
+    path: TrainKernels,
+    left: &Left,
+    red: usize,
+    ncols: usize,
+    align: usize,
+    dst: SendPtr,
+    pack: &PackFn,
+) {
     use super::amx::CHUNK;
     let panel = AMX_PANEL.next_multiple_of(align.max(1));
     let panels = ncols.div_ceil(panel);
@@ -375,7 +441,7 @@ fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, dst: SendPtr, 
     let work = |p: usize| {
         let mut scratch = Scratch::take();
         let (f, packed) = scratch.vecs();
-        let _tiles = AmxThread::start();
+        let _tiles = (path == TrainKernels::Amx).then(AmxThread::start);
         let (c0, c1) = (p * panel, ((p + 1) * panel).min(ncols));
         let mut k0 = 0;
         while k0 < red {
@@ -385,7 +451,18 @@ fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, dst: SendPtr, 
             // c0..c1 belong to this task; the left operand covers k0 + 32·chunks (its stride is
             // padded past `red`); see `amx_product`.
             unsafe {
-                amx_product(left, k0, chunks, packed, c1 - c0, dst, ncols, c0, k0 > 0);
+                amx_product(
+                    path,
+                    left,
+                    k0,
+                    chunks,
+                    packed,
+                    c1 - c0,
+                    dst,
+                    ncols,
+                    c0,
+                    k0 > 0,
+                );
             }
             k0 = k1;
         }
@@ -398,8 +475,16 @@ fn amx_drive(left: &Left, red: usize, ncols: usize, align: usize, dst: SendPtr, 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_drive(_l: &Left, _r: usize, _n: usize, _a: usize, _o: SendPtr, _p: &PackFn) {
-    unreachable!("use_amx is false off x86_64")
+fn amx_drive(
+    _k: TrainKernels,
+    _l: &Left,
+    _r: usize,
+    _n: usize,
+    _a: usize,
+    _o: SendPtr,
+    _p: &PackFn,
+) {
+    unreachable!("packed_path is None off x86_64")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -435,7 +520,7 @@ fn amx_pack_wt(
     _f: &mut Vec<f32>,
     _p: &mut Vec<u16>,
 ) -> usize {
-    unreachable!("use_amx is false off x86_64")
+    unreachable!("packed_path is None off x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -447,7 +532,7 @@ fn amx_pack_w(
     _f: &mut Vec<f32>,
     _p: &mut Vec<u16>,
 ) -> usize {
-    unreachable!("use_amx is false off x86_64")
+    unreachable!("packed_path is None off x86_64")
 }
 
 /// `out[:, col0 .. col0 + cols] (=|+=) left[:, off .. off + 32·chunks] · R`, with `R` packed
@@ -460,6 +545,7 @@ fn amx_pack_w(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn amx_product(
+    path: TrainKernels,
     left: &Left,
     off: usize,
     chunks: usize,
@@ -470,7 +556,11 @@ unsafe fn amx_product(
     col0: usize,
     accumulate: bool,
 ) {
-    use super::amx::{block, BLOCK, TILE_VALUES};
+    use super::amx::{BLOCK, TILE_VALUES};
+    let block = match path {
+        TrainKernels::Amx => super::amx::block,
+        _ => super::avx512bf16::block,
+    };
     let mut c = [0f32; BLOCK * BLOCK];
     // Row blocks outside, column blocks inside: 32 rows of the left operand stay in L1 while
     // the packed right operand (a few hundred KiB) is read from L2 once per row block.
