@@ -194,7 +194,7 @@ impl CustomOp1 for KernelMatMul {
 }
 
 /// A projection: a quantised weight and, for qwen2's q/k/v, a bias.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Linear {
     pub(crate) w: QLinear,
     pub(crate) b: Option<Tensor>,
@@ -385,6 +385,40 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// A second model on the same weights (shared, not copied) with an empty KV cache and no
+    /// adapter: a trainer can hold one while the other answers with the adapter being trained.
+    pub fn fork(&self) -> Model {
+        Model {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    attn_norm: l.attn_norm.clone(),
+                    q: l.q.clone(),
+                    k: l.k.clone(),
+                    v: l.v.clone(),
+                    o: l.o.clone(),
+                    ffn_norm: l.ffn_norm.clone(),
+                    gate: l.gate.clone(),
+                    up: l.up.clone(),
+                    down: l.down.clone(),
+                    k_cache: KvBuffer::default(),
+                    v_cache: KvBuffer::default(),
+                })
+                .collect(),
+            norm: self.norm.clone(),
+            output: self.output.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            lora: None,
+            max_ctx: self.max_ctx,
+            cached: 0,
+            device: self.device.clone(),
+        }
     }
 
     /// Sets (or removes) the LoRA adapters used by `forward`; forgets the KV cache.

@@ -34,6 +34,10 @@ pub struct LearnFlags {
     /// Train at least this many steps of one packed sequence, however few the notes
     #[arg(long, default_value_t = 100)]
     pub min_steps: usize,
+    /// Always train the planned steps (--epochs, --min-steps), instead of stopping once the new
+    /// notes' held-out probes pass and the training loss has flattened
+    #[arg(long)]
+    pub fixed_steps: bool,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -165,6 +169,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         retries: f.retries,
         attribute_answers: !f.no_attribute,
         min_steps: f.min_steps,
+        adaptive: !f.fixed_steps,
         max_memory: f
             .max_memory
             .as_deref()
@@ -311,8 +316,16 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
                            "peak_rss_mb": hone::sys::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0})
                 );
             } else {
+                let steps = if gate.steps_trained > 0 && gate.steps_trained < gate.steps_planned {
+                    format!(
+                        ", stopped after {} of {} steps: learned what it could",
+                        gate.steps_trained, gate.steps_planned
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "cycle {cycle} ({seconds:.0} s, {train_tokens} tokens trained): {}{reason}",
+                    "cycle {cycle} ({seconds:.0} s, {train_tokens} tokens trained{steps}): {}{reason}",
                     activated
                         .map(|v| format!("adapter v{v} is active; "))
                         .unwrap_or_default()
@@ -552,7 +565,10 @@ fn run_child(
         cmd.arg("--retention").arg(abs(r)?);
     }
     if let (Some(t), true) = (learn_tokens, mode == "passage") {
-        cmd.arg("--token-budget").arg(t.to_string());
+        // The passage baseline trains exactly the tokens the learn mode trained.
+        cmd.arg("--token-budget")
+            .arg(t.to_string())
+            .arg("--fixed-steps");
     }
     let f = &a.flags;
     cmd.args([
@@ -587,6 +603,7 @@ fn run_child(
         &f.retries.to_string(),
     ])
     .args(f.no_attribute.then_some("--no-attribute"))
+    .args((f.fixed_steps && mode != "passage").then_some("--fixed-steps"))
     .args(["--seed", &f.seed.to_string()]);
     cmd.args(["--layers", &f.layers.to_string()]);
     if let Some(m) = &f.max_memory {

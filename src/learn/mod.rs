@@ -16,6 +16,7 @@
 //! It must NOT decide *when* to run (that is `schedule` and the daemon), print, or read the
 //! user's terminal; it reports progress through a callback and stops at the cancel flag.
 
+pub mod adaptive;
 pub mod records;
 pub mod rules;
 pub mod selfedit;
@@ -146,6 +147,10 @@ pub struct LearnOptions {
     pub replay_ratio: f64,
     /// Train about this many token positions instead of `epochs` passes.
     pub token_budget: Option<u64>,
+    /// Stop training once the new probes pass and the loss is flat (`learn::adaptive`);
+    /// false: always the planned steps.
+    #[serde(default = "yes")]
+    pub adaptive: bool,
     pub gate: GateThresholds,
     /// Skip the gate (activate the candidate); for ablations that measure training alone.
     pub no_gate: bool,
@@ -154,6 +159,10 @@ pub struct LearnOptions {
 
 fn default_replay_ratio() -> f64 {
     2.0
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> f32 {
@@ -191,6 +200,7 @@ impl Default for LearnOptions {
             replay_ratio: default_replay_ratio(),
             min_steps: 100,
             token_budget: None,
+            adaptive: true,
             gate: GateThresholds::default(),
             no_gate: false,
             seed: 0,
@@ -243,6 +253,14 @@ pub struct GateReport {
     pub general_nll_base: f64,
     pub general_nll_after: f64,
     pub skipped: bool,
+    /// Steps the cycle planned (epochs, at least `min_steps`) and trained (fewer when it
+    /// stopped early), and the checks between stretches of training (`learn::adaptive`).
+    #[serde(default)]
+    pub steps_planned: usize,
+    #[serde(default)]
+    pub steps_trained: usize,
+    #[serde(default)]
+    pub checks: Vec<adaptive::Check>,
 }
 
 /// How a cycle ended.
@@ -932,15 +950,24 @@ fn run_one(
         }
         None => None,
     };
+    let new_probes: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.role == "probe" && i.verdict == "kept")
+        .collect();
+    let mut steps_trained = 0;
+    let mut checks = Vec::new();
     let candidate = match cycle.candidate_adapter {
         Some(v) => v,
         None => {
             records::set_status(store, cycle.id, "training")?;
             l.engine.model.set_adapter(None);
             l.engine.reset();
+            // The trainer holds a second model on the same weights, so the engine can answer the
+            // probes with the adapter as it is between stretches of training.
+            let train_model = l.engine.model.fork();
             let mut tr = match ckpt.exists() {
                 true => match Trainer::resume(
-                    &l.engine.model,
+                    &train_model,
                     cfg.clone(),
                     ds.clone(),
                     &l.id.sha256,
@@ -952,38 +979,86 @@ fn run_one(
                             "not resuming {}: {e}; starting the training again",
                             ckpt.display()
                         );
-                        fresh_trainer(&l, &cfg, ds, parent.clone())?
+                        fresh_trainer(&train_model, &l.id.sha256, &cfg, ds, parent.clone())?
                     }
                 },
-                false => fresh_trainer(&l, &cfg, ds, parent.clone())?,
+                false => fresh_trainer(&train_model, &l.id.sha256, &cfg, ds, parent.clone())?,
             };
             tr.cache_limit = cache_limit;
             let steps = tr.cfg.steps;
+            let mut stopper = adaptive::EarlyStop::new(
+                tr.data().seqs.len(),
+                steps,
+                new_probes.len(),
+                opts.gate.min_new,
+            );
             let tt = Instant::now();
             let mut run_tokens = 0usize;
             let mut last_save = Instant::now();
             let ckpt2 = ckpt.clone();
-            let outcome = tr.run(cancel, &mut |r, t| {
-                run_tokens += r.tokens;
-                let tps = run_tokens as f64 / tt.elapsed().as_secs_f64().max(1e-9);
+            loop {
+                let until = if opts.adaptive {
+                    stopper.next_check(tr.step)
+                } else {
+                    steps
+                };
+                let outcome = tr.run_until(until, cancel, &mut |r, t| {
+                    run_tokens += r.tokens;
+                    let tps = run_tokens as f64 / tt.elapsed().as_secs_f64().max(1e-9);
+                    report(
+                        progress,
+                        Phase::Training,
+                        r.step,
+                        steps,
+                        tps,
+                        format!("loss {:.3} | {:.0} MiB", r.loss, mib(r.peak_rss)),
+                    );
+                    if r.step < r.steps && last_save.elapsed().as_secs() >= 60 {
+                        t.save_checkpoint(&ckpt2)?;
+                        last_save = Instant::now();
+                    }
+                    Ok(())
+                })?;
+                if outcome == Outcome::Interrupted {
+                    tr.save_checkpoint(&ckpt)?;
+                    return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+                }
+                if tr.step >= steps || !opts.adaptive || !stopper.due(tr.step) {
+                    break;
+                }
                 report(
                     progress,
                     Phase::Training,
-                    r.step,
+                    tr.step,
                     steps,
-                    tps,
-                    format!("loss {:.3} | {:.0} MiB", r.loss, mib(r.peak_rss)),
+                    0.0,
+                    "checking the new probes".into(),
                 );
-                if r.step < r.steps && last_save.elapsed().as_secs() >= 60 {
-                    t.save_checkpoint(&ckpt2)?;
-                    last_save = Instant::now();
+                l.engine
+                    .model
+                    .set_adapter(Some(Arc::new(tr.weights()?.prepare()?)));
+                let answered = probe_correct(&mut l.engine, sys, &new_probes, cancel)?;
+                l.engine.model.set_adapter(None);
+                let Some(correct) = answered else {
+                    tr.save_checkpoint(&ckpt)?;
+                    return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
+                };
+                let stop = stopper.decide(tr.step, correct, &tr.losses);
+                tracing::info!(
+                    "cycle {}: step {}/{steps}: {correct}/{} new probes, loss {:.3} (before {:.3}){}",
+                    cycle.id,
+                    tr.step,
+                    new_probes.len(),
+                    stopper.checks.last().map_or(0.0, |c| c.loss),
+                    stopper.checks.last().map_or(0.0, |c| c.loss_before),
+                    if stop { ": learned what it can, stopping" } else { "" }
+                );
+                if stop {
+                    break;
                 }
-                Ok(())
-            })?;
-            if outcome == Outcome::Interrupted {
-                tr.save_checkpoint(&ckpt)?;
-                return Ok(CycleOutcome::Interrupted { cycle: cycle.id });
             }
+            steps_trained = tr.step;
+            checks = stopper.checks;
             let w = tr.weights()?;
             let nv = NewVersion {
                 parent: cycle.parent_adapter,
@@ -1013,16 +1088,15 @@ fn run_one(
         .unwrap_or(0);
 
     // 6. The gate.
-    let new_probes: Vec<&Item> = items
-        .iter()
-        .filter(|i| i.role == "probe" && i.verdict == "kept")
-        .collect();
     let old_probes: Vec<&Item> = earlier.iter().filter(|i| i.role == "probe").collect();
     let mut g = GateReport {
         new_probes: new_probes.len(),
         old_probes: old_probes.len(),
         general_prompts: anchor_held.len(),
         skipped: opts.no_gate,
+        steps_planned: cfg.steps,
+        steps_trained,
+        checks,
         ..GateReport::default()
     };
     let cand_rec = store
@@ -1094,14 +1168,15 @@ fn run_one(
 }
 
 fn fresh_trainer<'m>(
-    l: &'m Loaded,
+    model: &'m crate::model::Model,
+    model_sha256: &str,
     cfg: &TrainConfig,
     ds: data::Dataset,
     parent: Option<crate::lora::LoraWeights>,
 ) -> Result<Trainer<'m>> {
     Ok(match parent {
-        Some(w) => Trainer::from_weights(&l.engine.model, cfg.clone(), ds, w, &l.id.sha256)?,
-        None => Trainer::new(&l.engine.model, cfg.clone(), ds, &l.id.sha256)?,
+        Some(w) => Trainer::from_weights(model, cfg.clone(), ds, w, model_sha256)?,
+        None => Trainer::new(model, cfg.clone(), ds, model_sha256)?,
     })
 }
 
@@ -1347,6 +1422,7 @@ mod tests {
             general_nll_base: 1.0,
             general_nll_after: 1.1,
             skipped: false,
+            ..GateReport::default()
         };
         assert!(decide(&g, &t).0);
         g.new_correct = 2;

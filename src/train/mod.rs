@@ -317,7 +317,19 @@ impl<'m> Trainer<'m> {
         cancel: &AtomicBool,
         on_step: &mut dyn FnMut(&StepReport, &Trainer<'_>) -> Result<()>,
     ) -> Result<Outcome> {
-        while self.step < self.cfg.steps {
+        self.run_until(self.cfg.steps, cancel, on_step)
+    }
+
+    /// Like [`Trainer::run`], but stops after step `until` (at most the configured total), so a
+    /// caller can look at the adapter between stretches of training; the learning-rate schedule
+    /// stays that of the whole run.
+    pub fn run_until(
+        &mut self,
+        until: usize,
+        cancel: &AtomicBool,
+        on_step: &mut dyn FnMut(&StepReport, &Trainer<'_>) -> Result<()>,
+    ) -> Result<Outcome> {
+        while self.step < until.min(self.cfg.steps) {
             if cancel.load(Ordering::Relaxed) {
                 return Ok(Outcome::Interrupted);
             }

@@ -1,0 +1,144 @@
+//! When a learning cycle has learned what it can: the rule that ends its training before the
+//! planned steps (5 epochs, at least 100 steps) once the new notes' held-out probes pass and the
+//! training loss has flattened, and the record of every check it made.
+//!
+//! The cycle trains in stretches of `period` steps (one epoch, at least 20 steps); after each
+//! stretch from the second epoch on, it answers the new probes with the adapter as it is (the
+//! gate's own test) and asks [`EarlyStop::decide`]. The learning-rate schedule stays the planned
+//! one, so a cycle that stops early ends at a higher learning rate than a full one.
+//!
+//! Must not: look at the evaluation's questions (only the rule-made probes that the gate uses),
+//! or stop before two epochs (the first epoch's loss says nothing about flattening).
+
+use serde::{Deserialize, Serialize};
+
+/// One look at the adapter between stretches of training.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Check {
+    /// Steps trained when it was made.
+    pub step: usize,
+    /// New probes answered correctly, of `probes`.
+    pub correct: usize,
+    pub probes: usize,
+    /// Mean training loss over the stretch before it, and over the stretch before that.
+    pub loss: f32,
+    pub loss_before: f32,
+    /// Whether training stopped here.
+    pub stop: bool,
+}
+
+/// The rule and its checks so far.
+#[derive(Debug, Clone)]
+pub struct EarlyStop {
+    planned: usize,
+    period: usize,
+    first: usize,
+    need: usize,
+    probes: usize,
+    pub checks: Vec<Check>,
+}
+
+/// The loss has flattened when a stretch improves on the one before by less than this share.
+const FLAT: f32 = 0.2;
+/// ... or when it is below this (nats per answer token): nothing left to learn.
+const FLOOR: f32 = 0.05;
+
+impl EarlyStop {
+    /// For a run of `planned` steps over `seqs` sequences per epoch, with `probes` new probes of
+    /// which the gate wants `min_new` (a share) answered.
+    pub fn new(seqs: usize, planned: usize, probes: usize, min_new: f64) -> Self {
+        let period = seqs.max(20);
+        EarlyStop {
+            planned,
+            period,
+            first: (2 * seqs).max(40),
+            need: ((probes as f64) * min_new).ceil() as usize,
+            probes,
+            checks: Vec::new(),
+        }
+    }
+
+    /// The step after which the next check is due (the planned total when none is left).
+    pub fn next_check(&self, step: usize) -> usize {
+        if step < self.first {
+            return self.first.min(self.planned);
+        }
+        let k = (step - self.first) / self.period + 1;
+        (self.first + k * self.period).min(self.planned)
+    }
+
+    /// Whether a check is due after `step` (not at the very end, where training stops anyway).
+    pub fn due(&self, step: usize) -> bool {
+        step < self.planned && step >= self.first && (step - self.first).is_multiple_of(self.period)
+    }
+
+    /// Records the check after `step` (with `correct` new probes answered and the run's losses
+    /// so far) and says whether to stop: the probes pass (all of them, or as many as the gate
+    /// wants and no more than at the check before: nothing gained) and the loss is flat.
+    pub fn decide(&mut self, step: usize, correct: usize, losses: &[f32]) -> bool {
+        let mean = |w: &[f32]| w.iter().sum::<f32>() / w.len().max(1) as f32;
+        let n = losses.len();
+        let p = self.period.min(n / 2).max(1);
+        let loss = mean(&losses[n.saturating_sub(p)..]);
+        let loss_before = mean(&losses[n.saturating_sub(2 * p)..n.saturating_sub(p)]);
+        let flat = loss < FLOOR || loss > (1.0 - FLAT) * loss_before;
+        let best_before = self.checks.iter().map(|c| c.correct).max();
+        let probes_pass = correct >= self.probes
+            || (correct >= self.need && best_before.is_some_and(|b| correct <= b));
+        let stop = flat && probes_pass;
+        self.checks.push(Check {
+            step,
+            correct,
+            probes: self.probes,
+            loss,
+            loss_before,
+            stop,
+        });
+        stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_come_every_epoch_from_the_second_on() {
+        let e = EarlyStop::new(126, 630, 40, 0.5);
+        assert_eq!(e.next_check(0), 252);
+        assert_eq!(e.next_check(252), 378);
+        assert_eq!(e.next_check(600), 630);
+        assert!(e.due(252) && e.due(378) && e.due(504) && !e.due(630) && !e.due(300));
+        // A small cycle: 5 sequences, 100 steps: checks at 40, 60, 80.
+        let s = EarlyStop::new(5, 100, 4, 0.5);
+        assert_eq!(s.next_check(0), 40);
+        assert!(s.due(40) && s.due(60) && s.due(80) && !s.due(100));
+    }
+
+    #[test]
+    fn stops_only_when_probes_pass_and_the_loss_is_flat() {
+        let mut e = EarlyStop::new(10, 100, 4, 0.5);
+        // Loss still falling fast: no stop even with every probe right.
+        let falling: Vec<f32> = (0..40).map(|i| 2.0 - i as f32 * 0.04).collect();
+        assert!(!EarlyStop::new(10, 100, 4, 0.5).decide(40, 4, &falling));
+        assert!(!e.decide(40, 2, &falling));
+        // Flat loss, but only 1 of 4 probes (the gate wants 2): go on.
+        let flat: Vec<f32> = (0..60).map(|i| if i < 40 { 1.0 } else { 0.9 }).collect();
+        assert!(!e.decide(60, 1, &flat));
+        // Flat, 3 of 4 (enough for the gate) and more than before: still gaining, go on.
+        let flat2: Vec<f32> = (0..80).map(|_| 0.9).collect();
+        assert!(!e.decide(80, 3, &flat2));
+        // Flat and no gain over the best check: stop.
+        let flat3: Vec<f32> = (0..100).map(|_| 0.9).collect();
+        assert!(e.decide(90, 3, &flat3));
+        assert_eq!(e.checks.len(), 4);
+        assert!(e.checks[3].stop && !e.checks[2].stop);
+        assert!(
+            (e.checks[3].loss - 0.9).abs() < 1e-6 && e.checks[0].loss < e.checks[0].loss_before
+        );
+        // Every probe right and the loss at the floor: stop at the first check.
+        let mut f = EarlyStop::new(10, 100, 4, 0.5);
+        let low: Vec<f32> = (0..40).map(|i| if i < 20 { 0.5 } else { 0.01 }).collect();
+        assert!(f.decide(40, 4, &low));
+    }
+}
