@@ -172,6 +172,9 @@ pub struct Status {
     pub last_result: Option<LastResult>,
     /// Milliseconds from setting the cancel flag to the cycle returning, at the last pause.
     pub last_pause_ms: Option<u64>,
+    /// Seconds the last cycle started was estimated to take (`learn::estimate`).
+    #[serde(default)]
+    pub estimate_s: Option<f64>,
     pub updated_at: String,
 }
 
@@ -189,6 +192,7 @@ impl Status {
             session_minutes: None,
             last_result: None,
             last_pause_ms: None,
+            estimate_s: None,
             updated_at: now,
         }
     }
@@ -671,6 +675,9 @@ fn run_watched(
                 if let Some(p) = p {
                     let phase = DaemonPhase::from_learn(p.phase);
                     rep.status.progress = Some(ProgressView::from(&p));
+                    if p.estimate_s.is_some() {
+                        rep.status.estimate_s = p.estimate_s;
+                    }
                     rep.status.session_minutes = Some(session_start.elapsed().as_secs_f64() / 60.0);
                     if phase != rep.status.phase {
                         rep.set(phase, p.message.clone());
@@ -982,10 +989,53 @@ impl CycleRunner for LearnRunner {
     ) -> Result<CycleOutcome> {
         let s = effective_schedule(&self.store, &self.profile)?;
         let choice = crate::registry::resolve(&self.home, &self.store, self.model.as_deref())?;
-        let opts = LearnOptions {
+        let mut opts = LearnOptions {
             max_memory: s.memory_budget_bytes,
             ..LearnOptions::default()
         };
+        let now = SystemClock.now();
+        let learned = learned_minutes(&self.store, now.date_naive())?;
+        if let Some(left) = s.minutes_left(now, learned) {
+            // A new cycle that cannot finish before a limit stops it learns fewer notes (an
+            // unfinished one continues as it is: its notes are fixed).
+            progress(&Progress {
+                phase: Phase::Load,
+                done: 0,
+                total: 1,
+                tokens_per_s: 0.0,
+                peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
+                message: "estimating the cycle's time".into(),
+                estimate_s: None,
+            });
+            if let Some(e) = learn::estimate::estimate(&self.store, &choice, &opts, cancel)? {
+                let need = e.total_seconds / 60.0;
+                if e.continues.is_none() && need > left && e.notes.len() > 1 {
+                    let fit = ((e.notes.len() as f64 * left / need * 0.9).floor() as usize).max(1);
+                    tracing::info!(
+                        "the cycle for {} notes needs about {need:.0} min, {left:.0} min are left: learning {fit} notes",
+                        e.notes.len()
+                    );
+                    opts.max_notes = fit.min(opts.max_notes);
+                } else {
+                    tracing::info!(
+                        "the cycle for {} notes needs about {need:.0} min ({left:.0} min left)",
+                        e.notes.len()
+                    );
+                }
+                progress(&Progress {
+                    phase: Phase::Load,
+                    done: 0,
+                    total: 1,
+                    tokens_per_s: 0.0,
+                    peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
+                    message: format!(
+                        "estimated {need:.0} min for {} notes",
+                        e.notes.len().min(opts.max_notes)
+                    ),
+                    estimate_s: Some(e.total_seconds),
+                });
+            }
+        }
         learn::run_cycle(
             &self.home,
             &mut self.store,
@@ -1214,6 +1264,7 @@ mod tests {
                     tokens_per_s: 100.0,
                     peak_rss: 1,
                     message: format!("step {done}"),
+                    estimate_s: None,
                 });
                 std::thread::sleep(self.step);
                 self.done.fetch_add(1, Ordering::SeqCst);

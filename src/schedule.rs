@@ -277,6 +277,36 @@ impl Schedule {
         self.windows.is_empty() || self.windows.iter().any(|w| w.contains(t))
     }
 
+    /// Minutes a learning session that starts at `now` may run before a limit stops it: the end
+    /// of the current window, the session limit, what is left of the daily limit after
+    /// `learned_today` minutes. `None` when nothing limits it.
+    pub fn minutes_left(&self, now: DateTime<Local>, learned_today: f64) -> Option<f64> {
+        let mut left: Option<f64> = None;
+        let mut take = |m: f64| left = Some(left.map_or(m, |l: f64| l.min(m)));
+        if self.max_minutes_per_session > 0 {
+            take(self.max_minutes_per_session as f64);
+        }
+        if self.max_minutes_per_day > 0 {
+            take((self.max_minutes_per_day as f64 - learned_today).max(0.0));
+        }
+        let t = now.time();
+        let ends: Vec<f64> = self
+            .windows
+            .iter()
+            .filter(|w| w.contains(t) && w.start != w.end)
+            .map(|w| {
+                let secs = (w.end - t).num_seconds();
+                let secs = if secs <= 0 { secs + 86_400 } else { secs };
+                secs as f64 / 60.0
+            })
+            .collect();
+        // Inside several overlapping windows, the one that ends last is what counts.
+        if let Some(m) = ends.into_iter().reduce(f64::max) {
+            take(m);
+        }
+        left
+    }
+
     /// The next moment after `now` when an allowed window opens; `None` when there are no
     /// windows (any time is allowed).
     pub fn next_window_start(&self, now: DateTime<Local>) -> Option<DateTime<Local>> {
@@ -1383,5 +1413,38 @@ mod tests {
         let t = parse_stored_time("2025-01-31T12:00:00.123Z").unwrap();
         assert_eq!(t.timestamp(), 1_738_324_800);
         assert!(parse_stored_time("yesterday").is_none());
+    }
+
+    #[test]
+    fn minutes_left_takes_the_nearest_limit() {
+        let at = |h: u32, m: u32| {
+            Local
+                .from_local_datetime(
+                    &chrono::NaiveDate::from_ymd_opt(2026, 3, 10)
+                        .and_then(|d| d.and_hms_opt(h, m, 0))
+                        .expect("a date"),
+                )
+                .earliest()
+                .expect("a local time")
+        };
+        let mut s = Schedule {
+            max_minutes_per_session: 0,
+            max_minutes_per_day: 0,
+            ..Schedule::default()
+        };
+        assert_eq!(s.minutes_left(at(12, 0), 0.0), None);
+        s.max_minutes_per_session = 60;
+        s.max_minutes_per_day = 240;
+        assert_eq!(s.minutes_left(at(12, 0), 0.0), Some(60.0));
+        assert_eq!(s.minutes_left(at(12, 0), 200.0), Some(40.0));
+        assert_eq!(s.minutes_left(at(12, 0), 300.0), Some(0.0));
+        // A window across midnight, 22:00-07:00: at 06:30 half an hour is left; at 23:00, eight
+        // hours (the session limit, 60, is nearer).
+        s.windows = vec![parse_window("22:00-07:00").expect("a window")];
+        assert_eq!(s.minutes_left(at(6, 30), 0.0), Some(30.0));
+        assert_eq!(s.minutes_left(at(23, 0), 0.0), Some(60.0));
+        s.max_minutes_per_session = 0;
+        s.max_minutes_per_day = 0;
+        assert_eq!(s.minutes_left(at(23, 0), 0.0), Some(480.0));
     }
 }

@@ -62,6 +62,30 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
     assert!(items.iter().any(|i| i["role"] == "probe"));
     assert!(cycle_status(h).is_none(), "a dry run records no cycle");
 
+    // The estimate: the cycle's own training set, planned and timed here; nothing stored.
+    let e = last_json(&run(hone(h).args(["learn", "--estimate", "--json"]), true));
+    assert_eq!(
+        e["notes"].as_array().map(|n| n.len()),
+        Some(NOTES.len()),
+        "{e}"
+    );
+    assert!(e["sequences"].as_u64().unwrap() >= 1, "{e}");
+    assert!(e["steps_planned"].as_u64().unwrap() >= 100, "{e}");
+    let expected = e["steps_expected"].as_u64().unwrap();
+    assert!(
+        expected >= 1 && expected <= e["steps_planned"].as_u64().unwrap(),
+        "{e}"
+    );
+    let per_step = e["seconds_per_step"].as_f64().unwrap();
+    let training = e["phases"][3][1].as_f64().unwrap();
+    assert_eq!(e["phases"][3][0], "training", "{e}");
+    assert!(
+        per_step > 0.0 && (training - per_step * expected as f64).abs() < 1e-6,
+        "{e}"
+    );
+    assert!(e["total_seconds"].as_f64().unwrap() >= training, "{e}");
+    assert!(cycle_status(h).is_none(), "an estimate records no cycle");
+
     // A cycle interrupted by SIGINT once it trains.
     let args = ["learn", "--json", "--epochs", "6", "--seed", "1"];
     let child = hone(h)

@@ -237,6 +237,12 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
         println!("learned today   {learned:.0} min (no daily limit)");
     }
     println!("notes waiting   {pending}");
+    if let Some(e) = st.as_ref().and_then(|s| s.estimate_s) {
+        println!(
+            "cycle estimate  about {:.1} min, measured on this machine when the last cycle started (`hone learn --estimate` measures now)",
+            e / 60.0
+        );
+    }
     println!("log             {}", log.display());
     println!();
     println!("{decision:#}");

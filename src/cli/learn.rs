@@ -92,6 +92,10 @@ pub struct LearnArgs {
     /// Show the recorded cycles and gate decisions instead of learning
     #[arg(long)]
     pub log: bool,
+    /// Say how long the next cycle would take on this machine (times a few training steps and
+    /// probe answers now); learn nothing
+    #[arg(long)]
+    pub estimate: bool,
     /// Put notes the gate rejected twice back in the queue
     #[arg(long)]
     pub retry: bool,
@@ -253,6 +257,9 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
     opts.dry_run = a.dry_run;
     opts.no_gate = a.no_gate;
     install_signals();
+    if a.estimate {
+        return print_estimate(&ctx, &choice, &opts, a.json);
+    }
     let bar = progress_bar(a.json);
     let mut cb = on_progress(&bar);
     let out = learn::run_cycle(&ctx.home, &mut ctx.store, &choice, &opts, &CANCEL, &mut cb)?;
@@ -333,6 +340,58 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn print_estimate(
+    ctx: &Ctx,
+    choice: &hone::registry::ModelChoice,
+    opts: &LearnOptions,
+    json_out: bool,
+) -> Result<()> {
+    let Some(e) = learn::estimate::estimate(&ctx.store, choice, opts, &CANCEL)? else {
+        if json_out {
+            println!("{}", json!({"outcome": "nothing"}));
+        } else {
+            println!("nothing to learn: every note is learned");
+        }
+        return Ok(());
+    };
+    if json_out {
+        println!("{}", serde_json::to_string(&e)?);
+        return Ok(());
+    }
+    let what = match e.continues {
+        Some(c) => format!("continuing cycle {c}"),
+        None => "the next cycle".to_string(),
+    };
+    println!(
+        "{what}: {} notes, about {:.0} s ({:.1} min) on this machine with {} training kernels",
+        e.notes.len(),
+        e.total_seconds,
+        e.total_seconds / 60.0,
+        hone::kernels::train_kernels().name()
+    );
+    for (phase, s) in &e.phases {
+        println!("  {phase:<10} {s:>7.0} s");
+    }
+    println!(
+        "  {} items + {} replayed + {} anchors -> {} sequences of {}; {} of {} planned steps expected ({:.0}%: {}) at {:.2} s/step; {} new and {} earlier probes at {:.2} s each",
+        e.train_items,
+        e.replay_items,
+        e.anchors,
+        e.sequences,
+        e.seq_len,
+        e.steps_expected,
+        e.steps_planned,
+        e.step_share * 100.0,
+        e.step_share_from,
+        e.seconds_per_step,
+        e.new_probes,
+        e.old_probes,
+        e.seconds_per_probe
+    );
+    println!("  (measured in {:.0} s)", e.measured_in);
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 //! user's terminal; it reports progress through a callback and stops at the cancel flag.
 
 pub mod adaptive;
+pub mod estimate;
 pub mod records;
 pub mod rules;
 pub mod selfedit;
@@ -239,6 +240,8 @@ pub struct Progress {
     pub tokens_per_s: f64,
     pub peak_rss: u64,
     pub message: String,
+    /// Seconds the cycle is estimated to take, when this report carries an estimate.
+    pub estimate_s: Option<f64>,
 }
 
 /// The gate's measurements and decision.
@@ -674,6 +677,7 @@ fn run_one(
             tokens_per_s: tps,
             peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
             message: msg,
+            estimate_s: None,
         })
     };
     report(
@@ -792,21 +796,7 @@ fn run_one(
     // 4. General anchoring: the base model's answers (stored once per model) to a rotating
     // share of the anchoring prompts, plus the held-out ones the gate measures drift on.
     let prompts = anchor_prompts();
-    let pool: Vec<&String> = prompts.iter().filter(|(_, h)| !h).map(|(p, _)| p).collect();
-    let n_anchor = (((examples.len() as f64) * opts.anchor_ratio).round() as usize).min(pool.len());
-    let start = if pool.is_empty() {
-        0
-    } else {
-        (cycle.id as usize * n_anchor) % pool.len()
-    };
-    let chosen: Vec<&String> = (0..n_anchor)
-        .map(|k| pool[(start + k) % pool.len()])
-        .collect();
-    let held: Vec<&String> = if opts.no_gate {
-        Vec::new()
-    } else {
-        prompts.iter().filter(|(_, h)| *h).map(|(p, _)| p).collect()
-    };
+    let (chosen, held) = anchor_choice(&prompts, examples.len(), opts, cycle.id);
     l.engine.model.set_adapter(None);
     let mut have: BTreeMap<String, String> =
         records::anchors(store, &l.id.sha256)?.into_iter().collect();
@@ -875,70 +865,12 @@ fn run_one(
 
     // 5. Train, continuing the active adapter when it has this configuration.
     let mcfg = l.engine.model.cfg.clone();
-    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
-    // Short items are packed several to a sequence (attention never crosses them): 256
-    // positions waste little on padding.
-    let seq_len = (longest.div_ceil(16) * 16).clamp(256, 512);
-    let model_bytes = std::fs::metadata(&choice.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let layers = opts.layers.unwrap_or(mcfg.n_layers).min(mcfg.n_layers);
-    let req = PlanRequest {
-        budget: opts.max_memory,
-        seq_len: Some(seq_len),
-        micro_batch: None,
-        layers: Some(layers),
-        checkpointing: None,
-        rank: opts.rank,
-        targets: Target::ALL.to_vec(),
-        model_bytes,
-        cache_seqs: 0,
-        // One packed sequence per step: a cycle's data is small, and more (smaller) updates
-        // learn it in fewer passes than large batches (measured on the dev notes, 5 epochs,
-        // 96k tokens: 4x256 per step ended at a loss of 0.3-0.6 after 94 steps, 1x256 at 0.12
-        // (mean of the last 40 of 375 steps)).
-        max_micro_batch: Some(1),
-    };
-    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
-    let ds = data::pack_examples(
-        &l.engine,
-        &format!("learning cycle {}", cycle.id),
-        &examples,
-        data_sha,
-        p.seq_len,
-    )?;
-    let lora = LoraConfig::top_layers(
-        opts.rank,
-        opts.alpha,
-        Target::ALL.to_vec(),
-        mcfg.n_layers,
-        p.layers,
-    )?;
-    let mut cfg = TrainConfig {
-        lora: lora.clone(),
-        lr: opts.lr,
-        min_lr_ratio: 0.1,
-        warmup: 0,
-        decay: Decay::Cosine,
-        adamw: AdamWParamsCfg::default(),
-        clip: 1.0,
-        seq_len: p.seq_len,
-        micro_batch: p.micro_batch,
-        accum: 1,
-        steps: 1,
-        seed: opts.seed ^ cycle.id as u64,
-        checkpointing: p.checkpointing,
-    };
-    cfg.steps = match opts.token_budget {
-        Some(t) => (t as usize)
-            .div_ceil(cfg.seq_len * cfg.seqs_per_step())
-            .max(1),
-        None => cfg
-            .steps_for_epochs(ds.seqs.len(), opts.epochs.max(1))
-            .max(opts.min_steps),
-    };
-    cfg.warmup = (cfg.steps / 10).min(10);
-    let cache_limit = plan::cache_bytes(&mcfg, &p, ds.seqs.len(), opts.max_memory);
+    let Training {
+        cfg,
+        ds,
+        lora,
+        cache_limit,
+    } = plan_training(&l, choice, opts, &examples, data_sha, cycle.id)?;
     let ckpt = adapters::adapters_dir(home).join(format!("learn-cycle-{}.safetensors", cycle.id));
     let parent = match cycle
         .parent_adapter
@@ -1167,6 +1099,123 @@ fn run_one(
     })
 }
 
+/// The anchoring prompts a cycle trains on (a rotating share of the pool, `anchor_ratio` per
+/// example) and the held-out ones the gate measures drift on (none without a gate).
+fn anchor_choice<'a>(
+    prompts: &'a [(String, bool)],
+    examples: usize,
+    opts: &LearnOptions,
+    cycle: i64,
+) -> (Vec<&'a String>, Vec<&'a String>) {
+    let pool: Vec<&String> = prompts.iter().filter(|(_, h)| !h).map(|(p, _)| p).collect();
+    let n_anchor = (((examples as f64) * opts.anchor_ratio).round() as usize).min(pool.len());
+    let start = if pool.is_empty() {
+        0
+    } else {
+        (cycle as usize * n_anchor) % pool.len()
+    };
+    let chosen: Vec<&String> = (0..n_anchor)
+        .map(|k| pool[(start + k) % pool.len()])
+        .collect();
+    let held: Vec<&String> = if opts.no_gate {
+        Vec::new()
+    } else {
+        prompts.iter().filter(|(_, h)| *h).map(|(p, _)| p).collect()
+    };
+    (chosen, held)
+}
+
+/// What a cycle trains: its configuration (one packed sequence per step, `epochs` passes and at
+/// least `min_steps`, or `token_budget`), the packed data, the LoRA shape and the frozen-layer
+/// cache it may keep, planned inside the memory budget.
+struct Training {
+    cfg: TrainConfig,
+    ds: data::Dataset,
+    lora: LoraConfig,
+    cache_limit: u64,
+}
+
+fn plan_training(
+    l: &Loaded,
+    choice: &ModelChoice,
+    opts: &LearnOptions,
+    examples: &[data::Example],
+    data_sha: String,
+    cycle: i64,
+) -> Result<Training> {
+    let mcfg = l.engine.model.cfg.clone();
+    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
+    // Short items are packed several to a sequence (attention never crosses them): 256
+    // positions waste little on padding.
+    let seq_len = (longest.div_ceil(16) * 16).clamp(256, 512);
+    let model_bytes = std::fs::metadata(&choice.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let layers = opts.layers.unwrap_or(mcfg.n_layers).min(mcfg.n_layers);
+    let req = PlanRequest {
+        budget: opts.max_memory,
+        seq_len: Some(seq_len),
+        micro_batch: None,
+        layers: Some(layers),
+        checkpointing: None,
+        rank: opts.rank,
+        targets: Target::ALL.to_vec(),
+        model_bytes,
+        cache_seqs: 0,
+        // One packed sequence per step: a cycle's data is small, and more (smaller) updates
+        // learn it in fewer passes than large batches (measured on the dev notes, 5 epochs,
+        // 96k tokens: 4x256 per step ended at a loss of 0.3-0.6 after 94 steps, 1x256 at 0.12
+        // (mean of the last 40 of 375 steps)).
+        max_micro_batch: Some(1),
+    };
+    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let ds = data::pack_examples(
+        &l.engine,
+        &format!("learning cycle {cycle}"),
+        examples,
+        data_sha,
+        p.seq_len,
+    )?;
+    let lora = LoraConfig::top_layers(
+        opts.rank,
+        opts.alpha,
+        Target::ALL.to_vec(),
+        mcfg.n_layers,
+        p.layers,
+    )?;
+    let mut cfg = TrainConfig {
+        lora: lora.clone(),
+        lr: opts.lr,
+        min_lr_ratio: 0.1,
+        warmup: 0,
+        decay: Decay::Cosine,
+        adamw: AdamWParamsCfg::default(),
+        clip: 1.0,
+        seq_len: p.seq_len,
+        micro_batch: p.micro_batch,
+        accum: 1,
+        steps: 1,
+        seed: opts.seed ^ cycle as u64,
+        checkpointing: p.checkpointing,
+    };
+    cfg.steps = match opts.token_budget {
+        Some(t) => (t as usize)
+            .div_ceil(cfg.seq_len * cfg.seqs_per_step())
+            .max(1),
+        None => cfg
+            .steps_for_epochs(ds.seqs.len(), opts.epochs.max(1))
+            .max(opts.min_steps),
+    };
+    cfg.warmup = (cfg.steps / 10).min(10);
+    let cache_limit = plan::cache_bytes(&mcfg, &p, ds.seqs.len(), opts.max_memory);
+    Ok(Training {
+        cfg,
+        ds,
+        lora,
+        cache_limit,
+    })
+}
+
 fn fresh_trainer<'m>(
     model: &'m crate::model::Model,
     model_sha256: &str,
@@ -1255,6 +1304,7 @@ fn dry_run(
             tokens_per_s: 0.0,
             peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
             message: format!("note {}/{}", i + 1, ids.len()),
+            estimate_s: None,
         });
         let (writer, name, system) = match teacher.as_mut() {
             Some(t) => (&mut t.engine, t.id.name.clone(), t.system.clone()),

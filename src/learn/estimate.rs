@@ -1,0 +1,279 @@
+//! How long the pending learning cycle will take on this machine, before it starts: the cycle's
+//! own training set is built as the cycle would build it (the same self-edits, replay, anchors,
+//! packing and plan), then a few training steps and probe answers are timed here, now, and the
+//! phases are added up. The daemon uses it not to start a cycle that cannot finish in the time
+//! the schedule leaves (it learns fewer notes instead), and `hone learn --estimate` prints it.
+//!
+//! Must not: write anything (no cycle, item, anchor or adapter is stored), generate the missing
+//! anchor answers (their time is estimated from the probe answers), or train more than a handful
+//! of steps.
+
+use super::*;
+use std::time::Duration;
+
+/// Training steps timed (the first one, which warms caches up, is not counted).
+const TIMED_STEPS: usize = 3;
+
+/// Until cycles of this model have stopped early on this machine, the share of the planned steps
+/// a cycle is expected to train: measured on the dev notes (see BENCHMARKS.md, issue 19).
+pub const DEFAULT_STEP_SHARE: f64 = 0.6;
+
+/// The estimate and what it rests on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    /// The notes the cycle would learn (an unfinished cycle's, or the oldest pending ones).
+    pub notes: Vec<i64>,
+    /// Whether it continues an unfinished cycle (its self-edits may be stored already).
+    pub continues: Option<i64>,
+    pub train_items: usize,
+    pub replay_items: usize,
+    pub anchors: usize,
+    /// Anchoring answers the base model has not written yet (done once per model).
+    pub anchors_missing: usize,
+    pub sequences: usize,
+    pub seq_len: usize,
+    pub steps_planned: usize,
+    /// `steps_planned` times the share of planned steps earlier cycles trained.
+    pub steps_expected: usize,
+    pub step_share: f64,
+    /// Where `step_share` comes from.
+    pub step_share_from: String,
+    pub seconds_per_step: f64,
+    pub seconds_per_probe: f64,
+    pub new_probes: usize,
+    pub old_probes: usize,
+    /// Seconds per phase: load, self-edits, anchors, training, checks, gate.
+    pub phases: Vec<(String, f64)>,
+    pub total_seconds: f64,
+    /// Seconds spent measuring.
+    pub measured_in: f64,
+}
+
+/// The share of planned steps that this model's finished cycles trained (median), if any
+/// stopped early or ran to the end under the adaptive rule.
+fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, usize)>> {
+    let mut shares: Vec<f64> = records::recent(store, 50)?
+        .into_iter()
+        .filter(|c| c.model_sha256 == model_sha256)
+        .filter_map(|c| {
+            c.gate
+                .and_then(|g| serde_json::from_str::<GateReport>(&g).ok())
+        })
+        .filter(|g| g.steps_planned > 0 && g.steps_trained > 0 && !g.checks.is_empty())
+        .map(|g| g.steps_trained as f64 / g.steps_planned as f64)
+        .collect();
+    if shares.is_empty() {
+        return Ok(None);
+    }
+    shares.sort_by(|a, b| a.total_cmp(b));
+    Ok(Some((shares[shares.len() / 2], shares.len())))
+}
+
+/// Estimates the next cycle of `choice`'s model with `opts`; None when no note is pending.
+pub fn estimate(
+    store: &Store,
+    choice: &ModelChoice,
+    opts: &LearnOptions,
+    cancel: &AtomicBool,
+) -> Result<Option<Estimate>> {
+    let t0 = Instant::now();
+    let mut l = load(choice, store, 1024)?;
+    let load_s = l.engine.load_time.as_secs_f64();
+    let sys = l.system.clone();
+    let sys = sys.as_deref();
+    let unfinished = records::unfinished(store, &l.id.sha256)?;
+    let (notes, cycle_id) = match &unfinished {
+        Some(c) => (c.notes.clone(), c.id),
+        None => (
+            records::pending_note_ids(store, opts.max_notes.max(1))?,
+            records::recent(store, 1)?.first().map_or(1, |c| c.id + 1),
+        ),
+    };
+    if notes.is_empty() {
+        return Ok(None);
+    }
+
+    // The self-edits: stored ones for a continued cycle, else the rule-made ones now (fast);
+    // generated strategies are timed on the first note and counted for every note.
+    let rules_only = LearnOptions {
+        strategies: opts
+            .strategies
+            .iter()
+            .copied()
+            .filter(|s| !s.generated())
+            .collect(),
+        ..opts.clone()
+    };
+    let generated = opts.strategies.iter().any(|s| s.generated());
+    let mut items: Vec<Item> = Vec::new();
+    let mut selfedit_s = 0.0;
+    let stored = match &unfinished {
+        Some(c) => records::cycle_items(store, c.id)?,
+        None => Vec::new(),
+    };
+    for (i, nid) in notes.iter().enumerate() {
+        if stored.iter().any(|it| it.note_id == *nid) {
+            items.extend(stored.iter().filter(|it| it.note_id == *nid).cloned());
+            continue;
+        }
+        let Some(note) = store.get_note(*nid)? else {
+            continue;
+        };
+        let o = if generated && i == 0 {
+            opts
+        } else {
+            &rules_only
+        };
+        let ts = Instant::now();
+        let name = l.id.name.clone();
+        let Some(new) = note_items(&note.content, *nid, o, &mut l.engine, &name, sys, cancel)?
+        else {
+            return Ok(None);
+        };
+        if generated {
+            selfedit_s +=
+                ts.elapsed().as_secs_f64() * if i == 0 { notes.len() as f64 } else { 0.0 };
+        }
+        items.extend(new.into_iter().map(|n| Item {
+            id: 0,
+            cycle: cycle_id,
+            note_id: *nid,
+            strategy: n.strategy,
+            generator: n.generator,
+            role: n.role,
+            prompt: n.prompt,
+            completion: n.completion,
+            verdict: n.verdict,
+            reason: n.reason,
+        }));
+    }
+    let new_train: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.role == "train" && i.verdict == "kept")
+        .collect();
+    let new_probes: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.role == "probe" && i.verdict == "kept")
+        .collect();
+    let earlier = records::learned_items(store, &l.id.sha256, cycle_id)?;
+    let replay = replay_items(&earlier, new_train.len(), opts, cycle_id);
+    let old_probes = earlier.iter().filter(|i| i.role == "probe").count();
+    let mut examples = Vec::new();
+    for it in new_train.iter().chain(replay.iter()) {
+        examples.push(example(&l.engine, sys, it)?);
+    }
+
+    // Anchors: the stored answers, or a stand-in of the longest answer length for the missing.
+    let prompts = anchor_prompts();
+    let (chosen, held) = anchor_choice(&prompts, examples.len(), opts, cycle_id);
+    let have: BTreeMap<String, String> =
+        records::anchors(store, &l.id.sha256)?.into_iter().collect();
+    let stand_in = "word ".repeat(40);
+    let mut missing = 0;
+    for p in chosen.iter().chain(held.iter()) {
+        if !have.contains_key(*p) {
+            missing += 1;
+        }
+    }
+    let anchors = chosen.len();
+    for p in &chosen {
+        let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
+        if a.is_empty() {
+            continue;
+        }
+        examples.push(data::chat_pair(&l.engine, sys, p, a).map_err(anyhow::Error::msg)?);
+    }
+    if examples.is_empty() {
+        return Ok(None);
+    }
+    let t = plan_training(&l, choice, opts, &examples, String::new(), cycle_id)?;
+
+    // Time a few steps of this very data on this machine, now.
+    let fork = l.engine.model.fork();
+    let mut cfg = t.cfg.clone();
+    let planned = cfg.steps;
+    cfg.steps = TIMED_STEPS + 1;
+    let mut tr = Trainer::new(&fork, cfg, t.ds.clone(), &l.id.sha256)?;
+    tr.cache_limit = t.cache_limit;
+    let mut timed = Duration::ZERO;
+    for k in 0..=TIMED_STEPS {
+        let ts = Instant::now();
+        if tr.train_step(cancel)?.is_none() {
+            return Ok(None);
+        }
+        if k > 0 {
+            timed += ts.elapsed();
+        }
+    }
+    drop(tr);
+    drop(fork);
+    let per_step = timed.as_secs_f64() / TIMED_STEPS as f64;
+
+    // One probe answer, timed (24 tokens at most, as the gate's).
+    let sample: Vec<&Item> = new_probes.iter().take(2).copied().collect();
+    let tp = Instant::now();
+    if probe_correct(&mut l.engine, sys, &sample, cancel)?.is_none() {
+        return Ok(None);
+    }
+    let per_probe = if sample.is_empty() {
+        0.5
+    } else {
+        tp.elapsed().as_secs_f64() / sample.len() as f64
+    };
+
+    let (share, from) = match (opts.adaptive, step_share(store, &l.id.sha256)?) {
+        (false, _) => (1.0, "--fixed-steps".to_string()),
+        (true, Some((s, n))) => (s, format!("median of {n} earlier cycles of this model")),
+        (true, None) => (
+            DEFAULT_STEP_SHARE,
+            "no earlier cycle of this model yet: the dev notes' share".to_string(),
+        ),
+    };
+    let expected = ((planned as f64 * share).round() as usize).clamp(1, planned);
+    let stopper = adaptive::EarlyStop::new(t.ds.seqs.len(), planned, new_probes.len(), 0.5);
+    let checks = if opts.adaptive {
+        (1..=expected).filter(|s| stopper.due(*s)).count()
+    } else {
+        0
+    };
+    let gate_s = if opts.no_gate {
+        0.0
+    } else {
+        // New probes once, old probes with the previous and the new adapter, and the general
+        // prompts scored twice (a scored prompt costs about a tenth of an answer).
+        per_probe * (new_probes.len() + 2 * old_probes) as f64 + 0.2 * per_probe * held.len() as f64
+    };
+    let phases = vec![
+        ("load".to_string(), load_s),
+        ("self-edits".to_string(), selfedit_s),
+        ("anchors".to_string(), missing as f64 * 2.0 * per_probe),
+        ("training".to_string(), expected as f64 * per_step),
+        (
+            "checks".to_string(),
+            checks as f64 * new_probes.len() as f64 * per_probe,
+        ),
+        ("gate".to_string(), gate_s),
+    ];
+    let total = phases.iter().map(|p| p.1).sum();
+    Ok(Some(Estimate {
+        notes,
+        continues: unfinished.map(|c| c.id),
+        train_items: new_train.len(),
+        replay_items: replay.len(),
+        anchors,
+        anchors_missing: missing,
+        sequences: t.ds.seqs.len(),
+        seq_len: t.cfg.seq_len,
+        steps_planned: planned,
+        steps_expected: expected,
+        step_share: share,
+        step_share_from: from,
+        seconds_per_step: per_step,
+        seconds_per_probe: per_probe,
+        new_probes: new_probes.len(),
+        old_probes,
+        phases,
+        total_seconds: total,
+        measured_in: t0.elapsed().as_secs_f64(),
+    }))
+}
