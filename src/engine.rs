@@ -114,6 +114,8 @@ pub struct Generation {
     /// [`Engine::answer`] handed the question to the base model (the adapter's answer did not
     /// open with the route).
     pub by_base: bool,
+    /// With a route: the probability the adapter gave its opening (see [`Engine::answer`]).
+    pub route_p: Option<f64>,
     pub prompt_tokens: usize,
     /// Prompt tokens served from the KV cache of the previous call.
     pub reused_tokens: usize,
@@ -156,6 +158,10 @@ pub struct Perplexity {
     pub seconds: f64,
 }
 
+/// The least probability of the route's opening for [`Engine::answer`] to keep the adapter's
+/// answer (see BENCHMARKS.md: measured on the dev notes' questions and the general ones).
+pub const ROUTE_MIN_P: f64 = 0.2;
+
 /// Hold the text of the first `n` tokens back until the check has seen it (see
 /// [`Engine::answer`]).
 type Hold<'a> = (usize, &'a dyn Fn(&str) -> bool);
@@ -174,6 +180,9 @@ pub struct Engine {
     /// With an adapter set: [`Engine::answer`] keeps the adapter's answer only when it opens
     /// with this text, and otherwise lets the base model answer (see `learn::NOTES_PREFIX`).
     pub route: Option<String>,
+    /// The least probability of the route's opening that keeps the adapter's answer
+    /// ([`ROUTE_MIN_P`]).
+    pub route_min_p: f64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -211,6 +220,7 @@ impl Engine {
             batch: opts.batch.max(1),
             cache_tokens: Vec::new(),
             route: None,
+            route_min_p: ROUTE_MIN_P,
         })
     }
 
@@ -376,6 +386,7 @@ impl Engine {
             text,
             tokens,
             by_base: false,
+            route_p: None,
             prompt_tokens: prompt.len(),
             reused_tokens: reused,
             completion_tokens: generated,
@@ -386,9 +397,11 @@ impl Engine {
     }
 
     /// Answers a user: [`Engine::generate`], except that with an adapter and a `route` set, the
-    /// adapter's answer is kept only when it opens with the route's text (the adapter claims the
-    /// answer comes from the user's notes); otherwise the base model answers, as it would have
-    /// before any learning. Nothing is shown until that is decided.
+    /// adapter answers only when it claims the answer comes from the user's notes: its greedy
+    /// answer opens with the route's text (nothing is shown until that is decided), or it gives
+    /// that opening a probability of at least [`ROUTE_MIN_P`] (a note asked in other words than
+    /// training used), and then its answer starts with the opening. Otherwise the base model
+    /// answers, as it would have before any learning.
     pub fn answer(
         &mut self,
         prompt: &[u32],
@@ -407,6 +420,34 @@ impl Engine {
         if let Some(g) = self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)? {
             return Ok(g);
         }
+        // Not the greedy opening; still the adapter's answer when it gives the opening enough
+        // probability (a note asked in other words than training used).
+        let route = route.trim().to_string();
+        let ids = self.tokenizer.encode(&route, false)?;
+        let t0 = Instant::now();
+        let p = self.opening_probability(prompt, &ids)?;
+        if p >= self.route_min_p
+            && !ids.is_empty()
+            && prompt.len() + ids.len() < self.model.max_context()
+        {
+            // The opening is shown as it is, and the answer goes on from the cache that already
+            // holds it.
+            on_text(&route);
+            let mut full = prompt.to_vec();
+            full.extend_from_slice(&ids);
+            let rest = max_tokens.saturating_sub(ids.len());
+            let mut g = self.generate(&full, sampling, rest, cancel, on_text)?;
+            g.text = format!("{route}{}", g.text);
+            let mut tokens = ids.clone();
+            tokens.append(&mut g.tokens);
+            g.tokens = tokens;
+            g.completion_tokens += ids.len();
+            g.prompt_tokens = prompt.len();
+            g.reused_tokens = g.reused_tokens.min(prompt.len());
+            g.prompt_ms = (t0.elapsed().as_secs_f64() * 1000.0 - g.generate_ms).max(0.0);
+            g.route_p = Some(p);
+            return Ok(g);
+        }
         // The base model answers; the cache holds the adapter's keys, so it starts again (and
         // again after, when the adapter is back).
         self.model.set_adapter(None);
@@ -414,7 +455,45 @@ impl Engine {
         let g = self.generate(prompt, sampling, max_tokens, cancel, on_text);
         self.model.set_adapter(Some(adapter));
         self.reset();
-        g.map(|g| Generation { by_base: true, ..g })
+        g.map(|g| Generation {
+            by_base: true,
+            route_p: Some(p),
+            ..g
+        })
+    }
+
+    /// The probability that the model (with its adapter) opens its answer to `prompt` with the
+    /// tokens `opening`; leaves the prompt and all but the last opening token in the cache.
+    fn opening_probability(&mut self, prompt: &[u32], opening: &[u32]) -> Result<f64> {
+        let max_ctx = self.model.max_context();
+        if prompt.len() + opening.len() >= max_ctx {
+            return Err(ModelError::ContextFull {
+                needed: prompt.len() + opening.len() + 1,
+                max: max_ctx,
+                trained: self.model.cfg.trained_ctx,
+            }
+            .into());
+        }
+        let Some((&first, rest)) = opening.split_first() else {
+            return Ok(0.0);
+        };
+        let (logits, _) = self.prefill(prompt)?;
+        let log_p = |row: &[f32], t: u32| -> f64 {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|v| (*v as f64 - m).exp()).sum();
+            row.get(t as usize)
+                .map_or(f64::NEG_INFINITY, |v| *v as f64 - m - z.ln())
+        };
+        let mut lp = log_p(&logits, first);
+        if !rest.is_empty() {
+            let fed = &opening[..opening.len() - 1];
+            let rows = self.model.forward(fed, Logits::All)?.to_vec2::<f32>()?;
+            self.cache_tokens.extend_from_slice(fed);
+            for (row, t) in rows.iter().zip(rest) {
+                lp += log_p(row, *t);
+            }
+        }
+        Ok(lp.exp())
     }
 
     /// Mean negative log-likelihood (nats per token) of the tokens marked in `scored`, each given
@@ -636,6 +715,41 @@ mod tests {
             assert_eq!(shown, adapted.text, "and shown whole");
             assert_eq!(g.completion_tokens, adapted.completion_tokens);
             assert!(!g.by_base);
+
+            // An opening that is not the greedy one but likely enough: the answer starts with it
+            // and goes on as the adapter continues it; its probability is the product of the
+            // opening's next-token probabilities.
+            e.route = Some("zebra".into());
+            let ids = e.tokenizer.encode("zebra", false).unwrap();
+            let mut full = prompt.clone();
+            full.extend_from_slice(&ids);
+            let scored: Vec<bool> = (0..full.len()).map(|i| i >= prompt.len()).collect();
+            let want_p = (-e.scored_nll(&full, &scored).unwrap() * ids.len() as f64).exp();
+            e.route_min_p = 2.0; // nothing is likely enough: the base answers
+            let g = gen(&mut e, true);
+            assert!(g.by_base && g.tokens == base.tokens);
+            let p = g.route_p.unwrap();
+            assert!(
+                (p - want_p).abs() <= 1e-4 * want_p.max(1e-12),
+                "{p} vs {want_p}"
+            );
+            e.route_min_p = 0.0; // any probability: the opening is forced
+            e.reset();
+            let cont = e
+                .generate(&full, &greedy, 12 - ids.len(), &cancel, &mut |_| {})
+                .unwrap();
+            let mut shown = String::new();
+            e.reset();
+            let g = e
+                .answer(&prompt, &greedy, 12, &cancel, &mut |t| shown.push_str(t))
+                .unwrap();
+            assert!(!g.by_base);
+            assert_eq!(g.tokens[..ids.len()], ids[..]);
+            assert_eq!(g.tokens[ids.len()..], cont.tokens[..]);
+            assert_eq!(shown, g.text);
+            assert!(g.text.starts_with("zebra"), "{:?}", g.text);
+            assert_eq!(g.completion_tokens, ids.len() + cont.completion_tokens);
+            e.route_min_p = ROUTE_MIN_P;
         }
     }
 }

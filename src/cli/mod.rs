@@ -251,6 +251,8 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
             "adapter": adapter,
             // Whether the base model answered instead (the adapter did not claim the notes).
             "answered_by_base": g.by_base,
+            // With a routed adapter: the probability it gave the opening that claims the notes.
+            "route_p": g.route_p,
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,
