@@ -410,15 +410,34 @@ impl Engine {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.answer_routed(prompt, sampling, max_tokens, cancel, on_text, false)
+    }
+
+    /// [`Engine::answer`]; with `about_notes` (the question is about a learned note, as
+    /// `retrieve` found) the adapter answers from its weights, starting with the route's opening,
+    /// whatever opening it would have chosen.
+    pub fn answer_routed(
+        &mut self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+        about_notes: bool,
+    ) -> Result<Generation> {
         let (Some(route), Some(adapter)) = (self.route.clone(), self.model.adapter().cloned())
         else {
             return self.generate(prompt, sampling, max_tokens, cancel, on_text);
         };
-        let n = self.tokenizer.encode(&route, false)?.len() + 1;
-        let opens = |t: &str| t.trim_start().starts_with(route.trim());
-        let hold: Option<Hold<'_>> = Some((n, &opens));
-        if let Some(g) = self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)? {
-            return Ok(g);
+        if !about_notes {
+            let n = self.tokenizer.encode(&route, false)?.len() + 1;
+            let opens = |t: &str| t.trim_start().starts_with(route.trim());
+            let hold: Option<Hold<'_>> = Some((n, &opens));
+            if let Some(g) =
+                self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)?
+            {
+                return Ok(g);
+            }
         }
         // Not the greedy opening; still the adapter's answer when it gives the opening enough
         // probability (a note asked in other words than training used).
@@ -426,7 +445,7 @@ impl Engine {
         let ids = self.tokenizer.encode(&route, false)?;
         let t0 = Instant::now();
         let p = self.opening_probability(prompt, &ids)?;
-        if p >= self.route_min_p
+        if (about_notes || p >= self.route_min_p)
             && !ids.is_empty()
             && prompt.len() + ids.len() < self.model.max_context()
         {

@@ -87,6 +87,7 @@ pub fn ask_all(
     engine: &mut Engine,
     system: Option<&str>,
     items: &[(&Question, Option<&str>)],
+    store: Option<&Store>,
     cancel: &AtomicBool,
 ) -> Result<Vec<Answered>> {
     let mut out = Vec::new();
@@ -98,7 +99,12 @@ pub fn ask_all(
         let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
         msgs.push(Message::user(&content));
         let toks = engine.chat_tokens(&msgs)?;
-        let g = engine.answer(&toks, &Default::default(), 48, cancel, &mut |_| {})?;
+        // As `hone ask` answers: a question about a learned note goes to the adapter.
+        let about = match (store, ctx, &engine.route) {
+            (Some(s), None, Some(_)) => crate::retrieve::learned_note_about(s, &q.q)?.is_some(),
+            _ => false,
+        };
+        let g = engine.answer_routed(&toks, &Default::default(), 48, cancel, &mut |_| {}, about)?;
         let answer = g.text.trim().to_string();
         let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));
         out.push(Answered {
@@ -221,9 +227,9 @@ pub fn run(
             })
             .collect()
     };
-    let ask = |engine: &mut Engine, qs: &[(Question, Option<String>)]| {
+    let ask = |engine: &mut Engine, store: &Store, qs: &[(Question, Option<String>)]| {
         let v: Vec<(&Question, Option<&str>)> = qs.iter().map(|(q, c)| (q, c.as_deref())).collect();
-        ask_all(engine, sys, &v, cancel)
+        ask_all(engine, sys, &v, Some(store), cancel)
     };
     let notes: Vec<&QaNote> = qa.iter().collect();
     match pipeline {
@@ -231,6 +237,7 @@ pub fn run(
             let mut engine = load_with_active(home, &store, choice)?;
             r.answers = ask(
                 &mut engine,
+                &store,
                 &all_q(&notes, matches!(pipeline, Pipeline::InContext)),
             )?;
         }
@@ -252,7 +259,7 @@ pub fn run(
             }
             r.cycle_s = tc.elapsed().as_secs_f64();
             let mut engine = load_with_active(home, &store, choice)?;
-            r.answers = ask(&mut engine, &all_q(&notes, false))?;
+            r.answers = ask(&mut engine, &store, &all_q(&notes, false))?;
         }
         Pipeline::Sequential(opts, k) => {
             let k = (*k).clamp(1, notes.len());
@@ -277,7 +284,7 @@ pub fn run(
                 }
                 r.cycle_s += tc.elapsed().as_secs_f64();
                 let mut engine = load_with_active(home, &store, choice)?;
-                let a = ask(&mut engine, &all_q(b, false))?;
+                let a = ask(&mut engine, &store, &all_q(b, false))?;
                 r.batches.push(BatchResult {
                     notes: b.len(),
                     questions: a.len(),
@@ -287,7 +294,7 @@ pub fn run(
             }
             let mut engine = load_with_active(home, &store, choice)?;
             for (i, b) in batches.iter().enumerate() {
-                let a = ask(&mut engine, &all_q(b, false))?;
+                let a = ask(&mut engine, &store, &all_q(b, false))?;
                 r.batches[i].after_last = frac(&a);
                 r.answers.extend(a);
             }
@@ -297,12 +304,12 @@ pub fn run(
     if let Some(ret) = retention {
         let mut engine = load_with_active(home, &store, choice)?;
         let qs: Vec<(&Question, Option<&str>)> = ret.iter().map(|q| (q, None)).collect();
-        r.retention_answers = ask_all(&mut engine, sys, &qs, cancel)?;
+        r.retention_answers = ask_all(&mut engine, sys, &qs, Some(&store), cancel)?;
         r.retention_correct = Some(r.retention_answers.iter().filter(|a| a.correct).count());
         r.retention_after = Some(frac(&r.retention_answers));
         if engine.route.take().is_some() {
-            r.unrouted_retention_answers = ask_all(&mut engine, sys, &qs, cancel)?;
-            r.unrouted_answers = ask(&mut engine, &all_q(&notes, false))?;
+            r.unrouted_retention_answers = ask_all(&mut engine, sys, &qs, None, cancel)?;
+            r.unrouted_answers = ask(&mut engine, &store, &all_q(&notes, false))?;
         }
     }
     r.correct = r.answers.iter().filter(|a| a.correct).count();

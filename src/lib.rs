@@ -21,6 +21,7 @@ pub mod notes;
 pub mod presence;
 pub mod pull;
 pub mod registry;
+pub mod retrieve;
 pub mod sample;
 pub mod schedule;
 pub mod signals;

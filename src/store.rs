@@ -144,6 +144,21 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (model_sha256, prompt)
     );
     ALTER TABLE notes ADD COLUMN learn_attempts INTEGER NOT NULL DEFAULT 0;",
+    // Full-text search over the notes (`retrieve`), kept in step by triggers.
+    "CREATE VIRTUAL TABLE notes_fts USING fts5(
+        content, content='notes', content_rowid='id', tokenize='porter unicode61'
+    );
+    INSERT INTO notes_fts(rowid, content) SELECT id, content FROM notes;
+    CREATE TRIGGER notes_fts_insert AFTER INSERT ON notes BEGIN
+        INSERT INTO notes_fts(rowid, content) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER notes_fts_delete AFTER DELETE ON notes BEGIN
+        INSERT INTO notes_fts(notes_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    END;
+    CREATE TRIGGER notes_fts_update AFTER UPDATE OF content ON notes BEGIN
+        INSERT INTO notes_fts(notes_fts, rowid, content) VALUES ('delete', old.id, old.content);
+        INSERT INTO notes_fts(rowid, content) VALUES (new.id, new.content);
+    END;",
 ];
 
 /// The schema version this build of hone writes.

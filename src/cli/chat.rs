@@ -139,11 +139,22 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         cancel.store(false, Ordering::SeqCst);
         let stdout = std::io::stdout();
-        let g = engine.answer(&tokens, &params, max_tokens, &cancel, &mut |piece| {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        })?;
+        let about = match engine.route {
+            Some(_) => hone::retrieve::learned_note_about(&ctx.store, line)?,
+            None => None,
+        };
+        let g = engine.answer_routed(
+            &tokens,
+            &params,
+            max_tokens,
+            &cancel,
+            &mut |piece| {
+                let mut out = stdout.lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            },
+            about.is_some(),
+        )?;
         match g.stop {
             StopReason::Cancelled => println!(" [stopped]"),
             StopReason::MaxTokens => println!(" [max tokens reached]"),

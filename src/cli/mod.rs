@@ -225,13 +225,25 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let cancel = AtomicBool::new(false);
     let stdout = std::io::stdout();
     let json = a.json;
-    let g = engine.answer(&tokens, &params, max_tokens, &cancel, &mut |piece| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    })?;
+    // A question about a learned note is answered by the adapter from its weights.
+    let about = match (&engine.route, a.with_notes) {
+        (Some(_), false) => hone::retrieve::learned_note_about(&ctx.store, &question)?,
+        _ => None,
+    };
+    let g = engine.answer_routed(
+        &tokens,
+        &params,
+        max_tokens,
+        &cancel,
+        &mut |piece| {
+            if !json {
+                let mut out = stdout.lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+        about.is_some(),
+    )?;
     let id = record(
         &ctx.store,
         &Turn {
@@ -253,6 +265,8 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
             "answered_by_base": g.by_base,
             // With a routed adapter: the probability it gave the opening that claims the notes.
             "route_p": g.route_p,
+            // The learned note the question is about (full-text match), if any.
+            "about_note": about.as_ref().map(|m| m.id),
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,
@@ -765,11 +779,22 @@ fn demo_answer(
     let cancel = AtomicBool::new(false);
     let tokens = engine.chat_tokens(&[Message::user(content)])?;
     let stdout = std::io::stdout();
-    let g = engine.answer(&tokens, &params, 80, &cancel, &mut |piece| {
-        let mut out = stdout.lock();
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-    })?;
+    let about = match engine.route {
+        Some(_) => hone::retrieve::learned_note_about(&ctx.store, q)?,
+        None => None,
+    };
+    let g = engine.answer_routed(
+        &tokens,
+        &params,
+        80,
+        &cancel,
+        &mut |piece| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        },
+        about.is_some(),
+    )?;
     println!(
         "\n  [{} prompt tokens at {:.0} tok/s, {} generated at {:.1} tok/s]",
         g.prompt_tokens,

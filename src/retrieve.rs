@@ -1,0 +1,170 @@
+//! Which of the user's notes a question is about: SQLite's full-text index over the notes (FTS5,
+//! BM25 ranking, Porter stemming; the `notes_fts` table that `store`'s triggers keep in step
+//! with every add, edit and removal), and the rule that says a question is about a note.
+//!
+//! Answering uses it to route: a question about a learned note is answered by the adapter from
+//! its weights (`Engine::answer_routed`), whatever opening the adapter would have chosen.
+//!
+//! Must not: change anything in the database, send a question anywhere, or call a question
+//! "about a note" on one shared word (general questions share words with notes by chance).
+
+use crate::store::Store;
+use anyhow::Result;
+use rusqlite::params;
+
+/// A note that matches a question.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NoteMatch {
+    pub id: i64,
+    pub content: String,
+    /// The note has been learned into the active adapter's line of cycles.
+    pub learned: bool,
+    /// How many of the question's content words the note contains (after stemming), of `terms`.
+    pub matched: usize,
+    pub terms: usize,
+}
+
+impl NoteMatch {
+    /// The rule: at least two of the question's content words, and at least half of them.
+    pub fn is_about(&self) -> bool {
+        self.matched >= 2 && 2 * self.matched >= self.terms
+    }
+}
+
+/// Words that say nothing about which note is meant.
+const STOP: &[&str] = &[
+    "about", "after", "all", "also", "and", "any", "are", "been", "before", "but", "can", "could",
+    "did", "does", "doing", "for", "from", "had", "has", "have", "her", "his", "how", "into",
+    "its", "many", "much", "not", "note", "notes", "our", "say", "says", "she", "should", "tell",
+    "that", "the", "their", "them", "then", "there", "they", "this", "was", "were", "what", "when",
+    "where", "which", "who", "whom", "whose", "why", "will", "with", "would", "you", "your",
+    "yours", "mine", "him", "does", "doesn", "don",
+];
+
+/// The question's content words: lowercase, three characters or more, no stop words, each once.
+pub fn terms(question: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for w in question
+        .split(|c: char| !c.is_alphanumeric())
+        .map(|w| w.to_lowercase())
+    {
+        if w.chars().count() >= 3 && !STOP.contains(&w.as_str()) && !out.contains(&w) {
+            out.push(w);
+        }
+    }
+    out
+}
+
+/// An FTS5 query matching any of `terms` (each a quoted string, so no word is an operator).
+fn any_of(terms: &[String]) -> String {
+    terms
+        .iter()
+        .map(|t| format!("\"{}\"", t.replace('"', "")))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// The notes that share content words with `question`, best first (BM25), at most `limit`.
+pub fn search(store: &Store, question: &str, limit: usize) -> Result<Vec<NoteMatch>> {
+    let terms = terms(question);
+    if terms.is_empty() || limit == 0 {
+        return Ok(Vec::new());
+    }
+    let conn = store.conn();
+    let mut st = conn.prepare(
+        "SELECT n.id, n.content, n.learned_at IS NOT NULL FROM notes_fts f
+         JOIN notes n ON n.id = f.rowid
+         WHERE notes_fts MATCH ?1 ORDER BY bm25(notes_fts) LIMIT ?2",
+    )?;
+    let rows = st
+        .query_map(params![any_of(&terms), limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut one =
+        conn.prepare("SELECT count(*) FROM notes_fts WHERE notes_fts MATCH ?1 AND rowid = ?2")?;
+    let mut out = Vec::new();
+    for (id, content, learned) in rows {
+        let mut matched = 0;
+        for t in &terms {
+            let n: i64 =
+                one.query_row(params![any_of(std::slice::from_ref(t)), id], |r| r.get(0))?;
+            matched += (n > 0) as usize;
+        }
+        out.push(NoteMatch {
+            id,
+            content,
+            learned,
+            matched,
+            terms: terms.len(),
+        });
+    }
+    // Most words in common first; BM25 breaks ties (the order above).
+    out.sort_by_key(|m| std::cmp::Reverse(m.matched));
+    Ok(out)
+}
+
+/// The learned note `question` is about, if one is (see [`NoteMatch::is_about`]).
+pub fn learned_note_about(store: &Store, question: &str) -> Result<Option<NoteMatch>> {
+    Ok(search(store, question, 5)?
+        .into_iter()
+        .find(|m| m.learned && m.is_about()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_note_a_question_is_about_and_follows_edits_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        let bakery = store
+            .add_note(
+                "The bakery on Linden Street closes at 2 pm on Saturdays and is closed on Sundays.",
+                None,
+                None,
+            )
+            .unwrap();
+        store
+            .add_note("My sister Ilse collects old postcards.", None, None)
+            .unwrap();
+        assert_eq!(
+            terms("When does the bakery on Linden Street close on Saturdays?"),
+            ["bakery", "linden", "street", "close", "saturdays"]
+        );
+        let m = search(
+            &store,
+            "When does the bakery on Linden Street close on Saturdays?",
+            5,
+        )
+        .unwrap();
+        assert_eq!(m[0].content.split(' ').nth(1), Some("bakery"));
+        // Stemming: "close"/"closes", "saturdays"/"Saturdays".
+        assert_eq!((m[0].matched, m[0].terms), (5, 5));
+        assert!(m[0].is_about());
+        // Not learned yet: no learned note is the answer.
+        assert!(learned_note_about(&store, "When does the bakery close?")
+            .unwrap()
+            .is_none());
+        assert!(search(&store, "What is the capital of France?", 5)
+            .unwrap()
+            .is_empty());
+        // One shared word is not enough.
+        let one = search(&store, "How old is the Eiffel Tower on Saturdays?", 5).unwrap();
+        assert!(one.iter().all(|m| !m.is_about()), "{one:?}");
+        // A quote or an FTS operator in the question is a word, not syntax.
+        assert!(search(&store, "what about \"NEAR\" OR AND *", 5).is_ok());
+        // Removed: gone from the index.
+        let id = match bakery {
+            crate::store::NoteAdded::Added(id) => id,
+            other => panic!("{other:?}"),
+        };
+        assert!(store.remove_note(id).unwrap());
+        assert!(search(&store, "bakery Linden", 5).unwrap().is_empty());
+    }
+}
