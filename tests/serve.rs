@@ -475,6 +475,11 @@ fn several_clients_are_served_and_a_client_that_leaves_stops_its_answer() {
         assert!(n > 0, "the stream ended early");
         seen.extend_from_slice(&buf[..n]);
     }
+    // While it runs, background learning is told to yield (as for `hone ask`).
+    assert!(
+        hone::presence::UserWatch::new(s.home.path()).active(),
+        "a request holds the user lock"
+    );
     let t0 = Instant::now();
     let behind = std::thread::scope(|sc| {
         let h = sc.spawn(|| s.post("/v1/chat/completions", chat(Q, json!({}))));
@@ -495,8 +500,17 @@ fn several_clients_are_served_and_a_client_that_leaves_stops_its_answer() {
         "the answer went on after the client left: {n} tokens"
     );
     eprintln!("client left: answer stopped after {n} tokens; the next request took {waited:?}");
-    // The server goes on serving.
+    // The server goes on serving; with no request running, learning may go on.
     assert_eq!(s.get("/health").0, 200);
+    let mut watch = hone::presence::UserWatch::new(s.home.path());
+    let t0 = Instant::now();
+    while watch.active() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the user lock stays held"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -547,4 +561,66 @@ fn notes_learning_log_schedule_and_daemon_status_over_http() {
     assert_eq!(st, 200, "{j}");
     assert!(j["decision"]["allowed"].is_boolean(), "{j}");
     assert!(j["summary"].as_str().is_some_and(|t| !t.is_empty()), "{j}");
+}
+
+/// The official `openai` Python package as a client, streaming and not. Skipped (with a
+/// message) where python3 cannot import it; `.ci/run` installs it.
+#[test]
+fn the_openai_python_package_talks_to_it() {
+    let python = std::env::var("HONE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let have = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!(
+            "SKIPPED: {python} cannot import openai (install it with `{python} -m pip install openai`)"
+        );
+        return;
+    }
+    let s = Server::start(&["--api-key", "sk-local"]);
+    let script = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key="sk-local", max_retries=0)
+q = [{"role": "user", "content": "What is the capital of France?"}]
+r = c.chat.completions.create(model="smollm2-135m-instruct", messages=q, temperature=0)
+streamed, usage, finish = "", None, None
+for ch in c.chat.completions.create(model="smollm2-135m-instruct", messages=q, temperature=0,
+                                    stream=True, stream_options={"include_usage": True}):
+    if ch.usage: usage = ch.usage.completion_tokens
+    for x in ch.choices:
+        streamed += x.delta.content or ""
+        finish = x.finish_reason or finish
+t = c.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
+                         max_tokens=4, temperature=0)
+try:
+    c.chat.completions.create(model="m", messages=q, temperature=7)
+    bad = None
+except openai.BadRequestError as e:
+    bad = [e.status_code, e.body.get("param") if isinstance(e.body, dict) else None]
+try:
+    openai.OpenAI(base_url=sys.argv[1], api_key="wrong", max_retries=0).models.list()
+    unauth = None
+except openai.AuthenticationError as e:
+    unauth = e.status_code
+print(json.dumps({"answer": r.choices[0].message.content, "usage": r.usage.completion_tokens,
+    "streamed": streamed, "stream_usage": usage, "finish": finish, "text": t.choices[0].text,
+    "models": [m.id for m in c.models.list()], "bad": bad, "unauth": unauth}))
+"#;
+    let o = run(
+        std::process::Command::new(&python)
+            .args(["-c", script, &format!("http://{}/v1", s.addr)])
+            .env_remove("OPENAI_BASE_URL"),
+        true,
+    );
+    let j = last_json(&o);
+    let answer = j["answer"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{j}");
+    assert_eq!(j["streamed"], j["answer"], "{j}");
+    assert_eq!(j["stream_usage"], j["usage"], "{j}");
+    assert_eq!(j["finish"], "stop");
+    assert!(!j["text"].as_str().unwrap().is_empty());
+    assert_eq!(j["models"], json!(["smollm2-135m-instruct"]));
+    assert_eq!(j["bad"], json!([400, "temperature"]));
+    assert_eq!(j["unauth"], 401);
 }
