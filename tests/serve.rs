@@ -624,3 +624,116 @@ print(json.dumps({"answer": r.choices[0].message.content, "usage": r.usage.compl
     assert_eq!(j["bad"], json!([400, "temperature"]));
     assert_eq!(j["unauth"], 401);
 }
+
+/// The page in a real browser: Debian's headless `chromium` driven by `chromedriver` through
+/// selenium types a question and reads the streamed answer, adds a note and sees it listed,
+/// removes it, and sees the learning panels filled. Skipped (with a message) where chromium,
+/// chromedriver or selenium is missing.
+#[test]
+fn the_page_works_in_headless_chromium() {
+    let python = std::env::var("HONE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let find = |names: &[&str]| {
+        names
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.is_file())
+    };
+    let chromium = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
+    let driver = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
+    let selenium = std::process::Command::new(&python)
+        .args(["-c", "import selenium"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let (Some(chromium), Some(driver), true) = (chromium, driver, selenium) else {
+        eprintln!(
+            "SKIPPED: needs chromium and chromedriver (apt-get install chromium chromium-driver) \
+             and selenium ({python} -m pip install selenium)"
+        );
+        return;
+    };
+    let s = Server::start(&[]);
+    let profile = temp_home();
+    let script = r##"
+import json, sys
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+url, chromium, driver, profile = sys.argv[1:5]
+o = webdriver.ChromeOptions()
+o.binary_location = chromium
+for a in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+          "--disable-component-update", "--disable-sync", "--no-first-run",
+          "--disable-dev-shm-usage", "--user-data-dir=" + profile]:
+    o.add_argument(a)
+b = webdriver.Chrome(service=Service(executable_path=driver), options=o)
+out = {}
+try:
+    b.get(url)
+    w = WebDriverWait(b, 60)
+    w.until(lambda b: "smollm2" in b.find_element(By.ID, "model").text)
+    q = b.find_element(By.ID, "q")
+    q.send_keys("What is the capital of France?")
+    q.send_keys(Keys.ENTER)
+    w.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]"))
+    out["answer"] = b.find_element(By.CSS_SELECTOR, ".msg.assistant").text
+    out["errors"] = [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.error")]
+    n = b.find_element(By.ID, "note")
+    n.send_keys("The spare key is under the blue flowerpot.")
+    n.send_keys(Keys.ENTER)
+    w.until(lambda b: "blue flowerpot" in b.find_element(By.ID, "notes").text)
+    out["notes"] = b.find_element(By.ID, "notes").text
+    b.find_element(By.CSS_SELECTOR, "#notes li button").click()
+    w.until(lambda b: "no notes yet" in b.find_element(By.ID, "notes").text)
+    w.until(lambda b: "Notes waiting" in b.find_element(By.ID, "now").text)
+    out["now"] = b.find_element(By.ID, "now").text
+    out["cycles"] = b.find_element(By.ID, "cycles").text
+finally:
+    b.quit()
+print(json.dumps(out))
+"##;
+    let o = run(
+        std::process::Command::new(&python)
+            .args(["-c", script, &format!("http://{}/", s.addr)])
+            .arg(chromium)
+            .arg(driver)
+            .arg(profile.path())
+            .env("SE_OFFLINE", "true"),
+        true,
+    );
+    let j = last_json(&o);
+    // The page samples with the model's defaults, so the answer varies: it must be the one
+    // recorded, shown whole.
+    assert_eq!(j["errors"], json!([]), "{j}");
+    let words = |v: &Value| -> String {
+        v.as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let shown = words(&j["answer"]);
+    assert!(!shown.is_empty(), "{j}");
+    assert!(
+        j["notes"].as_str().unwrap().contains("blue flowerpot"),
+        "{j}"
+    );
+    assert!(j["now"].as_str().unwrap().contains("not running"), "{j}");
+    assert!(
+        j["cycles"]
+            .as_str()
+            .unwrap()
+            .contains("no learning cycles yet"),
+        "{j}"
+    );
+    // What the page did is in the database: the question, and the note added and removed.
+    let h = history(s.home.path());
+    let asked = h
+        .iter()
+        .find(|e| e["kind"] == "serve" && e["prompt"] == Q)
+        .unwrap_or_else(|| panic!("the page's question is recorded: {h:?}"));
+    assert_eq!(words(&asked["answer"]), shown);
+    let notes = run(hone(s.home.path()).args(["note", "list", "--json"]), true);
+    assert_eq!(stdout(&notes).trim(), "");
+}
