@@ -500,6 +500,30 @@ fn several_clients_are_served_and_a_client_that_leaves_stops_its_answer() {
         "the answer went on after the client left: {n} tokens"
     );
     eprintln!("client left: answer stopped after {n} tokens; the next request took {waited:?}");
+    // A client that leaves while waiting for a whole (not streamed) answer stops it too.
+    let before = h.iter().filter_map(|e| e["id"].as_i64()).max().unwrap_or(0);
+    let conn = s.send(
+        "POST",
+        "/v1/chat/completions",
+        &[("Host", "127.0.0.1"), ("Content-Type", "application/json")],
+        chat(STORY, json!({"max_tokens": 300}))
+            .to_string()
+            .as_bytes(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(conn);
+    assert_eq!(s.post("/v1/chat/completions", chat(Q, json!({}))).0, 200);
+    let h = history(s.home.path());
+    let left = h
+        .iter()
+        .find(|e| e["prompt"] == STORY && e["id"].as_i64() > Some(before))
+        .unwrap_or_else(|| panic!("the cut answer is recorded: {h:?}"));
+    let n = left["completion_tokens"].as_u64().unwrap();
+    assert!(
+        n < 300,
+        "the whole answer went on after the client left: {n} tokens"
+    );
+
     // The server goes on serving; with no request running, learning may go on.
     assert_eq!(s.get("/health").0, 200);
     let mut watch = hone::presence::UserWatch::new(s.home.path());
