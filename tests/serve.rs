@@ -436,6 +436,16 @@ fn errors_come_as_openai_error_json_with_their_status() {
         false,
     );
     assert!(stderr(&o).contains("--api-key"), "{}", stderr(&o));
+    // A model that cannot be loaded stops the server with the reason (it listened meanwhile).
+    let bad = home.path().join("missing.gguf");
+    let o = run(
+        hone(home.path())
+            .arg("--model")
+            .arg(&bad)
+            .args(["serve", "--port", "0"]),
+        false,
+    );
+    assert!(stderr(&o).contains("loading model"), "{}", stderr(&o));
 }
 
 #[test]

@@ -401,7 +401,14 @@ pub struct StopFilter {
 
 impl StopFilter {
     pub fn new(stops: Vec<String>) -> Self {
-        let hold = stops.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
+        let hold = stops
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1);
+        // An empty stop would match everywhere; requests never carry one (see `checked`).
+        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
         Self {
             stops,
             pending: String::new(),
@@ -473,9 +480,11 @@ mod tests {
         assert!(!h);
         let rest = f.finish();
         assert_eq!(format!("{o}{rest}"), "héllo EN");
-        // No stops: everything passes at once.
-        let mut f = StopFilter::new(vec![]);
-        assert_eq!(f.push("ab"), ("ab".to_string(), false));
+        // No stops (or only an empty one): everything passes at once.
+        for stops in [vec![], vec![String::new()]] {
+            let mut f = StopFilter::new(stops);
+            assert_eq!(f.push("ab"), ("ab".to_string(), false));
+        }
     }
 
     #[test]

@@ -103,19 +103,12 @@ pub async fn serve(
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            r = failed.changed() => {
-                if r.is_err() {
-                    anyhow::bail!("the model thread ended");
-                }
-                if let State::Failed(e) = &*failed.borrow() {
-                    anyhow::bail!("{e}");
-                }
-                continue;
-            }
+            e = load_failure(&mut failed) => return Err(e),
             p = conns.clone().acquire_owned() => p.context("connection limit")?,
         };
         let (stream, _peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            e = load_failure(&mut failed) => return Err(e),
             a = listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
@@ -140,6 +133,18 @@ pub async fn serve(
             }
             drop(permit);
         });
+    }
+}
+
+/// Waits until the model thread fails to load the model (or ends): the server stops then.
+async fn load_failure(state: &mut watch::Receiver<State>) -> anyhow::Error {
+    loop {
+        if state.changed().await.is_err() {
+            return anyhow::anyhow!("the model thread ended");
+        }
+        if let State::Failed(e) = &*state.borrow() {
+            return anyhow::anyhow!("{e}");
+        }
     }
 }
 
@@ -699,6 +704,67 @@ async fn daemon(Ax(s): Ax<St>) -> Result<Json<Value>, ApiError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn shared(
+        state: State,
+        max_queue: usize,
+        home: &std::path::Path,
+    ) -> (Shared, mpsc::Receiver<Job>) {
+        let (_tx, rx) = watch::channel(state);
+        let (jobs, queue) = mpsc::channel();
+        let s = Shared {
+            home: Home::at(home.to_path_buf()),
+            model: "m".into(),
+            api_key: None,
+            device: None,
+            limits: super::super::Limits {
+                max_queue,
+                ..Default::default()
+            },
+            loopback: true,
+            state: rx,
+            jobs: Mutex::new(jobs),
+            queued: Arc::new(AtomicUsize::new(0)),
+            next_id: AtomicU64::new(1),
+            started: 0,
+        };
+        (s, queue)
+    }
+
+    fn request() -> Request {
+        api::chat_request(br#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap()
+    }
+
+    /// While the model loads, and when too many requests wait, requests get 503; otherwise
+    /// they are queued in order, and dropping the response's guard cancels the job.
+    #[test]
+    fn requests_wait_in_order_or_are_refused_with_503() {
+        let home = tempfile::tempdir().unwrap();
+        let (s, _q) = shared(State::Loading, 2, home.path());
+        let e = submit(&s, request()).err().unwrap();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code, Some("model_loading"));
+
+        let ready = State::Ready {
+            ctx: 64,
+            adapter: None,
+            max_tokens: 8,
+        };
+        let (s, q) = shared(ready, 2, home.path());
+        let (_rx1, g1) = submit(&s, request()).unwrap();
+        let (_rx2, _g2) = submit(&s, request()).unwrap();
+        let e = submit(&s, request()).err().unwrap();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code, Some("server_busy"));
+        let first = q.recv().unwrap();
+        assert!(!first.cancel.load(Ordering::SeqCst));
+        drop(g1);
+        assert!(first.cancel.load(Ordering::SeqCst), "the client went away");
+        let second = q.recv().unwrap();
+        assert!(!second.cancel.load(Ordering::SeqCst));
+    }
+
     #[test]
     fn hosts_that_name_this_machine() {
         for h in [
