@@ -22,6 +22,7 @@ impl Server {
     fn start(extra: &[&str]) -> Server {
         let home = temp_home();
         let mut child = hone(home.path())
+            .env_remove("HONE_API_KEY")
             .arg("--model")
             .arg(default_model())
             .args(["serve", "--port", "0"])
@@ -432,7 +433,9 @@ fn errors_come_as_openai_error_json_with_their_status() {
     // Beyond loopback only with a key.
     let home = temp_home();
     let o = run(
-        hone(home.path()).args(["serve", "--host", "0.0.0.0", "--port", "0"]),
+        hone(home.path())
+            .env_remove("HONE_API_KEY")
+            .args(["serve", "--host", "0.0.0.0", "--port", "0"]),
         false,
     );
     assert!(stderr(&o).contains("--api-key"), "{}", stderr(&o));
