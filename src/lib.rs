@@ -4,6 +4,7 @@
 //! See `ARCHITECTURE.md` for the map of modules and how data flows between them.
 
 pub mod adapters;
+pub mod assistant;
 pub mod daemon;
 pub mod daemon_lock;
 pub mod device;
@@ -24,6 +25,7 @@ pub mod registry;
 pub mod retrieve;
 pub mod sample;
 pub mod schedule;
+pub mod serve;
 pub mod signals;
 pub mod store;
 pub mod sys;

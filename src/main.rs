@@ -85,6 +85,8 @@ pub enum Command {
     Learn(cli::learn::LearnArgs),
     /// Measure how well notes are learned (no note in the prompt) and what is forgotten
     Eval(cli::learn::EvalArgs),
+    /// Serve the assistant over HTTP (OpenAI-compatible API and a page) on this machine
+    Serve(cli::serve::ServeArgs),
     /// Commands for the project's own checks (hidden: not for users)
     #[command(subcommand, hide = true)]
     Dev(cli::dev::DevCommand),
@@ -247,7 +249,8 @@ fn main() {
     hone::sys::tune_allocator();
     // The daemon computes on a worker thread while its main thread watches for requests, so
     // its main thread must not be a pool worker (it would take no share of the work).
-    if !matches!(cli.command, Command::Daemon(_)) {
+    // `hone serve` runs the model on a thread of its own, which adopts the pool there.
+    if !matches!(cli.command, Command::Daemon(_) | Command::Serve(_)) {
         hone::sys::adopt_compute_pool(threads);
     }
     if let Err(e) = cli::run(cli) {

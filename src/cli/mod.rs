@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod dev;
 pub mod learn;
 pub mod schedule;
+pub mod serve;
 pub mod train;
 
 use crate::{Cli, Command, DeviceArg, NoteCommand, SamplingArgs};
@@ -14,7 +15,7 @@ use hone::engine::{Backend, Engine, Generation, LoadOptions};
 use hone::home::Home;
 use hone::registry::{self, ModelChoice};
 use hone::sample::SamplingParams;
-use hone::store::{NewExchange, Store};
+use hone::store::Store;
 use hone::template::Message;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -69,14 +70,7 @@ impl Ctx {
     }
 
     pub fn load(&self, choice: &ModelChoice) -> Result<Engine> {
-        let defaults = choice.chat_defaults();
-        let opts = LoadOptions {
-            ctx: self.ctx.unwrap_or(defaults.context),
-            backend: self.backend,
-            ..LoadOptions::default()
-        };
-        Engine::load(&choice.name, &choice.path, &opts)
-            .with_context(|| format!("loading model {}", choice.name))
+        hone::assistant::load_engine(choice, self.ctx, self.backend)
     }
 }
 
@@ -100,32 +94,23 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Adapters(c) => train::adapters_cmd(&cli, c),
         Command::Learn(a) => learn::learn(&cli, a),
         Command::Eval(a) => learn::eval(&cli, a),
+        Command::Serve(a) => serve::run(&cli, a),
         Command::Dev(c) => dev::run(c),
     }
 }
 
 /// Sampling settings from the model's defaults, overridden by flags.
 pub fn sampling(choice: &ModelChoice, a: &SamplingArgs) -> Result<(SamplingParams, usize)> {
-    let d = choice.chat_defaults();
-    let seed = a.seed.unwrap_or_else(rand::random);
-    let mut p = d.sampling(seed);
-    if let Some(v) = a.temperature {
-        p.temperature = v;
-    }
-    if let Some(v) = a.top_k {
-        p.top_k = v;
-    }
-    if let Some(v) = a.top_p {
-        p.top_p = v;
-    }
-    if let Some(v) = a.min_p {
-        p.min_p = v;
-    }
-    if let Some(v) = a.repeat_penalty {
-        p.repeat_penalty = v;
-    }
-    p.validate().map_err(anyhow::Error::msg)?;
-    Ok((p, a.max_tokens.unwrap_or(d.max_tokens)))
+    let o = hone::assistant::SamplingOverrides {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        seed: a.seed,
+    };
+    let p = hone::assistant::sampling(choice, &o).map_err(anyhow::Error::msg)?;
+    Ok((p, a.max_tokens.unwrap_or(choice.chat_defaults().max_tokens)))
 }
 
 /// The system message: the flag, else the model's manifest default, else none (the template's).
@@ -170,22 +155,14 @@ pub fn record(
     engine: &Engine,
     params: &SamplingParams,
 ) -> Result<i64> {
-    let ex = NewExchange {
-        session_id: turn.session.map(str::to_string),
-        kind: turn.kind.to_string(),
-        prompt: turn.prompt.to_string(),
-        answer: g.text.clone(),
-        model: choice.name.clone(),
+    let turn = hone::assistant::Recorded {
+        kind: turn.kind,
+        session: turn.session,
+        prompt: turn.prompt,
+        model: &choice.name,
         adapter: train::active_version(),
-        prompt_tokens: g.prompt_tokens as u64,
-        completion_tokens: g.completion_tokens as u64,
-        load_ms: Some(engine.load_time.as_secs_f64() * 1000.0),
-        prompt_ms: Some(g.prompt_ms),
-        generate_ms: Some(g.generate_ms),
-        stop_reason: Some(g.stop.as_str().to_string()),
-        sampling: serde_json::to_string(params).ok(),
     };
-    Ok(store.record_exchange(&ex)?)
+    hone::assistant::record(store, &turn, g, engine, params)
 }
 
 fn notes_context(store: &Store, limit: usize) -> Result<String> {

@@ -18,7 +18,7 @@ use hone::train::{data, AdamWParamsCfg, Outcome, TrainConfig, Trainer};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -137,15 +137,9 @@ pub fn attach_adapter(
     base: bool,
 ) -> Result<Option<String>> {
     let mut v = None;
-    if !base && !ctx.store.adapters()?.is_empty() {
-        let id = identity(ctx, choice, engine)?;
-        if let Some((rec, w)) =
-            adapters::load_active(&ctx.home, &ctx.store, &id, &engine.model.cfg)?
-        {
-            engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
-            engine.route = hone::learn::answer_route(&ctx.store, rec.version)?;
-            v = Some(rec.version.to_string());
-        }
+    if !base {
+        v = hone::assistant::attach_active_adapter(&ctx.home, &ctx.store, choice, engine)?
+            .map(|v| v.to_string());
     }
     let _ = ACTIVE.set(v.clone());
     Ok(v)

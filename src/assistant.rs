@@ -1,0 +1,119 @@
+//! Answering a user the way `hone ask` does, shared by the command line and `hone serve`: the
+//! model loaded with its chat defaults, the active adapter attached with its route, sampling
+//! settled from the model's defaults and the request, and the exchange recorded.
+//!
+//! It must not print, parse arguments or speak HTTP: callers do that. It must not choose the
+//! model (`registry` does) or decide how an answer is produced (`engine::Engine::answer` does).
+
+use crate::engine::{Backend, Engine, Generation, LoadOptions};
+use crate::home::Home;
+use crate::registry::ModelChoice;
+use crate::sample::SamplingParams;
+use crate::store::{NewExchange, Store};
+use anyhow::{Context as _, Result};
+use std::sync::Arc;
+
+/// Loads the chosen model with a context of `ctx` tokens (default: its chat default).
+pub fn load_engine(choice: &ModelChoice, ctx: Option<usize>, backend: Backend) -> Result<Engine> {
+    let opts = LoadOptions {
+        ctx: ctx.unwrap_or(choice.chat_defaults().context),
+        backend,
+        ..LoadOptions::default()
+    };
+    Engine::load(&choice.name, &choice.path, &opts)
+        .with_context(|| format!("loading model {}", choice.name))
+}
+
+/// Attaches the chosen model's active adapter to `engine`, with the route its learning cycle
+/// trained (see `Engine::answer`); returns its version, None when the base model answers.
+pub fn attach_active_adapter(
+    home: &Home,
+    store: &Store,
+    choice: &ModelChoice,
+    engine: &mut Engine,
+) -> Result<Option<i64>> {
+    if store.adapters()?.is_empty() {
+        return Ok(None);
+    }
+    let id = crate::adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
+    let Some((rec, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? else {
+        return Ok(None);
+    };
+    engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
+    engine.route = crate::learn::answer_route(store, rec.version)?;
+    Ok(Some(rec.version))
+}
+
+/// The sampling settings of the model's chat defaults, with the given overrides, checked.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    /// None: a fresh random seed.
+    pub seed: Option<u64>,
+}
+
+/// Sampling settings from the model's defaults, overridden; the error names the bad value.
+pub fn sampling(choice: &ModelChoice, o: &SamplingOverrides) -> Result<SamplingParams, String> {
+    let mut p = choice
+        .chat_defaults()
+        .sampling(o.seed.unwrap_or_else(rand::random));
+    if let Some(v) = o.temperature {
+        p.temperature = v;
+    }
+    if let Some(v) = o.top_k {
+        p.top_k = v;
+    }
+    if let Some(v) = o.top_p {
+        p.top_p = v;
+    }
+    if let Some(v) = o.min_p {
+        p.min_p = v;
+    }
+    if let Some(v) = o.repeat_penalty {
+        p.repeat_penalty = v;
+    }
+    p.validate()?;
+    Ok(p)
+}
+
+/// One answered turn to record.
+pub struct Recorded<'a> {
+    /// "ask", "chat", "serve", ...
+    pub kind: &'a str,
+    pub session: Option<&'a str>,
+    /// The user's words as they asked them.
+    pub prompt: &'a str,
+    pub model: &'a str,
+    pub adapter: Option<String>,
+}
+
+/// Records an exchange as `hone ask` does (prompt, answer, model, adapter, tokens, timings,
+/// sampling); returns its id.
+pub fn record(
+    store: &Store,
+    turn: &Recorded<'_>,
+    g: &Generation,
+    engine: &Engine,
+    params: &SamplingParams,
+) -> Result<i64> {
+    let ex = NewExchange {
+        session_id: turn.session.map(str::to_string),
+        kind: turn.kind.to_string(),
+        prompt: turn.prompt.to_string(),
+        answer: g.text.clone(),
+        model: turn.model.to_string(),
+        adapter: turn.adapter.clone(),
+        prompt_tokens: g.prompt_tokens as u64,
+        completion_tokens: g.completion_tokens as u64,
+        load_ms: Some(engine.load_time.as_secs_f64() * 1000.0),
+        prompt_ms: Some(g.prompt_ms),
+        generate_ms: Some(g.generate_ms),
+        stop_reason: Some(g.stop.as_str().to_string()),
+        sampling: serde_json::to_string(params).ok(),
+    };
+    store.record_exchange(&ex).context("recording the exchange")
+}
