@@ -197,21 +197,43 @@ fn answer(
     let mut filter = StopFilter::new(r.stop.clone());
     let mut shown = String::new();
     let mut stopped = false;
-    let g = engine.answer(&tokens, &params, max_tokens, &job.cancel, &mut |piece| {
-        if stopped {
-            return;
-        }
-        let (out, hit) = filter.push(piece);
-        if !out.is_empty() {
-            shown.push_str(&out);
-            send(Event::Text(out));
-        }
-        if hit {
-            stopped = true;
-            // Ends the generation after this token (the client has not gone).
-            job.cancel.store(true, Ordering::SeqCst);
-        }
-    });
+    // As `hone ask`: a question about a learned note is answered by the adapter from its weights.
+    let question = match &r.input {
+        Input::Chat(messages) => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.as_str()),
+        Input::Text(_) => None,
+    };
+    let about = match (&engine.route, question) {
+        (Some(_), Some(q)) => crate::retrieve::learned_note_about(store, q)
+            .map_err(|e| ApiError::internal(format!("searching the notes failed: {e}")))?
+            .is_some(),
+        _ => false,
+    };
+    let g = engine.answer_routed(
+        &tokens,
+        &params,
+        max_tokens,
+        &job.cancel,
+        &mut |piece| {
+            if stopped {
+                return;
+            }
+            let (out, hit) = filter.push(piece);
+            if !out.is_empty() {
+                shown.push_str(&out);
+                send(Event::Text(out));
+            }
+            if hit {
+                stopped = true;
+                // Ends the generation after this token (the client has not gone).
+                job.cancel.store(true, Ordering::SeqCst);
+            }
+        },
+        about,
+    );
     let mut g = g.map_err(|e| ApiError::internal(format!("generation failed: {e}")))?;
     let rest = filter.finish();
     if !rest.is_empty() {
