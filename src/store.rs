@@ -144,6 +144,9 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (model_sha256, prompt)
     );
     ALTER TABLE notes ADD COLUMN learn_attempts INTEGER NOT NULL DEFAULT 0;",
+    // v4: the sha256 of each adapter file as written, checked whenever it is loaded or chosen
+    // (NULL for versions saved before v4: those are checked for finite weights only).
+    "ALTER TABLE adapters ADD COLUMN sha256 TEXT;",
 ];
 
 /// The schema version this build of hone writes.
@@ -736,8 +739,8 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO adapters (version, parent, created_at, model, model_sha256, architecture, \
-             config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active, sha256) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             rusqlite::params![
                 a.version,
                 a.parent,
@@ -756,6 +759,7 @@ impl Store {
                 a.bytes as i64,
                 a.file,
                 activate as i64,
+                a.sha256,
             ],
         )
         .map_err(err)?;
@@ -814,7 +818,7 @@ impl Store {
 
 /// Columns of the adapters table, in [`AdapterRecord`] order.
 const ADAPTER_COLUMNS: &str = "version, parent, created_at, model, model_sha256, architecture, \
-     config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active";
+     config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active, sha256";
 
 /// One adapter version as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -841,6 +845,9 @@ pub struct AdapterRecord {
     /// The weights file, relative to the data directory.
     pub file: String,
     pub active: bool,
+    /// sha256 of the file as written (None for versions saved before schema v4).
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
@@ -862,6 +869,7 @@ fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
         bytes: r.get::<_, i64>(14)? as u64,
         file: r.get(15)?,
         active: r.get::<_, i64>(16)? != 0,
+        sha256: r.get(17)?,
     })
 }
 

@@ -139,9 +139,12 @@ pub fn attach_adapter(
     let mut v = None;
     if !base && !ctx.store.adapters()?.is_empty() {
         let id = identity(ctx, choice, engine)?;
-        if let Some((rec, w)) =
-            adapters::load_active(&ctx.home, &ctx.store, &id, &engine.model.cfg)?
-        {
+        let (found, warning) =
+            adapters::load_active_or_fallback(&ctx.home, &ctx.store, &id, &engine.model.cfg)?;
+        if let Some(w) = warning {
+            eprintln!("{w}");
+        }
+        if let Some((rec, w)) = found {
             engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
             engine.route = hone::learn::answer_route(&ctx.store, rec.version)?;
             v = Some(rec.version.to_string());
@@ -340,6 +343,8 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     let save_every = a.save_every.max(1);
     let ckpt2 = ckpt.clone();
     let mut tokens_run = 0usize;
+    let mut save_failed: Option<String> = None;
+    let mut saved_step: Option<usize> = (start_step > 0).then_some(start_step);
     let outcome = tr.run(&CANCEL, &mut |r, t| {
         tokens_run += r.tokens;
         let tps = tokens_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -351,8 +356,35 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
             tps,
             mib(r.peak_rss)
         ));
-        if r.step < r.steps && (r.step % save_every == 0 || last_save.elapsed().as_secs() >= 120) {
-            t.save_checkpoint(&ckpt2)?;
+        if r.step < r.steps
+            && (r.step % save_every == 0
+                || last_save.elapsed().as_secs() >= 120
+                || save_failed.is_some())
+        {
+            // A failed write (a full disk) does not end the run: the previous checkpoint is
+            // intact (writes are atomic), training goes on and the next step tries again.
+            match t.save_checkpoint(&ckpt2) {
+                Ok(_) => {
+                    if save_failed.take().is_some() {
+                        bar.suspend(|| eprintln!("checkpoint saved again at step {}", r.step));
+                    }
+                    saved_step = Some(r.step);
+                }
+                Err(e) => {
+                    if save_failed.is_none() {
+                        bar.suspend(|| {
+                            eprintln!(
+                                "warning: could not save the checkpoint at step {} ({e}); training goes on and retries after every step{}",
+                                r.step,
+                                saved_step
+                                    .map(|s| format!(", the checkpoint of step {s} is kept"))
+                                    .unwrap_or_default()
+                            )
+                        });
+                    }
+                    save_failed = Some(e.to_string());
+                }
+            }
             last_save = Instant::now();
         }
         if stop_after.is_some_and(|n| r.step - start_step >= n) {
@@ -362,7 +394,17 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if outcome == Outcome::Interrupted {
-        tr.save_checkpoint(&ckpt)?;
+        tr.save_checkpoint(&ckpt).with_context(|| match saved_step {
+            Some(s) => format!(
+                "could not save the checkpoint at step {}; the checkpoint of step {s} ({}) is kept, run the same command again to resume from it once there is space",
+                tr.step,
+                ckpt.display()
+            ),
+            None => format!(
+                "could not save the checkpoint at step {}; free some space and train again",
+                tr.step
+            ),
+        })?;
         eprintln!(
             "interrupted at step {}/{}: saved {}; run the same command again to resume",
             tr.step,
@@ -390,7 +432,18 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         tokens: tr.tokens_done,
         seconds: Some(tr.seconds),
     };
-    let version = adapters::save_version(&ctx.home, &mut ctx.store, &id, &w, &nv, true)?;
+    let version = adapters::save_version(&ctx.home, &mut ctx.store, &id, &w, &nv, true)
+        .with_context(|| {
+            let _ = tr.save_checkpoint(&ckpt);
+            format!(
+                "the run finished but its adapter could not be saved{}; free some space and run the same command again",
+                if ckpt.exists() {
+                    format!(" (its progress is kept in {})", ckpt.display())
+                } else {
+                    String::new()
+                }
+            )
+        })?;
     let _ = std::fs::remove_file(&ckpt);
     let first = tr.losses.first().copied().unwrap_or(0.0);
     let last = tr.losses.last().copied().unwrap_or(0.0);
@@ -466,7 +519,7 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
                     .trim_start_matches('v')
                     .parse()
                     .with_context(|| format!("{version:?} is not a version number"))?;
-                let rec = adapters::use_version(&ctx.store, v)?;
+                let rec = adapters::use_version(&ctx.home, &ctx.store, v)?;
                 println!("adapter v{} is active for {}", rec.version, rec.model);
             }
         }
