@@ -1,5 +1,6 @@
 //! Command implementations: each turns parsed arguments into library calls and prints results.
 
+pub mod args;
 pub mod bench;
 pub mod chat;
 pub mod daemon;
@@ -28,9 +29,12 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HONE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour only for a terminal: a pipe or a file gets plain text.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -138,11 +142,20 @@ pub fn system_message(choice: &ModelChoice, a: &SamplingArgs) -> Option<Message>
 
 /// Reads text given as arguments ("-" = standard input), refusing invalid UTF-8.
 fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
+    let limit = hone::notes::DEFAULT_MAX_FILE_BYTES;
     if parts.len() == 1 && parts[0] == "-" {
         let mut buf = Vec::new();
+        // Never hold more than the limit (plus one byte, to know it was passed).
         std::io::stdin()
+            .take(limit + 1)
             .read_to_end(&mut buf)
             .context("reading standard input")?;
+        if buf.len() as u64 > limit {
+            bail!(
+                "{what} on standard input is over the {} MiB limit (the same as for one file of `hone note import`); split it into smaller pieces, or save it as a file and import it (long files are split by heading)",
+                limit / (1024 * 1024)
+            );
+        }
         return Ok(hone::notes::note_from_bytes(&buf, "standard input")?);
     }
     let mut out = Vec::new();
@@ -518,7 +531,8 @@ fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
     if ex.is_empty() {
         println!("no exchanges yet: try `hone ask \"...\"` or `hone chat`");
     }
-    for e in ex.iter().rev() {
+    // Newest first, as `--json` and `note list` print.
+    for e in &ex {
         let short = |s: &str, n: usize| -> String {
             let one = s.split_whitespace().collect::<Vec<_>>().join(" ");
             if one.chars().count() > n {
@@ -658,6 +672,9 @@ const DEMO_NOTES: &[&str] = &[
 fn demo(cli: &Cli) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
+    println!(
+        "hone demo: answers two questions, then learns two sample notes (LoRA training: a few minutes on a laptop, longer on a small board; Ctrl-C stops it) and answers again"
+    );
     let m = match &cli.model {
         Some(name) => hone::manifest::find(name)?,
         None => Some(hone::manifest::default_model()?),

@@ -26,20 +26,22 @@ pub struct TrainArgs {
     /// Training data: JSON Lines with {"text"}, {"prompt","completion"} or {"messages"} objects
     #[arg(long)]
     pub data: PathBuf,
-    /// Stop after this many optimiser steps (default: the steps of --epochs)
-    #[arg(long)]
+    /// Stop after this many optimiser steps, at least 1 (default: the steps of --epochs)
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub max_steps: Option<usize>,
-    /// Passes over the data (default 3 when --max-steps is not given)
-    #[arg(long)]
+    /// Passes over the data, at least 1 (default 3 when --max-steps is not given)
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub epochs: Option<usize>,
-    /// LoRA rank
-    #[arg(long, default_value_t = 8)]
+    /// LoRA rank: the size of the small matrices trained beside each weight; higher learns
+    /// more and costs more memory and time (4 to 64 are usual)
+    #[arg(long, default_value_t = 8, value_parser = super::args::at_least_one)]
     pub rank: usize,
-    /// LoRA alpha (the update is scaled by alpha / rank)
-    #[arg(long, default_value_t = 16.0)]
+    /// LoRA alpha: the adapter's update is scaled by alpha / rank (usually twice the rank)
+    #[arg(long, default_value_t = 16.0, value_parser = super::args::positive)]
     pub alpha: f32,
-    /// Peak learning rate
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate: how big each training step is, above 0 and at most 1; too high
+    /// makes training diverge (it then stops and keeps the previous adapter)
+    #[arg(long, default_value_t = 1e-3, value_parser = super::args::learning_rate)]
     pub lr: f64,
     /// Warmup steps (linear), then cosine decay to lr/10
     #[arg(long)]
@@ -56,14 +58,14 @@ pub struct TrainArgs {
     /// Memory budget for the whole process, e.g. 600MiB or 1GiB
     #[arg(long)]
     pub max_memory: Option<String>,
-    /// Tokens per packed sequence (default: chosen by the planner, at most 512)
-    #[arg(long)]
+    /// Tokens per packed sequence, at least 16 (default: chosen by the planner, at most 512)
+    #[arg(long, value_parser = super::args::seq_len)]
     pub seq_len: Option<usize>,
-    /// Sequences per micro-batch (default: chosen by the planner)
-    #[arg(long)]
+    /// Sequences per micro-batch, at least 1 (default: chosen by the planner)
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub batch: Option<usize>,
-    /// Micro-batches per optimiser step (gradient accumulation)
-    #[arg(long, default_value_t = 1)]
+    /// Micro-batches per optimiser step (gradient accumulation), at least 1
+    #[arg(long, default_value_t = 1, value_parser = super::args::at_least_one)]
     pub accum: usize,
     /// Recompute activations in the backward pass (less memory, ~1/3 more compute)
     #[arg(long)]
@@ -71,13 +73,14 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0 = off)
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// AdamW weight decay: pulls the adapter's weights toward zero a little each step (0 = off)
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Seed for the adapter initialisation and the data order
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Save a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM)
-    #[arg(long, default_value_t = 20)]
+    /// Save a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM), at least 1
+    #[arg(long, default_value_t = 20, value_parser = super::args::at_least_one)]
     pub save_every: usize,
     /// Discard an unfinished run's checkpoint instead of resuming it
     #[arg(long)]
@@ -85,7 +88,7 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation, keeping the checkpoint (as an interruption would)
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
-    /// Print one JSON object at the end
+    /// Print one JSON object at the end (version, losses, tokens/s, peak memory), for scripts
     #[arg(long)]
     pub json: bool,
 }
@@ -94,6 +97,7 @@ pub struct TrainArgs {
 pub enum AdaptersCommand {
     /// List adapter versions (the active one is marked)
     List {
+        /// Print one JSON object per version, for scripts
         #[arg(long)]
         json: bool,
     },
