@@ -77,10 +77,8 @@ fn tighten(dir: &Path) {
         if let Ok(m) = std::fs::metadata(dir) {
             let mode = m.permissions().mode();
             if mode & 0o077 != 0 {
-                let _ = std::fs::set_permissions(
-                    dir,
-                    std::fs::Permissions::from_mode(mode & 0o700 | 0o700),
-                );
+                let _ =
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o077));
             }
         }
     }

@@ -456,6 +456,57 @@ impl Store {
         })
     }
 
+    /// Opens an existing database for reading only (a read-only data directory or file):
+    /// nothing is created, migrated or written. When SQLite cannot open the WAL database
+    /// read-only (its shared-memory file cannot be made in a read-only folder), the file is
+    /// opened as immutable: what is in the main file is read, as it is.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let busy_timeout = DEFAULT_BUSY_TIMEOUT;
+        let err = |e| classify(path, busy_timeout, e);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let open_plain = || -> rusqlite::Result<(Connection, i64)> {
+            let conn = Connection::open_with_flags(path, flags)?;
+            conn.busy_timeout(busy_timeout)?;
+            let v = user_version(&conn)?;
+            // Reading a table proves the WAL index could be opened too.
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+            Ok((conn, v))
+        };
+        let (conn, found) = match open_plain() {
+            Ok(x) => x,
+            Err(_) => {
+                let mut uri = String::from("file:");
+                for c in path.to_string_lossy().chars() {
+                    match c {
+                        '?' => uri.push_str("%3f"),
+                        '#' => uri.push_str("%23"),
+                        '%' => uri.push_str("%25"),
+                        c => uri.push(c),
+                    }
+                }
+                uri.push_str("?immutable=1");
+                let conn = Connection::open_with_flags(&uri, flags | OpenFlags::SQLITE_OPEN_URI)
+                    .map_err(err)?;
+                let v = user_version(&conn).map_err(err)?;
+                (conn, v)
+            }
+        };
+        check_version(path, found)?;
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "it has schema version {found} and can only be read, not updated to version {SCHEMA_VERSION}; run hone once where the data directory can be written"
+                ),
+            });
+        }
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            busy_timeout,
+        })
+    }
+
     /// The database file's path.
     /// The connection, for modules that own their tables' SQL (e.g. `learn::records`).
     pub(crate) fn conn(&self) -> &Connection {

@@ -414,3 +414,69 @@ fn ctrl_c_stops_a_chat_answer_on_a_terminal() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `note list`, `history` and `status` only read: on a data directory hone cannot write (here
+/// a folder and database of another user, read-only to them), they open the database
+/// read-only instead of failing; a command that writes still fails, naming the file.
+#[cfg(target_os = "linux")]
+#[test]
+fn read_only_commands_work_on_a_read_only_data_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let outer = temp_home();
+    let home = outer.path().join("h");
+    run(
+        hone(&home).args(["note", "add", "a note to read back"]),
+        true,
+    );
+    run(hone(&home).args(["note", "list"]), true);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let nobody: libc::uid_t = 65534;
+    let set_mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    if root {
+        // root ignores modes: run hone as nobody, owner of a read-only folder and file.
+        set_mode(outer.path(), 0o755);
+        for p in [
+            home.clone(),
+            home.join("hone.db"),
+            home.join("models"),
+            home.join("adapters"),
+        ] {
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string path.
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), nobody, nobody) }, 0);
+        }
+    }
+    set_mode(&home.join("hone.db"), 0o400);
+    set_mode(&home, 0o555);
+    let as_reader = |args: &[&str]| {
+        let mut c = hone(&home);
+        c.args(args);
+        if root {
+            // SAFETY: setgid/setuid only, between fork and exec.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setgid(nobody) != 0 || libc::setuid(nobody) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        c.output().unwrap()
+    };
+    let o = as_reader(&["note", "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("a note to read back"), "{}", stdout(&o));
+    let o = as_reader(&["history", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_reader(&["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("schema v"), "{}", stdout(&o));
+    let o = as_reader(&["note", "add", "cannot be stored"]);
+    assert_clean_error(&o, &["hone.db"]);
+    // Let the temporary folder be removed.
+    set_mode(&home, 0o755);
+}

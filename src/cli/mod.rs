@@ -64,6 +64,31 @@ impl Ctx {
         })
     }
 
+    /// For commands that only read (`note list`, `history`, `status`): like [`Ctx::open`], but
+    /// when the data directory or the database cannot be written (a read-only mount, another
+    /// owner's folder), the existing database is opened read-only instead of failing.
+    pub fn open_for_reading(cli: &Cli) -> Result<Self> {
+        let first = match Self::open(cli) {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let home = Home::from_env()?;
+        if !home.db_path().is_file() {
+            return Err(first);
+        }
+        let store = Store::open_read_only(&home.db_path()).map_err(|_| first)?;
+        Ok(Self {
+            home,
+            store,
+            cli_model: cli.model.clone(),
+            ctx: cli.ctx,
+            backend: match cli.backend {
+                DeviceArg::Cpu => Backend::Cpu,
+                DeviceArg::Metal => Backend::Metal,
+            },
+        })
+    }
+
     pub fn choose_model(&self) -> Result<ModelChoice> {
         Ok(registry::resolve(
             &self.home,
@@ -430,10 +455,19 @@ fn models(cli: &Cli) -> Result<()> {
 }
 
 fn note(cli: &Cli, n: &NoteCommand) -> Result<()> {
+    if let NoteCommand::List { .. } = n {
+        // Listing only reads: it works on a read-only data directory too.
+        let mut ctx = Ctx::open_for_reading(cli)?;
+        return note_cmd(&mut ctx.store, &ctx.home, n);
+    }
     let home = Home::from_env()?;
     home.ensure()?;
     let mut store = Store::open(&home.db_path())?;
-    let _ = cli;
+    note_cmd(&mut store, &home, n)
+}
+
+fn note_cmd(store: &mut Store, home: &Home, n: &NoteCommand) -> Result<()> {
+    let _ = home;
     match n {
         NoteCommand::Add { text } => {
             let text = text_arg(text, "the note")?;
@@ -515,7 +549,7 @@ fn note(cli: &Cli, n: &NoteCommand) -> Result<()> {
 }
 
 fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
-    let ctx = Ctx::open(cli)?;
+    let ctx = Ctx::open_for_reading(cli)?;
     let ex = ctx.store.recent_exchanges(limit)?;
     if json_out {
         for e in &ex {
@@ -557,7 +591,7 @@ fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
 }
 
 fn status(cli: &Cli, json_out: bool) -> Result<()> {
-    let ctx = Ctx::open(cli)?;
+    let ctx = Ctx::open_for_reading(cli)?;
     let stats = ctx.store.stats()?;
     let model = ctx.choose_model();
     let (model_name, model_path, model_bytes, model_err) = match &model {
