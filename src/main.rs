@@ -18,7 +18,8 @@ pub struct Cli {
     /// Model to use: a known name (see `hone models`), a registered name, or a path to a .gguf file
     #[arg(long, global = true, env = "HONE_MODEL")]
     pub model: Option<String>,
-    /// Compute threads, at most the cores this machine has (default: the cores other processes leave idle)
+    /// Compute threads, at most the cores this machine has (default: the cores other processes
+    /// leave idle)
     #[arg(short = 't', long, global = true, value_parser = cli::args::threads)]
     pub threads: Option<usize>,
     /// Context length in tokens (default: the model's chat default, at most its trained context)
@@ -256,6 +257,12 @@ fn main() {
     }
     // Default: the cores other processes leave idle, so a busy machine does not make our
     // threads fight for cores (measured over 30 ms of /proc/stat).
+    if let Some(t) = cli.threads.filter(|&t| t > cli::args::cores()) {
+        eprintln!(
+            "note: -t {t} is more threads than the {} cores of this machine; they will share the cores and run slower",
+            cli::args::cores()
+        );
+    }
     let threads = cli
         .threads
         .unwrap_or_else(|| hone::sys::idle_cpus(std::time::Duration::from_millis(30)));

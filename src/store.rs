@@ -222,6 +222,11 @@ pub enum StoreError {
         path.display()
     )]
     DiskFull { path: PathBuf },
+    #[error(
+        "cannot read or write database {}: the system refused ({detail}), as on a full disk, over a file-size limit or quota, or on a failing disk; the last transaction was not committed; free some space and try again",
+        path.display()
+    )]
+    SystemIo { path: PathBuf, detail: String },
 
     #[error(
         "database {} is read-only; make it writable for you (chmod u+w) or set HONE_HOME to another folder",
@@ -271,6 +276,11 @@ fn classify(path: &Path, waited: Duration, e: rusqlite::Error) -> StoreError {
             detail: format!("SQLite said: {e}"),
         },
         Some(ErrorCode::DiskFull) => StoreError::DiskFull { path },
+        // The system refused a read or write (EFBIG from a file-size limit, EIO, a quota).
+        Some(ErrorCode::SystemIoFailure) => StoreError::SystemIo {
+            path,
+            detail: e.to_string(),
+        },
         Some(ErrorCode::ReadOnly) => StoreError::ReadOnly { path },
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => StoreError::Open {
             path,

@@ -194,7 +194,7 @@ fn values_that_would_do_something_else_are_refused() {
     let model = tiny_model(home.path());
     let data = training_data(home.path());
     let cores = std::thread::available_parallelism().unwrap().get();
-    let too_many = (cores + 62).to_string();
+    let too_many = (cores * 2 + 1).to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["train", "--max-steps", "0"], "--max-steps"),
         (vec!["train", "--seq-len", "0"], "--seq-len"),
@@ -223,6 +223,16 @@ fn values_that_would_do_something_else_are_refused() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }
     assert!(!home.path().join("hone.db").exists() || adapter_count(home.path()) == 0);
+    // More threads than cores (up to twice) runs, but says so.
+    let o = run(
+        hone(home.path()).args(["-t", &(cores + 1).to_string(), "note", "list"]),
+        true,
+    );
+    assert!(
+        stderr(&o).contains("more threads than the"),
+        "{}",
+        stderr(&o)
+    );
     // `schedule set --ac-only` lists yes and no, not true and false.
     let o = hone(home.path())
         .args(["schedule", "set", "--ac-only", "maybe"])
