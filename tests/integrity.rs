@@ -360,13 +360,24 @@ fn ctrl_c_stops_a_chat_answer_on_a_terminal() {
             std::fs::File::from_raw_fd(slave),
         )
     };
-    let mut child = hone(home.path())
-        .args(["chat", "-n", "400", "--temperature", "0"])
-        .stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave)
-        .spawn()
-        .unwrap();
+    /// Kills the chat when the test fails (it would wait at its prompt for ever).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = KillOnDrop(
+        hone(home.path())
+            .args(["chat", "-n", "400", "--temperature", "0"])
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave)
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
     let out = Arc::new(Mutex::new(String::new()));
     let mut reader = master.try_clone().unwrap();
     let sink = out.clone();
@@ -418,7 +429,6 @@ fn ctrl_c_stops_a_chat_answer_on_a_terminal() {
             break;
         }
         if t1.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
             panic!("chat did not leave after /quit:\n{}", out.lock().unwrap());
         }
         std::thread::sleep(Duration::from_millis(50));
