@@ -31,6 +31,9 @@ pub enum AdapterError {
     OtherModel(String),
     #[error("{0}")]
     Other(String),
+    /// A version whose file is unreadable, changed since it was saved, or not finite.
+    #[error("{0}")]
+    Damaged(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -74,7 +77,7 @@ pub struct FileMeta {
 }
 
 pub fn adapters_dir(home: &Home) -> PathBuf {
-    home.root().join("adapters")
+    home.adapters_dir()
 }
 
 /// What a new version records besides its weights.
@@ -111,7 +114,19 @@ pub fn save_version(
         "hone.adapter".to_string(),
         serde_json::to_string(&meta).map_err(|e| AdapterError::Other(e.to_string()))?,
     );
-    let bytes = lora::write_safetensors(&path, &w.named_tensors(), &m)?;
+    // A NaN or infinite weight would make every answer empty: never save one.
+    w.check_finite().map_err(|e| {
+        AdapterError::Other(format!(
+            "the trained adapter is not usable ({e}); nothing was saved and the previous adapter stays active; train again with a smaller --lr"
+        ))
+    })?;
+    let data = lora::safetensors_bytes(&w.named_tensors(), &m)?;
+    let sha256 = crate::pull::sha256_hex(&data);
+    lora::write_atomic(&path, &data).map_err(|source| AdapterError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let bytes = data.len() as u64;
     let rec = AdapterRecord {
         version,
         parent: v.parent,
@@ -130,14 +145,24 @@ pub fn save_version(
         bytes,
         file: rel,
         active: activate,
+        sha256: Some(sha256),
     };
     store.add_adapter(&rec, activate)?;
     Ok(version)
 }
 
-/// Reads an adapter file (weights and the metadata inside it).
+/// Reads an adapter file (weights and the metadata inside it); every weight must be finite.
 pub fn read_file(path: &Path) -> Result<(LoraWeights, FileMeta)> {
-    let (tensors, meta) = lora::read_safetensors(path)?;
+    let bytes = std::fs::read(path).map_err(|source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &bytes)
+}
+
+/// Parses the bytes of an adapter file read from `path` (named in errors).
+pub fn parse_file(path: &Path, bytes: &[u8]) -> Result<(LoraWeights, FileMeta)> {
+    let (tensors, meta) = lora::parse_safetensors(path, bytes)?;
     let fm: FileMeta = meta
         .get("hone.adapter")
         .and_then(|s| serde_json::from_str(s).ok())
@@ -145,7 +170,41 @@ pub fn read_file(path: &Path) -> Result<(LoraWeights, FileMeta)> {
             AdapterError::Other(format!("{} is not a hone adapter file", path.display()))
         })?;
     let w = LoraWeights::from_named(fm.lora.clone(), &tensors)?;
+    w.check_finite()
+        .map_err(|e| AdapterError::Damaged(format!("{}: {e}", path.display())))?;
     Ok((w, fm))
+}
+
+/// Reads version `rec`'s file, checking it against the sha256 recorded when it was saved and
+/// that every weight is finite.
+pub fn read_checked(home: &Home, rec: &AdapterRecord) -> Result<(LoraWeights, FileMeta)> {
+    let path = home.root().join(&rec.file);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        AdapterError::Damaged(format!(
+            "the file of adapter version {}, {}, cannot be read: {e}",
+            rec.version,
+            path.display()
+        ))
+    })?;
+    if let Some(want) = &rec.sha256 {
+        let got = crate::pull::sha256_hex(&bytes);
+        if &got != want {
+            return Err(AdapterError::Damaged(format!(
+                "the file of adapter version {}, {}, has changed since it was saved (sha256 {}…, recorded {}…)",
+                rec.version,
+                path.display(),
+                &got[..12],
+                want.chars().take(12).collect::<String>()
+            )));
+        }
+    }
+    parse_file(&path, &bytes).map_err(|e| match e {
+        AdapterError::Damaged(m) => AdapterError::Damaged(m),
+        other => AdapterError::Damaged(format!(
+            "adapter version {} is damaged: {other}",
+            rec.version
+        )),
+    })
 }
 
 /// Loads version `rec` for the model `model` with shapes `cfg`, refusing an adapter made for
@@ -171,7 +230,7 @@ pub fn load_version(
     if rec.model_sha256 != model.sha256 || rec.architecture != model.architecture {
         return Err(other(&rec.model_sha256, &rec.architecture));
     }
-    let (w, fm) = read_file(&home.root().join(&rec.file))?;
+    let (w, fm) = read_checked(home, rec)?;
     if fm.model.sha256 != model.sha256 || fm.model.architecture != model.architecture {
         return Err(other(&fm.model.sha256, &fm.model.architecture));
     }
@@ -195,11 +254,66 @@ pub fn load_active(
     }
 }
 
+/// The active adapter of this model, or, when its file is damaged (changed since it was
+/// saved, unreadable, not finite, not this model's shapes), the nearest good version among its
+/// parents, or none (the base model). The second value says what happened, for the user; the
+/// fallback is recorded as the active version when the database can be written.
+#[allow(clippy::type_complexity)]
+pub fn load_active_or_fallback(
+    home: &Home,
+    store: &Store,
+    model: &ModelId,
+    cfg: &Config,
+) -> Result<(Option<(AdapterRecord, LoraWeights)>, Option<String>)> {
+    let Some(first) = store.active_adapter(&model.sha256)? else {
+        return Ok((None, None));
+    };
+    let first_err = match load_version(home, &first, model, cfg) {
+        Ok(w) => return Ok((Some((first, w)), None)),
+        Err(e) => e,
+    };
+    let mut seen = vec![first.version];
+    let mut next = first.parent;
+    let mut found = None;
+    while let Some(v) = next.filter(|v| !seen.contains(v)) {
+        seen.push(v);
+        let Some(rec) = store.adapter(v)? else { break };
+        next = rec.parent;
+        if let Ok(w) = load_version(home, &rec, model, cfg) {
+            found = Some((rec, w));
+            break;
+        }
+    }
+    let to = found.as_ref().map(|(r, _)| r.version);
+    let recorded = store.set_active_adapter(&model.sha256, to).is_ok();
+    let instead = match to {
+        Some(v) => format!("adapter v{v}"),
+        None => "the base model".to_string(),
+    };
+    let msg = format!(
+        "warning: adapter v{} cannot be used ({first_err}); answering with {instead}{}",
+        first.version,
+        if recorded {
+            format!(", which is active now (`hone adapters list`; `hone adapters use {}` once its file is restored)", first.version)
+        } else {
+            String::new()
+        }
+    );
+    Ok((found, Some(msg)))
+}
+
 /// Makes `version` active (it must belong to its model; any model's adapter can be chosen).
-pub fn use_version(store: &Store, version: i64) -> Result<AdapterRecord> {
+/// Its file is checked first (sha256 recorded at save, finite weights): a damaged file is
+/// refused and the active version stays.
+pub fn use_version(home: &Home, store: &Store, version: i64) -> Result<AdapterRecord> {
     let rec = store
         .adapter(version)?
         .ok_or(AdapterError::NoVersion(version))?;
+    read_checked(home, &rec).map_err(|e| {
+        AdapterError::Damaged(format!(
+            "{e}; adapter version {version} was not activated (the active version is unchanged)"
+        ))
+    })?;
     store.set_active_adapter(&rec.model_sha256, Some(version))?;
     Ok(rec)
 }
@@ -307,4 +421,180 @@ pub fn export_peft(w: &LoraWeights, cfg: &Config, base_model: &str, out: &Path) 
             source,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::lora::Target;
+    use crate::tiny::{write_tiny_model, TinySpec};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        home: Home,
+        store: Store,
+        id: ModelId,
+        cfg: Config,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tiny.gguf");
+        write_tiny_model(&p, &TinySpec::default()).unwrap();
+        let cfg = Config::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+        let home = Home::at(dir.path().join("home"));
+        home.ensure().unwrap();
+        let store = Store::open(&home.db_path()).unwrap();
+        let id = ModelId {
+            name: "tiny".into(),
+            sha256: "ab".repeat(32),
+            architecture: "llama".into(),
+        };
+        Fixture {
+            _dir: dir,
+            home,
+            store,
+            id,
+            cfg,
+        }
+    }
+
+    fn weights(f: &Fixture, seed: u64) -> LoraWeights {
+        let lc =
+            LoraConfig::top_layers(4, 8.0, vec![Target::Q, Target::V], f.cfg.n_layers, 2).unwrap();
+        LoraWeights::init(&lc, &f.cfg, seed).unwrap()
+    }
+
+    fn save(f: &mut Fixture, seed: u64, parent: Option<i64>) -> i64 {
+        let w = weights(f, seed);
+        let nv = NewVersion {
+            parent,
+            ..NewVersion::default()
+        };
+        save_version(&f.home, &mut f.store, &f.id, &w, &nv, true).unwrap()
+    }
+
+    /// Overwrites the last 4 bytes of version `v`'s file (a B or A value) with `value`.
+    fn damage(f: &Fixture, v: i64, value: f32) {
+        let p = f.home.root().join(format!("adapters/v{v}.safetensors"));
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        b[n - 4..].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(&p, b).unwrap();
+    }
+
+    fn with_nan(f: &Fixture) -> LoraWeights {
+        let mut w = weights(f, 3);
+        let key = *w.pairs.keys().next().unwrap();
+        let p = w.pairs.get_mut(&key).unwrap();
+        let (r, n) = p.a.dims2().unwrap();
+        let mut v = vec![0.1f32; r * n];
+        v[5] = f32::NAN;
+        p.a = Tensor::from_vec(v, (r, n), &candle_core::Device::Cpu).unwrap();
+        w
+    }
+
+    #[test]
+    fn a_version_records_its_sha256_and_loads() {
+        let mut f = fixture();
+        let v = save(&mut f, 1, None);
+        let rec = f.store.adapter(v).unwrap().unwrap();
+        let file = std::fs::read(f.home.root().join(&rec.file)).unwrap();
+        assert_eq!(
+            rec.sha256.as_deref(),
+            Some(crate::pull::sha256_hex(&file).as_str())
+        );
+        load_version(&f.home, &rec, &f.id, &f.cfg).unwrap();
+    }
+
+    #[test]
+    fn non_finite_weights_are_never_saved() {
+        let mut f = fixture();
+        let w = with_nan(&f);
+        let err = save_version(
+            &f.home,
+            &mut f.store,
+            &f.id,
+            &w,
+            &NewVersion::default(),
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("NaN") && err.contains("previous adapter stays"),
+            "{err}"
+        );
+        assert!(f.store.adapters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_changed_file_is_refused_by_use_and_load() {
+        let mut f = fixture();
+        let v1 = save(&mut f, 1, None);
+        let v2 = save(&mut f, 2, Some(v1));
+        for bad in [f32::NAN, 1e30, f32::from_bits(u32::MAX), 0.5] {
+            damage(&f, v1, bad);
+            let err = use_version(&f.home, &f.store, v1).unwrap_err().to_string();
+            assert!(err.contains("not activated"), "{err}");
+            assert!(err.contains("v1.safetensors"), "{err}");
+            // v2 stays active.
+            let active = f.store.active_adapter(&f.id.sha256).unwrap().unwrap();
+            assert_eq!(active.version, v2);
+            let rec = f.store.adapter(v1).unwrap().unwrap();
+            assert!(matches!(
+                load_version(&f.home, &rec, &f.id, &f.cfg),
+                Err(AdapterError::Damaged(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_file_without_a_recorded_hash_is_still_checked_for_finite_weights() {
+        let mut f = fixture();
+        let v1 = save(&mut f, 1, None);
+        f.store
+            .conn()
+            .execute("UPDATE adapters SET sha256 = NULL", [])
+            .unwrap();
+        damage(&f, v1, f32::INFINITY);
+        let rec = f.store.adapter(v1).unwrap().unwrap();
+        let err = load_version(&f.home, &rec, &f.id, &f.cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("inf") && err.contains("not a finite number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_active_adapter_falls_back_to_its_parent_then_the_base() {
+        let mut f = fixture();
+        let v1 = save(&mut f, 1, None);
+        let v2 = save(&mut f, 2, Some(v1));
+        // Good: no warning.
+        let (got, warn) = load_active_or_fallback(&f.home, &f.store, &f.id, &f.cfg).unwrap();
+        assert_eq!(got.unwrap().0.version, v2);
+        assert!(warn.is_none());
+        // v2 damaged: v1 answers, is made active, and it is said once.
+        damage(&f, v2, f32::NAN);
+        let (got, warn) = load_active_or_fallback(&f.home, &f.store, &f.id, &f.cfg).unwrap();
+        assert_eq!(got.unwrap().0.version, v1);
+        let warn = warn.unwrap();
+        assert!(
+            warn.contains("adapter v2 cannot be used") && warn.contains("adapter v1"),
+            "{warn}"
+        );
+        let (_, again) = load_active_or_fallback(&f.home, &f.store, &f.id, &f.cfg).unwrap();
+        assert!(again.is_none(), "said once: {again:?}");
+        // A structurally broken v1 (truncated) and v2: the base model answers.
+        let p1 = f.home.root().join(format!("adapters/v{v1}.safetensors"));
+        std::fs::write(&p1, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+        let (got, warn) = load_active_or_fallback(&f.home, &f.store, &f.id, &f.cfg).unwrap();
+        assert!(got.is_none());
+        assert!(warn.unwrap().contains("the base model"));
+        assert!(f.store.active_adapter(&f.id.sha256).unwrap().is_none());
+    }
 }

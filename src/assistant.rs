@@ -25,23 +25,27 @@ pub fn load_engine(choice: &ModelChoice, ctx: Option<usize>, backend: Backend) -
 }
 
 /// Attaches the chosen model's active adapter to `engine`, with the route its learning cycle
-/// trained (see `Engine::answer`); returns its version, None when the base model answers.
+/// trained (see `Engine::answer`); returns its version (None when the base model answers) and,
+/// when the active adapter's file was damaged and an earlier version or the base model answers
+/// instead, a sentence saying so (for the user, once: the fallback becomes the active version).
 pub fn attach_active_adapter(
     home: &Home,
     store: &Store,
     choice: &ModelChoice,
     engine: &mut Engine,
-) -> Result<Option<i64>> {
+) -> Result<(Option<i64>, Option<String>)> {
     if store.adapters()?.is_empty() {
-        return Ok(None);
+        return Ok((None, None));
     }
     let id = crate::adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
-    let Some((rec, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? else {
-        return Ok(None);
+    let (found, warning) =
+        crate::adapters::load_active_or_fallback(home, store, &id, &engine.model.cfg)?;
+    let Some((rec, w)) = found else {
+        return Ok((None, warning));
     };
     engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
     engine.route = crate::learn::answer_route(store, rec.version)?;
-    Ok(Some(rec.version))
+    Ok((Some(rec.version), warning))
 }
 
 /// The sampling settings of the model's chat defaults, with the given overrides, checked.

@@ -209,6 +209,14 @@ impl Engine {
         let template = ChatTemplate::from_gguf(&file, &text(tokenizer.bos), &text(tokenizer.eos))?;
         let device = opts.backend.device()?;
         let model = Model::load(&file, &device, opts.ctx)?;
+        if tokenizer.vocab_size() > model.cfg.vocab {
+            return Err(EngineError::Other(format!(
+                "{}: the tokenizer has {} tokens but token_embd.weight has only {} rows; the file is damaged (download it again)",
+                path.display(),
+                tokenizer.vocab_size(),
+                model.cfg.vocab
+            )));
+        }
         drop(file);
         Ok(Self {
             name: name.to_string(),

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 /// Architectures whose forward pass `model` implements.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
+/// No tensor of a model hone can run has more elements than this (2^36: 256 GiB of f32).
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 36;
+
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot open model file {path}: {source}")]
@@ -81,6 +84,13 @@ impl GgufFile {
                 found,
             });
         }
+        // Walk the header ourselves first, with every length and count bounded by the file, so
+        // that what candle's reader is given cannot make it divide by zero (an alignment of 0)
+        // or allocate without bound.
+        let layout = header_layout(&mmap).map_err(|reason| GgufError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("header: {reason}"),
+        })?;
         let mut cursor = std::io::Cursor::new(&mmap[..]);
         let content = Content::read(&mut cursor).map_err(|e| GgufError::Corrupt {
             path: path.to_path_buf(),
@@ -91,10 +101,62 @@ impl GgufFile {
             mmap,
             content,
         };
+        let mut extents = Vec::with_capacity(this.content.tensor_infos.len());
         for (name, info) in &this.content.tensor_infos {
-            this.extent(name, info)?;
+            let (start, end) = this.extent(name, info)?;
+            if info.offset % layout.alignment != 0 {
+                return Err(this.corrupt(format!(
+                    "tensor {name} has offset {}, not a multiple of the file's alignment {}",
+                    info.offset, layout.alignment
+                )));
+            }
+            extents.push((start, end, name.as_str()));
+        }
+        // Writers (llama.cpp, gguf-py, candle) lay tensors out back to back, each padded to the
+        // alignment: an overlap or a gap means an offset, a type or a shape was changed.
+        extents.sort();
+        let data_start = this.content.tensor_data_offset;
+        if let (Some(first), Some(last)) = (extents.first(), extents.last()) {
+            if first.0 as u64 != data_start {
+                return Err(this.corrupt(format!(
+                    "the first tensor, {}, starts {} bytes after the tensor data",
+                    first.2,
+                    first.0 as u64 - data_start.min(first.0 as u64)
+                )));
+            }
+            let padded = (last.1 as u64).div_ceil(layout.alignment) * layout.alignment;
+            if (this.mmap.len() as u64) > padded {
+                return Err(this.corrupt(format!(
+                    "there are {} unexplained bytes after the last tensor, {}",
+                    this.mmap.len() as u64 - last.1 as u64,
+                    last.2
+                )));
+            }
+        }
+        for pair in extents.windows(2) {
+            let (_, prev_end, prev) = pair[0];
+            let (next_start, _, next) = pair[1];
+            if next_start < prev_end {
+                return Err(this.corrupt(format!(
+                    "tensors {prev} and {next} overlap (bytes {next_start}..{prev_end})"
+                )));
+            }
+            let padded = (prev_end as u64).div_ceil(layout.alignment) * layout.alignment;
+            if next_start as u64 > padded {
+                return Err(this.corrupt(format!(
+                    "there are {} unexplained bytes between tensors {prev} and {next}",
+                    next_start as u64 - prev_end as u64
+                )));
+            }
         }
         Ok(this)
+    }
+
+    fn corrupt(&self, reason: String) -> GgufError {
+        GgufError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -250,7 +312,19 @@ impl GgufFile {
             path: self.path.clone(),
             reason,
         };
-        let elems = info.shape.elem_count();
+        // Shape's own element count multiplies without checking: 576 x 2^63 wraps to 0.
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "tensor {name} has dimensions {:?}, impossibly large",
+                    info.shape.dims()
+                ))
+            })?;
         let block = info.ggml_dtype.block_size();
         if block == 0 || !elems.is_multiple_of(block) {
             return Err(corrupt(format!(
@@ -329,5 +403,377 @@ impl GgufFile {
             path: self.path.clone(),
             message: format!("tensor {name}: {e}"),
         })
+    }
+}
+
+/// Where each tensor's header fields sit in a GGUF file, found by walking the header with every
+/// count and length checked against the bytes that remain. Used to validate a file before
+/// candle's reader sees it, and by tests and fuzz targets that mutate single fields.
+#[derive(Debug, Clone)]
+pub struct HeaderLayout {
+    pub version: u32,
+    /// `general.alignment` as candle reads it (32 when absent or of another type).
+    pub alignment: u64,
+    pub tensors: Vec<TensorField>,
+    /// Where the tensor data begins (a tensor's bytes start at this plus its offset).
+    pub data_start: u64,
+}
+
+/// One tensor's header entry: its values and the byte positions of its fields.
+#[derive(Debug, Clone)]
+pub struct TensorField {
+    pub name: String,
+    /// Position of the u32 number of dimensions; the u64 dimensions follow it.
+    pub n_dims_at: usize,
+    pub dims: Vec<u64>,
+    pub dtype_at: usize,
+    pub dtype: u32,
+    pub offset_at: usize,
+    pub offset: u64,
+}
+
+struct Walk<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Walk<'_> {
+    fn take(&mut self, n: u64) -> Result<&[u8], String> {
+        let start = self.pos;
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| start.checked_add(n))
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "needs {n} bytes at {start} but the file ends at {}",
+                    self.bytes.len()
+                )
+            })?;
+        self.pos = end;
+        Ok(&self.bytes[start..end])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.u64()?;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    /// Skips a value of type `t`, returning it when it is an integer (for the alignment).
+    fn value(&mut self, t: u32, depth: usize) -> Result<Option<i128>, String> {
+        let fixed = |n: u64, w: &mut Self| -> Result<Option<i128>, String> {
+            let b = w.take(n)?;
+            let mut a = [0u8; 8];
+            a[..b.len()].copy_from_slice(b);
+            Ok(Some(u64::from_le_bytes(a) as i128))
+        };
+        match t {
+            0 | 7 => fixed(1, self),
+            1 => Ok(Some(self.take(1)?[0] as i8 as i128)),
+            2 => fixed(2, self),
+            3 => {
+                let b = self.take(2)?;
+                Ok(Some(i16::from_le_bytes([b[0], b[1]]) as i128))
+            }
+            4 => fixed(4, self),
+            5 => Ok(Some(self.u32()? as i32 as i128)),
+            6 => self.take(4).map(|_| None),
+            8 => self.string().map(|_| None),
+            9 => {
+                if depth > 8 {
+                    return Err("arrays nested too deeply".into());
+                }
+                let inner = self.u32()?;
+                let len = self.u64()?;
+                // Every element takes at least one byte.
+                if len > (self.bytes.len() - self.pos) as u64 {
+                    return Err(format!(
+                        "an array of {len} elements is longer than the file"
+                    ));
+                }
+                for _ in 0..len {
+                    self.value(inner, depth + 1)?;
+                }
+                Ok(None)
+            }
+            10..=12 => self.take(8).map(|_| None),
+            other => Err(format!("unknown metadata value type {other}")),
+        }
+    }
+}
+
+/// Walks a GGUF header (versions 2 and 3): metadata and tensor entries, bounded by the file.
+pub fn header_layout(bytes: &[u8]) -> Result<HeaderLayout, String> {
+    let mut w = Walk { bytes, pos: 0 };
+    if w.take(4)? != b"GGUF" {
+        return Err("no GGUF magic".into());
+    }
+    let version = w.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(format!(
+            "GGUF version {version} (hone reads versions 2 and 3; convert the model again with a current llama.cpp)"
+        ));
+    }
+    let n_tensors = w.u64()?;
+    let n_kv = w.u64()?;
+    let left = (bytes.len() - w.pos) as u64;
+    if n_tensors > left / 24 || n_kv > left / 13 {
+        return Err(format!(
+            "the header declares {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold"
+        ));
+    }
+    let mut alignment = 32u64;
+    for _ in 0..n_kv {
+        let key = w.string()?;
+        let t = w.u32()?;
+        let v = w.value(t, 0)?;
+        // candle takes the alignment from unsigned or non-negative 8/16/32-bit integers only.
+        if key == "general.alignment" && matches!(t, 0..=5) {
+            match v {
+                Some(a) if a >= 0 => alignment = a as u64,
+                _ => {}
+            }
+        }
+    }
+    if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
+        return Err(format!(
+            "general.alignment is {alignment}; it must be a power of two no larger than 1 MiB"
+        ));
+    }
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name = w.string()?;
+        let n_dims_at = w.pos;
+        let n_dims = w.u32()?;
+        if n_dims == 0 || n_dims > 4 {
+            return Err(format!(
+                "tensor {name} has {n_dims} dimensions (a GGUF tensor has 1 to 4)"
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(w.u64()?);
+        }
+        let dtype_at = w.pos;
+        let dtype = w.u32()?;
+        let offset_at = w.pos;
+        let offset = w.u64()?;
+        tensors.push(TensorField {
+            name,
+            n_dims_at,
+            dims,
+            dtype_at,
+            dtype,
+            offset_at,
+            offset,
+        });
+    }
+    Ok(HeaderLayout {
+        version,
+        alignment,
+        tensors,
+        data_start: (w.pos as u64).div_ceil(alignment) * alignment,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Config;
+    use crate::tiny::{write_tiny_model, TinySpec};
+
+    /// A tiny model's bytes and the position of its header fields.
+    fn tiny(spec: &TinySpec) -> (tempfile::TempDir, Vec<u8>, HeaderLayout) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        write_tiny_model(&p, spec).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let layout = header_layout(&bytes).unwrap();
+        (dir, bytes, layout)
+    }
+
+    /// Opens `bytes` as a model (file + hyper-parameters + tensor checks): Ok or a clean error.
+    fn load(dir: &Path, bytes: &[u8]) -> Result<Config, String> {
+        let p = dir.join("mutant.gguf");
+        std::fs::write(&p, bytes).unwrap();
+        let f = GgufFile::open(&p).map_err(|e| e.to_string())?;
+        Config::from_gguf(&f).map_err(|e| e.to_string())
+    }
+
+    fn put_u64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put_u32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[test]
+    fn the_tiny_models_load() {
+        for arch in ["llama", "qwen2"] {
+            let spec = TinySpec {
+                arch: arch.into(),
+                ..TinySpec::default()
+            };
+            let (dir, bytes, layout) = tiny(&spec);
+            assert!(layout.tensors.len() >= 2 + 9 * spec.layers);
+            load(dir.path(), &bytes).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_dimension_of_2_pow_63_is_refused_not_wrapped() {
+        let (dir, bytes, layout) = tiny(&TinySpec::default());
+        let t = layout
+            .tensors
+            .iter()
+            .find(|t| t.name == "blk.1.attn_v.weight")
+            .unwrap();
+        let mut b = bytes.clone();
+        put_u64(&mut b, t.n_dims_at + 4 + 8, 1 << 63);
+        let err = load(dir.path(), &b).unwrap_err();
+        assert!(err.contains("blk.1.attn_v.weight"), "{err}");
+        assert!(err.contains("mutant.gguf"), "{err}");
+    }
+
+    #[test]
+    fn every_dimension_offset_and_type_mutant_is_refused() {
+        let (dir, bytes, layout) = tiny(&TinySpec::default());
+        let mut refused = 0;
+        for t in &layout.tensors {
+            for (i, &d) in t.dims.iter().enumerate() {
+                for v in [
+                    0,
+                    1,
+                    d + 1,
+                    d * 2,
+                    d / 2,
+                    1 << 32,
+                    1 << 62,
+                    1 << 63,
+                    u64::MAX,
+                ] {
+                    if v == d {
+                        continue;
+                    }
+                    let mut b = bytes.clone();
+                    put_u64(&mut b, t.n_dims_at + 4 + 8 * i, v);
+                    let r = load(dir.path(), &b);
+                    assert!(r.is_err(), "{} dim {i} = {v} was accepted", t.name);
+                    refused += 1;
+                }
+            }
+            for v in [
+                t.offset + 32,
+                t.offset + 1,
+                t.offset.wrapping_sub(32),
+                0,
+                bytes.len() as u64,
+                1 << 63,
+                u64::MAX,
+            ] {
+                if v == t.offset {
+                    continue;
+                }
+                let mut b = bytes.clone();
+                put_u64(&mut b, t.offset_at, v);
+                assert!(
+                    load(dir.path(), &b).is_err(),
+                    "{} offset {v} was accepted",
+                    t.name
+                );
+                refused += 1;
+            }
+            for v in 0..40u32 {
+                if v == t.dtype {
+                    continue;
+                }
+                let mut b = bytes.clone();
+                put_u32(&mut b, t.dtype_at, v);
+                assert!(
+                    load(dir.path(), &b).is_err(),
+                    "{} type {v} was accepted",
+                    t.name
+                );
+                refused += 1;
+            }
+            for v in [0, 1, 3, 4, 5, u32::MAX] {
+                if v as usize == t.dims.len() {
+                    continue;
+                }
+                let mut b = bytes.clone();
+                put_u32(&mut b, t.n_dims_at, v);
+                assert!(
+                    load(dir.path(), &b).is_err(),
+                    "{} rank {v} was accepted",
+                    t.name
+                );
+                refused += 1;
+            }
+        }
+        assert!(refused > 1000, "{refused}");
+    }
+
+    #[test]
+    fn hyper_parameters_out_of_range_are_refused() {
+        let spec = TinySpec::default();
+        let (dir, bytes, _) = tiny(&spec);
+        // The u32/u64 value of a metadata key, found by its name in the header.
+        let find = |key: &str| {
+            let pat = key.as_bytes();
+            bytes
+                .windows(pat.len())
+                .position(|w| w == pat)
+                .map(|i| i + pat.len())
+                .unwrap()
+        };
+        for key in [
+            "llama.block_count",
+            "llama.embedding_length",
+            "llama.feed_forward_length",
+            "llama.attention.head_count",
+        ] {
+            let at = find(key);
+            let t = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+            for v in [0u64, 1 << 31, 1 << 63] {
+                let mut b = bytes.clone();
+                match t {
+                    4 => put_u32(&mut b, at + 4, v as u32),
+                    10 => put_u64(&mut b, at + 4, v),
+                    _ => continue,
+                }
+                let err = load(dir.path(), &b);
+                assert!(err.is_err(), "{key} = {v} was accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn random_header_bytes_never_panic() {
+        let (dir, bytes, layout) = tiny(&TinySpec::default());
+        let end = layout.tensors.last().map(|t| t.offset_at + 8).unwrap_or(64);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..400 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % end;
+                b[at] = next() as u8;
+            }
+            let _ = load(dir.path(), &b);
+        }
     }
 }

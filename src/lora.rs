@@ -23,6 +23,8 @@ pub enum LoraError {
     Config(String),
     #[error("{path}: {message}")]
     File { path: String, message: String },
+    #[error("{0}")]
+    NotFinite(String),
     #[error("adapter compute: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
@@ -308,6 +310,23 @@ impl LoraWeights {
             .sum()
     }
 
+    /// Fails naming the first tensor that holds a NaN or an infinity: such an adapter would
+    /// make every answer empty, so it is never saved, loaded or served.
+    pub fn check_finite(&self) -> Result<()> {
+        for (&(l, t), p) in &self.pairs {
+            for (which, x) in [('a', &p.a), ('b', &p.b)] {
+                let v = x.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                    return Err(LoraError::NotFinite(format!(
+                        "adapter tensor {} holds {bad}, not a finite number",
+                        tensor_name(l, t, which)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that these adapters fit the model's shapes.
     pub fn check_shapes(&self, model: &Config) -> Result<()> {
         self.cfg.validate(model.n_layers)?;
@@ -433,6 +452,20 @@ pub fn read_safetensors(
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    parse_safetensors(path, &bytes)
+}
+
+/// Parses the bytes of a safetensors file of f32 tensors (read from `path`, named in errors);
+/// every extent and size is checked, nothing is allocated from an unchecked size.
+#[allow(clippy::type_complexity)]
+pub fn parse_safetensors(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+    let bad = |message: String| LoraError::File {
+        path: path.display().to_string(),
+        message,
+    };
     if bytes.len() < 8 {
         return Err(bad("too short for a safetensors file".into()));
     }
@@ -482,8 +515,14 @@ pub fn read_safetensors(
                     .collect()
             })
             .ok_or_else(|| bad(format!("tensor {k} has no offsets")))?;
-        let count: usize = shape.iter().product();
-        if off.len() != 2 || off[0] > off[1] || off[1] > data.len() || off[1] - off[0] != count * 4
+        let bytes_needed = shape
+            .iter()
+            .try_fold(4usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(format!("tensor {k} has an impossible shape {shape:?}")))?;
+        if off.len() != 2
+            || off[0] > off[1]
+            || off[1] > data.len()
+            || off[1] - off[0] != bytes_needed
         {
             return Err(bad(format!("tensor {k} has a bad extent")));
         }
@@ -496,6 +535,21 @@ pub fn read_safetensors(
     Ok((tensors, meta))
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (an existing folder is left as it is).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
 /// Writes `bytes` to `path` atomically and privately: temp file (0600) in the same folder,
 /// fsync, rename over `path`, fsync of the folder. A crash leaves either the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -503,7 +557,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    create_private_dir(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     #[cfg(unix)]
     {

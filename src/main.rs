@@ -18,8 +18,9 @@ pub struct Cli {
     /// Model to use: a known name (see `hone models`), a registered name, or a path to a .gguf file
     #[arg(long, global = true, env = "HONE_MODEL")]
     pub model: Option<String>,
-    /// Compute threads (default: the cores other processes leave idle)
-    #[arg(short = 't', long, global = true)]
+    /// Compute threads, at most the cores this machine has (default: the cores other processes
+    /// leave idle)
+    #[arg(short = 't', long, global = true, value_parser = cli::args::threads)]
     pub threads: Option<usize>,
     /// Context length in tokens (default: the model's chat default, at most its trained context)
     #[arg(long, global = true)]
@@ -45,7 +46,8 @@ pub enum DeviceArg {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Pull the default model if needed, store two sample notes and answer two questions
+    /// Pull the default model if needed, store two sample notes, learn them (trains for a few
+    /// minutes on a laptop) and answer two questions
     Demo,
     /// Download a known model into the data directory, or register a GGUF file you have
     Pull(PullArgs),
@@ -58,7 +60,7 @@ pub enum Command {
     /// Keep, import, list and remove notes
     #[command(subcommand)]
     Note(NoteCommand),
-    /// Show recent exchanges
+    /// Show recent exchanges, newest first
     History(HistoryArgs),
     /// Show the model, the database, counts and sizes
     Status(JsonFlag),
@@ -119,18 +121,26 @@ pub struct PullArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Maximum tokens to generate
-    #[arg(long, short = 'n')]
+    /// Most tokens to generate for the answer, at least 1 (default: the model's chat default)
+    #[arg(long, short = 'n', value_parser = cli::args::at_least_one)]
     pub max_tokens: Option<usize>,
-    /// 0 = greedy
+    /// How adventurous the wording is: 0 always picks the most likely word (the same answer
+    /// every time), 0.7 is a usual setting, above 1 gets erratic (default: the model's)
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Choose each word only among the K most likely ones (0 = no limit; default: the model's)
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Choose each word only among the most likely ones that together have this probability,
+    /// between 0 (exclusive) and 1 (default: the model's)
     #[arg(long)]
     pub top_p: Option<f32>,
+    /// Leave out words less likely than this fraction of the most likely word's probability,
+    /// between 0 and 1 (0 = off; default: the model's)
     #[arg(long)]
     pub min_p: Option<f32>,
+    /// Make words already used less likely to come again: 1 = no penalty, 1.1 a mild one
+    /// (default: the model's)
     #[arg(long)]
     pub repeat_penalty: Option<f32>,
     /// Random seed (default: a fresh one each run; set it to repeat a run)
@@ -172,11 +182,13 @@ pub struct ChatArgs {
 pub enum NoteCommand {
     /// Store a note (words are joined with spaces; "-" reads standard input)
     Add {
+        /// The note's text ("-" reads standard input; at most 8 MiB)
         #[arg(required = true, value_parser = clap::builder::OsStringValueParser::new())]
         text: Vec<std::ffi::OsString>,
     },
     /// Import .md/.txt files and folders (recursively); long files are split into sections
     Import {
+        /// Files (.md, .markdown, .txt) and folders to import
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Refuse files larger than this many bytes (default 8 MiB)
@@ -185,8 +197,10 @@ pub enum NoteCommand {
     },
     /// List notes, newest first
     List {
-        #[arg(short = 'n', long, default_value_t = 20)]
+        /// How many notes to show (the newest ones), at least 1
+        #[arg(short = 'l', long, short_alias = 'n', default_value_t = 20, value_parser = cli::args::at_least_one)]
         limit: usize,
+        /// Print one JSON object per note, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -196,8 +210,10 @@ pub enum NoteCommand {
 
 #[derive(Args, Debug)]
 pub struct HistoryArgs {
-    #[arg(short = 'n', long, default_value_t = 10)]
+    /// How many exchanges to show (the most recent ones), at least 1
+    #[arg(short = 'l', long, short_alias = 'n', default_value_t = 10, value_parser = cli::args::at_least_one)]
     pub limit: usize,
+    /// Print one JSON object per exchange, newest first, for scripts
     #[arg(long)]
     pub json: bool,
 }
@@ -226,6 +242,7 @@ pub struct PerplexityArgs {
     /// Tokens per chunk (llama-perplexity's -c)
     #[arg(long = "chunk", default_value_t = 512)]
     pub chunk: usize,
+    /// Print one JSON object (perplexity, chunks, tokens, timings), for scripts
     #[arg(long)]
     pub json: bool,
 }
@@ -242,6 +259,12 @@ fn main() {
     }
     // Default: the cores other processes leave idle, so a busy machine does not make our
     // threads fight for cores (measured over 30 ms of /proc/stat).
+    if let Some(t) = cli.threads.filter(|&t| t > cli::args::cores()) {
+        eprintln!(
+            "note: -t {t} is more threads than the {} cores of this machine; they will share the cores and run slower",
+            cli::args::cores()
+        );
+    }
     let threads = cli
         .threads
         .unwrap_or_else(|| hone::sys::idle_cpus(std::time::Duration::from_millis(30)));
@@ -254,7 +277,7 @@ fn main() {
         hone::sys::adopt_compute_pool(threads);
     }
     if let Err(e) = cli::run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", cli::args::error_report(&e));
         std::process::exit(1);
     }
 }

@@ -369,6 +369,11 @@ fn copy_member(
     Ok(())
 }
 
+/// SHA-256 of bytes, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String, PullError> {
     let mut f = std::fs::File::open(path).map_err(io_err(path))?;

@@ -144,7 +144,10 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (model_sha256, prompt)
     );
     ALTER TABLE notes ADD COLUMN learn_attempts INTEGER NOT NULL DEFAULT 0;",
-    // Full-text search over the notes (`retrieve`), kept in step by triggers.
+    // v4: the sha256 of each adapter file as written, checked whenever it is loaded or chosen
+    // (NULL for versions saved before v4: those are checked for finite weights only).
+    "ALTER TABLE adapters ADD COLUMN sha256 TEXT;",
+    // v5: full-text search over the notes (`retrieve`), kept in step by triggers.
     "CREATE VIRTUAL TABLE notes_fts USING fts5(
         content, content='notes', content_rowid='id', tokenize='porter unicode61'
     );
@@ -234,6 +237,11 @@ pub enum StoreError {
         path.display()
     )]
     DiskFull { path: PathBuf },
+    #[error(
+        "cannot read or write database {}: the system refused ({detail}), as on a full disk, over a file-size limit or quota, or on a failing disk; the last transaction was not committed; free some space and try again",
+        path.display()
+    )]
+    SystemIo { path: PathBuf, detail: String },
 
     #[error(
         "database {} is read-only; make it writable for you (chmod u+w) or set HONE_HOME to another folder",
@@ -283,6 +291,11 @@ fn classify(path: &Path, waited: Duration, e: rusqlite::Error) -> StoreError {
             detail: format!("SQLite said: {e}"),
         },
         Some(ErrorCode::DiskFull) => StoreError::DiskFull { path },
+        // The system refused a read or write (EFBIG from a file-size limit, EIO, a quota).
+        Some(ErrorCode::SystemIoFailure) => StoreError::SystemIo {
+            path,
+            detail: e.to_string(),
+        },
         Some(ErrorCode::ReadOnly) => StoreError::ReadOnly { path },
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => StoreError::Open {
             path,
@@ -461,6 +474,57 @@ impl Store {
 
         migrate(&mut conn, path, busy_timeout)?;
 
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            busy_timeout,
+        })
+    }
+
+    /// Opens an existing database for reading only (a read-only data directory or file):
+    /// nothing is created, migrated or written. When SQLite cannot open the WAL database
+    /// read-only (its shared-memory file cannot be made in a read-only folder), the file is
+    /// opened as immutable: what is in the main file is read, as it is.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let busy_timeout = DEFAULT_BUSY_TIMEOUT;
+        let err = |e| classify(path, busy_timeout, e);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let open_plain = || -> rusqlite::Result<(Connection, i64)> {
+            let conn = Connection::open_with_flags(path, flags)?;
+            conn.busy_timeout(busy_timeout)?;
+            let v = user_version(&conn)?;
+            // Reading a table proves the WAL index could be opened too.
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+            Ok((conn, v))
+        };
+        let (conn, found) = match open_plain() {
+            Ok(x) => x,
+            Err(_) => {
+                let mut uri = String::from("file:");
+                for c in path.to_string_lossy().chars() {
+                    match c {
+                        '?' => uri.push_str("%3f"),
+                        '#' => uri.push_str("%23"),
+                        '%' => uri.push_str("%25"),
+                        c => uri.push(c),
+                    }
+                }
+                uri.push_str("?immutable=1");
+                let conn = Connection::open_with_flags(&uri, flags | OpenFlags::SQLITE_OPEN_URI)
+                    .map_err(err)?;
+                let v = user_version(&conn).map_err(err)?;
+                (conn, v)
+            }
+        };
+        check_version(path, found)?;
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "it has schema version {found} and can only be read, not updated to version {SCHEMA_VERSION}; run hone once where the data directory can be written"
+                ),
+            });
+        }
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -751,8 +815,8 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO adapters (version, parent, created_at, model, model_sha256, architecture, \
-             config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active, sha256) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             rusqlite::params![
                 a.version,
                 a.parent,
@@ -771,6 +835,7 @@ impl Store {
                 a.bytes as i64,
                 a.file,
                 activate as i64,
+                a.sha256,
             ],
         )
         .map_err(err)?;
@@ -829,7 +894,7 @@ impl Store {
 
 /// Columns of the adapters table, in [`AdapterRecord`] order.
 const ADAPTER_COLUMNS: &str = "version, parent, created_at, model, model_sha256, architecture, \
-     config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active";
+     config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active, sha256";
 
 /// One adapter version as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -856,6 +921,9 @@ pub struct AdapterRecord {
     /// The weights file, relative to the data directory.
     pub file: String,
     pub active: bool,
+    /// sha256 of the file as written (None for versions saved before schema v4).
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
@@ -877,6 +945,7 @@ fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
         bytes: r.get::<_, i64>(14)? as u64,
         file: r.get(15)?,
         active: r.get::<_, i64>(16)? != 0,
+        sha256: r.get(17)?,
     })
 }
 

@@ -268,3 +268,64 @@ fn a_peer_python_without_peft_is_refused_before_any_round() {
         stdout(&o)
     );
 }
+
+/// Header mutants of the real default model (the ones a fault campaign found: a dimension of
+/// 2^63 that wrapped a size to 0 and panicked, an offset, a type or a rank changed and answered
+/// with exit 0) are refused at load with exit code 1, naming the file and the tensor.
+#[test]
+fn header_mutants_of_the_real_model_are_refused_cleanly() {
+    let real = default_model();
+    let home = temp_home();
+    let bytes = std::fs::read(&real).unwrap();
+    let layout = hone::gguf::header_layout(&bytes).unwrap();
+    let t = layout
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.15.attn_v.weight")
+        .unwrap();
+    let p = home.path().join("mutant.gguf");
+    let u64_at = |at: usize, v: u64| {
+        let mut b = bytes.clone();
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    let u32_at = |at: usize, v: u32| {
+        let mut b = bytes.clone();
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dim 1 = 2^63",
+            u64_at(t.n_dims_at + 12, 1 << 63),
+            "blk.15.attn_v.weight",
+        ),
+        (
+            "dim 0 = 2^63",
+            u64_at(t.n_dims_at + 4, 1 << 63),
+            "blk.15.attn_v.weight",
+        ),
+        (
+            "dim 1 + 1",
+            u64_at(t.n_dims_at + 12, t.dims[1] + 1),
+            "blk.15",
+        ),
+        ("offset + 32", u64_at(t.offset_at, t.offset + 32), "blk.15"),
+        ("offset 0", u64_at(t.offset_at, 0), "overlap"),
+        ("type Q4_0", u32_at(t.dtype_at, 2), "tensor"),
+        ("type Q8_0", u32_at(t.dtype_at, 8), "tensor"),
+        ("rank 3", u32_at(t.n_dims_at, 3), "damaged"),
+    ];
+    for (label, b, names) in cases {
+        std::fs::write(&p, &b).unwrap();
+        let o = hone(home.path())
+            .arg("--model")
+            .arg(&p)
+            .args(["ask", "-n", "4", "hi"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{label}: {}", stderr(&o));
+        assert_clean_error(&o, &[p.to_str().unwrap(), names]);
+    }
+    assert_eq!(exchange_count(home.path()), 0);
+}

@@ -65,12 +65,6 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
     let mut engine = ctx.load(&choice)?;
     super::train::attach_adapter(&ctx, &choice, &mut engine, a.base)?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let cancel = cancel.clone();
-        ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
-    }
     let session = format!("{:016x}", rand::random::<u64>());
     let base: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
     let mut messages = base.clone();
@@ -81,6 +75,16 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         engine.load_time.as_secs_f64() * 1000.0
     );
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    // After the editor: on a terminal it installs its own SIGINT handler for as long as it
+    // lives (a pipe only read while a line is edited), which would swallow Ctrl-C during an
+    // answer. While a line is edited the terminal is raw, so Ctrl-C still reaches the editor
+    // as a key.
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
     loop {
         drop(request.take());
         let line = match rl.readline("you> ") {

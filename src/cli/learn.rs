@@ -38,11 +38,15 @@ pub struct LearnFlags {
     /// notes' held-out probes pass and the training loss has flattened
     #[arg(long)]
     pub fixed_steps: bool,
-    #[arg(long, default_value_t = 16)]
+    /// LoRA rank: the size of the small matrices trained beside each weight; higher learns
+    /// more and costs more memory and time
+    #[arg(long, default_value_t = 16, value_parser = super::args::at_least_one)]
     pub rank: usize,
-    #[arg(long, default_value_t = 32.0)]
+    /// LoRA alpha: the adapter's update is scaled by alpha / rank (usually twice the rank)
+    #[arg(long, default_value_t = 32.0, value_parser = super::args::positive)]
     pub alpha: f32,
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate: how big each training step is, above 0 and at most 1
+    #[arg(long, default_value_t = 1e-3, value_parser = super::args::learning_rate)]
     pub lr: f64,
     /// Adapt only the top K layers (faster: the frozen layers below run once; 0 = all)
     #[arg(long, default_value_t = 0)]
@@ -77,6 +81,7 @@ pub struct LearnFlags {
     /// Memory budget for the whole process, e.g. 1GiB
     #[arg(long)]
     pub max_memory: Option<String>,
+    /// Seed for the self-edits' sampling, the adapter's initialisation and the data order
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -102,6 +107,7 @@ pub struct LearnArgs {
     /// Activate the candidate without the gate
     #[arg(long)]
     pub no_gate: bool,
+    /// Print one JSON object (the cycle's outcome, or with --log the cycles), for scripts
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -125,6 +131,7 @@ pub struct EvalArgs {
     /// Keep each mode's data directory (printed), with every answer in its result.json
     #[arg(long)]
     pub keep: bool,
+    /// Print the results as one JSON object, for scripts
     #[arg(long)]
     pub json: bool,
     /// Internal: run one mode in this process, in $HONE_HOME, and print its JSON

@@ -1,5 +1,6 @@
 //! Command implementations: each turns parsed arguments into library calls and prints results.
 
+pub mod args;
 pub mod bench;
 pub mod chat;
 pub mod daemon;
@@ -29,9 +30,12 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HONE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour only for a terminal: a pipe or a file gets plain text.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -49,6 +53,31 @@ impl Ctx {
         let home = Home::from_env()?;
         home.ensure()?;
         let store = Store::open(&home.db_path())?;
+        Ok(Self {
+            home,
+            store,
+            cli_model: cli.model.clone(),
+            ctx: cli.ctx,
+            backend: match cli.backend {
+                DeviceArg::Cpu => Backend::Cpu,
+                DeviceArg::Metal => Backend::Metal,
+            },
+        })
+    }
+
+    /// For commands that only read (`note list`, `history`, `status`): like [`Ctx::open`], but
+    /// when the data directory or the database cannot be written (a read-only mount, another
+    /// owner's folder), the existing database is opened read-only instead of failing.
+    pub fn open_for_reading(cli: &Cli) -> Result<Self> {
+        let first = match Self::open(cli) {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let home = Home::from_env()?;
+        if !home.db_path().is_file() {
+            return Err(first);
+        }
+        let store = Store::open_read_only(&home.db_path()).map_err(|_| first)?;
         Ok(Self {
             home,
             store,
@@ -123,11 +152,20 @@ pub fn system_message(choice: &ModelChoice, a: &SamplingArgs) -> Option<Message>
 
 /// Reads text given as arguments ("-" = standard input), refusing invalid UTF-8.
 fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
+    let limit = hone::notes::DEFAULT_MAX_FILE_BYTES;
     if parts.len() == 1 && parts[0] == "-" {
         let mut buf = Vec::new();
+        // Never hold more than the limit (plus one byte, to know it was passed).
         std::io::stdin()
+            .take(limit + 1)
             .read_to_end(&mut buf)
             .context("reading standard input")?;
+        if buf.len() as u64 > limit {
+            bail!(
+                "{what} on standard input is over the {} MiB limit (the same as for one file of `hone note import`); split it into smaller pieces, or save it as a file and import it (long files are split by heading)",
+                limit / (1024 * 1024)
+            );
+        }
         return Ok(hone::notes::note_from_bytes(&buf, "standard input")?);
     }
     let mut out = Vec::new();
@@ -410,10 +448,19 @@ fn models(cli: &Cli) -> Result<()> {
 }
 
 fn note(cli: &Cli, n: &NoteCommand) -> Result<()> {
+    if let NoteCommand::List { .. } = n {
+        // Listing only reads: it works on a read-only data directory too.
+        let mut ctx = Ctx::open_for_reading(cli)?;
+        return note_cmd(&mut ctx.store, &ctx.home, n);
+    }
     let home = Home::from_env()?;
     home.ensure()?;
     let mut store = Store::open(&home.db_path())?;
-    let _ = cli;
+    note_cmd(&mut store, &home, n)
+}
+
+fn note_cmd(store: &mut Store, home: &Home, n: &NoteCommand) -> Result<()> {
+    let _ = home;
     match n {
         NoteCommand::Add { text } => {
             let text = text_arg(text, "the note")?;
@@ -495,7 +542,7 @@ fn note(cli: &Cli, n: &NoteCommand) -> Result<()> {
 }
 
 fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
-    let ctx = Ctx::open(cli)?;
+    let ctx = Ctx::open_for_reading(cli)?;
     let ex = ctx.store.recent_exchanges(limit)?;
     if json_out {
         for e in &ex {
@@ -511,7 +558,8 @@ fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
     if ex.is_empty() {
         println!("no exchanges yet: try `hone ask \"...\"` or `hone chat`");
     }
-    for e in ex.iter().rev() {
+    // Newest first, as `--json` and `note list` print.
+    for e in &ex {
         let short = |s: &str, n: usize| -> String {
             let one = s.split_whitespace().collect::<Vec<_>>().join(" ");
             if one.chars().count() > n {
@@ -536,7 +584,7 @@ fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {
 }
 
 fn status(cli: &Cli, json_out: bool) -> Result<()> {
-    let ctx = Ctx::open(cli)?;
+    let ctx = Ctx::open_for_reading(cli)?;
     let stats = ctx.store.stats()?;
     let model = ctx.choose_model();
     let (model_name, model_path, model_bytes, model_err) = match &model {
@@ -651,6 +699,9 @@ const DEMO_NOTES: &[&str] = &[
 fn demo(cli: &Cli) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
+    println!(
+        "hone demo: answers two questions, then learns two sample notes (LoRA training: a few minutes on a laptop, longer on a small board; Ctrl-C stops it) and answers again"
+    );
     let m = match &cli.model {
         Some(name) => hone::manifest::find(name)?,
         None => Some(hone::manifest::default_model()?),

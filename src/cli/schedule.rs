@@ -7,6 +7,7 @@
 
 use crate::Cli;
 use anyhow::Result;
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
 use hone::daemon_lock;
 use hone::device::{self, Profile};
@@ -54,7 +55,7 @@ pub struct ScheduleSetArgs {
     #[arg(long, value_name = "MIN")]
     pub max_day_minutes: Option<u32>,
     /// Learn only on AC power: yes or no
-    #[arg(long, value_name = "yes|no", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, value_name = "yes|no", value_parser = clap::builder::PossibleValuesParser::new(["yes", "no"]).map(|s| s == "yes"))]
     pub ac_only: Option<bool>,
     /// With --ac-only no: the lowest battery charge to learn on, in percent
     #[arg(long, value_name = "PERCENT")]

@@ -26,20 +26,22 @@ pub struct TrainArgs {
     /// Training data: JSON Lines with {"text"}, {"prompt","completion"} or {"messages"} objects
     #[arg(long)]
     pub data: PathBuf,
-    /// Stop after this many optimiser steps (default: the steps of --epochs)
-    #[arg(long)]
+    /// Stop after this many optimiser steps, at least 1 (default: the steps of --epochs)
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub max_steps: Option<usize>,
-    /// Passes over the data (default 3 when --max-steps is not given)
-    #[arg(long)]
+    /// Passes over the data, at least 1 (default 3 when --max-steps is not given)
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub epochs: Option<usize>,
-    /// LoRA rank
-    #[arg(long, default_value_t = 8)]
+    /// LoRA rank: the size of the small matrices trained beside each weight; higher learns
+    /// more and costs more memory and time (4 to 64 are usual)
+    #[arg(long, default_value_t = 8, value_parser = super::args::at_least_one)]
     pub rank: usize,
-    /// LoRA alpha (the update is scaled by alpha / rank)
-    #[arg(long, default_value_t = 16.0)]
+    /// LoRA alpha: the adapter's update is scaled by alpha / rank (usually twice the rank)
+    #[arg(long, default_value_t = 16.0, value_parser = super::args::positive)]
     pub alpha: f32,
-    /// Peak learning rate
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate: how big each training step is, above 0 and at most 1; too high
+    /// makes training diverge (it then stops and keeps the previous adapter)
+    #[arg(long, default_value_t = 1e-3, value_parser = super::args::learning_rate)]
     pub lr: f64,
     /// Warmup steps (linear), then cosine decay to lr/10
     #[arg(long)]
@@ -56,14 +58,14 @@ pub struct TrainArgs {
     /// Memory budget for the whole process, e.g. 600MiB or 1GiB
     #[arg(long)]
     pub max_memory: Option<String>,
-    /// Tokens per packed sequence (default: chosen by the planner, at most 512)
-    #[arg(long)]
+    /// Tokens per packed sequence, at least 16 (default: chosen by the planner, at most 512)
+    #[arg(long, value_parser = super::args::seq_len)]
     pub seq_len: Option<usize>,
-    /// Sequences per micro-batch (default: chosen by the planner)
-    #[arg(long)]
+    /// Sequences per micro-batch, at least 1 (default: chosen by the planner)
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub batch: Option<usize>,
-    /// Micro-batches per optimiser step (gradient accumulation)
-    #[arg(long, default_value_t = 1)]
+    /// Micro-batches per optimiser step (gradient accumulation), at least 1
+    #[arg(long, default_value_t = 1, value_parser = super::args::at_least_one)]
     pub accum: usize,
     /// Recompute activations in the backward pass (less memory, ~1/3 more compute)
     #[arg(long)]
@@ -71,13 +73,14 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0 = off)
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// AdamW weight decay: pulls the adapter's weights toward zero a little each step (0 = off)
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Seed for the adapter initialisation and the data order
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Save a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM)
-    #[arg(long, default_value_t = 20)]
+    /// Save a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM), at least 1
+    #[arg(long, default_value_t = 20, value_parser = super::args::at_least_one)]
     pub save_every: usize,
     /// Discard an unfinished run's checkpoint instead of resuming it
     #[arg(long)]
@@ -85,7 +88,7 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation, keeping the checkpoint (as an interruption would)
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
-    /// Print one JSON object at the end
+    /// Print one JSON object at the end (version, losses, tokens/s, peak memory), for scripts
     #[arg(long)]
     pub json: bool,
 }
@@ -94,6 +97,7 @@ pub struct TrainArgs {
 pub enum AdaptersCommand {
     /// List adapter versions (the active one is marked)
     List {
+        /// Print one JSON object per version, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -138,8 +142,12 @@ pub fn attach_adapter(
 ) -> Result<Option<String>> {
     let mut v = None;
     if !base {
-        v = hone::assistant::attach_active_adapter(&ctx.home, &ctx.store, choice, engine)?
-            .map(|v| v.to_string());
+        let (found, warning) =
+            hone::assistant::attach_active_adapter(&ctx.home, &ctx.store, choice, engine)?;
+        if let Some(w) = warning {
+            eprintln!("{w}");
+        }
+        v = found.map(|v| v.to_string());
     }
     let _ = ACTIVE.set(v.clone());
     Ok(v)
@@ -334,6 +342,8 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     let save_every = a.save_every.max(1);
     let ckpt2 = ckpt.clone();
     let mut tokens_run = 0usize;
+    let mut save_failed: Option<String> = None;
+    let mut saved_step: Option<usize> = (start_step > 0).then_some(start_step);
     let outcome = tr.run(&CANCEL, &mut |r, t| {
         tokens_run += r.tokens;
         let tps = tokens_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -345,8 +355,35 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
             tps,
             mib(r.peak_rss)
         ));
-        if r.step < r.steps && (r.step % save_every == 0 || last_save.elapsed().as_secs() >= 120) {
-            t.save_checkpoint(&ckpt2)?;
+        if r.step < r.steps
+            && (r.step % save_every == 0
+                || last_save.elapsed().as_secs() >= 120
+                || save_failed.is_some())
+        {
+            // A failed write (a full disk) does not end the run: the previous checkpoint is
+            // intact (writes are atomic), training goes on and the next step tries again.
+            match t.save_checkpoint(&ckpt2) {
+                Ok(_) => {
+                    if save_failed.take().is_some() {
+                        bar.suspend(|| eprintln!("checkpoint saved again at step {}", r.step));
+                    }
+                    saved_step = Some(r.step);
+                }
+                Err(e) => {
+                    if save_failed.is_none() {
+                        bar.suspend(|| {
+                            eprintln!(
+                                "warning: could not save the checkpoint at step {} ({e}); training goes on and retries after every step{}",
+                                r.step,
+                                saved_step
+                                    .map(|s| format!(", the checkpoint of step {s} is kept"))
+                                    .unwrap_or_default()
+                            )
+                        });
+                    }
+                    save_failed = Some(e.to_string());
+                }
+            }
             last_save = Instant::now();
         }
         if stop_after.is_some_and(|n| r.step - start_step >= n) {
@@ -356,7 +393,17 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if outcome == Outcome::Interrupted {
-        tr.save_checkpoint(&ckpt)?;
+        tr.save_checkpoint(&ckpt).with_context(|| match saved_step {
+            Some(s) => format!(
+                "could not save the checkpoint at step {}; the checkpoint of step {s} ({}) is kept, run the same command again to resume from it once there is space",
+                tr.step,
+                ckpt.display()
+            ),
+            None => format!(
+                "could not save the checkpoint at step {}; free some space and train again",
+                tr.step
+            ),
+        })?;
         eprintln!(
             "interrupted at step {}/{}: saved {}; run the same command again to resume",
             tr.step,
@@ -384,7 +431,18 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         tokens: tr.tokens_done,
         seconds: Some(tr.seconds),
     };
-    let version = adapters::save_version(&ctx.home, &mut ctx.store, &id, &w, &nv, true)?;
+    let version = adapters::save_version(&ctx.home, &mut ctx.store, &id, &w, &nv, true)
+        .with_context(|| {
+            let _ = tr.save_checkpoint(&ckpt);
+            format!(
+                "the run finished but its adapter could not be saved{}; free some space and run the same command again",
+                if ckpt.exists() {
+                    format!(" (its progress is kept in {})", ckpt.display())
+                } else {
+                    String::new()
+                }
+            )
+        })?;
     let _ = std::fs::remove_file(&ckpt);
     let first = tr.losses.first().copied().unwrap_or(0.0);
     let last = tr.losses.last().copied().unwrap_or(0.0);
@@ -460,7 +518,7 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
                     .trim_start_matches('v')
                     .parse()
                     .with_context(|| format!("{version:?} is not a version number"))?;
-                let rec = adapters::use_version(&ctx.store, v)?;
+                let rec = adapters::use_version(&ctx.home, &ctx.store, v)?;
                 println!("adapter v{} is active for {}", rec.version, rec.model);
             }
         }

@@ -80,8 +80,11 @@ pub fn run(
     let loaded = (|| -> anyhow::Result<(Store, Engine, Option<i64>)> {
         let store = Store::open(&cfg.home.db_path())?;
         let mut engine = assistant::load_engine(&cfg.choice, cfg.ctx, cfg.backend)?;
-        let adapter =
+        let (adapter, warning) =
             assistant::attach_active_adapter(&cfg.home, &store, &cfg.choice, &mut engine)?;
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
         Ok((store, engine, adapter))
     })();
     let (store, mut engine, adapter) = match loaded {

@@ -44,6 +44,9 @@ pub enum TrainError {
     Checkpoint(String),
     #[error("{0}")]
     Plan(String),
+    /// A NaN or infinite loss, gradient or weight: the run stops, nothing is saved from it.
+    #[error("{0}; the run stopped without saving an adapter and the previous adapter stays active (try a smaller --lr)")]
+    NonFinite(String),
 }
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -380,6 +383,12 @@ impl<'m> Trainer<'m> {
             tokens += mb.len() * self.cfg.seq_len;
         }
         let gnorm = optim::clip_global_norm(&mut grads, self.cfg.clip);
+        if !loss.is_finite() || !gnorm.is_finite() {
+            return Err(TrainError::NonFinite(format!(
+                "training diverged at step {}: the loss is {loss} and the gradient norm {gnorm}",
+                self.step + 1
+            )));
+        }
         let lr = optim::lr_at(
             self.cfg.lr,
             self.cfg.min_lr_ratio,
@@ -394,6 +403,12 @@ impl<'m> Trainer<'m> {
             params.push(b.flatten_all()?.to_vec1::<f32>()?);
         }
         self.opt.step(&mut params, &grads, lr);
+        if params.iter().flatten().any(|x| !x.is_finite()) {
+            return Err(TrainError::NonFinite(format!(
+                "training diverged at step {}: the update (learning rate {lr}) made a weight non-finite",
+                self.step + 1
+            )));
+        }
         let mut it = params.into_iter();
         for (_, a, b) in &self.vars {
             for v in [a, b] {

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Fault injection: SIGKILLs at random points of `hone train`, `hone learn` and `hone note import`,
+# and a full disk (a file-size limit, `ulimit -f`, with SIGXFSZ ignored so writes fail with EFBIG
+# as on a full disk). After every fault it checks that:
+#   - the database passes `PRAGMA integrity_check`;
+#   - no note is lost (imports are all-or-nothing: the count is the old one or old + all);
+#   - no adapter is lost or damaged (every recorded version's file exists and matches the sha256
+#     recorded when it was saved);
+# and at the end that training resumes from its checkpoint and finishes, and learning finishes.
+#
+# usage: bench/faults.sh [KILLS] [HONE_BINARY]
+#   KILLS   SIGKILLs per command (default 10; CI runs 3, under a minute)
+#   HONE    default target/release/hone (build it first: cargo build --release)
+# It runs on a tiny random model written by `hone dev write-tiny-model`, so a run is fast; set
+# FAULTS_MODEL=/path/to/model.gguf to use a real model instead (slower, same checks).
+set -euo pipefail
+
+KILLS=${1:-10}
+HONE=${2:-target/release/hone}
+[[ -x $HONE ]] || { echo "faults: $HONE is not built (cargo build --release)" >&2; exit 2; }
+HONE=$(realpath "$HONE")
+command -v python3 >/dev/null || { echo "faults: needs python3 (sqlite3, hashlib)" >&2; exit 2; }
+WORK=$(mktemp -d -t hone-faults-XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+export HONE_HOME=$WORK/home
+unset HONE_MODEL HONE_LOG
+MODEL=${FAULTS_MODEL:-$WORK/tiny.gguf}
+[[ -n ${FAULTS_MODEL:-} ]] || "$HONE" dev write-tiny-model "$MODEL" >/dev/null
+H=("$HONE" -t 1 --model "$MODEL")
+fails=0
+kills=0
+
+fail() { echo "FAIL: $*" >&2; fails=$((fails + 1)); }
+
+# Prints "notes adapters" after checking integrity and every adapter file; fails loudly.
+check() {
+  python3 - "$HONE_HOME" <<'EOF'
+import hashlib, os, sqlite3, sys
+home = sys.argv[1]
+db = sqlite3.connect(os.path.join(home, "hone.db"))
+ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+if ok != "ok":
+    print(f"integrity_check: {ok}", file=sys.stderr); sys.exit(1)
+notes = db.execute("SELECT count(*) FROM notes").fetchone()[0]
+rows = db.execute("SELECT version, file, sha256 FROM adapters").fetchall()
+for v, f, sha in rows:
+    p = os.path.join(home, f)
+    if not os.path.exists(p):
+        print(f"adapter v{v}: {f} is missing", file=sys.stderr); sys.exit(1)
+    if sha and hashlib.sha256(open(p, "rb").read()).hexdigest() != sha:
+        print(f"adapter v{v}: {f} does not match its sha256", file=sys.stderr); sys.exit(1)
+print(notes, len(rows))
+EOF
+}
+
+# Runs "$@" in the background and SIGKILLs it after a random 0-$2 seconds (if still running).
+kill_randomly() {
+  local max_ms=$1; shift
+  "$@" >/dev/null 2>&1 &
+  local pid=$! ms=$((RANDOM % max_ms))
+  sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
+  if kill -KILL "$pid" 2>/dev/null; then kills=$((kills + 1)); fi
+  wait "$pid" 2>/dev/null || true
+}
+
+"${H[@]}" note list >/dev/null   # creates the database
+read -r notes0 adapters0 < <(check)
+
+# --- note import: all or nothing ----------------------------------------------------------------
+mkdir -p "$WORK/notes"
+for i in $(seq 1 300); do
+  printf '# Note %d\n\nThe locker number %d holds the %s umbrella, filed on day %d.\n' \
+    "$i" "$i" "$(shuf -n1 -e red green blue grey)" "$((RANDOM % 365))" >"$WORK/notes/n$i.md"
+done
+for _ in $(seq 1 "$KILLS"); do
+  read -r before _ < <(check) || fail "check before import"
+  kill_randomly 400 "${H[@]}" note import "$WORK/notes"
+  if read -r after _ < <(check); then
+    if [[ $after != "$before" && $after != $((before + 300)) ]]; then
+      fail "note import killed: $before -> $after notes (expected all or nothing)"
+    fi
+  else
+    fail "check after a killed import"
+  fi
+done
+"${H[@]}" note import "$WORK/notes" >/dev/null || fail "the import after the kills"
+read -r notes_imported _ < <(check)
+[[ $notes_imported == 300 ]] || fail "after the kills and one full import: $notes_imported notes, expected 300"
+
+# --- train: killed at random steps, then resumed -------------------------------------------------
+python3 -c 'import json
+for i in range(40): print(json.dumps({"text": f"Entry {i}: the heron waits in the shallow water until fish number {i} comes near."}))' >"$WORK/train.jsonl"
+TRAIN=(train --data "$WORK/train.jsonl" --max-steps 200 --save-every 2 --seq-len 64)
+for _ in $(seq 1 "$KILLS"); do
+  kill_randomly 1500 "${H[@]}" "${TRAIN[@]}"
+  read -r _ a < <(check) || fail "check after a killed train"
+  [[ $a -ge $adapters0 ]] || fail "adapters lost: $a < $adapters0"
+done
+out=$("${H[@]}" "${TRAIN[@]}" 2>&1) || fail "the train after the kills: $out"
+read -r _ adapters1 < <(check)
+[[ $adapters1 -ge $((adapters0 + 1)) ]] || fail "no adapter saved after resuming ($adapters1)"
+grep -q "resuming" <<<"$out" && echo "train resumed from its checkpoint" || echo "train finished without a checkpoint to resume (killed after the last save)"
+
+# --- learn: a learning cycle killed at random points, then finished -------------------------------
+for i in 1 2 3; do "${H[@]}" note add "Fact $i: the spare key number $i is under the flowerpot $i." >/dev/null; done
+for _ in $(seq 1 "$KILLS"); do
+  read -r before a_before < <(check) || fail "check before learn"
+  kill_randomly 2000 "${H[@]}" learn --min-steps 200
+  read -r after a_after < <(check) || fail "check after a killed learn"
+  [[ $after == "$before" ]] || fail "learn killed: notes $before -> $after"
+  [[ $a_after -ge $a_before ]] || fail "learn killed: adapters $a_before -> $a_after"
+done
+"${H[@]}" learn --min-steps 200 >/dev/null 2>&1 || fail "the learn after the kills"
+check >/dev/null || fail "check after learning"
+
+# --- a full disk (file-size limit) ----------------------------------------------------------------
+read -r notes_before adapters_before < <(check)
+mkdir -p "$WORK/more"
+for i in $(seq 1 50); do head -c 20000 /dev/urandom | base64 >"$WORK/more/m$i.txt"; done
+( ulimit -f 256; trap '' XFSZ; "${H[@]}" note import "$WORK/more" ) >/dev/null 2>"$WORK/disk.err" \
+  && echo "import under the limit succeeded" || echo "import on a full disk refused: $(tail -c 200 "$WORK/disk.err")"
+grep -q panicked "$WORK/disk.err" && fail "panic on a full disk during import"
+read -r notes_after _ < <(check) || fail "check after the full-disk import"
+[[ $notes_after == "$notes_before" || $notes_after == $((notes_before + 50)) ]] \
+  || fail "full-disk import: $notes_before -> $notes_after notes (not all or nothing)"
+( ulimit -f 64; trap '' XFSZ; "${H[@]}" train --data "$WORK/train.jsonl" --max-steps 6 --save-every 1 --seq-len 64 --fresh ) \
+  >/dev/null 2>"$WORK/disk-train.err" && echo "train under the limit finished" || echo "train on a full disk: $(tail -c 300 "$WORK/disk-train.err")"
+grep -q panicked "$WORK/disk-train.err" && fail "panic on a full disk during training"
+read -r _ adapters_after < <(check) || fail "check after the full-disk train"
+[[ $adapters_after -ge $adapters_before ]] || fail "full-disk train lost adapters"
+
+echo "faults: $kills SIGKILLs delivered (train, learn, note import), full disk on import and train; $fails failures"
+[[ $fails == 0 ]]
