@@ -42,6 +42,8 @@ pub struct EarlyStop {
 const FLAT: f32 = 0.2;
 /// ... or when it is below this (nats per answer token): nothing left to learn.
 const FLOOR: f32 = 0.05;
+/// The least share of the new probes answered for a cycle to stop early.
+const MIN_SHARE: f64 = 0.8;
 
 impl EarlyStop {
     /// For a run of `planned` steps over `seqs` sequences per epoch, with `probes` new probes of
@@ -52,7 +54,9 @@ impl EarlyStop {
             planned,
             period,
             first: (2 * seqs).max(40),
-            need: ((probes as f64) * min_new).ceil() as usize,
+            // The gate's share, but at least four in five: stopping is for cycles that learned
+            // their notes, not for ones that only scrape past the gate.
+            need: ((probes as f64) * min_new.max(MIN_SHARE)).ceil() as usize,
             probes,
             checks: Vec::new(),
         }
@@ -73,8 +77,8 @@ impl EarlyStop {
     }
 
     /// Records the check after `step` (with `correct` new probes answered and the run's losses
-    /// so far) and says whether to stop: the probes pass (all of them, or as many as the gate
-    /// wants and no more than at the check before: nothing gained) and the loss is flat.
+    /// so far) and says whether to stop: the probes pass (all of them, or at least four in five
+    /// and no more than at the check before: nothing gained) and the loss is flat.
     pub fn decide(&mut self, step: usize, correct: usize, losses: &[f32]) -> bool {
         let mean = |w: &[f32]| w.iter().sum::<f32>() / w.len().max(1) as f32;
         let n = losses.len();
@@ -117,27 +121,32 @@ mod tests {
 
     #[test]
     fn stops_only_when_probes_pass_and_the_loss_is_flat() {
-        let mut e = EarlyStop::new(10, 100, 4, 0.5);
+        let mut e = EarlyStop::new(10, 100, 10, 0.5);
         // Loss still falling fast: no stop even with every probe right.
         let falling: Vec<f32> = (0..40).map(|i| 2.0 - i as f32 * 0.04).collect();
-        assert!(!EarlyStop::new(10, 100, 4, 0.5).decide(40, 4, &falling));
-        assert!(!e.decide(40, 2, &falling));
-        // Flat loss, but only 1 of 4 probes (the gate wants 2): go on.
+        assert!(!EarlyStop::new(10, 100, 10, 0.5).decide(40, 10, &falling));
+        assert!(!e.decide(40, 5, &falling));
+        // Flat loss, but only 4 of 10 probes: go on.
         let flat: Vec<f32> = (0..60).map(|i| if i < 40 { 1.0 } else { 0.9 }).collect();
-        assert!(!e.decide(60, 1, &flat));
-        // Flat, 3 of 4 (enough for the gate) and more than before: still gaining, go on.
+        assert!(!e.decide(60, 4, &flat));
+        // Flat, 8 of 10 (four in five) and more than before: still gaining, go on.
         let flat2: Vec<f32> = (0..80).map(|_| 0.9).collect();
-        assert!(!e.decide(80, 3, &flat2));
+        assert!(!e.decide(80, 8, &flat2));
         // Flat and no gain over the best check: stop.
         let flat3: Vec<f32> = (0..100).map(|_| 0.9).collect();
-        assert!(e.decide(90, 3, &flat3));
+        assert!(e.decide(90, 8, &flat3));
         assert_eq!(e.checks.len(), 4);
         assert!(e.checks[3].stop && !e.checks[2].stop);
         assert!(
             (e.checks[3].loss - 0.9).abs() < 1e-6 && e.checks[0].loss < e.checks[0].loss_before
         );
+        // Enough for the gate (half) but under four in five, and no gain: go on.
+        let mut g = EarlyStop::new(10, 100, 10, 0.5);
+        assert!(!g.decide(40, 7, &flat3[..40]));
+        assert!(!g.decide(60, 7, &flat3[..60]));
         // Every probe right and the loss at the floor: stop at the first check.
         let mut f = EarlyStop::new(10, 100, 4, 0.5);
+        // (four probes: four in five is all of them)
         let low: Vec<f32> = (0..40).map(|i| if i < 20 { 0.5 } else { 0.01 }).collect();
         assert!(f.decide(40, 4, &low));
     }
