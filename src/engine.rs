@@ -452,7 +452,7 @@ impl Engine {
         let route = route.trim().to_string();
         let ids = self.tokenizer.encode(&route, false)?;
         let t0 = Instant::now();
-        let p = self.opening_probability(prompt, &ids)?;
+        let (p, reused) = self.opening_probability(prompt, &ids)?;
         if (about_notes || p >= self.route_min_p)
             && !ids.is_empty()
             && prompt.len() + ids.len() < self.model.max_context()
@@ -470,7 +470,7 @@ impl Engine {
             g.tokens = tokens;
             g.completion_tokens += ids.len();
             g.prompt_tokens = prompt.len();
-            g.reused_tokens = g.reused_tokens.min(prompt.len());
+            g.reused_tokens = reused;
             g.prompt_ms = (t0.elapsed().as_secs_f64() * 1000.0 - g.generate_ms).max(0.0);
             g.route_p = Some(p);
             return Ok(g);
@@ -490,8 +490,9 @@ impl Engine {
     }
 
     /// The probability that the model (with its adapter) opens its answer to `prompt` with the
-    /// tokens `opening`; leaves the prompt and all but the last opening token in the cache.
-    fn opening_probability(&mut self, prompt: &[u32], opening: &[u32]) -> Result<f64> {
+    /// tokens `opening`, and how many prompt tokens came from the cache; leaves the prompt and
+    /// all but the last opening token in the cache.
+    fn opening_probability(&mut self, prompt: &[u32], opening: &[u32]) -> Result<(f64, usize)> {
         let max_ctx = self.model.max_context();
         if prompt.len() + opening.len() >= max_ctx {
             return Err(ModelError::ContextFull {
@@ -502,9 +503,9 @@ impl Engine {
             .into());
         }
         let Some((&first, rest)) = opening.split_first() else {
-            return Ok(0.0);
+            return Ok((0.0, 0));
         };
-        let (logits, _) = self.prefill(prompt)?;
+        let (logits, reused) = self.prefill(prompt)?;
         let log_p = |row: &[f32], t: u32| -> f64 {
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let z: f64 = row.iter().map(|v| (*v as f64 - m).exp()).sum();
@@ -520,7 +521,7 @@ impl Engine {
                 lp += log_p(row, *t);
             }
         }
-        Ok(lp.exp())
+        Ok((lp.exp(), reused))
     }
 
     /// Mean negative log-likelihood (nats per token) of the tokens marked in `scored`, each given
