@@ -3,7 +3,8 @@
 //! settled from the model's defaults and the request, and the exchange recorded.
 //!
 //! It must not print, parse arguments or speak HTTP: callers do that. It must not choose the
-//! model (`registry` does) or decide how an answer is produced (`engine::Engine::answer` does).
+//! model (`registry` does) or decide how an answer is produced (`engine::Engine::answer` does;
+//! `note_about` only says whether the question is about a learned note).
 
 use crate::engine::{Backend, Engine, Generation, LoadOptions};
 use crate::home::Home;
@@ -22,6 +23,20 @@ pub fn load_engine(choice: &ModelChoice, ctx: Option<usize>, backend: Backend) -
     };
     Engine::load(&choice.name, &choice.path, &opts)
         .with_context(|| format!("loading model {}", choice.name))
+}
+
+/// The learned note `question` is about, when `engine` routes between its adapter and the base
+/// model (`Engine::answer_routed` then lets the adapter answer from its weights); None without a
+/// route or a question (e.g. notes already in the prompt).
+pub fn note_about(
+    store: &Store,
+    engine: &Engine,
+    question: Option<&str>,
+) -> Result<Option<crate::retrieve::NoteMatch>> {
+    match (&engine.route, question) {
+        (Some(_), Some(q)) => crate::retrieve::learned_note_about(store, q),
+        _ => Ok(None),
+    }
 }
 
 /// Attaches the chosen model's active adapter to `engine`, with the route its learning cycle

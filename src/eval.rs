@@ -100,8 +100,8 @@ pub fn ask_all(
         msgs.push(Message::user(&content));
         let toks = engine.chat_tokens(&msgs)?;
         // As `hone ask` answers: a question about a learned note goes to the adapter.
-        let about = match (store, ctx, &engine.route) {
-            (Some(s), None, Some(_)) => crate::retrieve::learned_note_about(s, &q.q)?.is_some(),
+        let about = match (store, ctx) {
+            (Some(s), None) => crate::assistant::note_about(s, engine, Some(&q.q))?.is_some(),
             _ => false,
         };
         let g = engine.answer_routed(&toks, &Default::default(), 48, cancel, &mut |_| {}, about)?;

@@ -143,10 +143,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         cancel.store(false, Ordering::SeqCst);
         let stdout = std::io::stdout();
-        let about = match engine.route {
-            Some(_) => hone::retrieve::learned_note_about(&ctx.store, line)?,
-            None => None,
-        };
+        let about = hone::assistant::note_about(&ctx.store, &engine, Some(line))?;
         let g = engine.answer_routed(
             &tokens,
             &params,

@@ -241,10 +241,8 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let json = a.json;
     // A question about a learned note is answered by the adapter from its weights.
-    let about = match (&engine.route, a.with_notes) {
-        (Some(_), false) => hone::retrieve::learned_note_about(&ctx.store, &question)?,
-        _ => None,
-    };
+    let asked = (!a.with_notes).then_some(question.as_str());
+    let about = hone::assistant::note_about(&ctx.store, &engine, asked)?;
     let g = engine.answer_routed(
         &tokens,
         &params,
@@ -807,10 +805,7 @@ fn demo_answer(
     let cancel = AtomicBool::new(false);
     let tokens = engine.chat_tokens(&[Message::user(content)])?;
     let stdout = std::io::stdout();
-    let about = match engine.route {
-        Some(_) => hone::retrieve::learned_note_about(&ctx.store, q)?,
-        None => None,
-    };
+    let about = hone::assistant::note_about(&ctx.store, engine, Some(q))?;
     let g = engine.answer_routed(
         &tokens,
         &params,

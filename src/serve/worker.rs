@@ -209,12 +209,9 @@ fn answer(
             .map(|m| m.content.as_str()),
         Input::Text(_) => None,
     };
-    let about = match (&engine.route, question) {
-        (Some(_), Some(q)) => crate::retrieve::learned_note_about(store, q)
-            .map_err(|e| ApiError::internal(format!("searching the notes failed: {e}")))?
-            .is_some(),
-        _ => false,
-    };
+    let about = assistant::note_about(store, engine, question)
+        .map_err(|e| ApiError::internal(format!("searching the notes failed: {e}")))?
+        .is_some();
     let g = engine.answer_routed(
         &tokens,
         &params,
