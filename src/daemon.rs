@@ -998,15 +998,16 @@ impl CycleRunner for LearnRunner {
         if let Some(left) = s.minutes_left(now, learned) {
             // A new cycle that cannot finish before a limit stops it learns fewer notes (an
             // unfinished one continues as it is: its notes are fixed).
-            progress(&Progress {
+            let note = |message: String, estimate_s: Option<f64>| Progress {
                 phase: Phase::Load,
                 done: 0,
                 total: 1,
                 tokens_per_s: 0.0,
                 peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
-                message: "estimating the cycle's time".into(),
-                estimate_s: None,
-            });
+                message,
+                estimate_s,
+            };
+            progress(&note("estimating the cycle's time".into(), None));
             if let Some(e) = learn::estimate::estimate(&self.store, &choice, &opts, cancel)? {
                 let need = e.total_seconds / 60.0;
                 if e.continues.is_none() && need > left && e.notes.len() > 1 {
@@ -1022,18 +1023,13 @@ impl CycleRunner for LearnRunner {
                         e.notes.len()
                     );
                 }
-                progress(&Progress {
-                    phase: Phase::Load,
-                    done: 0,
-                    total: 1,
-                    tokens_per_s: 0.0,
-                    peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
-                    message: format!(
+                progress(&note(
+                    format!(
                         "estimated {need:.0} min for {} notes",
                         e.notes.len().min(opts.max_notes)
                     ),
-                    estimate_s: Some(e.total_seconds),
-                });
+                    Some(e.total_seconds),
+                ));
             }
         }
         learn::run_cycle(

@@ -312,14 +312,7 @@ impl Engine {
         mut hold: Option<Hold<'_>>,
     ) -> Result<Option<Generation>> {
         let max_ctx = self.model.max_context();
-        if prompt.len() >= max_ctx {
-            return Err(ModelError::ContextFull {
-                needed: prompt.len() + 1,
-                max: max_ctx,
-                trained: self.model.cfg.trained_ctx,
-            }
-            .into());
-        }
+        self.room_for(prompt.len())?;
         let t0 = Instant::now();
         let (mut logits, reused) = self.prefill(prompt)?;
         let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -489,19 +482,25 @@ impl Engine {
         })
     }
 
-    /// The probability that the model (with its adapter) opens its answer to `prompt` with the
-    /// tokens `opening`, and how many prompt tokens came from the cache; leaves the prompt and
-    /// all but the last opening token in the cache.
-    fn opening_probability(&mut self, prompt: &[u32], opening: &[u32]) -> Result<(f64, usize)> {
-        let max_ctx = self.model.max_context();
-        if prompt.len() + opening.len() >= max_ctx {
+    /// An error unless the context has room for `tokens` and one more to generate.
+    fn room_for(&self, tokens: usize) -> Result<()> {
+        let max = self.model.max_context();
+        if tokens >= max {
             return Err(ModelError::ContextFull {
-                needed: prompt.len() + opening.len() + 1,
-                max: max_ctx,
+                needed: tokens + 1,
+                max,
                 trained: self.model.cfg.trained_ctx,
             }
             .into());
         }
+        Ok(())
+    }
+
+    /// The probability that the model (with its adapter) opens its answer to `prompt` with the
+    /// tokens `opening`, and how many prompt tokens came from the cache; leaves the prompt and
+    /// all but the last opening token in the cache.
+    fn opening_probability(&mut self, prompt: &[u32], opening: &[u32]) -> Result<(f64, usize)> {
+        self.room_for(prompt.len() + opening.len())?;
         let Some((&first, rest)) = opening.split_first() else {
             return Ok((0.0, 0));
         };
