@@ -7,8 +7,8 @@
 //! and the caller.
 
 use crate::home::Home;
+use crate::hparams::{Arch, Config};
 use crate::lora::{self, LoraConfig, LoraError, LoraWeights, Target};
-use crate::model::{Arch, Config};
 use crate::registry::ModelChoice;
 use crate::store::{AdapterRecord, Store, StoreError};
 use candle_core::quantized::gguf_file::{self, Value};

@@ -5,6 +5,7 @@
 //! turn only processes the new tokens. It must not touch the database or the terminal: callers
 //! get text pieces through a callback and record what they want.
 
+use crate::codec::{Codec, SoftTargets};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::{Logits, Model, ModelError};
 use crate::sample::{Sampler, SamplingParams};
@@ -241,15 +242,15 @@ impl Engine {
     /// Token ids of `text` with special tokens parsed, and BOS first when the model asks for
     /// it (and the text does not already start with it).
     pub fn text_tokens(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let mut ids = self.tokenizer.encode(text, parse_special)?;
-        if self.tokenizer.add_bos {
-            if let Some(bos) = self.tokenizer.bos {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
+        Ok(self.codec().text_tokens(text, parse_special)?)
+    }
+
+    /// The tokenizer and chat template, borrowed together (what training data is built with).
+    pub fn codec(&self) -> Codec<'_> {
+        Codec {
+            tokenizer: &self.tokenizer,
+            template: &self.template,
         }
-        Ok(ids)
     }
 
     /// Forgets the KV cache (the next call processes its whole prompt).
@@ -569,7 +570,7 @@ impl Engine {
         tokens: &[u32],
         scored: &[bool],
         k: usize,
-    ) -> Result<crate::train::data::SoftTargets> {
+    ) -> Result<SoftTargets> {
         let lsm = self.next_token_log_probs(tokens, scored)?;
         let mut out = Vec::new();
         for i in 1..tokens.len() {

@@ -587,7 +587,7 @@ pub fn header_layout(bytes: &[u8]) -> Result<HeaderLayout, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Config;
+    use crate::hparams::Config;
     use crate::tiny::{write_tiny_model, TinySpec};
 
     /// A tiny model's bytes and the position of its header fields.

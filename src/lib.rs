@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod assistant;
+pub mod codec;
 pub mod daemon;
 pub mod daemon_lock;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod eval;
 pub mod gguf;
 pub mod home;
+pub mod hparams;
 pub mod kernels;
 pub mod learn;
 pub mod logfile;

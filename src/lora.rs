@@ -7,7 +7,7 @@
 //! It must not train (that is `train`), know about the database or versions (that is
 //! `adapters`), or change the base weights: adapters are applied next to the base, never into it.
 
-use crate::model::Config;
+use crate::hparams::Config;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -580,7 +580,7 @@ mod tests {
 
     fn cfg() -> Config {
         Config {
-            arch: crate::model::Arch::Llama,
+            arch: crate::hparams::Arch::Llama,
             arch_name: "llama".into(),
             dim: 64,
             n_layers: 2,

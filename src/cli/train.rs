@@ -220,7 +220,7 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         .map(|m| m.len())
         .unwrap_or(0);
     let file = hone::gguf::GgufFile::open(&choice.path)?;
-    let mcfg = hone::model::Config::from_gguf(&file)?;
+    let mcfg = hone::hparams::Config::from_gguf(&file)?;
     drop(file);
     let budget = a.max_memory.as_deref().map(parse_bytes).transpose()?;
     // The tokenizer and template come from a model loaded with a small context first; the
@@ -234,7 +234,7 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         .with_context(|| format!("loading model {}", choice.name))?;
     // The same system message `hone ask` uses, so training and asking see the same prompt.
     let system = choice.chat_defaults().system;
-    let (examples, data_sha) = data::read_jsonl(&engine, &a.data, system.as_deref())?;
+    let (examples, data_sha) = data::read_jsonl(&engine.codec(), &a.data, system.as_deref())?;
     let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
     let seq_len = a
         .seq_len
@@ -254,7 +254,7 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         max_micro_batch: Some(examples.len()),
     };
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
-    let ds = data::pack_dataset(&engine, &a.data, &examples, data_sha, p.seq_len)?;
+    let ds = data::pack_dataset(&engine.codec(), &a.data, &examples, data_sha, p.seq_len)?;
     let id = identity(&ctx, &choice, &engine)?;
     let lora = LoraConfig::top_layers(a.rank, a.alpha, targets, mcfg.n_layers, p.layers)?;
     let mut cfg = TrainConfig {

@@ -182,7 +182,7 @@ pub fn estimate(
         if a.is_empty() {
             continue;
         }
-        examples.push(data::chat_pair(&l.engine, sys, p, a).map_err(anyhow::Error::msg)?);
+        examples.push(data::chat_pair(&l.engine.codec(), sys, p, a).map_err(anyhow::Error::msg)?);
     }
     if examples.is_empty() {
         return Ok(None);

@@ -550,8 +550,8 @@ fn lead_weights(learn: &[bool], lead: usize, w: f32) -> Vec<f32> {
 /// An item as a training example.
 fn example(engine: &Engine, system: Option<&str>, it: &Item) -> Result<data::Example> {
     match &it.prompt {
-        Some(p) => data::chat_pair(engine, system, p, &it.completion),
-        None => data::text_example(engine, &it.completion, false),
+        Some(p) => data::chat_pair(&engine.codec(), system, p, &it.completion),
+        None => data::text_example(&engine.codec(), &it.completion, false),
     }
     .map_err(anyhow::Error::msg)
 }
@@ -593,7 +593,7 @@ fn general_nll(
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let ex = data::chat_pair(engine, system, p, a).map_err(anyhow::Error::msg)?;
+        let ex = data::chat_pair(&engine.codec(), system, p, a).map_err(anyhow::Error::msg)?;
         sum += engine.scored_nll(&ex.tokens, &ex.learn)?;
     }
     Ok(Some(sum / held.len().max(1) as f64))
@@ -832,7 +832,7 @@ fn run_one(
     };
     let anchor_held: Vec<(String, String)> = held.iter().filter_map(|p| pair(p)).collect();
     for (p, a) in chosen.iter().filter_map(|p| pair(p)) {
-        let mut ex = data::chat_pair(&l.engine, sys, &p, &a).map_err(anyhow::Error::msg)?;
+        let mut ex = data::chat_pair(&l.engine.codec(), sys, &p, &a).map_err(anyhow::Error::msg)?;
         if opts.anchor_topk > 0 && ex.tokens.len() >= 2 {
             // The base model's own distribution (no adapter is set here).
             ex.soft = l
@@ -1170,7 +1170,7 @@ fn plan_training(
     };
     let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
     let ds = data::pack_examples(
-        &l.engine,
+        &l.engine.codec(),
         &format!("learning cycle {cycle}"),
         examples,
         data_sha,

@@ -6,8 +6,11 @@
 //! It must not run the model; it turns a file into token sequences, deterministically.
 
 use super::forward::Batch;
-use crate::engine::Engine;
+use crate::codec::Codec;
+pub use crate::codec::SoftTargets;
 use crate::template::Message;
+use crate::template::TemplateError;
+use crate::tokenizer::TokenizerError;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -29,8 +32,17 @@ pub enum DataError {
     Empty(String),
 }
 
-/// Soft targets of one sequence: (token index or position, [(candidate token, probability)]).
-pub type SoftTargets = Vec<(usize, Vec<(u32, f32)>)>;
+/// Why one example cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ExampleError {
+    #[error(transparent)]
+    Tokenize(#[from] TokenizerError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The example's JSON or conversation has the wrong shape (the message says how).
+    #[error("{0}")]
+    Shape(&'static str),
+}
 
 /// One tokenised example: tokens and, for each, whether it is a training target.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +77,11 @@ fn line_err(path: &Path, line: usize, message: impl Into<String>) -> DataError {
 }
 
 /// Tokenises `text` pieces in order, each marked learn or not (BOS first if the model adds it).
-fn segments(engine: &Engine, parts: &[(String, bool)], special: bool) -> Result<Example, String> {
+fn segments(
+    codec: &Codec,
+    parts: &[(String, bool)],
+    special: bool,
+) -> Result<Example, ExampleError> {
     let mut tokens = Vec::new();
     let mut learn = Vec::new();
     for (i, (text, l)) in parts.iter().enumerate() {
@@ -73,11 +89,10 @@ fn segments(engine: &Engine, parts: &[(String, bool)], special: bool) -> Result<
             continue;
         }
         let ids = if i == 0 {
-            engine.text_tokens(text, special)
+            codec.text_tokens(text, special)
         } else {
-            engine.tokenizer.encode(text, special).map_err(Into::into)
-        }
-        .map_err(|e| e.to_string())?;
+            codec.tokenizer.encode(text, special)
+        }?;
         learn.extend(std::iter::repeat_n(*l, ids.len()));
         tokens.extend(ids);
     }
@@ -90,45 +105,40 @@ fn segments(engine: &Engine, parts: &[(String, bool)], special: bool) -> Result<
 }
 
 /// Renders a conversation and marks the assistant turns as targets.
-fn chat_example(engine: &Engine, msgs: &[Message]) -> Result<Example, String> {
-    let full = engine
-        .template
-        .render(msgs, false)
-        .map_err(|e| e.to_string())?;
+fn chat_example(codec: &Codec, msgs: &[Message]) -> Result<Example, ExampleError> {
+    let full = codec.template.render(msgs, false)?;
     let mut parts: Vec<(String, bool)> = Vec::new();
     let mut done = 0usize;
     for (i, m) in msgs.iter().enumerate() {
         if m.role != "assistant" {
             continue;
         }
-        let start = engine
-            .template
-            .render(&msgs[..i], true)
-            .map_err(|e| e.to_string())?;
-        let end = engine
-            .template
-            .render(&msgs[..=i], false)
-            .map_err(|e| e.to_string())?;
+        let start = codec.template.render(&msgs[..i], true)?;
+        let end = codec.template.render(&msgs[..=i], false)?;
         if !full.starts_with(&start) || !full.starts_with(&end) || start.len() < done {
-            return Err("the chat template does not render the conversation turn by turn; use {\"text\": ...} instead".into());
+            return Err(ExampleError::Shape("the chat template does not render the conversation turn by turn; use {\"text\": ...} instead"));
         }
         parts.push((full[done..start.len()].to_string(), false));
         parts.push((full[start.len()..end.len()].to_string(), true));
         done = end.len();
     }
     if parts.is_empty() {
-        return Err("the conversation has no assistant message to learn".into());
+        return Err(ExampleError::Shape(
+            "the conversation has no assistant message to learn",
+        ));
     }
     if done < full.len() {
         parts.push((full[done..].to_string(), false));
     }
-    segments(engine, &parts, true)
+    segments(codec, &parts, true)
 }
 
 /// Parses one JSON line into an example. `system` is added to conversations that have none
 /// (the same system message `hone ask` uses, so training and asking see the same prompt).
-pub fn parse_line(engine: &Engine, v: &Value, system: Option<&str>) -> Result<Example, String> {
-    let obj = v.as_object().ok_or("each line must be a JSON object")?;
+pub fn parse_line(codec: &Codec, v: &Value, system: Option<&str>) -> Result<Example, ExampleError> {
+    let obj = v
+        .as_object()
+        .ok_or(ExampleError::Shape("each line must be a JSON object"))?;
     let with_system = |mut msgs: Vec<Message>| {
         if let Some(s) = system {
             if msgs.first().map(|m| m.role.as_str()) != Some("system") {
@@ -138,51 +148,60 @@ pub fn parse_line(engine: &Engine, v: &Value, system: Option<&str>) -> Result<Ex
         msgs
     };
     if let Some(t) = obj.get("text") {
-        let t = t.as_str().ok_or("\"text\" must be a string")?;
+        let t = t
+            .as_str()
+            .ok_or(ExampleError::Shape("\"text\" must be a string"))?;
         if t.trim().is_empty() {
-            return Err("\"text\" is empty".into());
+            return Err(ExampleError::Shape("\"text\" is empty"));
         }
-        let mut ex = segments(engine, &[(t.to_string(), true)], false)?;
-        if let Some(eos) = engine.tokenizer.eos {
+        let mut ex = segments(codec, &[(t.to_string(), true)], false)?;
+        if let Some(eos) = codec.tokenizer.eos {
             ex.tokens.push(eos);
             ex.learn.push(true);
         }
         return Ok(ex);
     }
     if let (Some(p), Some(c)) = (obj.get("prompt"), obj.get("completion")) {
-        let p = p.as_str().ok_or("\"prompt\" must be a string")?;
-        let c = c.as_str().ok_or("\"completion\" must be a string")?;
+        let p = p
+            .as_str()
+            .ok_or(ExampleError::Shape("\"prompt\" must be a string"))?;
+        let c = c
+            .as_str()
+            .ok_or(ExampleError::Shape("\"completion\" must be a string"))?;
         let msgs = with_system(vec![Message::user(p), Message::assistant(c)]);
-        return chat_example(engine, &msgs);
+        return chat_example(codec, &msgs);
     }
     if let Some(m) = obj.get("messages") {
-        let arr = m.as_array().ok_or("\"messages\" must be an array")?;
+        let arr = m
+            .as_array()
+            .ok_or(ExampleError::Shape("\"messages\" must be an array"))?;
         let mut msgs = Vec::new();
         for x in arr {
             let role = x
                 .get("role")
                 .and_then(Value::as_str)
-                .ok_or("each message needs a string \"role\"")?;
+                .ok_or(ExampleError::Shape("each message needs a string \"role\""))?;
             let content = x
                 .get("content")
                 .and_then(Value::as_str)
-                .ok_or("each message needs a string \"content\"")?;
+                .ok_or(ExampleError::Shape(
+                    "each message needs a string \"content\"",
+                ))?;
             msgs.push(Message::new(role, content));
         }
-        return chat_example(engine, &with_system(msgs));
+        return chat_example(codec, &with_system(msgs));
     }
-    Err(
-        "expected {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}"
-            .into(),
-    )
+    Err(ExampleError::Shape(
+        "expected {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}",
+    ))
 }
 
 /// Plain text as an example, every token a target; `eos` appends the end token (leave it off
 /// for notes taught to an instruct model, or it learns to answer with nothing).
-pub fn text_example(engine: &Engine, text: &str, eos: bool) -> Result<Example, String> {
-    let mut ex = segments(engine, &[(text.to_string(), true)], false)?;
+pub fn text_example(codec: &Codec, text: &str, eos: bool) -> Result<Example, ExampleError> {
+    let mut ex = segments(codec, &[(text.to_string(), true)], false)?;
     if eos {
-        if let Some(e) = engine.tokenizer.eos {
+        if let Some(e) = codec.tokenizer.eos {
             ex.tokens.push(e);
             ex.learn.push(true);
         }
@@ -192,26 +211,26 @@ pub fn text_example(engine: &Engine, text: &str, eos: bool) -> Result<Example, S
 
 /// One question and its answer as a chat (with `system` if given), loss on the answer.
 pub fn chat_pair(
-    engine: &Engine,
+    codec: &Codec,
     system: Option<&str>,
     user: &str,
     assistant: &str,
-) -> Result<Example, String> {
+) -> Result<Example, ExampleError> {
     let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
     msgs.push(Message::user(user));
     msgs.push(Message::assistant(assistant));
-    chat_example(engine, &msgs)
+    chat_example(codec, &msgs)
 }
 
 /// Packs in-memory examples (named `name` in messages) into a dataset.
 pub fn pack_examples(
-    engine: &Engine,
+    codec: &Codec,
     name: &str,
     examples: &[Example],
     sha: String,
     seq_len: usize,
 ) -> Result<Dataset, DataError> {
-    let pad = engine.tokenizer.eos.unwrap_or(0);
+    let pad = codec.tokenizer.eos.unwrap_or(0);
     let seqs = pack(examples, seq_len, pad);
     if seqs.is_empty() {
         return Err(DataError::Empty(format!(
@@ -236,7 +255,7 @@ pub fn pack_examples(
 
 /// Reads a JSONL file into examples; the first bad line stops it with its line number.
 pub fn read_jsonl(
-    engine: &Engine,
+    codec: &Codec,
     path: &Path,
     system: Option<&str>,
 ) -> Result<(Vec<Example>, String), DataError> {
@@ -263,7 +282,7 @@ pub fn read_jsonl(
         }
         let v: Value = serde_json::from_str(line)
             .map_err(|e| line_err(path, i + 1, format!("not JSON: {e}")))?;
-        out.push(parse_line(engine, &v, system).map_err(|m| line_err(path, i + 1, m))?);
+        out.push(parse_line(codec, &v, system).map_err(|m| line_err(path, i + 1, m.to_string()))?);
     }
     if out.is_empty() {
         return Err(DataError::Empty(format!(
@@ -422,7 +441,7 @@ pub fn synthetic(tok: &crate::tokenizer::Tokenizer, n: usize, s: usize, seed: u6
 
 /// Packs examples read from `path` into a dataset of sequences of `seq_len` tokens.
 pub fn pack_dataset(
-    engine: &Engine,
+    codec: &Codec,
     path: &Path,
     examples: &[Example],
     sha: String,
@@ -432,18 +451,18 @@ pub fn pack_dataset(
         .file_name()
         .map(|f| f.to_string_lossy().to_string())
         .unwrap_or_else(|| path.display().to_string());
-    pack_examples(engine, &name, examples, sha, seq_len)
+    pack_examples(codec, &name, examples, sha, seq_len)
 }
 
 /// Reads and packs a data file.
 pub fn load(
-    engine: &Engine,
+    codec: &Codec,
     path: &Path,
     seq_len: usize,
     system: Option<&str>,
 ) -> Result<Dataset, DataError> {
-    let (examples, sha) = read_jsonl(engine, path, system)?;
-    pack_dataset(engine, path, &examples, sha, seq_len)
+    let (examples, sha) = read_jsonl(codec, path, system)?;
+    pack_dataset(codec, path, &examples, sha, seq_len)
 }
 
 #[cfg(test)]

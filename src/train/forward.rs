@@ -7,8 +7,9 @@
 
 use super::ops::{MaskedSoftmax, RmsNorm, Rope};
 use super::qmatmul::{head_cross_entropy, qmatmul};
+use crate::hparams::Arch;
 use crate::lora::{LoraWeights, Target};
-use crate::model::{Arch, Linear, Model};
+use crate::model::{Linear, Model};
 use candle_core::{Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ pub struct Batch {
     pub segments: Vec<u32>,
     /// Positions whose loss is the cross-entropy against a distribution (token, probability)
     /// instead of `targets[p]` alone (distillation); their weight still comes from `weights`.
-    pub soft: super::data::SoftTargets,
+    pub soft: crate::codec::SoftTargets,
 }
 
 /// Rotary tables and the attention mask for a batch: computed once, shared by all layers.

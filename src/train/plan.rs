@@ -6,8 +6,8 @@
 //! It must not allocate or run anything; it is arithmetic over shapes, with constants calibrated
 //! against peaks measured with `sys::peak_rss_bytes` (see `tests/train_memory.rs`).
 
+use crate::hparams::Config;
 use crate::lora::Target;
-use crate::model::Config;
 
 /// What the caller fixed (None: the planner chooses).
 #[derive(Debug, Clone)]
@@ -185,7 +185,7 @@ mod tests {
 
     fn smol() -> Config {
         Config {
-            arch: crate::model::Arch::Llama,
+            arch: crate::hparams::Arch::Llama,
             arch_name: "llama".into(),
             dim: 576,
             n_layers: 30,

@@ -7,7 +7,7 @@ fn run(data: &[u8]) {
     let Ok(file) = hone::gguf::GgufFile::open(f.path()) else {
         return;
     };
-    let Ok(cfg) = hone::model::Config::from_gguf(&file) else {
+    let Ok(cfg) = hone::hparams::Config::from_gguf(&file) else {
         return;
     };
     let _ = hone::tokenizer::Tokenizer::from_gguf(&file);
