@@ -60,7 +60,7 @@ pub fn model_id(store: &Store, choice: &ModelChoice, architecture: &str) -> Resu
     } else if let Some(r) = store.registered_model(&choice.name)?.and_then(|r| r.sha256) {
         r
     } else {
-        crate::pull::sha256_file(&choice.path).map_err(|e| AdapterError::Other(e.to_string()))?
+        crate::digest::sha256_file(&choice.path).map_err(|e| AdapterError::Other(e.to_string()))?
     };
     Ok(ModelId {
         name: choice.name.clone(),
@@ -121,7 +121,7 @@ pub fn save_version(
         ))
     })?;
     let data = lora::safetensors_bytes(&w.named_tensors(), &m)?;
-    let sha256 = crate::pull::sha256_hex(&data);
+    let sha256 = crate::digest::sha256_hex(&data);
     lora::write_atomic(&path, &data).map_err(|source| AdapterError::Io {
         path: path.clone(),
         source,
@@ -187,7 +187,7 @@ pub fn read_checked(home: &Home, rec: &AdapterRecord) -> Result<(LoraWeights, Fi
         ))
     })?;
     if let Some(want) = &rec.sha256 {
-        let got = crate::pull::sha256_hex(&bytes);
+        let got = crate::digest::sha256_hex(&bytes);
         if &got != want {
             return Err(AdapterError::Damaged(format!(
                 "the file of adapter version {}, {}, has changed since it was saved (sha256 {}…, recorded {}…)",
@@ -503,7 +503,7 @@ mod tests {
         let file = std::fs::read(f.home.root().join(&rec.file)).unwrap();
         assert_eq!(
             rec.sha256.as_deref(),
-            Some(crate::pull::sha256_hex(&file).as_str())
+            Some(crate::digest::sha256_hex(&file).as_str())
         );
         load_version(&f.home, &rec, &f.id, &f.cfg).unwrap();
     }

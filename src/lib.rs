@@ -9,6 +9,7 @@ pub mod codec;
 pub mod daemon;
 pub mod daemon_lock;
 pub mod device;
+pub mod digest;
 pub mod engine;
 pub mod eval;
 pub mod gguf;

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// How long an operation waits for another process's lock before giving up
 /// with [`StoreError::Locked`].
@@ -1045,7 +1044,7 @@ fn insert_note(
     source: Option<&str>,
     section: Option<&str>,
 ) -> rusqlite::Result<NoteAdded> {
-    let sha = hex::encode(Sha256::digest(content.as_bytes()));
+    let sha = crate::digest::sha256_hex(content.as_bytes());
     let now = now_rfc3339();
     let inserted = conn.execute(
         "INSERT INTO notes (created_at, updated_at, source, section, content, sha256, bytes) \
@@ -1149,6 +1148,7 @@ fn model_from_row(r: &Row<'_>) -> rusqlite::Result<RegisteredModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
     use std::time::Instant;
 
     fn db(dir: &tempfile::TempDir) -> PathBuf {

@@ -314,7 +314,7 @@ fn pull(cli: &Cli, a: &crate::PullArgs) -> Result<()> {
         hone::tokenizer::Tokenizer::from_gguf(&gguf)
             .with_context(|| format!("{} has no tokenizer hone can use", path.display()))?;
         eprintln!("hashing {} ...", path.display());
-        let sha = hone::pull::sha256_file(&path)?;
+        let sha = hone::digest::sha256_file(&path)?;
         store.register_model(&hone::store::RegisteredModel {
             name: name.clone(),
             path: path.display().to_string(),

@@ -12,7 +12,6 @@ use crate::template::Message;
 use crate::template::TemplateError;
 use crate::tokenizer::TokenizerError;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +262,7 @@ pub fn read_jsonl(
         path: path.display().to_string(),
         source,
     })?;
-    let sha = hex::encode(Sha256::digest(&bytes));
+    let sha = crate::digest::sha256_hex(&bytes);
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         line_err(
             path,
