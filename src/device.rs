@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::schedule::{format_bytes, parse_bytes};
+use crate::schedule::parse_bytes;
+use crate::units::format_bytes;
 
 /// The profiles compiled into hone, in matching order (first wins a tie).
 const EMBEDDED: &[(&str, &str)] = &[

@@ -36,6 +36,7 @@ pub mod template;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;
+pub mod units;
 
 /// The version string printed by `hone --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::signals::{Clock, SystemProbe};
 
+use crate::units::{self, format_bytes};
+
 /// The key of the schedule in the store's `settings` table.
 pub const SETTING_KEY: &str = "schedule";
 
@@ -801,42 +803,11 @@ pub fn parse_window(s: &str) -> Result<Window, ScheduleError> {
     Ok(Window { start, end })
 }
 
-/// `"600MiB"` → bytes. Units (case-insensitive, optional space): B; KiB, MiB, GiB, TiB
-/// (powers of 1024); kB, MB, GB, TB (powers of 1000); K, M, G, T alone mean KiB, MiB, GiB,
-/// TiB. Fractions are allowed (`1.5GiB`).
+/// `"600MiB"` → bytes (see [`units::parse_bytes`]), as a schedule error.
 pub fn parse_bytes(s: &str) -> Result<u64, ScheduleError> {
-    let bad = || ScheduleError::BadBytes {
+    units::parse_bytes(s).map_err(|_| ScheduleError::BadBytes {
         input: s.to_string(),
-    };
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(bad());
-    }
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        _ => return Err(bad()),
-    };
-    if mult == 1.0 && !num.contains('.') {
-        return num.parse::<u64>().map_err(|_| bad());
-    }
-    let v: f64 = num.parse().map_err(|_| bad())?;
-    let bytes = (v * mult).round();
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
+    })
 }
 
 /// `"50%"` or `"0.5"` → 0.5.
@@ -921,21 +892,6 @@ pub fn parse_stored_time(s: &str) -> Option<DateTime<Local>> {
     DateTime::parse_from_rfc3339(s.trim())
         .ok()
         .map(|t| t.with_timezone(&Local))
-}
-
-/// Bytes for people, in powers of 1024 ("600 MiB", "1.5 GiB").
-pub fn format_bytes(b: u64) -> String {
-    const K: f64 = 1024.0;
-    let v = b as f64;
-    if v >= K * K * K {
-        format!("{:.1} GiB", v / (K * K * K))
-    } else if v >= K * K {
-        format!("{:.0} MiB", v / (K * K))
-    } else if v >= K {
-        format!("{:.0} KiB", v / K)
-    } else {
-        format!("{b} B")
-    }
 }
 
 /// Minutes for people: "3 min", "2 h 5 min".

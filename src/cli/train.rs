@@ -253,7 +253,7 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         // There are at most as many packed sequences as examples.
         max_micro_batch: Some(examples.len()),
     };
-    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let p = plan::choose(&mcfg, &req)?;
     let ds = data::pack_dataset(&engine.codec(), &a.data, &examples, data_sha, p.seq_len)?;
     let id = identity(&ctx, &choice, &engine)?;
     let lora = LoraConfig::top_layers(a.rank, a.alpha, targets, mcfg.n_layers, p.layers)?;
@@ -677,7 +677,7 @@ pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
         cache_seqs: 0,
         max_micro_batch: None,
     };
-    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let p = plan::choose(&mcfg, &req)?;
     let steps = steps.max(1);
     let rounds = a
         .rounds

@@ -1168,7 +1168,7 @@ fn plan_training(
         // (mean of the last 40 of 375 steps)).
         max_micro_batch: Some(1),
     };
-    let p = plan::choose(&mcfg, &req).map_err(anyhow::Error::msg)?;
+    let p = plan::choose(&mcfg, &req)?;
     let ds = data::pack_examples(
         &l.engine.codec(),
         &format!("learning cycle {cycle}"),

@@ -7,12 +7,14 @@
 //! adapted layer and stops there. Layers below it are frozen and see the same input every epoch,
 //! so their output is computed once per sequence and cached.
 //!
-//! It must not touch the database or the terminal (callers get progress through a callback),
-//! and it never changes the base model's weights.
+//! The trainer must not touch the database or the terminal (callers get progress through a
+//! callback), and it never changes the base model's weights; [`job`] is the one place that
+//! turns a run into a saved adapter version.
 
 pub mod backward;
 pub mod data;
 pub mod forward;
+pub mod job;
 pub mod ops;
 pub mod optim;
 pub mod plan;

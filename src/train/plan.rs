@@ -96,15 +96,16 @@ pub fn estimate(
     r.model_bytes + OVERHEAD + adapter + dequant + acts + head
 }
 
+/// Whole MiB (rounded down), for messages.
 fn mib(b: u64) -> u64 {
-    b >> 20
+    crate::units::mib(b) as u64
 }
 
 /// Picks the fastest configuration under the budget (1 GiB when none is given): the most
 /// adapted layers asked for, then the biggest micro-batch (measured: 4x128 tokens with
 /// checkpointing trains faster than 1x128 without), then no checkpointing, then longer
 /// sequences; or explains what would fit.
-pub fn choose(c: &Config, r: &PlanRequest) -> Result<Plan, String> {
+pub fn choose(c: &Config, r: &PlanRequest) -> Result<Plan, PlanError> {
     let layer_opts: Vec<usize> = match r.layers {
         Some(k) => vec![k.clamp(1, c.n_layers)],
         None => (1..=c.n_layers).rev().collect(),
@@ -148,22 +149,38 @@ pub fn choose(c: &Config, r: &PlanRequest) -> Result<Plan, String> {
             }
         }
     }
-    let s = smallest.ok_or("no configuration to consider")?;
-    let floor = r.model_bytes + OVERHEAD;
-    Err(format!(
+    let s = smallest.ok_or(PlanError::NothingToConsider)?;
+    Err(PlanError::DoesNotFit {
+        budget,
+        smallest: s,
+        model_floor: r.model_bytes + OVERHEAD,
+    })
+}
+
+/// Why no training configuration was chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("no configuration to consider")]
+    NothingToConsider,
+    #[error(
         "training does not fit in {} MiB: the smallest configuration allowed by your settings \
          ({} layers with adapters, micro-batch {}, {} tokens per sequence, {}checkpointing) needs \
          about {} MiB (the model alone takes {} MiB); raise --max-memory to at least {} MiB, or \
          allow fewer --layers, a shorter --seq-len or a smaller --batch",
-        mib(budget),
-        s.layers,
-        s.micro_batch,
-        s.seq_len,
-        if s.checkpointing { "" } else { "no " },
-        mib(s.estimate),
-        mib(floor),
-        mib(s.estimate) + 1
-    ))
+        mib(*budget),
+        smallest.layers,
+        smallest.micro_batch,
+        smallest.seq_len,
+        if smallest.checkpointing { "" } else { "no " },
+        mib(smallest.estimate),
+        mib(*model_floor),
+        mib(smallest.estimate) + 1
+    )]
+    DoesNotFit {
+        budget: u64,
+        smallest: Plan,
+        model_floor: u64,
+    },
 }
 
 /// Bytes the trainer may spend caching frozen-layer outputs: what the data needs, within the
