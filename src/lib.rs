@@ -15,6 +15,7 @@ pub mod eval;
 pub mod gguf;
 pub mod home;
 pub mod hparams;
+pub mod interrupt;
 pub mod kernels;
 pub mod learn;
 pub mod logfile;

@@ -184,7 +184,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         max_memory: f
             .max_memory
             .as_deref()
-            .map(super::train::parse_bytes)
+            .map(hone::units::parse_bytes)
             .transpose()?,
         seed: f.seed,
         ..LearnOptions::default()

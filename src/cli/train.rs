@@ -8,13 +8,16 @@ use super::Ctx;
 use crate::Cli;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use hone::adapters::{self, ModelId, NewVersion};
+use hone::adapters::{self, ModelId};
 use hone::engine::Engine;
 use hone::lora::{LoraConfig, Target};
 use hone::registry::ModelChoice;
+use hone::train::from_file::{self, FileOptions, FileRun};
+use hone::train::job::JobEvent;
 use hone::train::optim::Decay;
 use hone::train::plan::{self, PlanRequest};
 use hone::train::{data, AdamWParamsCfg, Outcome, TrainConfig, Trainer};
+use hone::units::{mib, parse_bytes};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,7 +120,6 @@ pub enum AdaptersCommand {
 }
 
 static ACTIVE: OnceLock<Option<String>> = OnceLock::new();
-static CANCEL: AtomicBool = AtomicBool::new(false);
 
 /// The adapter version attached to the model in this process (for recording exchanges).
 pub fn active_version() -> Option<String> {
@@ -153,51 +155,6 @@ pub fn attach_adapter(
     Ok(v)
 }
 
-/// "600MiB", "1.5GiB", "800MB", "700000000" → bytes.
-pub fn parse_bytes(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size like 600MiB"))?;
-    let mul = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => 1048576.0,
-        "g" | "gb" => 1e9,
-        "gib" => 1073741824.0,
-        u => bail!("unknown size unit {u:?} in {s:?} (use MiB, GiB, MB or GB)"),
-    };
-    Ok((n * mul) as u64)
-}
-
-fn install_signals() {
-    let _ = ctrlc::set_handler(|| {
-        if CANCEL.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
-    extern "C" fn on_term(_: libc::c_int) {
-        CANCEL.store(true, Ordering::SeqCst);
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGTERM,
-            on_term as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-    }
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / 1048576.0
-}
-
 /// candle runs its elementwise ops (and quantised kernels) on its own worker pool, synchronised
 /// by a barrier after every op. In training those ops are small next to the matrix products
 /// (which use rayon with all threads), and waiting at thousands of barriers per step cost about
@@ -211,103 +168,63 @@ pub fn quiet_candle_pool() {
     }
 }
 
+impl TrainArgs {
+    fn options(&self) -> Result<FileOptions> {
+        Ok(FileOptions {
+            data: self.data.clone(),
+            max_steps: self.max_steps,
+            epochs: self.epochs,
+            rank: self.rank,
+            alpha: self.alpha,
+            lr: self.lr,
+            warmup: self.warmup,
+            decay: match self.decay.as_str() {
+                "linear" => Decay::Linear,
+                "constant" => Decay::Constant,
+                _ => Decay::Cosine,
+            },
+            layers: self.layers,
+            targets: Target::parse_list(&self.targets)?,
+            budget: self.max_memory.as_deref().map(parse_bytes).transpose()?,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            accum: self.accum,
+            checkpointing: self.checkpointing,
+            clip: self.clip,
+            weight_decay: self.weight_decay,
+            seed: self.seed,
+            save_every: self.save_every,
+            fresh: self.fresh,
+        })
+    }
+}
+
 pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     quiet_candle_pool();
     let mut ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
-    let targets = Target::parse_list(&a.targets)?;
-    let model_bytes = std::fs::metadata(&choice.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let file = hone::gguf::GgufFile::open(&choice.path)?;
-    let mcfg = hone::hparams::Config::from_gguf(&file)?;
-    drop(file);
-    let budget = a.max_memory.as_deref().map(parse_bytes).transpose()?;
-    // The tokenizer and template come from a model loaded with a small context first; the
-    // examples decide the sequence length (no longer than needed, at most 512 unless asked).
+    let o = a.options()?;
     let opts = hone::engine::LoadOptions {
-        ctx: a.seq_len.unwrap_or(512).max(64),
+        ctx: from_file::load_ctx(&o),
         backend: ctx.backend,
         ..hone::engine::LoadOptions::default()
     };
-    let mut engine = Engine::load(&choice.name, &choice.path, &opts)
+    let engine = Engine::load(&choice.name, &choice.path, &opts)
         .with_context(|| format!("loading model {}", choice.name))?;
-    // The same system message `hone ask` uses, so training and asking see the same prompt.
-    let system = choice.chat_defaults().system;
-    let (examples, data_sha) = data::read_jsonl(&engine.codec(), &a.data, system.as_deref())?;
-    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
-    let seq_len = a
-        .seq_len
-        .unwrap_or_else(|| longest.div_ceil(16).max(1) * 16)
-        .min(a.seq_len.unwrap_or(512));
-    let req = PlanRequest {
-        budget,
-        seq_len: Some(seq_len),
-        micro_batch: a.batch,
-        layers: a.layers,
-        checkpointing: a.checkpointing,
-        rank: a.rank,
-        targets: targets.clone(),
-        model_bytes,
-        cache_seqs: 0,
-        // There are at most as many packed sequences as examples.
-        max_micro_batch: Some(examples.len()),
-    };
-    let p = plan::choose(&mcfg, &req)?;
-    let ds = data::pack_dataset(&engine.codec(), &a.data, &examples, data_sha, p.seq_len)?;
-    let id = identity(&ctx, &choice, &engine)?;
-    let lora = LoraConfig::top_layers(a.rank, a.alpha, targets, mcfg.n_layers, p.layers)?;
-    let mut cfg = TrainConfig {
-        lora,
-        lr: a.lr,
-        min_lr_ratio: 0.1,
-        warmup: 0,
-        decay: match a.decay.as_str() {
-            "linear" => Decay::Linear,
-            "constant" => Decay::Constant,
-            _ => Decay::Cosine,
-        },
-        adamw: AdamWParamsCfg {
-            weight_decay: a.weight_decay,
-            ..AdamWParamsCfg::default()
-        },
-        clip: a.clip,
-        seq_len: p.seq_len,
-        micro_batch: p.micro_batch,
-        accum: a.accum.max(1),
-        steps: 1,
-        seed: a.seed,
-        checkpointing: p.checkpointing,
-    };
-    cfg.steps = match (a.max_steps, a.epochs) {
-        (Some(s), _) => s.max(1),
-        (None, e) => cfg.steps_for_epochs(ds.seqs.len(), e.unwrap_or(3)),
-    };
-    cfg.warmup = a.warmup.unwrap_or((cfg.steps / 10).min(20));
-    // The plan's cache size follows the data.
-    let cache_limit = plan::cache_bytes(&mcfg, &p, ds.seqs.len(), budget);
-    engine.model.set_adapter(None);
-    let ckpt = adapters::adapters_dir(&ctx.home).join(format!(
-        "checkpoint-{}.safetensors",
-        &id.sha256[..12.min(id.sha256.len())]
-    ));
-    if a.fresh && ckpt.exists() {
-        std::fs::remove_file(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
-    }
-    let mut tr = if ckpt.exists() {
-        let t = Trainer::resume(&engine.model, cfg.clone(), ds, &id.sha256, &ckpt)
-            .with_context(|| "an unfinished run was found".to_string())?;
+    let FileRun {
+        mut job,
+        plan: p,
+        model,
+    } = from_file::prepare(&ctx.home, &ctx.store, &choice, &engine, &o)?;
+    let tr = &job.trainer;
+    let cfg = tr.cfg.clone();
+    if let Some(step) = job.resumed_at {
         eprintln!(
-            "resuming the unfinished run at step {}/{} ({})",
-            t.step,
-            t.cfg.steps,
-            ckpt.display()
+            "resuming the unfinished run at step {step}/{} ({})",
+            cfg.steps,
+            job.checkpoint().display()
         );
-        t
-    } else {
-        Trainer::new(&engine.model, cfg.clone(), ds, &id.sha256)?
-    };
-    tr.cache_limit = cache_limit;
+    }
     eprintln!(
         "training {} on {}: LoRA r={} alpha={} on {} of the top {} layers ({} parameters), {} steps of {}x{} tokens x{} accum, {}checkpointing; plan ~{:.0} MiB{}",
         choice.name,
@@ -323,9 +240,9 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
         cfg.accum,
         if cfg.checkpointing { "" } else { "no " },
         mib(p.estimate),
-        budget.map(|b| format!(" (budget {:.0} MiB)", mib(b))).unwrap_or_default()
+        o.budget.map(|b| format!(" (budget {:.0} MiB)", mib(b))).unwrap_or_default()
     );
-    install_signals();
+    let stop = hone::interrupt::install_stop_handlers()?;
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
@@ -334,133 +251,77 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     if a.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    bar.set_position(tr.step as u64);
+    let start_step = job.trainer.step;
+    bar.set_position(start_step as u64);
     let t0 = Instant::now();
-    let start_step = tr.step;
-    let mut last_save = Instant::now();
-    let stop_after = a.stop_after;
-    let save_every = a.save_every.max(1);
-    let ckpt2 = ckpt.clone();
     let mut tokens_run = 0usize;
-    let mut save_failed: Option<String> = None;
-    let mut saved_step: Option<usize> = (start_step > 0).then_some(start_step);
-    let outcome = tr.run(&CANCEL, &mut |r, t| {
-        tokens_run += r.tokens;
-        let tps = tokens_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        bar.set_position(r.step as u64);
-        bar.set_message(format!(
-            "loss {:.4} | lr {:.2e} | {:.0} tok/s | peak {:.0} MiB",
-            r.loss,
-            r.lr,
-            tps,
-            mib(r.peak_rss)
-        ));
-        if r.step < r.steps
-            && (r.step % save_every == 0
-                || last_save.elapsed().as_secs() >= 120
-                || save_failed.is_some())
-        {
-            // A failed write (a full disk) does not end the run: the previous checkpoint is
-            // intact (writes are atomic), training goes on and the next step tries again.
-            match t.save_checkpoint(&ckpt2) {
-                Ok(_) => {
-                    if save_failed.take().is_some() {
-                        bar.suspend(|| eprintln!("checkpoint saved again at step {}", r.step));
-                    }
-                    saved_step = Some(r.step);
-                }
-                Err(e) => {
-                    if save_failed.is_none() {
-                        bar.suspend(|| {
-                            eprintln!(
-                                "warning: could not save the checkpoint at step {} ({e}); training goes on and retries after every step{}",
-                                r.step,
-                                saved_step
-                                    .map(|s| format!(", the checkpoint of step {s} is kept"))
-                                    .unwrap_or_default()
-                            )
-                        });
-                    }
-                    save_failed = Some(e.to_string());
-                }
+    let outcome = job.run(&stop.stop, &mut |ev| match ev {
+        JobEvent::Step(r) => {
+            tokens_run += r.tokens;
+            let tps = tokens_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(r.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} | lr {:.2e} | {:.0} tok/s | peak {:.0} MiB",
+                r.loss,
+                r.lr,
+                tps,
+                mib(r.peak_rss)
+            ));
+            if a.stop_after.is_some_and(|n| r.step - start_step >= n) {
+                stop.stop.store(true, Ordering::SeqCst);
             }
-            last_save = Instant::now();
         }
-        if stop_after.is_some_and(|n| r.step - start_step >= n) {
-            CANCEL.store(true, Ordering::SeqCst);
+        JobEvent::CheckpointFailed { step, error, kept } => bar.suspend(|| {
+            eprintln!(
+                "warning: could not save the checkpoint at step {step} ({error}); training goes on and retries after every step{}",
+                kept.map(|s| format!(", the checkpoint of step {s} is kept"))
+                    .unwrap_or_default()
+            )
+        }),
+        JobEvent::CheckpointRecovered { step } => {
+            bar.suspend(|| eprintln!("checkpoint saved again at step {step}"))
         }
-        Ok(())
     })?;
     bar.finish_and_clear();
     if outcome == Outcome::Interrupted {
-        tr.save_checkpoint(&ckpt).with_context(|| match saved_step {
-            Some(s) => format!(
-                "could not save the checkpoint at step {}; the checkpoint of step {s} ({}) is kept, run the same command again to resume from it once there is space",
-                tr.step,
-                ckpt.display()
-            ),
-            None => format!(
-                "could not save the checkpoint at step {}; free some space and train again",
-                tr.step
-            ),
-        })?;
+        let tr = &job.trainer;
         eprintln!(
             "interrupted at step {}/{}: saved {}; run the same command again to resume",
             tr.step,
             tr.cfg.steps,
-            ckpt.display()
+            job.checkpoint().display()
         );
         if a.json {
             println!(
                 "{}",
                 json!({"interrupted": true, "step": tr.step, "steps": tr.cfg.steps,
-                       "losses": tr.losses, "checkpoint": ckpt})
+                       "losses": tr.losses, "checkpoint": job.checkpoint()})
             );
         }
         std::process::exit(130);
     }
-    let w = tr.weights()?;
-    let parent = ctx.store.active_adapter(&id.sha256)?.map(|r| r.version);
-    let nv = NewVersion {
-        parent,
-        config_json: serde_json::to_string(&tr.cfg)?,
-        data: Some(tr.data().description.clone()),
-        data_sha256: Some(tr.data().sha256.clone()),
-        losses: tr.losses.clone(),
-        steps: tr.step as u64,
-        tokens: tr.tokens_done,
-        seconds: Some(tr.seconds),
-    };
-    let version = adapters::save_version(&ctx.home, &mut ctx.store, &id, &w, &nv, true)
-        .with_context(|| {
-            let _ = tr.save_checkpoint(&ckpt);
-            format!(
-                "the run finished but its adapter could not be saved{}; free some space and run the same command again",
-                if ckpt.exists() {
-                    format!(" (its progress is kept in {})", ckpt.display())
-                } else {
-                    String::new()
-                }
-            )
-        })?;
-    let _ = std::fs::remove_file(&ckpt);
-    let first = tr.losses.first().copied().unwrap_or(0.0);
-    let last = tr.losses.last().copied().unwrap_or(0.0);
+    let parent = ctx.store.active_adapter(&model.sha256)?.map(|r| r.version);
+    let description = job.trainer.data().description.clone();
+    let done = job.finish(&ctx.home, &mut ctx.store, &model, parent, description, true)?;
+    done.clear_checkpoint();
+    let version = done.version;
+    let first = done.losses.first().copied().unwrap_or(0.0);
+    let last = done.losses.last().copied().unwrap_or(0.0);
     let peak = hone::sys::peak_rss_bytes().unwrap_or(0);
-    let tps = tr.tokens_done as f64 / tr.seconds.max(1e-9);
+    let tps = done.tokens as f64 / done.seconds.max(1e-9);
     if a.json {
         println!(
             "{}",
-            json!({"version": version, "parent": parent, "steps": tr.step, "loss_first": first,
-                   "loss_last": last, "losses": tr.losses, "train_tps": tps,
-                   "peak_rss_mb": mib(peak), "seconds": tr.seconds, "seq_len": cfg.seq_len,
+            json!({"version": version, "parent": parent, "steps": done.steps, "loss_first": first,
+                   "loss_last": last, "losses": done.losses, "train_tps": tps,
+                   "peak_rss_mb": mib(peak), "seconds": done.seconds, "seq_len": cfg.seq_len,
                    "micro_batch": cfg.micro_batch, "layers": cfg.lora.layers.len(),
                    "checkpointing": cfg.checkpointing, "estimate_mb": mib(p.estimate)})
         );
     } else {
         println!(
             "adapter v{version} is active: {} steps, loss {first:.4} -> {last:.4}, {tps:.0} tokens/s, peak RSS {:.0} MiB",
-            tr.step,
+            done.steps,
             mib(peak)
         );
     }

@@ -316,3 +316,31 @@ impl<'m> TrainJob<'m> {
         })
     }
 }
+
+/// A plan chosen inside the memory budget and the data packed for it.
+pub struct Packed {
+    pub plan: super::plan::Plan,
+    pub data: Dataset,
+    /// Bytes of frozen-layer outputs the trainer may keep under the budget.
+    pub cache_limit: u64,
+}
+
+/// Chooses the fastest configuration that fits `req`'s budget and packs `examples` (named
+/// `name` in messages) into sequences of its length.
+pub fn plan_and_pack(
+    mcfg: &crate::hparams::Config,
+    req: &super::plan::PlanRequest,
+    codec: &crate::codec::Codec,
+    name: &str,
+    examples: &[super::data::Example],
+    data_sha: String,
+) -> std::result::Result<Packed, TrainError> {
+    let plan = super::plan::choose(mcfg, req)?;
+    let data = super::data::pack_examples(codec, name, examples, data_sha, plan.seq_len)?;
+    let cache_limit = super::plan::cache_bytes(mcfg, &plan, data.seqs.len(), req.budget);
+    Ok(Packed {
+        plan,
+        data,
+        cache_limit,
+    })
+}

@@ -14,6 +14,7 @@
 pub mod backward;
 pub mod data;
 pub mod forward;
+pub mod from_file;
 pub mod job;
 pub mod ops;
 pub mod optim;
@@ -44,8 +45,8 @@ pub enum TrainError {
     Data(#[from] data::DataError),
     #[error("{0}")]
     Checkpoint(String),
-    #[error("{0}")]
-    Plan(String),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
     /// A NaN or infinite loss, gradient or weight: the run stops, nothing is saved from it.
     #[error("{0}; the run stopped without saving an adapter and the previous adapter stays active (try a smaller --lr)")]
     NonFinite(String),
