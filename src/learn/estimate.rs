@@ -9,6 +9,8 @@
 //! of steps.
 
 use super::*;
+use crate::train::Trainer;
+use cycle::probe_correct;
 use std::time::Duration;
 
 /// Training steps timed (the first one, which warms caches up, is not counted).

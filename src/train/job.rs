@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error(transparent)]
-    Train(#[from] TrainError),
+    Train(Box<TrainError>),
     #[error("an unfinished run was found in {path}, but it cannot be resumed: {source} (add --fresh to start again)")]
     Resume {
         path: PathBuf,
         #[source]
-        source: TrainError,
+        source: Box<TrainError>,
     },
     #[error("could not save the checkpoint at step {step}; {}: {source}", kept_hint(*kept, path))]
     Checkpoint {
@@ -38,7 +38,7 @@ pub enum JobError {
         kept: Option<usize>,
         path: PathBuf,
         #[source]
-        source: TrainError,
+        source: Box<TrainError>,
     },
     #[error("the run finished but its adapter could not be saved{}; free some space and run again: {source}",
         if *checkpoint_kept { format!(" (its progress is kept in {})", path.display()) } else { String::new() })]
@@ -46,7 +46,7 @@ pub enum JobError {
         path: PathBuf,
         checkpoint_kept: bool,
         #[source]
-        source: AdapterError,
+        source: Box<AdapterError>,
     },
 }
 
@@ -61,6 +61,12 @@ fn kept_hint(kept: Option<usize>, path: &Path) -> String {
 }
 
 type Result<T> = std::result::Result<T, JobError>;
+
+impl From<TrainError> for JobError {
+    fn from(e: TrainError) -> Self {
+        Self::Train(Box::new(e))
+    }
+}
 
 /// What to do with a checkpoint that exists but cannot be resumed (another configuration, data
 /// or model, or a damaged file).
@@ -163,7 +169,7 @@ impl<'m> TrainJob<'m> {
                 Err(source) if bad_checkpoint == BadCheckpoint::Fail => {
                     return Err(JobError::Resume {
                         path: checkpoint,
-                        source,
+                        source: Box::new(source),
                     })
                 }
                 Err(e) => {
@@ -263,7 +269,7 @@ impl<'m> TrainJob<'m> {
                 step: self.trainer.step,
                 kept: self.saved_step,
                 path: self.checkpoint.clone(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -300,7 +306,7 @@ impl<'m> TrainJob<'m> {
                 return Err(JobError::Save {
                     checkpoint_kept: self.checkpoint.exists(),
                     path: self.checkpoint.clone(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         };

@@ -238,7 +238,7 @@ mod tests {
         let p = choose(&c, &req(Some(600 << 20))).unwrap();
         assert!(p.estimate <= 600 << 20, "{p:?}");
         let e = choose(&c, &req(Some(100 << 20))).unwrap_err();
-        assert!(e.contains("raise --max-memory"), "{e}");
+        assert!(e.to_string().contains("raise --max-memory"), "{e}");
         let big = choose(&c, &req(Some(8 << 30))).unwrap();
         assert_eq!(big.layers, 30);
         assert_eq!(big.micro_batch, 4);
