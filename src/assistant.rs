@@ -11,6 +11,7 @@ use crate::home::Home;
 use crate::registry::ModelChoice;
 use crate::sample::SamplingParams;
 use crate::store::{NewExchange, Store};
+use crate::template::Message;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
 
@@ -58,9 +59,132 @@ pub fn attach_active_adapter(
     let Some((rec, w)) = found else {
         return Ok((None, warning));
     };
-    engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
-    engine.route = crate::learn::answer_route(store, rec.version)?;
+    let route = crate::learn::answer_route(store, rec.version)?;
+    engine.attach(Some((Arc::new(w.prepare()?), route)));
     Ok((Some(rec.version), warning))
+}
+
+/// A loaded model with the adapter it answers with: what `ask`, `chat`, `demo` and `serve`
+/// talk to. The adapter's version travels with the engine, so every recorded exchange names the
+/// adapter that wrote it.
+pub struct Assistant {
+    pub engine: Engine,
+    /// The model's name, as recorded.
+    pub model: String,
+    /// The attached adapter version (None: the base model answers).
+    pub adapter: Option<i64>,
+}
+
+/// One answer and what routed it.
+pub struct Answered {
+    pub generation: Generation,
+    /// The learned note the question is about, when one routed the answer to the adapter.
+    pub about: Option<crate::retrieve::NoteMatch>,
+}
+
+impl Assistant {
+    /// Wraps a loaded engine and attaches the active adapter (none with `base`). Returns the
+    /// fallback warning of [`attach_active_adapter`], if any.
+    pub fn new(
+        home: &Home,
+        store: &Store,
+        choice: &ModelChoice,
+        mut engine: Engine,
+        base: bool,
+    ) -> Result<(Self, Option<String>)> {
+        let (adapter, warning) = if base {
+            (None, None)
+        } else {
+            attach_active_adapter(home, store, choice, &mut engine)?
+        };
+        let me = Self {
+            engine,
+            model: choice.name.clone(),
+            adapter,
+        };
+        Ok((me, warning))
+    }
+
+    /// Answers the rendered `tokens`; when `question` is about a learned note, the adapter
+    /// answers from its weights (see [`note_about`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn answer(
+        &mut self,
+        store: &Store,
+        tokens: &[u32],
+        question: Option<&str>,
+        params: &SamplingParams,
+        max_tokens: usize,
+        cancel: &std::sync::atomic::AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answered> {
+        let about = note_about(store, &self.engine, question)?;
+        let generation = self.engine.answer_routed(
+            tokens,
+            params,
+            max_tokens,
+            cancel,
+            on_text,
+            about.is_some(),
+        )?;
+        Ok(Answered { generation, about })
+    }
+
+    /// Renders `messages` into tokens that leave room for `reserve` new tokens, dropping the
+    /// oldest turns (never the system message or the newest user message). Returns the tokens
+    /// and how many turns were dropped.
+    pub fn fit_context(
+        &self,
+        messages: &mut Vec<Message>,
+        reserve: usize,
+    ) -> Result<(Vec<u32>, usize)> {
+        let max = self.engine.model.max_context();
+        let mut dropped = 0;
+        loop {
+            let tokens = self.engine.chat_tokens(messages)?;
+            if tokens.len() + reserve <= max {
+                return Ok((tokens, dropped));
+            }
+            let first = messages
+                .iter()
+                .position(|m| m.role != "system")
+                .unwrap_or(messages.len());
+            if messages.len() - first <= 1 {
+                anyhow::bail!(
+                    "the message is {} tokens, too long for the {max}-token context with {reserve} tokens left for the answer; shorten it or raise --ctx",
+                    tokens.len()
+                );
+            }
+            messages.remove(first);
+            if messages.get(first).map(|m| m.role == "assistant") == Some(true)
+                && messages.len() - first > 1
+            {
+                messages.remove(first);
+            }
+            dropped += 1;
+        }
+    }
+
+    /// Records an answered turn of `kind` ("ask", "chat", ...) with this assistant's model and
+    /// adapter; returns the exchange's id.
+    pub fn record(
+        &self,
+        store: &Store,
+        kind: &str,
+        session: Option<&str>,
+        prompt: &str,
+        g: &Generation,
+        params: &SamplingParams,
+    ) -> Result<i64> {
+        let turn = Recorded {
+            kind,
+            session,
+            prompt,
+            model: &self.model,
+            adapter: self.adapter.map(|v| v.to_string()),
+        };
+        record(store, &turn, g, &self.engine, params)
+    }
 }
 
 /// The sampling settings of the model's chat defaults, with the given overrides, checked.

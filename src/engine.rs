@@ -7,6 +7,7 @@
 
 use crate::codec::{Codec, SoftTargets};
 use crate::gguf::{GgufError, GgufFile};
+use crate::lora::LoraWeights;
 use crate::model::{Logits, Model, ModelError};
 use crate::sample::{Sampler, SamplingParams};
 use crate::template::{ChatTemplate, Message, TemplateError};
@@ -15,6 +16,7 @@ use candle_core::Device;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -396,6 +398,17 @@ impl Engine {
             generate_ms: t1.elapsed().as_secs_f64() * 1000.0,
             stop,
         }))
+    }
+
+    /// Attaches an adapter together with the route its learning cycle trained (None: the base
+    /// model answers, unrouted). Adapter and route are set as one value so they never disagree.
+    pub fn attach(&mut self, adapter: Option<(Arc<LoraWeights>, Option<String>)>) {
+        let (weights, route) = match adapter {
+            Some((w, r)) => (Some(w), r),
+            None => (None, None),
+        };
+        self.model.set_adapter(weights);
+        self.route = route;
     }
 
     /// Answers a user: [`Engine::generate`], except that with an adapter and a `route` set, the

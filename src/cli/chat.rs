@@ -1,10 +1,10 @@
 //! `hone chat`: an interactive conversation that streams tokens, keeps the conversation in the
 //! context (dropping the oldest turns when it fills), and records every exchange.
 
-use super::{record, sampling, system_message, Ctx};
+use super::{sampling, system_message, Ctx};
 use crate::{ChatArgs, Cli};
-use anyhow::{bail, Context, Result};
-use hone::engine::{Engine, StopReason};
+use anyhow::{Context, Result};
+use hone::engine::StopReason;
 use hone::presence::UserRequest;
 use hone::template::Message;
 use rustyline::error::ReadlineError;
@@ -19,41 +19,6 @@ const HELP: &str = "\
 /quit           leave (Ctrl-D too)
 Ctrl-C stops the answer being written; it does not leave.";
 
-/// Renders `messages` into tokens that leave room for `reserve` new tokens, dropping the oldest
-/// turns (never the system message or the newest user message). Returns the tokens and how
-/// many turns were dropped.
-pub fn fit_context(
-    engine: &Engine,
-    messages: &mut Vec<Message>,
-    reserve: usize,
-) -> Result<(Vec<u32>, usize)> {
-    let max = engine.model.max_context();
-    let mut dropped = 0;
-    loop {
-        let tokens = engine.chat_tokens(messages)?;
-        if tokens.len() + reserve <= max {
-            return Ok((tokens, dropped));
-        }
-        let first = messages
-            .iter()
-            .position(|m| m.role != "system")
-            .unwrap_or(messages.len());
-        if messages.len() - first <= 1 {
-            bail!(
-                "the message is {} tokens, too long for the {max}-token context with {reserve} tokens left for the answer; shorten it or raise --ctx",
-                tokens.len()
-            );
-        }
-        messages.remove(first);
-        if messages.get(first).map(|m| m.role == "assistant") == Some(true)
-            && messages.len() - first > 1
-        {
-            messages.remove(first);
-        }
-        dropped += 1;
-    }
-}
-
 pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     // Background learning yields while the model loads and while each answer is written; not
     // while the chat waits for you to type (the idle threshold counts from the last answer).
@@ -63,16 +28,15 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
-    let mut engine = ctx.load(&choice)?;
-    super::train::attach_adapter(&ctx, &choice, &mut engine, a.base)?;
+    let mut asst = ctx.assistant(&choice, a.base)?;
     let session = format!("{:016x}", rand::random::<u64>());
     let base: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
     let mut messages = base.clone();
     eprintln!(
         "hone chat: {} ({} tokens of context, loaded in {:.0} ms). /help for commands, Ctrl-C stops an answer, /quit leaves.",
         choice.name,
-        engine.model.max_context(),
-        engine.load_time.as_secs_f64() * 1000.0
+        asst.engine.model.max_context(),
+        asst.engine.load_time.as_secs_f64() * 1000.0
     );
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
     // After the editor: on a terminal it installs its own SIGINT handler for as long as it
@@ -107,7 +71,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
                 "help" | "?" => println!("{HELP}"),
                 "new" | "reset" => {
                     messages = base.clone();
-                    engine.reset();
+                    asst.engine.reset();
                     println!("(new conversation)");
                 }
                 "quit" | "exit" | "q" => break,
@@ -130,7 +94,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         request.get_or_insert_with(|| UserRequest::begin(ctx.home.root()));
         messages.push(Message::user(line));
-        let (tokens, dropped) = match fit_context(&engine, &mut messages, max_tokens) {
+        let (tokens, dropped) = match asst.fit_context(&mut messages, max_tokens) {
             Ok(x) => x,
             Err(e) => {
                 messages.pop();
@@ -143,19 +107,21 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         cancel.store(false, Ordering::SeqCst);
         let stdout = std::io::stdout();
-        let about = hone::assistant::note_about(&ctx.store, &engine, Some(line))?;
-        let g = engine.answer_routed(
-            &tokens,
-            &params,
-            max_tokens,
-            &cancel,
-            &mut |piece| {
-                let mut out = stdout.lock();
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            },
-            about.is_some(),
-        )?;
+        let g = asst
+            .answer(
+                &ctx.store,
+                &tokens,
+                Some(line),
+                &params,
+                max_tokens,
+                &cancel,
+                &mut |piece| {
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                },
+            )?
+            .generation;
         match g.stop {
             StopReason::Cancelled => println!(" [stopped]"),
             StopReason::MaxTokens => println!(" [max tokens reached]"),
@@ -163,18 +129,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
             StopReason::Eos => println!(),
         }
         messages.push(Message::assistant(&g.text));
-        record(
-            &ctx.store,
-            &super::Turn {
-                kind: "chat",
-                session: Some(&session),
-                prompt: line,
-            },
-            &g,
-            &choice,
-            &engine,
-            &params,
-        )?;
+        asst.record(&ctx.store, "chat", Some(&session), line, &g, &params)?;
     }
     Ok(())
 }

@@ -12,7 +12,8 @@ pub mod train;
 
 use crate::{Cli, Command, DeviceArg, NoteCommand, SamplingArgs};
 use anyhow::{bail, Context, Result};
-use hone::engine::{Backend, Engine, Generation, LoadOptions};
+use hone::assistant::{Answered, Assistant};
+use hone::engine::{Backend, Engine, LoadOptions};
 use hone::home::Home;
 use hone::registry::{self, ModelChoice};
 use hone::sample::SamplingParams;
@@ -101,6 +102,21 @@ impl Ctx {
     pub fn load(&self, choice: &ModelChoice) -> Result<Engine> {
         hone::assistant::load_engine(choice, self.ctx, self.backend)
     }
+
+    /// `engine` with the chosen model's active adapter attached (none with `base`); a fallback
+    /// to an earlier adapter is said on stderr.
+    pub fn attach(&self, choice: &ModelChoice, engine: Engine, base: bool) -> Result<Assistant> {
+        let (asst, warning) = Assistant::new(&self.home, &self.store, choice, engine, base)?;
+        if let Some(w) = warning {
+            eprintln!("{w}");
+        }
+        Ok(asst)
+    }
+
+    /// Loads the chosen model and attaches its active adapter (none with `base`).
+    pub fn assistant(&self, choice: &ModelChoice, base: bool) -> Result<Assistant> {
+        self.attach(choice, self.load(choice)?, base)
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -178,31 +194,6 @@ fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
     Ok(hone::notes::note_from_bytes(&out, what)?)
 }
 
-/// What kind of exchange is being recorded.
-pub struct Turn<'a> {
-    pub kind: &'a str,
-    pub session: Option<&'a str>,
-    pub prompt: &'a str,
-}
-
-pub fn record(
-    store: &Store,
-    turn: &Turn<'_>,
-    g: &Generation,
-    choice: &ModelChoice,
-    engine: &Engine,
-    params: &SamplingParams,
-) -> Result<i64> {
-    let turn = hone::assistant::Recorded {
-        kind: turn.kind,
-        session: turn.session,
-        prompt: turn.prompt,
-        model: &choice.name,
-        adapter: train::active_version(),
-    };
-    hone::assistant::record(store, &turn, g, engine, params)
-}
-
 fn notes_context(store: &Store, limit: usize) -> Result<String> {
     let notes = store.list_notes(Some(limit))?;
     let mut s = String::from("My notes:\n");
@@ -227,8 +218,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
-    let mut engine = ctx.load(&choice)?;
-    let adapter = train::attach_adapter(&ctx, &choice, &mut engine, a.base)?;
+    let mut asst = ctx.assistant(&choice, a.base)?;
     let mut messages: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
     let content = if a.with_notes {
         format!("{}\n{}", notes_context(&ctx.store, 50)?, question)
@@ -236,15 +226,19 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
         question.clone()
     };
     messages.push(Message::user(&content));
-    let tokens = engine.chat_tokens(&messages)?;
+    let tokens = asst.engine.chat_tokens(&messages)?;
     let cancel = AtomicBool::new(false);
     let stdout = std::io::stdout();
     let json = a.json;
     // A question about a learned note is answered by the adapter from its weights.
     let asked = (!a.with_notes).then_some(question.as_str());
-    let about = hone::assistant::note_about(&ctx.store, &engine, asked)?;
-    let g = engine.answer_routed(
+    let Answered {
+        generation: g,
+        about,
+    } = asst.answer(
+        &ctx.store,
         &tokens,
+        asked,
         &params,
         max_tokens,
         &cancel,
@@ -255,25 +249,13 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
                 let _ = out.flush();
             }
         },
-        about.is_some(),
     )?;
-    let id = record(
-        &ctx.store,
-        &Turn {
-            kind: "ask",
-            session: None,
-            prompt: &question,
-        },
-        &g,
-        &choice,
-        &engine,
-        &params,
-    )?;
+    let id = asst.record(&ctx.store, "ask", None, &question, &g, &params)?;
     if json {
         let obj = json!({
             "answer": g.text,
             "model": choice.name,
-            "adapter": adapter,
+            "adapter": asst.adapter.map(|v| v.to_string()),
             // Whether the base model answered instead (the adapter did not claim the notes).
             "answered_by_base": g.by_base,
             // With a routed adapter: the probability it gave the opening that claims the notes.
@@ -283,7 +265,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,
-            "load_ms": engine.load_time.as_secs_f64() * 1000.0,
+            "load_ms": asst.engine.load_time.as_secs_f64() * 1000.0,
             "prompt_ms": g.prompt_ms,
             "generate_ms": g.generate_ms,
             "prompt_tps": g.prompt_tps(),
@@ -665,9 +647,9 @@ fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
         backend: ctx.backend,
         ..LoadOptions::default()
     };
-    let mut engine = Engine::load(&choice.name, &choice.path, &opts)?;
-    train::attach_adapter(&ctx, &choice, &mut engine, false)?;
-    let r = engine.perplexity(&text, p.chunk, &mut |i, n, ppl| {
+    let engine = Engine::load(&choice.name, &choice.path, &opts)?;
+    let mut asst = ctx.attach(&choice, engine, false)?;
+    let r = asst.engine.perplexity(&text, p.chunk, &mut |i, n, ppl| {
         if !p.json {
             eprint!("\rchunk {i}/{n}: running perplexity {ppl:.4}   ");
         }
@@ -723,11 +705,12 @@ fn demo(cli: &Cli) -> Result<()> {
         DEMO_NOTES.len()
     );
     let choice = ctx.choose_model()?;
-    let mut engine = ctx.load(&choice)?;
+    // The base model first: the notes are in the prompt.
+    let mut asst = ctx.attach(&choice, ctx.load(&choice)?, true)?;
     println!(
         "loaded {} in {:.0} ms",
         choice.name,
-        engine.load_time.as_secs_f64() * 1000.0
+        asst.engine.load_time.as_secs_f64() * 1000.0
     );
     let cancel = AtomicBool::new(false);
     let questions: [(&str, bool); 2] = [
@@ -755,9 +738,9 @@ fn demo(cli: &Cli) -> Result<()> {
                 ""
             }
         );
-        demo_answer(&ctx, &choice, &mut engine, q, &content)?;
+        demo_answer(&ctx, &mut asst, q, &content)?;
     }
-    drop(engine);
+    drop(asst);
     // The main job: learn the notes into the adapter, then answer with no note in the prompt.
     println!(
         "\nlearning the notes: self-edits, LoRA training, gate (a few minutes on 2 cores) ..."
@@ -775,17 +758,15 @@ fn demo(cli: &Cli) -> Result<()> {
     {
         println!("cycle done in {seconds:.0} s: {reason}");
     }
-    let mut engine = ctx.load(&choice)?;
-    let adapter = train::attach_adapter(&ctx, &choice, &mut engine, false)?;
+    let mut asst = ctx.assistant(&choice, false)?;
     let q = "When does the bakery on Linden Street close on Saturdays?";
     println!(
         "\n> {q}   (no notes in the prompt; adapter {})",
-        adapter
-            .as_deref()
+        asst.adapter
             .map(|v| format!("v{v}"))
             .unwrap_or("none".into())
     );
-    demo_answer(&ctx, &choice, &mut engine, q, q)?;
+    demo_answer(&ctx, &mut asst, q, q)?;
     println!(
         "\nEverything above is stored in {} (try `hone history`, `hone learn --log`, `hone chat`).",
         ctx.home.db_path().display()
@@ -794,30 +775,26 @@ fn demo(cli: &Cli) -> Result<()> {
 }
 
 /// Streams the greedy answer to `content` (shown as `q`), prints its speed and records it.
-fn demo_answer(
-    ctx: &Ctx,
-    choice: &hone::registry::ModelChoice,
-    engine: &mut Engine,
-    q: &str,
-    content: &str,
-) -> Result<()> {
+fn demo_answer(ctx: &Ctx, asst: &mut Assistant, q: &str, content: &str) -> Result<()> {
     let params = SamplingParams::greedy();
     let cancel = AtomicBool::new(false);
-    let tokens = engine.chat_tokens(&[Message::user(content)])?;
+    let tokens = asst.engine.chat_tokens(&[Message::user(content)])?;
     let stdout = std::io::stdout();
-    let about = hone::assistant::note_about(&ctx.store, engine, Some(q))?;
-    let g = engine.answer_routed(
-        &tokens,
-        &params,
-        80,
-        &cancel,
-        &mut |piece| {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        },
-        about.is_some(),
-    )?;
+    let g = asst
+        .answer(
+            &ctx.store,
+            &tokens,
+            Some(q),
+            &params,
+            80,
+            &cancel,
+            &mut |piece| {
+                let mut out = stdout.lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            },
+        )?
+        .generation;
     println!(
         "\n  [{} prompt tokens at {:.0} tok/s, {} generated at {:.1} tok/s]",
         g.prompt_tokens,
@@ -825,18 +802,7 @@ fn demo_answer(
         g.completion_tokens,
         g.decode_tps()
     );
-    record(
-        &ctx.store,
-        &Turn {
-            kind: "ask",
-            session: None,
-            prompt: q,
-        },
-        &g,
-        choice,
-        engine,
-        &params,
-    )?;
+    asst.record(&ctx.store, "ask", None, q, &g, &params)?;
     Ok(())
 }
 

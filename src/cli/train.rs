@@ -21,7 +21,6 @@ use hone::units::{mib, parse_bytes};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -119,40 +118,12 @@ pub enum AdaptersCommand {
     },
 }
 
-static ACTIVE: OnceLock<Option<String>> = OnceLock::new();
-
-/// The adapter version attached to the model in this process (for recording exchanges).
-pub fn active_version() -> Option<String> {
-    ACTIVE.get().cloned().flatten()
-}
-
 fn identity(ctx: &Ctx, choice: &ModelChoice, engine: &Engine) -> Result<ModelId> {
     Ok(adapters::model_id(
         &ctx.store,
         choice,
         &engine.model.cfg.arch_name,
     )?)
-}
-
-/// Attaches the active adapter of the chosen model to `engine` (unless `base`); returns its
-/// version.
-pub fn attach_adapter(
-    ctx: &Ctx,
-    choice: &ModelChoice,
-    engine: &mut Engine,
-    base: bool,
-) -> Result<Option<String>> {
-    let mut v = None;
-    if !base {
-        let (found, warning) =
-            hone::assistant::attach_active_adapter(&ctx.home, &ctx.store, choice, engine)?;
-        if let Some(w) = warning {
-            eprintln!("{w}");
-        }
-        v = found.map(|v| v.to_string());
-    }
-    let _ = ACTIVE.set(v.clone());
-    Ok(v)
 }
 
 /// candle runs its elementwise ops (and quantised kernels) on its own worker pool, synchronised
