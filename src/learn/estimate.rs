@@ -82,8 +82,6 @@ pub fn estimate(
     let t0 = Instant::now();
     let mut l = load(choice, store, 1024)?;
     let load_s = l.engine.load_time.as_secs_f64();
-    let sys = l.system.clone();
-    let sys = sys.as_deref();
     let unfinished = records::unfinished(store, &l.id.sha256)?;
     let (notes, cycle_id) = match &unfinished {
         Some(c) => (c.notes.clone(), c.id),
@@ -95,127 +93,34 @@ pub fn estimate(
     if notes.is_empty() {
         return Ok(None);
     }
-
-    // The self-edits: stored ones for a continued cycle, else the rule-made ones now (fast);
-    // generated strategies are timed on the first note and counted for every note.
-    let rules_only = LearnOptions {
-        strategies: opts
-            .strategies
-            .iter()
-            .copied()
-            .filter(|s| !s.generated())
-            .collect(),
-        ..opts.clone()
+    let Some((items, selfedit_s)) = self_edits(
+        store,
+        &mut l,
+        opts,
+        &notes,
+        unfinished.as_ref(),
+        cycle_id,
+        cancel,
+    )?
+    else {
+        return Ok(None);
     };
-    let generated = opts.strategies.iter().any(|s| s.generated());
-    let mut items: Vec<Item> = Vec::new();
-    let mut selfedit_s = 0.0;
-    let stored = match &unfinished {
-        Some(c) => records::cycle_items(store, c.id)?,
-        None => Vec::new(),
-    };
-    for (i, nid) in notes.iter().enumerate() {
-        if stored.iter().any(|it| it.note_id == *nid) {
-            items.extend(stored.iter().filter(|it| it.note_id == *nid).cloned());
-            continue;
-        }
-        let Some(note) = store.get_note(*nid)? else {
-            continue;
-        };
-        let o = if generated && i == 0 {
-            opts
-        } else {
-            &rules_only
-        };
-        let ts = Instant::now();
-        let name = l.id.name.clone();
-        let Some(new) = note_items(&note.content, *nid, o, &mut l.engine, &name, sys, cancel)?
-        else {
-            return Ok(None);
-        };
-        if generated {
-            selfedit_s +=
-                ts.elapsed().as_secs_f64() * if i == 0 { notes.len() as f64 } else { 0.0 };
-        }
-        items.extend(new.into_iter().map(|n| Item {
-            id: 0,
-            cycle: cycle_id,
-            note_id: *nid,
-            strategy: n.strategy,
-            generator: n.generator,
-            role: n.role,
-            prompt: n.prompt,
-            completion: n.completion,
-            verdict: n.verdict,
-            reason: n.reason,
-        }));
-    }
-    let new_train: Vec<&Item> = items
-        .iter()
-        .filter(|i| i.role == "train" && i.verdict == "kept")
-        .collect();
     let new_probes: Vec<&Item> = items
         .iter()
         .filter(|i| i.role == "probe" && i.verdict == "kept")
         .collect();
-    let earlier = records::learned_items(store, &l.id.sha256, cycle_id)?;
-    let replay = replay_items(&earlier, new_train.len(), opts, cycle_id);
-    let old_probes = earlier.iter().filter(|i| i.role == "probe").count();
-    let mut examples = Vec::new();
-    for it in new_train.iter().chain(replay.iter()) {
-        examples.push(example(&l.engine, sys, it)?);
-    }
-
-    // Anchors: the stored answers, or a stand-in of the longest answer length for the missing.
-    let prompts = anchor_prompts();
-    let (chosen, held) = anchor_choice(&prompts, examples.len(), opts, cycle_id);
-    let have: BTreeMap<String, String> =
-        records::anchors(store, &l.id.sha256)?.into_iter().collect();
-    let stand_in = "word ".repeat(48);
-    let mut missing = 0;
-    for p in chosen.iter().chain(held.iter()) {
-        if !have.contains_key(*p) {
-            missing += 1;
-        }
-    }
-    let anchors = chosen.len();
-    for p in &chosen {
-        let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
-        if a.is_empty() {
-            continue;
-        }
-        examples.push(data::chat_pair(&l.engine.codec(), sys, p, a).map_err(anyhow::Error::msg)?);
-    }
-    if examples.is_empty() {
+    let Some(set) = training_examples(store, &l, opts, &items, cycle_id)? else {
         return Ok(None);
-    }
-    let t = plan_training(&l, choice, opts, &examples, String::new(), cycle_id)?;
-
-    // Time a few steps of this very data on this machine, now.
-    let fork = l.engine.model.fork();
-    let mut cfg = t.cfg.clone();
-    let planned = cfg.steps;
-    cfg.steps = TIMED_STEPS + 1;
-    let mut tr = Trainer::new(&fork, cfg, t.ds.clone(), &l.id.sha256)?;
-    tr.cache_limit = t.cache_limit;
-    let mut timed = Duration::ZERO;
-    for k in 0..=TIMED_STEPS {
-        let ts = Instant::now();
-        if tr.train_step(cancel)?.is_none() {
-            return Ok(None);
-        }
-        if k > 0 {
-            timed += ts.elapsed();
-        }
-    }
-    drop(tr);
-    drop(fork);
-    let per_step = timed.as_secs_f64() / TIMED_STEPS as f64;
-
-    // One probe answer, timed (24 tokens at most, as the gate's).
+    };
+    let t = plan_training(&l, choice, opts, &set.examples, String::new(), cycle_id)?;
+    let Some(per_step) = time_steps(&l, &t, cancel)? else {
+        return Ok(None);
+    };
+    // Two probe answers, timed (24 tokens at most, as the gate's).
     let sample: Vec<&Item> = new_probes.iter().take(2).copied().collect();
     let tp = Instant::now();
-    if probe_correct(&mut l.engine, sys, &sample, cancel)?.is_none() {
+    let sys = l.system.clone();
+    if probe_correct(&mut l.engine, sys.as_deref(), &sample, cancel)?.is_none() {
         return Ok(None);
     }
     let per_probe = if sample.is_empty() {
@@ -223,7 +128,7 @@ pub fn estimate(
     } else {
         tp.elapsed().as_secs_f64() / sample.len() as f64
     };
-
+    let planned = t.cfg.steps;
     let (share, from) = match (opts.adaptive, step_share(store, &l.id.sha256)?) {
         (false, _) => (1.0, "--fixed-steps".to_string()),
         (true, Some((s, n))) => (s, format!("median of {n} earlier cycles of this model")),
@@ -244,12 +149,16 @@ pub fn estimate(
     } else {
         // New probes once, old probes with the previous and the new adapter, and the general
         // prompts scored twice (a scored prompt costs about a tenth of an answer).
-        per_probe * (new_probes.len() + 2 * old_probes) as f64 + 0.2 * per_probe * held.len() as f64
+        per_probe * (new_probes.len() + 2 * set.old_probes) as f64
+            + 0.2 * per_probe * set.held as f64
     };
     let phases = vec![
         ("load".to_string(), load_s),
         ("self-edits".to_string(), selfedit_s),
-        ("anchors".to_string(), missing as f64 * 2.0 * per_probe),
+        (
+            "anchors".to_string(),
+            set.anchors_missing as f64 * 2.0 * per_probe,
+        ),
         ("training".to_string(), expected as f64 * per_step),
         (
             "checks".to_string(),
@@ -261,10 +170,10 @@ pub fn estimate(
     Ok(Some(Estimate {
         notes,
         continues: unfinished.map(|c| c.id),
-        train_items: new_train.len(),
-        replay_items: replay.len(),
-        anchors,
-        anchors_missing: missing,
+        train_items: set.train_items,
+        replay_items: set.replay_items,
+        anchors: set.anchors,
+        anchors_missing: set.anchors_missing,
         sequences: t.ds.seqs.len(),
         seq_len: t.cfg.seq_len,
         steps_planned: planned,
@@ -274,9 +183,170 @@ pub fn estimate(
         seconds_per_step: per_step,
         seconds_per_probe: per_probe,
         new_probes: new_probes.len(),
-        old_probes,
+        old_probes: set.old_probes,
         phases,
         total_seconds: total,
         measured_in: t0.elapsed().as_secs_f64(),
     }))
+}
+
+/// The self-edits: stored ones for a continued cycle, else the rule-made ones now (fast);
+/// generated strategies are timed on the first note and counted for every note. Returns the
+/// items and the seconds the generated ones are expected to take; None when cancelled.
+fn self_edits(
+    store: &Store,
+    l: &mut Loaded,
+    opts: &LearnOptions,
+    notes: &[i64],
+    unfinished: Option<&records::Cycle>,
+    cycle_id: i64,
+    cancel: &AtomicBool,
+) -> Result<Option<(Vec<Item>, f64)>> {
+    let rules_only = LearnOptions {
+        strategies: opts
+            .strategies
+            .iter()
+            .copied()
+            .filter(|s| !s.generated())
+            .collect(),
+        ..opts.clone()
+    };
+    let generated = opts.strategies.iter().any(|s| s.generated());
+    let mut items: Vec<Item> = Vec::new();
+    let mut selfedit_s = 0.0;
+    let stored = match unfinished {
+        Some(c) => records::cycle_items(store, c.id)?,
+        None => Vec::new(),
+    };
+    let sys = l.system.clone();
+    for (i, nid) in notes.iter().enumerate() {
+        if stored.iter().any(|it| it.note_id == *nid) {
+            items.extend(stored.iter().filter(|it| it.note_id == *nid).cloned());
+            continue;
+        }
+        let Some(note) = store.get_note(*nid)? else {
+            continue;
+        };
+        let o = if generated && i == 0 {
+            opts
+        } else {
+            &rules_only
+        };
+        let ts = Instant::now();
+        let name = l.id.name.clone();
+        let Some(new) = note_items(
+            &note.content,
+            *nid,
+            o,
+            &mut l.engine,
+            &name,
+            sys.as_deref(),
+            cancel,
+        )?
+        else {
+            return Ok(None);
+        };
+        if generated {
+            selfedit_s +=
+                ts.elapsed().as_secs_f64() * if i == 0 { notes.len() as f64 } else { 0.0 };
+        }
+        items.extend(new.into_iter().map(|n| Item {
+            id: 0,
+            cycle: cycle_id,
+            note_id: *nid,
+            strategy: n.strategy,
+            generator: n.generator,
+            role: n.role,
+            prompt: n.prompt,
+            completion: n.completion,
+            verdict: n.verdict,
+            reason: n.reason,
+        }));
+    }
+    Ok(Some((items, selfedit_s)))
+}
+
+/// The cycle's examples as the cycle would build them, and what they are made of.
+struct Examples {
+    examples: Vec<data::Example>,
+    train_items: usize,
+    replay_items: usize,
+    old_probes: usize,
+    anchors: usize,
+    anchors_missing: usize,
+    /// Held-out anchoring prompts the gate scores.
+    held: usize,
+}
+
+/// New items, replay and anchors as examples; anchors without a stored answer get a stand-in
+/// of the longest answer length. None when there is nothing to train.
+fn training_examples(
+    store: &Store,
+    l: &Loaded,
+    opts: &LearnOptions,
+    items: &[Item],
+    cycle_id: i64,
+) -> Result<Option<Examples>> {
+    let sys = l.system.as_deref();
+    let new_train: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.role == "train" && i.verdict == "kept")
+        .collect();
+    let earlier = records::learned_items(store, &l.id.sha256, cycle_id)?;
+    let replay = replay_items(&earlier, new_train.len(), opts, cycle_id);
+    let old_probes = earlier.iter().filter(|i| i.role == "probe").count();
+    let mut examples = Vec::new();
+    for it in new_train.iter().chain(replay.iter()) {
+        examples.push(example(&l.engine, sys, it)?);
+    }
+    let prompts = anchor_prompts();
+    let (chosen, held) = anchor_choice(&prompts, examples.len(), opts, cycle_id);
+    let have: BTreeMap<String, String> =
+        records::anchors(store, &l.id.sha256)?.into_iter().collect();
+    let stand_in = "word ".repeat(48);
+    let anchors_missing = chosen
+        .iter()
+        .chain(held.iter())
+        .filter(|p| !have.contains_key(**p))
+        .count();
+    for p in &chosen {
+        let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
+        if a.is_empty() {
+            continue;
+        }
+        examples.push(data::chat_pair(&l.engine.codec(), sys, p, a)?);
+    }
+    if examples.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Examples {
+        examples,
+        train_items: new_train.len(),
+        replay_items: replay.len(),
+        old_probes,
+        anchors: chosen.len(),
+        anchors_missing,
+        held: held.len(),
+    }))
+}
+
+/// Seconds per training step of this very data on this machine, now (the first step, which
+/// warms caches up, is not counted). None when cancelled.
+fn time_steps(l: &Loaded, t: &Training, cancel: &AtomicBool) -> Result<Option<f64>> {
+    let fork = l.engine.model.fork();
+    let mut cfg = t.cfg.clone();
+    cfg.steps = TIMED_STEPS + 1;
+    let mut tr = Trainer::new(&fork, cfg, t.ds.clone(), &l.id.sha256)?;
+    tr.cache_limit = t.cache_limit;
+    let mut timed = Duration::ZERO;
+    for k in 0..=TIMED_STEPS {
+        let ts = Instant::now();
+        if tr.train_step(cancel)?.is_none() {
+            return Ok(None);
+        }
+        if k > 0 {
+            timed += ts.elapsed();
+        }
+    }
+    Ok(Some(timed.as_secs_f64() / TIMED_STEPS as f64))
 }
