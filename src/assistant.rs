@@ -26,6 +26,19 @@ pub fn load_engine(choice: &ModelChoice, ctx: Option<usize>, backend: Backend) -
         .with_context(|| format!("loading model {}", choice.name))
 }
 
+/// A question with notes in the prompt (`hone ask --with-notes`, the demo, `hone eval`'s
+/// in-context mode): "My notes:", one "- note" line each, then the question.
+pub fn notes_prompt<S: AsRef<str>>(notes: &[S], question: &str) -> String {
+    let mut s = String::from("My notes:\n");
+    for n in notes {
+        s.push_str("- ");
+        s.push_str(n.as_ref().trim());
+        s.push('\n');
+    }
+    s.push_str(question);
+    s
+}
+
 /// The learned note `question` is about, when `engine` routes between its adapter and the base
 /// model (`Engine::answer_routed` then lets the adapter answer from its weights); None without a
 /// route or a question (e.g. notes already in the prompt).

@@ -194,17 +194,6 @@ fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
     Ok(hone::notes::note_from_bytes(&out, what)?)
 }
 
-fn notes_context(store: &Store, limit: usize) -> Result<String> {
-    let notes = store.list_notes(Some(limit))?;
-    let mut s = String::from("My notes:\n");
-    for n in notes.iter().rev() {
-        s.push_str("- ");
-        s.push_str(n.content.trim());
-        s.push('\n');
-    }
-    Ok(s)
-}
-
 fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let question = text_arg(&a.question, "the question")?;
     if question.trim().is_empty() {
@@ -221,7 +210,9 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let mut asst = ctx.assistant(&choice, a.base)?;
     let mut messages: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
     let content = if a.with_notes {
-        format!("{}\n{}", notes_context(&ctx.store, 50)?, question)
+        let notes = ctx.store.list_notes(Some(50))?;
+        let texts: Vec<&str> = notes.iter().rev().map(|n| n.content.as_str()).collect();
+        hone::assistant::notes_prompt(&texts, &question)
     } else {
         question.clone()
     };
@@ -725,8 +716,7 @@ fn demo(cli: &Cli) -> Result<()> {
     ];
     for (q, with_notes) in questions {
         let content = if with_notes {
-            let notes: Vec<String> = DEMO_NOTES.iter().map(|n| format!("- {n}")).collect();
-            format!("My notes:\n{}\n{q}", notes.join("\n"))
+            hone::assistant::notes_prompt(DEMO_NOTES, q)
         } else {
             q.to_string()
         };
