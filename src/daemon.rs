@@ -767,16 +767,9 @@ pub fn install_signal_handlers() -> std::io::Result<&'static SignalFlags> {
 // ---------------------------------------------------------------------------------------------
 // The real surroundings and cycle
 
-/// The schedule stored in the database.
-pub fn load_schedule(store: &Store) -> Result<Schedule> {
-    Ok(Schedule::from_setting(
-        store.get_setting(schedule::SETTING_KEY)?.as_deref(),
-    )?)
-}
-
 /// The stored schedule with the device profile's memory budget and threads filled in.
 pub fn effective_schedule(store: &Store, profile: &Profile) -> Result<Schedule> {
-    Ok(load_schedule(store)?.with_defaults(
+    Ok(Schedule::load(store)?.with_defaults(
         profile.learn.memory_budget_bytes,
         profile.threads_for(crate::sys::available_cpus()),
     ))

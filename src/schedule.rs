@@ -5,7 +5,7 @@
 //!
 //! The schedule is stored as JSON in the store's `settings` table under [`SETTING_KEY`]; this
 //! module only converts it to and from that text ([`Schedule::from_setting`],
-//! [`Schedule::to_setting`]).
+//! [`Schedule::to_setting`]) and reads it from a store it is handed ([`Schedule::load`]).
 //!
 //! It must NOT read files or run commands itself (signals come through the traits), open the
 //! database, print, or start or stop learning: it answers "may learning run now?" and nothing
@@ -17,6 +17,7 @@ use chrono::{DateTime, Local, NaiveTime, TimeDelta, TimeZone as _};
 use serde::{Deserialize, Serialize};
 
 use crate::signals::{Clock, SystemProbe};
+use crate::store::{Store, StoreError};
 
 use crate::units::{self, format_bytes};
 
@@ -46,6 +47,9 @@ pub enum ScheduleError {
         #[source]
         source: serde_json::Error,
     },
+    /// Reading the setting failed (its message says which file and what to do).
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A daily time window in local time, `start` inclusive, `end` exclusive. A window whose end is
@@ -177,6 +181,11 @@ impl ScheduleUpdate {
 }
 
 impl Schedule {
+    /// The schedule stored in `store` (under [`SETTING_KEY`]); the default when none is.
+    pub fn load(store: &Store) -> Result<Schedule, ScheduleError> {
+        Schedule::from_setting(store.get_setting(SETTING_KEY)?.as_deref())
+    }
+
     /// The schedule from the stored setting text; the default when nothing is stored.
     pub fn from_setting(value: Option<&str>) -> Result<Schedule, ScheduleError> {
         let Some(v) = value else {
@@ -1285,6 +1294,20 @@ mod tests {
             Err(ScheduleError::BadSetting { .. })
         ));
         assert!(Schedule::from_setting(Some(r#"{"nice": 40}"#)).is_err());
+    }
+
+    #[test]
+    fn load_reads_the_stored_setting_or_gives_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        assert_eq!(Schedule::load(&store).unwrap(), Schedule::default());
+        let s = night();
+        store.set_setting(SETTING_KEY, &s.to_setting()).unwrap();
+        assert_eq!(Schedule::load(&store).unwrap(), s);
+        store.set_setting(SETTING_KEY, "{oops").unwrap();
+        let e = Schedule::load(&store).unwrap_err();
+        assert!(matches!(e, ScheduleError::BadSetting { .. }), "{e}");
+        assert!(e.to_string().contains("hone schedule set --reset"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use hone::daemon_lock::{self, ServiceManager};
 use hone::device;
 use hone::home::Home;
 use hone::logfile::{self, RotatingFile};
-use hone::schedule::Condition;
+use hone::schedule::{Condition, Schedule};
 use hone::signals;
 use hone::store::Store;
 use serde_json::json;
@@ -329,7 +329,7 @@ fn install(now: bool) -> Result<()> {
         .and_then(std::fs::canonicalize)
         .context("cannot find the path of the running hone executable")?;
     let store = Store::open(&home.db_path())?;
-    let schedule = daemon::load_schedule(&store)?;
+    let schedule = Schedule::load(&store)?;
     let units = daemon_lock::unit_files(&exe, &root, schedule.nice)?;
     let (m, path, paths) = service_file()?;
     let text = match m {

@@ -137,12 +137,6 @@ fn open(cli: &Cli) -> Result<Env> {
     })
 }
 
-fn load_schedule(store: &Store) -> Result<Schedule> {
-    Ok(Schedule::from_setting(
-        store.get_setting(schedule::SETTING_KEY)?.as_deref(),
-    )?)
-}
-
 /// The stored schedule with the profile's budget and threads filled in, and the decision now
 /// (with the last request and today's learned minutes the daemon would use).
 fn decision_now(env: &Env) -> Result<(Schedule, schedule::Decision)> {
@@ -180,7 +174,7 @@ pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {
             let base = if a.reset {
                 Schedule::default()
             } else {
-                load_schedule(&env.store)?
+                Schedule::load(&env.store)?
             };
             let update = a.update();
             if update.is_empty() && !a.reset {
