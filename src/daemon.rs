@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon_lock::DaemonLock;
 use crate::device::{self, Profile};
 use crate::home::Home;
+use crate::interrupt::{self, StopFlags};
 use crate::learn::{self, CycleOutcome, LearnOptions, Phase, Progress};
 use crate::presence::{self, UserWatch};
 use crate::schedule::{self, Condition, Schedule};
@@ -711,60 +712,6 @@ fn run_watched(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Signals
-
-/// What the signal handlers set.
-#[derive(Debug)]
-pub struct SignalFlags {
-    /// SIGTERM, SIGINT or SIGHUP arrived (a second one ends the process at once, code 130).
-    pub stop: AtomicBool,
-    /// SIGUSR1 arrived: a user request announced itself.
-    pub user: AtomicBool,
-}
-
-static FLAGS: SignalFlags = SignalFlags {
-    stop: AtomicBool::new(false),
-    user: AtomicBool::new(false),
-};
-
-extern "C" fn on_stop(_: libc::c_int) {
-    if FLAGS.stop.swap(true, Ordering::SeqCst) {
-        // SAFETY: _exit is async-signal-safe; the kernel drops the locks, SQLite's journal
-        // keeps the database consistent.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-extern "C" fn on_user(_: libc::c_int) {
-    FLAGS.user.store(true, Ordering::SeqCst);
-}
-
-/// Installs the daemon's handlers: SIGTERM/SIGINT/SIGHUP → stop, SIGUSR1 → a user request.
-/// Must run before the daemon lock is taken: SIGUSR1's default action ends a process, and
-/// requests signal whoever holds the lock.
-pub fn install_signal_handlers() -> std::io::Result<&'static SignalFlags> {
-    let set = |sig: libc::c_int, handler: extern "C" fn(libc::c_int)| -> std::io::Result<()> {
-        // SAFETY: a zeroed sigaction is a valid starting point; the handlers only touch
-        // atomics (and _exit), which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    };
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        set(sig, on_stop)?;
-    }
-    set(libc::SIGUSR1, on_user)?;
-    Ok(&FLAGS)
-}
-
-// ---------------------------------------------------------------------------------------------
 // The real surroundings and cycle
 
 /// The stored schedule with the device profile's memory budget and threads filled in.
@@ -797,7 +744,7 @@ pub struct SystemSurroundings {
     profile: Profile,
     probe: Box<dyn SystemProbe>,
     watch: UserWatch,
-    flags: &'static SignalFlags,
+    flags: &'static StopFlags,
     ignore: Vec<Condition>,
     schedule: Schedule,
     status_path: PathBuf,
@@ -813,7 +760,7 @@ impl SystemSurroundings {
     pub fn new(
         home: &Home,
         profile: Profile,
-        flags: &'static SignalFlags,
+        flags: &'static StopFlags,
         ignore: Vec<Condition>,
     ) -> Result<SystemSurroundings> {
         // A short lock wait: this connection is used by the watcher, which must stay quick
@@ -844,13 +791,13 @@ impl SystemSurroundings {
 
 impl Surroundings for SystemSurroundings {
     fn stop_requested(&mut self) -> bool {
-        self.flags.stop.load(Ordering::SeqCst)
+        self.flags.stop_requested()
     }
 
     fn user_active(&mut self) -> bool {
         // Both: the signal wakes us even if the lock file cannot be used; the lock says
         // whether the request still runs.
-        let signalled = self.flags.user.swap(false, Ordering::SeqCst);
+        let signalled = self.flags.take_user_request();
         if signalled {
             tracing::info!("SIGUSR1: a hone request announced itself");
         }
@@ -1054,7 +1001,7 @@ pub struct RunOptions {
 /// [`run_loop`] with the real surroundings until SIGTERM/SIGINT. Returns the final status; the
 /// lock is released when it returns.
 pub fn run(home: &Home, opts: &RunOptions) -> Result<Status> {
-    let flags = install_signal_handlers().context("installing the signal handlers")?;
+    let flags = interrupt::install_daemon_handlers().context("installing the signal handlers")?;
     home.ensure()?;
     let store = Store::open(&home.db_path())?;
     let (profile, _) = device::resolve(
