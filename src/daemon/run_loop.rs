@@ -13,6 +13,7 @@
 //! train (that is the `CycleRunner`), or print. It never starts a cycle after a stop request,
 //! and never returns while a cycle runs: a stop cancels it and waits for its checkpoint.
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -98,6 +99,19 @@ enum StopCause {
     SessionLimit(String),
 }
 
+impl StopCause {
+    /// The phase and detail the status shows while the cycle reaches its checkpoint.
+    fn announcement(&self) -> (DaemonPhase, String) {
+        match self {
+            StopCause::Stop => (DaemonPhase::Stopping, "stop requested".to_string()),
+            StopCause::User => (DaemonPhase::Pausing, "a hone request arrived".into()),
+            StopCause::Conditions(r) | StopCause::SessionLimit(r) => {
+                (DaemonPhase::Pausing, r.clone())
+            }
+        }
+    }
+}
+
 /// Keeps the status and reports it when it changes.
 struct Reporter<'a> {
     env: &'a mut dyn Surroundings,
@@ -132,6 +146,15 @@ impl Reporter<'_> {
         self.env.report(&self.status);
     }
 
+    /// The time from cancelling the cycle to its return, at a pause.
+    fn pause_took(&mut self, latency: Option<Duration>) {
+        if let Some(d) = latency {
+            let ms = d.as_millis() as u64;
+            tracing::info!("the cycle stopped {ms} ms after it was asked to");
+            self.status.last_pause_ms = Some(ms);
+        }
+    }
+
     fn result(&mut self, outcome: &str, cycle: Option<i64>, activated: Option<i64>, msg: String) {
         self.status.last_result = Some(LastResult {
             at: now_rfc3339(),
@@ -163,85 +186,149 @@ pub fn run_loop(
         status: Status::new(std::process::id()),
     };
     rep.flush();
-    // The cycle an interruption left, to be continued.
-    let mut interrupted: Option<i64> = None;
-    let mut session: Option<Instant> = None;
-    // Resting or backing off until then.
-    let mut hold_until: Option<Instant> = None;
-    let mut next_eval = Instant::now();
-    let waiting = |interrupted: Option<i64>| {
-        if interrupted.is_some() {
-            DaemonPhase::Paused
-        } else {
-            DaemonPhase::Waiting
-        }
+    let mut st = LoopState {
+        interrupted: None,
+        session: None,
+        hold_until: None,
+        next_eval: Instant::now(),
     };
     loop {
         if rep.env.stop_requested() {
             break;
         }
         if rep.env.user_active() {
-            session = None;
-            // Look at the conditions again as soon as the request ends.
-            next_eval = Instant::now();
-            rep.set(waiting(interrupted), "a hone request is running");
+            st.yield_to_request(&mut rep);
             std::thread::sleep(cfg.tick);
             continue;
         }
         let now = Instant::now();
-        if let Some(until) = hold_until {
-            if now < until {
-                std::thread::sleep(cfg.tick);
-                continue;
-            }
-            hold_until = None;
-            next_eval = now;
-        }
-        if now < next_eval {
+        if !st.due(now) {
             std::thread::sleep(cfg.tick);
             continue;
         }
-        next_eval = now + cfg.check_every;
+        st.next_eval = now + cfg.check_every;
+        let Some(session_start) = st.may_start(&mut rep, cfg, now) else {
+            continue;
+        };
+        let resuming = st.announce_cycle(&mut rep);
+        let w = run_watched(&mut rep, runner, cfg, session_start);
+        rep.pause_took(w.pause_latency);
+        let failed = st.record_outcome(&mut rep, w.result, resuming);
+        if st.after_cycle(&mut rep, cfg, w.cause, failed).is_break() {
+            break;
+        }
+    }
+    rep.set(DaemonPhase::Stopped, "");
+    rep.status
+}
+
+/// What the loop remembers from one turn to the next.
+struct LoopState {
+    /// The cycle an interruption left, to be continued.
+    interrupted: Option<i64>,
+    /// When the current learning session started.
+    session: Option<Instant>,
+    /// Resting or backing off until then.
+    hold_until: Option<Instant>,
+    /// When the conditions and the notes are read next.
+    next_eval: Instant,
+}
+
+impl LoopState {
+    /// The phase while learning may not run: paused if a cycle waits to be continued.
+    fn waiting(&self) -> DaemonPhase {
+        if self.interrupted.is_some() {
+            DaemonPhase::Paused
+        } else {
+            DaemonPhase::Waiting
+        }
+    }
+
+    /// A request runs: the session ends, and the conditions are read as soon as it ends.
+    fn yield_to_request(&mut self, rep: &mut Reporter<'_>) {
+        self.session = None;
+        // Look at the conditions again as soon as the request ends.
+        self.next_eval = Instant::now();
+        rep.set(self.waiting(), "a hone request is running");
+    }
+
+    /// Whether it is time to read the conditions: no rest or back-off holds, and the last
+    /// reading is old enough (a hold that ends makes it so at once).
+    fn due(&mut self, now: Instant) -> bool {
+        if let Some(until) = self.hold_until {
+            if now < until {
+                return false;
+            }
+            self.hold_until = None;
+            self.next_eval = now;
+        }
+        now >= self.next_eval
+    }
+
+    /// Whether a cycle may start now: the conditions hold, notes wait (or a cycle waits to be
+    /// continued), and the session has time left. Gives when the session started; if not,
+    /// the status says why.
+    fn may_start(
+        &mut self,
+        rep: &mut Reporter<'_>,
+        cfg: &LoopConfig,
+        now: Instant,
+    ) -> Option<Instant> {
         let c = rep.env.check(false);
         if !c.allowed {
-            session = None;
-            rep.set(waiting(interrupted), c.reason);
-            continue;
+            self.session = None;
+            rep.set(self.waiting(), c.reason);
+            return None;
         }
-        if interrupted.is_none() {
-            match rep.env.pending_notes() {
-                Ok(0) => {
-                    session = None;
-                    rep.set(
-                        DaemonPhase::NothingToLearn,
-                        "every note is learned; new ones are learned when the schedule allows",
-                    );
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!("cannot count the notes to learn: {e:#}");
-                    rep.set(DaemonPhase::Error, format!("{e:#}"));
-                    hold_until = Some(now + cfg.error_backoff);
-                    continue;
-                }
+        if self.interrupted.is_none() && !self.notes_wait(rep, cfg, now) {
+            return None;
+        }
+        let start = *self.session.get_or_insert(now);
+        if let Some(msg) = rep.env.session_over(start.elapsed()) {
+            self.rest(rep, cfg, now, msg);
+            return None;
+        }
+        Some(start)
+    }
+
+    /// Whether notes wait to be learned; if not, or if they cannot be counted (then it backs
+    /// off), the status says so.
+    fn notes_wait(&mut self, rep: &mut Reporter<'_>, cfg: &LoopConfig, now: Instant) -> bool {
+        match rep.env.pending_notes() {
+            Ok(0) => {
+                self.session = None;
+                rep.set(
+                    DaemonPhase::NothingToLearn,
+                    "every note is learned; new ones are learned when the schedule allows",
+                );
+                false
+            }
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!("cannot count the notes to learn: {e:#}");
+                rep.set(DaemonPhase::Error, format!("{e:#}"));
+                self.hold_until = Some(now + cfg.error_backoff);
+                false
             }
         }
-        let start = *session.get_or_insert(now);
-        if let Some(msg) = rep.env.session_over(start.elapsed()) {
-            session = None;
-            hold_until = Some(now + cfg.rest_after_session);
-            rep.set(
-                DaemonPhase::Resting,
-                format!(
-                    "{msg}; the next session may start in {} min",
-                    cfg.rest_after_session.as_secs().div_ceil(60)
-                ),
-            );
-            continue;
-        }
+    }
 
-        let resuming = interrupted;
+    /// The session's limit is reached: no learning until the rest is over.
+    fn rest(&mut self, rep: &mut Reporter<'_>, cfg: &LoopConfig, now: Instant, msg: String) {
+        self.session = None;
+        self.hold_until = Some(now + cfg.rest_after_session);
+        rep.set(
+            DaemonPhase::Resting,
+            format!(
+                "{msg}; the next session may start in {} min",
+                cfg.rest_after_session.as_secs().div_ceil(60)
+            ),
+        );
+    }
+
+    /// Reports that a cycle starts or continues; gives the cycle it continues, if any.
+    fn announce_cycle(&self, rep: &mut Reporter<'_>) -> Option<i64> {
+        let resuming = self.interrupted;
         rep.status.cycle = resuming;
         rep.set(
             DaemonPhase::Learning,
@@ -250,16 +337,19 @@ pub fn run_loop(
                 None => "starting a cycle".to_string(),
             },
         );
-        let w = run_watched(&mut rep, runner, cfg, start);
-        if let Some(d) = w.pause_latency {
-            let ms = d.as_millis() as u64;
-            tracing::info!("the cycle stopped {ms} ms after it was asked to");
-            rep.status.last_pause_ms = Some(ms);
-        }
-        let mut failed = false;
-        match w.result {
+        resuming
+    }
+
+    /// Records how the cycle call ended (`resuming`: the cycle it continued); true if it failed.
+    fn record_outcome(
+        &mut self,
+        rep: &mut Reporter<'_>,
+        result: Result<CycleOutcome>,
+        resuming: Option<i64>,
+    ) -> bool {
+        match result {
             Ok(CycleOutcome::Interrupted { cycle }) => {
-                interrupted = Some(cycle);
+                self.interrupted = Some(cycle);
                 rep.status.cycle = Some(cycle);
                 rep.result("interrupted", Some(cycle), None, String::new());
             }
@@ -269,79 +359,84 @@ pub fn run_loop(
                 reason,
                 ..
             }) => {
-                interrupted = None;
+                self.interrupted = None;
                 rep.status.cycle = None;
                 tracing::info!("cycle {cycle} done: {reason}");
                 rep.result("done", Some(cycle), activated, reason);
             }
             Ok(CycleOutcome::NothingToLearn | CycleOutcome::DryRun(_)) => {
-                interrupted = None;
+                self.interrupted = None;
                 rep.status.cycle = None;
                 rep.result("nothing_to_learn", None, None, String::new());
             }
             Err(e) => {
-                failed = true;
                 let msg = format!("{e:#}");
                 tracing::error!("the learning cycle failed: {msg}");
                 rep.result("error", resuming, None, msg);
+                return true;
             }
         }
+        false
+    }
+
+    /// What comes after a cycle call, by why it stopped: leave (a stop request), back off
+    /// (it failed), wait (a request or a condition), rest (the session limit), or look for
+    /// the next cycle at once (it was done).
+    fn after_cycle(
+        &mut self,
+        rep: &mut Reporter<'_>,
+        cfg: &LoopConfig,
+        cause: Option<StopCause>,
+        failed: bool,
+    ) -> ControlFlow<()> {
         let now = Instant::now();
-        match w.cause {
-            Some(StopCause::Stop) => break,
-            _ if failed => {
-                session = None;
-                hold_until = Some(now + cfg.error_backoff);
-                let msg = rep
-                    .status
-                    .last_result
-                    .as_ref()
-                    .map(|r| r.message.clone())
-                    .unwrap_or_default();
-                rep.set(
-                    DaemonPhase::Error,
-                    format!(
-                        "{msg} (trying again in {} min)",
-                        cfg.error_backoff.as_secs().div_ceil(60)
-                    ),
-                );
-            }
+        match cause {
+            Some(StopCause::Stop) => return ControlFlow::Break(()),
+            _ if failed => self.back_off(rep, cfg, now),
             Some(StopCause::User) => {
-                session = None;
-                next_eval = now;
-                rep.set(waiting(interrupted), "a hone request arrived");
+                self.session = None;
+                self.next_eval = now;
+                rep.set(self.waiting(), "a hone request arrived");
             }
             Some(StopCause::Conditions(reason)) => {
-                session = None;
-                next_eval = now + cfg.check_every;
-                rep.set(waiting(interrupted), reason);
+                self.session = None;
+                self.next_eval = now + cfg.check_every;
+                rep.set(self.waiting(), reason);
             }
-            Some(StopCause::SessionLimit(msg)) => {
-                session = None;
-                hold_until = Some(now + cfg.rest_after_session);
-                rep.set(
-                    DaemonPhase::Resting,
-                    format!(
-                        "{msg}; the next session may start in {} min",
-                        cfg.rest_after_session.as_secs().div_ceil(60)
-                    ),
-                );
-            }
+            Some(StopCause::SessionLimit(msg)) => self.rest(rep, cfg, now, msg),
             None => {
-                if interrupted.is_some() {
+                if self.interrupted.is_some() {
                     // It stopped without being asked to: do not spin on it.
-                    session = None;
-                    next_eval = now + cfg.check_every;
+                    self.session = None;
+                    self.next_eval = now + cfg.check_every;
                     rep.set(DaemonPhase::Paused, "the cycle stopped by itself");
                 } else {
                     // Done: the next cycle, in the same session, if notes are waiting.
-                    next_eval = now;
+                    self.next_eval = now;
                 }
             }
         }
+        ControlFlow::Continue(())
     }
-    rep.set(DaemonPhase::Stopped, "");
-    rep.status
+
+    /// The cycle failed: no learning until the back-off is over; the status says why.
+    fn back_off(&mut self, rep: &mut Reporter<'_>, cfg: &LoopConfig, now: Instant) {
+        self.session = None;
+        self.hold_until = Some(now + cfg.error_backoff);
+        let msg = rep
+            .status
+            .last_result
+            .as_ref()
+            .map(|r| r.message.clone())
+            .unwrap_or_default();
+        rep.set(
+            DaemonPhase::Error,
+            format!(
+                "{msg} (trying again in {} min)",
+                cfg.error_backoff.as_secs().div_ceil(60)
+            ),
+        );
+    }
 }
 
 /// Runs one cycle call on a worker thread while this thread watches for reasons to cancel it.
@@ -364,85 +459,121 @@ fn run_watched(
             };
             runner.run(&cancel, &mut on_progress)
         });
-        let mut cause: Option<StopCause> = None;
-        let mut cancelled_at: Option<Instant> = None;
-        let mut accounted = Instant::now();
-        let mut last_check = Instant::now();
-        let mut seen_generation = 0;
-        let mut last_progress_write = Instant::now();
+        let mut w = Watcher {
+            session_start,
+            cause: None,
+            cancelled_at: None,
+            accounted: Instant::now(),
+            last_check: Instant::now(),
+            seen_generation: 0,
+            last_progress_write: Instant::now(),
+        };
         while !worker.is_finished() {
             std::thread::sleep(cfg.tick);
-            if cause.is_none() {
-                if rep.env.stop_requested() {
-                    cause = Some(StopCause::Stop);
-                } else if rep.env.user_active() {
-                    cause = Some(StopCause::User);
-                } else if let Some(msg) = rep.env.session_over(session_start.elapsed()) {
-                    cause = Some(StopCause::SessionLimit(msg));
-                } else if last_check.elapsed() >= cfg.check_every_running {
-                    last_check = Instant::now();
-                    rep.env.add_learning_time(accounted.elapsed());
-                    accounted = Instant::now();
-                    let c = rep.env.check(true);
-                    if !c.allowed {
-                        cause = Some(StopCause::Conditions(c.reason));
-                    }
-                }
-                if let Some(c) = &cause {
+            if w.cause.is_none() {
+                if let Some(c) = w.reason_to_cancel(rep, cfg) {
                     cancel.store(true, Ordering::SeqCst);
-                    cancelled_at = Some(Instant::now());
-                    let (phase, why) = match c {
-                        StopCause::Stop => (DaemonPhase::Stopping, "stop requested".to_string()),
-                        StopCause::User => (DaemonPhase::Pausing, "a hone request arrived".into()),
-                        StopCause::Conditions(r) | StopCause::SessionLimit(r) => {
-                            (DaemonPhase::Pausing, r.clone())
-                        }
-                    };
+                    w.cancelled_at = Some(Instant::now());
+                    let (phase, why) = c.announcement();
                     rep.set(phase, why);
+                    w.cause = Some(c);
                     continue;
                 }
             }
             // Progress into the status: a new phase at once, the rest at most every second.
             let g = generation.load(Ordering::Acquire);
-            if g != seen_generation && cause.is_none() {
-                seen_generation = g;
+            if g != w.seen_generation && w.cause.is_none() {
+                w.seen_generation = g;
                 let p = latest.lock().ok().and_then(|l| l.clone());
                 if let Some(p) = p {
-                    let phase = DaemonPhase::from_learn(p.phase);
-                    rep.status.progress = Some(ProgressView::from(&p));
-                    if p.estimate_s.is_some() {
-                        rep.status.estimate_s = p.estimate_s;
-                    }
-                    rep.status.session_minutes = Some(session_start.elapsed().as_secs_f64() / 60.0);
-                    if phase != rep.status.phase {
-                        rep.set(phase, p.message.clone());
-                        last_progress_write = Instant::now();
-                    } else if last_progress_write.elapsed() >= cfg.progress_every {
-                        rep.status.detail = p.message.clone();
-                        rep.flush();
-                        last_progress_write = Instant::now();
-                    }
+                    w.show_progress(rep, cfg, &p);
                 }
             }
         }
         let result = match worker.join() {
             Ok(r) => r,
-            Err(payload) => {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
-                Err(anyhow::anyhow!("the learning cycle panicked: {msg}"))
-            }
+            Err(payload) => Err(anyhow::anyhow!(
+                "the learning cycle panicked: {}",
+                panic_message(payload.as_ref())
+            )),
         };
-        rep.env.add_learning_time(accounted.elapsed());
+        rep.env.add_learning_time(w.accounted.elapsed());
         Watched {
             result,
-            cause,
-            pause_latency: cancelled_at.map(|t| t.elapsed()),
+            cause: w.cause,
+            pause_latency: w.cancelled_at.map(|t| t.elapsed()),
         }
     })
+}
+
+/// What the watcher of one cycle call remembers between its looks.
+struct Watcher {
+    session_start: Instant,
+    /// Why it cancelled the cycle, once it did.
+    cause: Option<StopCause>,
+    cancelled_at: Option<Instant>,
+    /// Learning time up to here is counted.
+    accounted: Instant,
+    /// The conditions were last read then.
+    last_check: Instant,
+    /// The last progress report shown.
+    seen_generation: u64,
+    last_progress_write: Instant,
+}
+
+impl Watcher {
+    /// A reason to cancel the cycle now, if there is one: a stop, a request, the session
+    /// limit, or (every `check_every_running`, when the learning time is also counted) a
+    /// condition that stopped holding.
+    fn reason_to_cancel(&mut self, rep: &mut Reporter<'_>, cfg: &LoopConfig) -> Option<StopCause> {
+        if rep.env.stop_requested() {
+            return Some(StopCause::Stop);
+        }
+        if rep.env.user_active() {
+            return Some(StopCause::User);
+        }
+        if let Some(msg) = rep.env.session_over(self.session_start.elapsed()) {
+            return Some(StopCause::SessionLimit(msg));
+        }
+        if self.last_check.elapsed() >= cfg.check_every_running {
+            self.last_check = Instant::now();
+            rep.env.add_learning_time(self.accounted.elapsed());
+            self.accounted = Instant::now();
+            let c = rep.env.check(true);
+            if !c.allowed {
+                return Some(StopCause::Conditions(c.reason));
+            }
+        }
+        None
+    }
+
+    /// Puts a progress report into the status: a new phase at once, the rest at most every
+    /// `progress_every`.
+    fn show_progress(&mut self, rep: &mut Reporter<'_>, cfg: &LoopConfig, p: &Progress) {
+        let phase = DaemonPhase::from_learn(p.phase);
+        rep.status.progress = Some(ProgressView::from(p));
+        if p.estimate_s.is_some() {
+            rep.status.estimate_s = p.estimate_s;
+        }
+        rep.status.session_minutes = Some(self.session_start.elapsed().as_secs_f64() / 60.0);
+        if phase != rep.status.phase {
+            rep.set(phase, p.message.clone());
+            self.last_progress_write = Instant::now();
+        } else if self.last_progress_write.elapsed() >= cfg.progress_every {
+            rep.status.detail = p.message.clone();
+            rep.flush();
+            self.last_progress_write = Instant::now();
+        }
+    }
+}
+
+/// The message of a panic, as far as it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 #[cfg(test)]
