@@ -47,6 +47,11 @@ pub enum ScheduleError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "unknown condition {input:?}; one of window, daily_limit, session_limit, recent_request, \
+             user_active, cpu_load, power, battery, temperature, memory"
+    )]
+    UnknownCondition { input: String },
     /// Reading the setting failed (its message says which file and what to do).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -895,6 +900,15 @@ pub fn parse_temperature(s: &str) -> Result<OrUnset<f32>, ScheduleError> {
         })
 }
 
+/// A [`Condition`] by its name (`cpu_load`, as in the JSON of a decision).
+pub fn parse_condition(s: &str) -> Result<Condition, ScheduleError> {
+    serde_json::from_value(serde_json::Value::String(s.trim().to_string())).map_err(|_| {
+        ScheduleError::UnknownCondition {
+            input: s.to_string(),
+        }
+    })
+}
+
 /// An RFC 3339 time as stored in the database (`2025-01-31T12:00:00.123Z`) in local time, for
 /// the `last_request` of [`decide`]; `None` if it does not parse.
 pub fn parse_stored_time(s: &str) -> Option<DateTime<Local>> {
@@ -1350,6 +1364,17 @@ mod tests {
 
     #[test]
     fn parse_helpers() {
+        assert_eq!(parse_condition(" cpu_load").unwrap(), Condition::CpuLoad);
+        assert_eq!(
+            parse_condition("user_active").unwrap(),
+            Condition::UserActive
+        );
+        let e = parse_condition("cpu").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "unknown condition \"cpu\"; one of window, daily_limit, session_limit, \
+             recent_request, user_active, cpu_load, power, battery, temperature, memory"
+        );
         assert_eq!(parse_bytes("600MiB").unwrap(), 600 << 20);
         assert_eq!(parse_bytes("600 MiB").unwrap(), 600 << 20);
         assert_eq!(parse_bytes("1.5GiB").unwrap(), 3 << 29);

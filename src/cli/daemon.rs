@@ -12,7 +12,7 @@ use hone::daemon_lock::{self, ServiceManager};
 use hone::device;
 use hone::home::Home;
 use hone::logfile::{self, RotatingFile};
-use hone::schedule::{Condition, Schedule};
+use hone::schedule::{self, Condition, Schedule};
 use hone::signals;
 use hone::store::Store;
 use serde_json::json;
@@ -53,20 +53,11 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     pub ignore_idle: bool,
     /// For tests: schedule conditions that do not count, e.g. cpu_load,power
-    #[arg(long = "ignore-condition", hide = true, value_delimiter = ',', value_parser = parse_condition)]
+    #[arg(long = "ignore-condition", hide = true, value_delimiter = ',', value_parser = schedule::parse_condition)]
     pub ignore: Vec<Condition>,
     /// For tests: how often the conditions are read while waiting, in milliseconds
     #[arg(long, hide = true, default_value_t = 5000)]
     pub check_every_ms: u64,
-}
-
-fn parse_condition(s: &str) -> Result<Condition, String> {
-    serde_json::from_value(serde_json::Value::String(s.trim().to_string())).map_err(|_| {
-        format!(
-            "unknown condition {s:?}; one of window, daily_limit, session_limit, recent_request, \
-             user_active, cpu_load, power, battery, temperature, memory"
-        )
-    })
 }
 
 pub fn run(cli: &Cli, cmd: &DaemonCommand) -> Result<()> {
