@@ -255,7 +255,7 @@ fn main() {
         cli.command,
         Command::Daemon(cli::daemon::DaemonCommand::Run(_))
     ) {
-        cli::init_logging(cli.verbose);
+        cli::logging::init_logging(cli.verbose);
     }
     // Default: the cores other processes leave idle, so a busy machine does not make our
     // threads fight for cores (measured over 30 ms of /proc/stat).

@@ -4,6 +4,7 @@
 //! It must not decide when to learn or run the loop itself (the library does); it runs
 //! `systemctl`/`launchctl` only when `--now` is given.
 
+use super::logging;
 use crate::Cli;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -11,7 +12,7 @@ use hone::daemon::{self, DaemonPhase, LoopConfig, RunOptions, Status};
 use hone::daemon_lock::{self, ServiceManager};
 use hone::device;
 use hone::home::Home;
-use hone::logfile::{self, RotatingFile};
+use hone::logfile;
 use hone::schedule::{self, Condition, Schedule};
 use hone::signals;
 use hone::store::Store;
@@ -72,51 +73,10 @@ pub fn run(cli: &Cli, cmd: &DaemonCommand) -> Result<()> {
     }
 }
 
-/// The daemon's logging: `$HONE_HOME/daemon.log` (rotated by size, 0600) at info (or
-/// `HONE_LOG`), warnings also on stderr (the service manager's journal).
-fn init_file_logging(home: &Home, verbose: u8) -> Result<PathBuf> {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    use tracing_subscriber::Layer as _;
-    let path = home.root().join(logfile::DAEMON_LOG);
-    let file = RotatingFile::open(&path, logfile::DEFAULT_MAX_BYTES, logfile::DEFAULT_KEEP)
-        .with_context(|| {
-            format!(
-                "cannot open the log file {}; check that the data directory is writable",
-                path.display()
-            )
-        })?;
-    let level = if verbose > 0 { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HONE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let to_file = tracing_subscriber::fmt::layer()
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(file))
-        .with_filter(filter);
-    use std::io::IsTerminal as _;
-    let to_stderr = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .with_filter(tracing_subscriber::filter::LevelFilter::WARN)
-        // The error that ends the daemon is printed by main already.
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() != EXIT_TARGET
-        }));
-    // Fails only if a logger is already set (never, for `daemon run`).
-    let _ = tracing_subscriber::registry()
-        .with(to_file)
-        .with(to_stderr)
-        .try_init();
-    Ok(path)
-}
-
-/// The log target of the error that ends the daemon (kept off stderr, where main prints it).
-const EXIT_TARGET: &str = "hone::daemon::exit";
-
 fn run_daemon(cli: &Cli, a: &RunArgs) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
-    let log = init_file_logging(&home, cli.verbose)?;
+    let log = logging::init_file_logging(&home, cli.verbose)?;
     let mut ignore = a.ignore.clone();
     if a.ignore_idle {
         ignore.extend([Condition::RecentRequest, Condition::UserActive]);
@@ -139,7 +99,7 @@ fn run_daemon(cli: &Cli, a: &RunArgs) -> Result<()> {
     );
     let r = daemon::run(&home, &opts);
     if let Err(e) = &r {
-        tracing::error!(target: EXIT_TARGET, "{e:#}");
+        tracing::error!(target: logging::EXIT_TARGET, "{e:#}");
     }
     r.map(|_| ())
 }

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod daemon;
 pub mod dev;
 pub mod learn;
+pub mod logging;
 pub mod schedule;
 pub mod serve;
 pub mod train;
@@ -22,23 +23,6 @@ use hone::template::Message;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::sync::atomic::AtomicBool;
-
-pub fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HONE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // Colour only for a terminal: a pipe or a file gets plain text.
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
 
 /// What every command that talks to the model needs.
 pub struct Ctx {
