@@ -10,7 +10,8 @@
 //! to turn them on.
 //!
 //! It must NOT run learning, read the schedule, or run `systemctl`/`launchctl` itself (the
-//! command line prints or runs the commands); and it never deletes a lock file.
+//! command line prints the commands, or has `daemon::service` run them); and it never deletes a
+//! lock file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};

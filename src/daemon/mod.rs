@@ -12,8 +12,10 @@
 //! with the one-daemon lock, nice, threads and signal handlers (`crate::interrupt`).
 //!
 //! The parts: `run_loop` (the loop and its watcher, and the two traits), `status` (the status
-//! file and the minutes ledger), `system` (the real surroundings and cycle); this file holds
-//! [`run`] and re-exports what the others make public, so every item is `daemon::NAME`.
+//! file and the minutes ledger), `system` (the real surroundings and cycle), `report` (what
+//! `hone daemon status` shows); this file holds [`run`] and re-exports what they make public,
+//! so every item is `daemon::NAME`. [`service`] writes and removes the service file that
+//! starts the daemon at login (`hone daemon install|uninstall`).
 //!
 //! What it leaves behind for `hone daemon status`: `$HONE_HOME/daemon.status.json` (0600,
 //! replaced atomically: phase, since when, why, progress, the last cycle's result), and the
@@ -27,13 +29,17 @@
 //!
 //! It must NOT train or write self-edits itself (that is `learn`), decide the policy (that is
 //! `schedule`; this module only acts on its decision), print to the terminal, or run
-//! `systemctl`/`launchctl`. It never keeps running a cycle after a stop request, and never
+//! `systemctl`/`launchctl` (only [`service::run_command`] does, with the commands the command
+//! line hands it for `--now`). It never keeps running a cycle after a stop request, and never
 //! leaves without letting the cycle reach its checkpoint.
 
+mod report;
 mod run_loop;
+pub mod service;
 mod status;
 mod system;
 
+pub use report::{report, Report};
 pub use run_loop::{run_loop, Check, CycleRunner, LoopConfig, Surroundings};
 pub use status::{
     add_learned_minutes, last_request, learned_minutes, read_status, status_path, write_status,

@@ -8,6 +8,7 @@
 //! print. A status file it cannot parse is an error naming the file; a damaged minutes setting
 //! counts as nothing learned.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -124,6 +125,30 @@ pub struct LastResult {
     /// The adapter version the gate activated, if any.
     pub activated: Option<i64>,
     pub message: String,
+}
+
+/// How it ended, for people ("cycle 7 done: adapter v3 activated; probes improved"), as the
+/// phases say what the daemon does ([`DaemonPhase::as_str`]).
+impl fmt::Display for LastResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cycle = self.cycle.unwrap_or_default();
+        match self.outcome.as_str() {
+            "done" => {
+                write!(f, "cycle {cycle} done: ")?;
+                match self.activated {
+                    Some(v) => write!(f, "adapter v{v} activated; ")?,
+                    None => write!(f, "no new adapter; ")?,
+                }
+                write!(f, "{}", self.message)
+            }
+            "interrupted" => write!(
+                f,
+                "cycle {cycle} interrupted; it continues when learning may run again"
+            ),
+            "nothing_to_learn" => write!(f, "nothing to learn"),
+            _ => write!(f, "failed: {}", self.message),
+        }
+    }
 }
 
 /// The daemon's state for `hone daemon status`, kept in [`STATUS_FILE`].
@@ -304,6 +329,31 @@ mod tests {
         std::fs::write(&p, "{").unwrap();
         let e = read_status(&p).unwrap_err().to_string();
         assert!(e.contains(STATUS_FILE) && e.contains("delete it"), "{e}");
+    }
+
+    #[test]
+    fn a_last_result_says_how_the_cycle_ended() {
+        let r = |outcome: &str, activated: Option<i64>| LastResult {
+            at: now_rfc3339(),
+            outcome: outcome.into(),
+            cycle: Some(7),
+            activated,
+            message: "probes improved".into(),
+        };
+        assert_eq!(
+            r("done", Some(3)).to_string(),
+            "cycle 7 done: adapter v3 activated; probes improved"
+        );
+        assert_eq!(
+            r("done", None).to_string(),
+            "cycle 7 done: no new adapter; probes improved"
+        );
+        assert_eq!(
+            r("interrupted", None).to_string(),
+            "cycle 7 interrupted; it continues when learning may run again"
+        );
+        assert_eq!(r("nothing_to_learn", None).to_string(), "nothing to learn");
+        assert_eq!(r("error", None).to_string(), "failed: probes improved");
     }
 
     #[test]
