@@ -423,6 +423,20 @@ pub fn export_peft(w: &LoraWeights, cfg: &Config, base_model: &str, out: &Path) 
     })
 }
 
+/// The active adapter version of the chosen model, if any (the same lookup `ask` does, without
+/// loading the model); None when the file cannot be read.
+pub fn active_version_of(store: &Store, choice: &ModelChoice) -> Option<i64> {
+    let arch = crate::gguf::GgufFile::open(&choice.path)
+        .ok()
+        .and_then(|f| f.architecture().ok())?;
+    let id = model_id(store, choice, &arch).ok()?;
+    store
+        .active_adapter(&id.sha256)
+        .ok()
+        .flatten()
+        .map(|r| r.version)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -583,6 +583,52 @@ fn is_extending(c: char) -> bool {
         | '\u{E0100}'..='\u{E01EF}')
 }
 
+/// What `import` stored.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportReport {
+    pub files: usize,
+    pub added: usize,
+    pub duplicates: usize,
+}
+
+/// Why an import stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("no .md, .markdown or .txt files under the given paths")]
+    NoFiles,
+    #[error(transparent)]
+    Note(#[from] NoteError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Imports the note files under `paths` (`hone note import`). Everything is read first: one bad
+/// file stops the import before anything is stored.
+pub fn import(
+    store: &mut crate::store::Store,
+    paths: &[PathBuf],
+    opts: &ImportOptions,
+) -> Result<ImportReport, ImportError> {
+    let files = collect_files(paths)?;
+    if files.is_empty() {
+        return Err(ImportError::NoFiles);
+    }
+    let mut items = Vec::new();
+    for f in &files {
+        items.extend(read_note_file(f, opts)?);
+    }
+    let results = store.add_notes(&items)?;
+    let added = results
+        .iter()
+        .filter(|r| matches!(r, crate::store::NoteAdded::Added(_)))
+        .count();
+    Ok(ImportReport {
+        files: files.len(),
+        added,
+        duplicates: results.len() - added,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

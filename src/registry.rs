@@ -111,3 +111,53 @@ pub fn resolve(
         }
     }
 }
+
+/// Why a file cannot be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error("{path} has no tokenizer hone can use: {source}")]
+    Tokenizer {
+        path: PathBuf,
+        source: crate::tokenizer::TokenizerError,
+    },
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Registers a GGUF file the user has under `name` (`hone pull --file PATH --name NAME`): it
+/// must open, be of an architecture hone runs and carry a tokenizer; it is hashed once.
+pub fn register_file(
+    store: &Store,
+    file: &Path,
+    name: &str,
+) -> Result<crate::store::RegisteredModel, RegisterError> {
+    let path = std::fs::canonicalize(file).map_err(|source| RegisterError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let gguf = crate::gguf::GgufFile::open(&path)?;
+    let arch = gguf.require_supported()?;
+    crate::tokenizer::Tokenizer::from_gguf(&gguf).map_err(|source| RegisterError::Tokenizer {
+        path: path.clone(),
+        source,
+    })?;
+    let r = crate::store::RegisteredModel {
+        name: name.to_string(),
+        path: path.display().to_string(),
+        architecture: arch,
+        sha256: Some(crate::digest::sha256_file(&path)?),
+        bytes: gguf.file_size(),
+        registered_at: crate::store::now_rfc3339(),
+    };
+    store.register_model(&r)?;
+    Ok(r)
+}

@@ -264,29 +264,16 @@ fn pull(cli: &Cli, a: &crate::PullArgs) -> Result<()> {
             .clone()
             .context("--file needs --name NAME")?;
         let store = Store::open(&home.db_path())?;
-        let path = std::fs::canonicalize(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let gguf = hone::gguf::GgufFile::open(&path)?;
-        let arch = gguf.require_supported()?;
-        hone::tokenizer::Tokenizer::from_gguf(&gguf)
-            .with_context(|| format!("{} has no tokenizer hone can use", path.display()))?;
-        eprintln!("hashing {} ...", path.display());
-        let sha = hone::digest::sha256_file(&path)?;
-        store.register_model(&hone::store::RegisteredModel {
-            name: name.clone(),
-            path: path.display().to_string(),
-            architecture: arch.clone(),
-            sha256: Some(sha),
-            bytes: gguf.file_size(),
-            registered_at: hone::store::now_rfc3339(),
-        })?;
+        eprintln!("hashing {} ...", file.display());
+        let r = registry::register_file(&store, file, &name)?;
         if a.default {
             store.set_setting(registry::DEFAULT_MODEL_KEY, &name)?;
         }
         println!(
-            "registered {name}: {} ({arch}, {})",
-            path.display(),
-            hone::sys::human_bytes(gguf.file_size())
+            "registered {name}: {} ({}, {})",
+            r.path,
+            r.architecture,
+            hone::sys::human_bytes(r.bytes)
         );
         return Ok(());
     }
@@ -434,24 +421,10 @@ fn note_cmd(store: &mut Store, home: &Home, n: &NoteCommand) -> Result<()> {
             if let Some(m) = max_file_size {
                 opts.max_file_bytes = *m;
             }
-            let files = hone::notes::collect_files(paths)?;
-            if files.is_empty() {
-                bail!("no .md, .markdown or .txt files under the given paths");
-            }
-            // Read everything first: one bad file stops the import before anything is stored.
-            let mut items = Vec::new();
-            for f in &files {
-                items.extend(hone::notes::read_note_file(f, &opts)?);
-            }
-            let results = store.add_notes(&items)?;
-            let added = results
-                .iter()
-                .filter(|r| matches!(r, hone::store::NoteAdded::Added(_)))
-                .count();
+            let r = hone::notes::import(store, paths, &opts)?;
             println!(
-                "imported {} files: {added} new notes, {} already stored",
-                files.len(),
-                results.len() - added
+                "imported {} files: {} new notes, {} already stored",
+                r.files, r.added, r.duplicates
             );
         }
         NoteCommand::List { limit, json } => {
@@ -552,17 +525,10 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
         Err(e) => (None, None, None, Some(format!("{e:#}"))),
     };
     // The active adapter of the chosen model, if any (the same lookup `ask` does).
-    let adapter: Option<i64> = model.as_ref().ok().and_then(|c| {
-        let arch = hone::gguf::GgufFile::open(&c.path)
-            .ok()
-            .and_then(|f| f.architecture().ok())?;
-        let id = hone::adapters::model_id(&ctx.store, c, &arch).ok()?;
-        ctx.store
-            .active_adapter(&id.sha256)
-            .ok()
-            .flatten()
-            .map(|r| r.version)
-    });
+    let adapter = model
+        .as_ref()
+        .ok()
+        .and_then(|c| hone::adapters::active_version_of(&ctx.store, c));
     if json_out {
         println!(
             "{}",
