@@ -163,9 +163,8 @@ pub fn run(
     req: &TrainRequest,
     on_round: &mut dyn FnMut(Round),
 ) -> Result<TrainReport> {
-    let mcfg = engine.model.cfg.clone();
-    let (cfg, p) = config(engine, model, req.budget, req.steps.max(1))?;
     let steps = req.steps.max(1);
+    let (cfg, p) = config(engine, model, req.budget, steps)?;
     let rounds = req
         .rounds
         .unwrap_or(if req.vs_peft.is_some() { 5 } else { 1 })
@@ -196,7 +195,7 @@ pub fn run(
     let losses = ours.pop().map(|r| r.2).unwrap_or_default();
     let peft = (!theirs.is_empty()).then(|| peft_report(&theirs, &rounds_tps, peak_rss_mb));
     Ok(TrainReport {
-        n_layers: mcfg.n_layers,
+        n_layers: engine.model.cfg.n_layers,
         batch: BATCH,
         seq_len: SEQ_LEN,
         micro_batch: cfg.micro_batch,
