@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod assistant;
+pub mod bench;
 pub mod codec;
 pub mod daemon;
 pub mod daemon_lock;

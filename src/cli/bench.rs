@@ -1,14 +1,19 @@
 //! `hone bench`: prompt-processing and decode speed and peak memory, measured the way
 //! `llama-bench` does (pp: a batch of prompt tokens from an empty context; tg: tokens decoded
-//! one at a time from an empty context), as medians over repetitions.
+//! one at a time from an empty context), as medians over repetitions; with `--train`, LoRA
+//! training speed.
+//!
+//! Parsing and printing only; the measuring is `hone::bench`.
 
 use super::Ctx;
 use crate::Cli;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use hone::model::Logits;
+use hone::bench::infer::InferRequest;
+use hone::bench::train::{Round, TrainRequest};
+use hone::bench::Spread;
+use hone::units::mib;
 use serde_json::json;
-use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -50,183 +55,32 @@ pub struct BenchArgs {
     pub rounds: Option<usize>,
 }
 
-/// One llama-bench run: (prompt t/s, decode t/s, peak RSS MiB).
-fn run_llama_bench(
-    exe: &std::path::Path,
-    model: &std::path::Path,
-    a: &BenchArgs,
-    threads: usize,
-) -> Result<(Option<f64>, Option<f64>, f64)> {
-    let child = std::process::Command::new(exe)
-        .arg("-m")
-        .arg(model)
-        .args(["-p", &a.prompt.to_string(), "-n", &a.gen.to_string()])
-        .args(["-t", &threads.to_string(), "-r", "1", "-o", "json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {}", exe.display()))?;
-    // The peer's peak RSS: VmHWM of its own address space, polled while it runs (the kernel's
-    // child rusage would count the pages of the hone process it was forked from).
-    let pid = child.id();
-    let hwm = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let poller = {
-        let (hwm, done) = (hwm.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(kb) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        s.lines()
-                            .find(|l| l.starts_with("VmHWM:"))
-                            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    })
-                {
-                    hwm.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        })
-    };
-    let out = child.wait_with_output();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = poller.join();
-    let out = out.with_context(|| format!("running {}", exe.display()))?;
-    let peak_mb = hwm.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} failed: {}",
-            exe.display(),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{} did not print JSON", exe.display()))?;
-    let mut pp = None;
-    let mut tg = None;
-    for t in v.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
-        let ts = t["avg_ts"].as_f64();
-        if t["n_gen"].as_u64() == Some(0) {
-            pp = ts;
-        } else if t["n_prompt"].as_u64() == Some(0) {
-            tg = ts;
-        }
-    }
-    Ok((pp, tg, peak_mb))
-}
-
-/// Median, min and max of a non-empty list.
-pub(super) fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (med, v[0], v[n - 1])
-}
-
 pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
     if a.train {
-        return super::train::bench(cli, a);
+        return train(cli, a);
     }
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let mut engine = ctx.load(&choice)?;
-    let vocab = engine.tokenizer.vocab_size() as u32;
     let threads = cli
         .threads
         .unwrap_or_else(candle_core::utils::get_num_threads);
-    // A deterministic prompt of ordinary (non-special) tokens.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut prompt = Vec::with_capacity(a.prompt);
-    while prompt.len() < a.prompt {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let id = (x % vocab as u64) as u32;
-        if !engine.tokenizer.is_special(id) {
-            prompt.push(id);
-        }
-    }
-    let reps = a.reps.max(1);
-    // One untimed warm-up of each test.
-    engine.reset();
-    engine.model.forward(&prompt, Logits::Last)?;
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    let mut peer_pp = Vec::new();
-    let mut peer_tg = Vec::new();
-    let mut peer_peak = 0f64;
-    let mut neighbour = if a.neighbour {
-        Some(
-            std::process::Command::new("sh")
-                .args(["-c", "while :; do :; done"])
-                .spawn()
-                .context("starting the busy neighbour (sh)")?,
-        )
-    } else {
-        None
+    let req = InferRequest {
+        prompt: a.prompt,
+        gen: a.gen,
+        reps: a.reps,
+        neighbour: a.neighbour,
+        llama_bench: a.vs_llama_bench.clone(),
+        threads,
     };
-    for _ in 0..reps {
-        if let Some(exe) = &a.vs_llama_bench {
-            let (p, t, rss) = run_llama_bench(exe, &choice.path, a, threads)?;
-            peer_pp.extend(p);
-            peer_tg.extend(t);
-            peer_peak = peer_peak.max(rss);
-        }
-        if a.prompt > 0 {
-            engine.reset();
-            let t = Instant::now();
-            engine.model.forward(&prompt, Logits::Last)?;
-            pp.push(a.prompt as f64 / t.elapsed().as_secs_f64());
-        }
-        if a.gen > 0 {
-            engine.reset();
-            let mut tok = prompt.first().copied().unwrap_or(0);
-            let t = Instant::now();
-            for _ in 0..a.gen {
-                let l = engine.model.forward(&[tok], Logits::Last)?;
-                tok = l.argmax(0)?.to_scalar::<u32>()?;
-            }
-            tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
-        }
-    }
-    if let Some(mut n) = neighbour.take() {
-        let _ = n.kill();
-        let _ = n.wait();
-    }
-    let peak = hone::sys::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0;
-    let size = std::fs::metadata(&choice.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let (pp_med, pp_min, pp_max) = if pp.is_empty() {
-        (0.0, 0.0, 0.0)
-    } else {
-        stats(&mut pp)
-    };
-    let (tg_med, tg_min, tg_max) = if tg.is_empty() {
-        (0.0, 0.0, 0.0)
-    } else {
-        stats(&mut tg)
-    };
-    let sz = hone::sys::human_bytes(size);
-    let peer = a.vs_llama_bench.is_some();
-    let (ppp, _, _) = if peer_pp.is_empty() {
-        (0.0, 0.0, 0.0)
-    } else {
-        stats(&mut peer_pp)
-    };
-    let (ptg, _, _) = if peer_tg.is_empty() {
-        (0.0, 0.0, 0.0)
-    } else {
-        stats(&mut peer_tg)
-    };
+    let r = hone::bench::infer::run(&mut engine, &choice.path, &req)?;
+    let reps = r.reps;
+    let peak = r.peak_rss_mb;
+    let (pp, tg) = (r.prompt_tps, r.decode_tps);
+    let sz = hone::sys::human_bytes(r.model_bytes);
+    let peer = r.llama_bench.is_some();
+    let ll = r.llama_bench.unwrap_or_default();
+    let (ppp, ptg, peer_peak) = (ll.prompt_tps, ll.decode_tps, ll.peak_rss_mb);
     let load = if a.neighbour { ", busy neighbour" } else { "" };
     if peer {
         println!("| model | size | threads | test | hone t/s (median, min-max) | llama.cpp t/s (median) | ratio |");
@@ -235,7 +89,8 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
         println!("| model | size | threads | test | t/s (median) | min | max |");
         println!("|---|---|---|---|---|---|---|");
     }
-    let row = |test: String, med: f64, min: f64, max: f64, theirs: f64| {
+    let row = |test: String, s: Spread, theirs: f64| {
+        let (med, min, max) = (s.median, s.min, s.max);
         if peer {
             println!(
                 "| {} | {sz} | {threads}{load} | {test} | {med:.2} ({min:.2}-{max:.2}) | {theirs:.2} | {:.2}x |",
@@ -250,10 +105,10 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
         }
     };
     if a.prompt > 0 {
-        row(format!("pp{}", a.prompt), pp_med, pp_min, pp_max, ppp);
+        row(format!("pp{}", a.prompt), pp, ppp);
     }
     if a.gen > 0 {
-        row(format!("tg{}", a.gen), tg_med, tg_min, tg_max, ptg);
+        row(format!("tg{}", a.gen), tg, ptg);
     }
     println!(
         "load {:.0} ms, peak RSS {peak:.1} MiB{}, {reps} reps",
@@ -272,13 +127,109 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
             "{}",
             json!({"model": choice.name, "threads": threads, "prompt_tokens": a.prompt,
                    "gen_tokens": a.gen, "reps": reps,
-                   "prompt_tps": pp_med, "prompt_tps_min": pp_min, "prompt_tps_max": pp_max,
-                   "decode_tps": tg_med, "decode_tps_min": tg_min, "decode_tps_max": tg_max,
+                   "prompt_tps": pp.median, "prompt_tps_min": pp.min, "prompt_tps_max": pp.max,
+                   "decode_tps": tg.median, "decode_tps_min": tg.min, "decode_tps_max": tg.max,
                    "load_ms": engine.load_time.as_secs_f64() * 1000.0, "peak_rss_mb": peak,
                    "neighbour": a.neighbour,
                    "llama_cpp": if peer { json!({"prompt_tps": ppp, "decode_tps": ptg,
-                       "peak_rss_mb": peer_peak, "prompt_ratio": pp_med / ppp.max(1e-9),
-                       "decode_ratio": tg_med / ptg.max(1e-9)}) } else { serde_json::Value::Null }})
+                       "peak_rss_mb": peer_peak, "prompt_ratio": pp.median / ppp.max(1e-9),
+                       "decode_ratio": tg.median / ptg.max(1e-9)}) } else { serde_json::Value::Null }})
+        );
+    }
+    Ok(())
+}
+
+/// `hone bench --train`: the training bench (see `hone::bench::train`), its table and JSON.
+fn train(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    super::train::quiet_candle_pool();
+    let ctx = Ctx::open(cli)?;
+    let choice = ctx.choose_model()?;
+    let engine = ctx.load(&choice)?;
+    let threads = cli
+        .threads
+        .unwrap_or_else(candle_core::utils::get_num_threads);
+    let req = TrainRequest {
+        budget: a
+            .max_memory
+            .as_deref()
+            .map(hone::units::parse_bytes)
+            .transpose()?,
+        steps: a.reps,
+        rounds: a.rounds,
+        vs_peft: a.vs_peft.clone(),
+        data_out: a.data_out.clone(),
+        threads,
+    };
+    let r = hone::bench::train::run(&engine, &choice.path, &req, &mut |round| match round {
+        Round::Hone(i, n) if n > 1 => eprintln!("round {i}/{n}: hone"),
+        Round::Hone(..) => {}
+        Round::Peft(i, n) => eprintln!("round {i}/{n}: PyTorch + PEFT"),
+    })?;
+    let (b, s, med, peak, sps) = (
+        r.batch,
+        r.seq_len,
+        r.train_tps,
+        r.peak_rss_mb,
+        r.seconds_per_step,
+    );
+    let losses = &r.losses;
+    println!("| model | threads | test | train tok/s | peak RSS MiB | s/step |\n|---|---|---|---|---|---|");
+    println!(
+        "| {} | {threads} | lora r8 qkvo+mlp x{} layers, {b}x{s} | {med:.1} | {peak:.0} | {sps:.2} |",
+        choice.name, r.n_layers,
+    );
+    println!(
+        "micro-batch {} x accum {}, {}checkpointing, training kernels {}, planner estimate {:.0} MiB, loss {:.4} -> {:.4}",
+        r.micro_batch,
+        r.accum,
+        if r.checkpointing { "" } else { "no " },
+        r.train_kernels,
+        mib(r.estimate),
+        losses[0],
+        losses[losses.len() - 1]
+    );
+    let mut peer_json = serde_json::Value::Null;
+    if let Some(p) = &r.peft {
+        println!("\n| round | hone tok/s | PEFT tok/s | hone / PEFT | PEFT peak RSS MiB |\n|---|---|---|---|---|");
+        for (i, ((h, t), q)) in r
+            .rounds_tps
+            .iter()
+            .zip(&p.rounds_tps)
+            .zip(&p.ratios)
+            .enumerate()
+        {
+            println!(
+                "| {} | {h:.1} | {t:.1} | {q:.2}x | {:.0} |",
+                i + 1,
+                p.rounds_rss_mb[i]
+            );
+        }
+        let (pm, pr) = (p.train_tps, p.peak_rss_mb);
+        println!(
+            "| median | {med:.1} | {pm:.1} | {:.2}x (ratio of medians {:.2}x) | {pr:.0} |",
+            p.speed_ratio_median, p.ratio_of_medians
+        );
+        println!(
+            "peak RSS: hone {peak:.0} MiB = {:.2}x PEFT's; losses: hone {}, PEFT {}",
+            p.rss_ratio,
+            json!(losses),
+            p.losses
+        );
+        peer_json = json!({"peer": "pytorch+peft", "train_tps": pm, "peak_rss_mb": pr,
+                           "rounds_tps": p.rounds_tps, "rounds_rss_mb": p.rounds_rss_mb,
+                           "speed_ratio_median": p.speed_ratio_median,
+                           "ratio_of_medians": p.ratio_of_medians, "rss_ratio": p.rss_ratio,
+                           "torch": p.torch});
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({"model": choice.name, "threads": threads, "train_tps": med, "peak_rss_mb": peak,
+                   "steps": r.steps, "rounds": r.rounds, "rounds_tps": r.rounds_tps, "batch": b,
+                   "seq_len": s, "rank": 8, "alpha": 16.0, "train_kernels": r.train_kernels,
+                   "micro_batch": r.micro_batch, "checkpointing": r.checkpointing,
+                   "estimate_mb": mib(r.estimate), "seconds_per_step": sps,
+                   "losses": losses, "vs": peer_json})
         );
     }
     Ok(())

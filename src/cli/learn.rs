@@ -1,17 +1,19 @@
 //! `hone learn` (one learning cycle now, or its log) and `hone eval` (knowledge-incorporation
 //! evaluation, each mode in its own process and fresh data directory).
 //!
-//! Parsing, progress bars and tables only; the cycle is `hone::learn`, the scoring `hone::eval`.
+//! Parsing, progress bars and tables only; the cycle is `hone::learn`, the scoring `hone::eval`,
+//! the child processes `hone::eval::harness`.
 
 use super::Ctx;
 use crate::Cli;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use hone::eval::{self, ModeResult, Pipeline};
+use hone::eval::harness::{self, Event, Job, Setup};
+use hone::eval::ModeResult;
 use hone::learn::{self, records, selfedit::Strategy, CycleOutcome, LearnOptions, Progress};
 use hone::registry::ModelChoice;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
@@ -134,12 +136,10 @@ pub struct EvalArgs {
     /// Print the results as one JSON object, for scripts
     #[arg(long)]
     pub json: bool,
-    /// Internal: run one mode in this process, in $HONE_HOME, and print its JSON
+    /// Internal: run one mode (this JSON job from the parent `hone eval`) in this process, in
+    /// $HONE_HOME, and print its JSON
     #[arg(long, hide = true)]
     pub run_one: Option<String>,
-    /// Internal: train about this many tokens (the passage mode's same budget)
-    #[arg(long, hide = true)]
-    pub token_budget: Option<u64>,
     #[command(flatten)]
     pub flags: LearnFlags,
 }
@@ -446,316 +446,70 @@ fn show_log(ctx: &Ctx, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// The modes `--mode` names, in the order they run.
-fn mode_list(a: &EvalArgs) -> Result<Vec<String>> {
-    if let Some(k) = a.sequential {
-        if k == 0 {
-            bail!("--sequential needs K >= 1");
-        }
-    }
-    let v: Vec<&str> = match a.mode.as_str() {
-        _ if a.sequential.is_some() => vec![],
-        "all" => vec!["base", "in-context", "learn", "passage"],
-        "ablation" => vec![
-            "base",
-            "only-passage",
-            "only-cloze",
-            "only-recall",
-            "only-questions",
-            "only-qa",
-            "only-implications",
-            "only-rewrites",
-            "teacher-qa",
-            "combined",
-        ],
-        m @ ("base" | "in-context" | "passage" | "learn") => vec![m],
-        m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, all or ablation"),
-    };
-    let mut v: Vec<String> = v.into_iter().map(str::to_string).collect();
-    if let Some(k) = a.sequential {
-        v.push(format!("sequential-{k}"));
-    }
-    // Retention "before" comes from the base model.
-    if a.retention.is_some() && v.first().map(String::as_str) != Some("base") {
-        v.insert(0, "base".into());
-    }
-    Ok(v)
-}
-
-fn pipeline(mode: &str, base: &LearnOptions, a: &EvalArgs) -> Result<Pipeline> {
-    let with = |strategies: Vec<Strategy>, gate: bool| {
-        let mut o = base.clone();
-        o.strategies = strategies;
-        o.no_gate = !gate;
-        o
-    };
-    Ok(match mode {
-        "base" => Pipeline::Base,
-        "in-context" => Pipeline::InContext,
-        "learn" => Pipeline::Learn(base.clone()),
-        "passage" => {
-            // The notes alone with the same training budget: no self-edits, no anchors.
-            let mut o = with(vec![Strategy::Passage], false);
-            o.anchor_ratio = 0.0;
-            o.token_budget = a.token_budget;
-            o.teacher = None;
-            Pipeline::Learn(o)
-        }
-        "combined" => Pipeline::Learn(with(Strategy::ALL.to_vec(), false)),
-        "teacher-qa" => {
-            if base.teacher.is_none() {
-                bail!("teacher-qa needs --teacher MODEL");
-            }
-            Pipeline::Learn(with(vec![Strategy::Qa], false))
-        }
-        m if m.starts_with("only-") => {
-            let s = Strategy::parse(&m[5..]).map_err(anyhow::Error::msg)?;
-            let mut o = with(vec![s], false);
-            o.teacher = None;
-            Pipeline::Learn(o)
-        }
-        m if m.starts_with("sequential-") => {
-            let k: usize = m[11..].parse().context("sequential-K")?;
-            Pipeline::Sequential(base.clone(), k)
-        }
-        m => bail!("unknown mode {m:?}"),
-    })
-}
-
 pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
     super::train::quiet_candle_pool();
-    let qa = eval::read_qa(&a.qa)?;
-    let retention = a
-        .retention
-        .as_deref()
-        .map(eval::read_retention)
-        .transpose()?;
-    if let Some(mode) = &a.run_one {
-        // Child: $HONE_HOME is the fresh directory the parent made.
-        let ctx = Ctx::open(cli)?;
-        let choice = ctx.choose_model()?;
-        let opts = options(&ctx, &a.flags)?;
-        let p = pipeline(mode, &opts, a)?;
-        install_signals();
-        let bar = progress_bar(false);
-        bar.set_prefix(mode.clone());
-        let mut cb = on_progress(&bar);
-        let r = eval::run(
-            &ctx.home,
-            &choice,
-            &p,
-            &qa,
-            retention.as_deref(),
-            &CANCEL,
-            &mut cb,
-        )?;
-        bar.finish_and_clear();
-        println!("{}", serde_json::to_string(&r)?);
-        return Ok(());
+    if let Some(job) = &a.run_one {
+        return eval_child(cli, job);
     }
+    let (qa, retention) = Setup::inputs(&a.qa, a.retention.as_deref())?;
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let teacher = match &a.flags.teacher {
         Some(t) => Some(hone::registry::resolve(&ctx.home, &ctx.store, Some(t))?),
         None => None,
     };
-    let modes = mode_list(a)?;
-    let mut results: Vec<(String, ModeResult)> = Vec::new();
-    let mut learn_tokens = None;
-    for m in &modes {
-        if m == "teacher-qa" && teacher.is_none() {
-            eprintln!("skipping teacher-qa: no --teacher given");
-            continue;
+    let modes = harness::mode_list(&a.mode, a.sequential, a.retention.is_some())?;
+    let setup = Setup {
+        options: options(&ctx, &a.flags)?,
+        model: choice,
+        teacher,
+        qa,
+        retention,
+        keep: a.keep,
+    };
+    // A child is this program's hidden `eval --run-one JOB` (`--qa` only because it is required).
+    let child = |job: &str| -> Result<std::process::Command> {
+        let exe = std::env::current_exe().context("finding the hone executable")?;
+        let mut cmd = std::process::Command::new(exe);
+        if let Some(t) = cli.threads {
+            cmd.arg("-t").arg(t.to_string());
         }
-        eprintln!("== eval mode {m}");
-        let r = run_child(cli, a, m, &choice, teacher.as_ref(), learn_tokens)?;
-        if m == "learn" {
-            learn_tokens = Some(r.train_tokens);
-        }
-        eprintln!(
+        cmd.arg("eval")
+            .arg("--qa")
+            .arg(&setup.qa)
+            .arg("--run-one")
+            .arg(job);
+        Ok(cmd)
+    };
+    let results = harness::run_modes(&setup, &modes, &child, &mut |e| match e {
+        Event::SkippedNoTeacher(m) => eprintln!("skipping {m}: no --teacher given"),
+        Event::Started(m) => eprintln!("== eval mode {m}"),
+        Event::Kept(_, dir) => eprintln!("   kept {} (answers in result.json)", dir.display()),
+        Event::Finished(m, r) => eprintln!(
             "   {m}: {}/{} correct ({:.0}%), {:.0} s",
             r.correct,
             r.total,
             r.accuracy * 100.0,
             r.wall_s
-        );
-        results.push((m.clone(), r));
-    }
-    print_table(&choice, &results, a.json);
+        ),
+    })?;
+    print_table(&setup.model, &results, a.json);
     Ok(())
 }
 
-/// Runs one mode in a child process with a fresh data directory holding links to the models.
-fn run_child(
-    cli: &Cli,
-    a: &EvalArgs,
-    mode: &str,
-    choice: &ModelChoice,
-    teacher: Option<&ModelChoice>,
-    learn_tokens: Option<u64>,
-) -> Result<ModeResult> {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("hone-eval-{mode}-"))
-        .tempdir()
-        .context("creating a temporary data directory")?;
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models)?;
-    // Manifest models are found by file name in models/; others are passed by path.
-    let link = |c: &ModelChoice| -> Result<String> {
-        if let (Some(m), Some(name)) = (&c.manifest, c.path.file_name()) {
-            let src = std::fs::canonicalize(&c.path)
-                .with_context(|| format!("model file {}", c.path.display()))?;
-            std::os::unix::fs::symlink(&src, models.join(name))
-                .with_context(|| format!("linking {} into {}", src.display(), models.display()))?;
-            Ok(m.name.clone())
-        } else {
-            Ok(c.path.display().to_string())
-        }
-    };
-    let model_arg = link(choice)?;
-    let teacher_arg = teacher.map(link).transpose()?;
-    let exe = std::env::current_exe().context("finding the hone executable")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.env("HONE_HOME", dir.path())
-        .arg("--model")
-        .arg(&model_arg);
-    if let Some(t) = cli.threads {
-        cmd.arg("-t").arg(t.to_string());
-    }
-    cmd.arg("eval")
-        .arg("--qa")
-        .arg(abs(&a.qa)?)
-        .arg("--run-one")
-        .arg(mode);
-    if let Some(r) = &a.retention {
-        cmd.arg("--retention").arg(abs(r)?);
-    }
-    if let (Some(t), true) = (learn_tokens, mode == "passage") {
-        // The passage baseline trains exactly the tokens the learn mode trained.
-        cmd.arg("--token-budget")
-            .arg(t.to_string())
-            .arg("--fixed-steps");
-    }
-    let f = &a.flags;
-    cmd.args([
-        "--strategies",
-        &f.strategies,
-        "--samples",
-        &f.samples.to_string(),
-    ])
-    .args([
-        "--epochs",
-        &f.epochs.to_string(),
-        "--min-steps",
-        &f.min_steps.to_string(),
-        "--rank",
-        &f.rank.to_string(),
-    ])
-    .args(["--alpha", &f.alpha.to_string(), "--lr", &f.lr.to_string()])
-    .args([
-        "--anchor-ratio",
-        &f.anchor_ratio.to_string(),
-        "--anchor-topk",
-        &f.anchor_topk.to_string(),
-        "--anchor-lead",
-        &f.anchor_lead.to_string(),
-        "--anchor-lead-weight",
-        &f.anchor_lead_weight.to_string(),
-        "--replay",
-        &f.replay.to_string(),
-        "--replay-ratio",
-        &f.replay_ratio.to_string(),
-        "--retries",
-        &f.retries.to_string(),
-    ])
-    .args(f.no_attribute.then_some("--no-attribute"))
-    .args((f.fixed_steps && mode != "passage").then_some("--fixed-steps"))
-    .args(["--seed", &f.seed.to_string()]);
-    cmd.args(["--layers", &f.layers.to_string()]);
-    if let Some(m) = &f.max_memory {
-        cmd.args(["--max-memory", m]);
-    }
-    if let Some(t) = &teacher_arg {
-        cmd.args(["--teacher", t]);
-    }
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running an eval mode")?;
-    if !out.status.success() {
-        bail!(
-            "eval mode {mode} failed ({}); its errors are above",
-            out.status
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or("");
-    let r: Value =
-        serde_json::from_str(last).with_context(|| format!("eval mode {mode} printed {last:?}"))?;
-    if a.keep {
-        let kept = dir.keep();
-        // Every question with its answer and verdict, to read next to the kept database.
-        let file = kept.join("result.json");
-        std::fs::write(&file, format!("{last}\n"))
-            .with_context(|| format!("writing {}", file.display()))?;
-        eprintln!("   kept {} (answers in result.json)", kept.display());
-    }
-    mode_result(&r)
-}
-
-fn abs(p: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(p).with_context(|| format!("cannot find {}", p.display()))
-}
-
-fn mode_result(v: &Value) -> Result<ModeResult> {
-    let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    let answers = |k: &str| -> Vec<hone::eval::Answered> {
-        v.get(k)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|x| hone::eval::Answered {
-                        q: x["q"].as_str().unwrap_or("").into(),
-                        answer: x["answer"].as_str().unwrap_or("").into(),
-                        correct: x["correct"].as_bool().unwrap_or(false),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    Ok(ModeResult {
-        accuracy: f("accuracy"),
-        correct: f("correct") as usize,
-        total: f("total") as usize,
-        retention_after: v.get("retention_after").and_then(Value::as_f64),
-        retention_correct: v
-            .get("retention_correct")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize),
-        train_tokens: f("train_tokens") as u64,
-        cycle_s: f("cycle_s"),
-        wall_s: f("wall_s"),
-        peak_rss_mb: f("peak_rss_mb"),
-        gate: v.get("gate").and_then(Value::as_str).map(str::to_string),
-        answers: answers("answers"),
-        retention_answers: answers("retention_answers"),
-        unrouted_answers: answers("unrouted_answers"),
-        unrouted_retention_answers: answers("unrouted_retention_answers"),
-        batches: v
-            .get("batches")
-            .and_then(Value::as_array)
-            .map(|b| {
-                b.iter()
-                    .map(|x| hone::eval::BatchResult {
-                        notes: x["notes"].as_u64().unwrap_or(0) as usize,
-                        questions: x["questions"].as_u64().unwrap_or(0) as usize,
-                        after_own: x["after_own"].as_f64().unwrap_or(0.0),
-                        after_last: x["after_last"].as_f64().unwrap_or(0.0),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    })
+/// A child of `hone eval`: runs one mode in this process, in the fresh $HONE_HOME its parent
+/// made, and prints its result as the last line.
+fn eval_child(cli: &Cli, job: &str) -> Result<()> {
+    let job = Job::from_json(job)?;
+    let ctx = Ctx::open(cli)?;
+    install_signals();
+    let bar = progress_bar(false);
+    bar.set_prefix(job.mode.clone());
+    let mut cb = on_progress(&bar);
+    let r = harness::run_job(&ctx.home, &ctx.store, &job, &CANCEL, &mut cb)?;
+    bar.finish_and_clear();
+    println!("{}", harness::report_line(&r)?);
+    Ok(())
 }
 
 fn print_table(choice: &ModelChoice, results: &[(String, ModeResult)], json_out: bool) {

@@ -1,26 +1,25 @@
-//! `hone train`, `hone adapters ...`, `hone bench --train`, and attaching the active adapter to
-//! a loaded model for `ask` / `chat`.
+//! `hone train` and `hone adapters ...` (`hone bench --train` is `cli::bench` over
+//! `hone::bench::train`).
 //!
 //! It parses, plans, prints and handles signals; the training itself is `hone::train`, versions
 //! and exports are `hone::adapters`.
 
 use super::Ctx;
 use crate::Cli;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use hone::adapters::{self, ModelId};
 use hone::engine::Engine;
-use hone::lora::{LoraConfig, Target};
+use hone::lora::Target;
 use hone::registry::ModelChoice;
 use hone::train::from_file::{self, FileOptions, FileRun};
 use hone::train::job::JobEvent;
 use hone::train::optim::Decay;
-use hone::train::plan::{self, PlanRequest};
-use hone::train::{data, AdamWParamsCfg, Outcome, TrainConfig, Trainer};
+use hone::train::Outcome;
 use hone::units::{mib, parse_bytes};
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -400,256 +399,6 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
                 out.display()
             );
         }
-    }
-    Ok(())
-}
-
-/// `hone bench --train`: LoRA r=8, alpha 16 on q,k,v,o,gate,up,down of every layer, batches of
-/// 4 x 128 tokens, AdamW, on fixed synthetic data; train tokens/s and peak RSS.
-/// The peer of `hone bench --train --vs-peft`: the same training step in PyTorch + PEFT
-/// (bench/peft_train.py, compiled in so an installed binary can run it).
-const PEFT_SCRIPT: &str = include_str!("../../bench/peft_train.py");
-
-/// One timed run of the bench: `steps` optimiser steps after an untimed warm-up step, from a
-/// fresh trainer (so every round does the same work). Returns (tokens/s, s/step, losses).
-fn bench_round(
-    engine: &Engine,
-    cfg: &TrainConfig,
-    ds: &data::Dataset,
-    steps: usize,
-    tokens_per_step: usize,
-) -> Result<(f64, f64, Vec<f32>)> {
-    let mut tr = Trainer::new(&engine.model, cfg.clone(), ds.clone(), "bench")?;
-    let never = AtomicBool::new(false);
-    let (l0, _, _, _) = tr.train_step(&never)?.context("cancelled")?;
-    let t = Instant::now();
-    let mut losses = vec![l0];
-    for _ in 0..steps {
-        let (l, _, _, _) = tr.train_step(&never)?.context("cancelled")?;
-        losses.push(l);
-    }
-    let secs = t.elapsed().as_secs_f64();
-    Ok((
-        (steps * tokens_per_step) as f64 / secs,
-        secs / steps as f64,
-        losses,
-    ))
-}
-
-/// One run of the PyTorch + PEFT peer: its JSON report (train_tps, peak_rss_mb, losses).
-fn peft_round(
-    python: &std::path::Path,
-    script: &std::path::Path,
-    model: &std::path::Path,
-    data: &std::path::Path,
-    threads: usize,
-    steps: usize,
-) -> Result<serde_json::Value> {
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg("--gguf")
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .args(["--threads", &threads.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .output()
-        .with_context(|| format!("running the PEFT peer with {}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'));
-    match (out.status.success(), last) {
-        (true, Some(l)) => serde_json::from_str(l).context("reading the PEFT peer's report"),
-        _ => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let tail: Vec<&str> = err.lines().rev().take(6).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "the PEFT peer failed ({}):\n{}\nIt needs torch, transformers, peft and gguf in that Python \
-                 (`{} -m pip install torch transformers peft gguf`).",
-                out.status,
-                tail.join("\n"),
-                python.display()
-            )
-        }
-    }
-}
-
-/// The median of the (non-empty) figures, as `hone bench` reports them.
-fn median(v: &[f64]) -> f64 {
-    super::bench::stats(&mut v.to_vec()).0
-}
-
-pub fn bench(cli: &Cli, a: &super::bench::BenchArgs) -> Result<()> {
-    quiet_candle_pool();
-    let (steps, json_out, max_memory) = (a.reps, a.json, a.max_memory.as_deref());
-    let ctx = Ctx::open(cli)?;
-    let choice = ctx.choose_model()?;
-    let engine = ctx.load(&choice)?;
-    let mcfg = engine.model.cfg.clone();
-    let threads = cli
-        .threads
-        .unwrap_or_else(candle_core::utils::get_num_threads);
-    let (b, s) = (4usize, 128usize);
-    let budget = max_memory.map(parse_bytes).transpose()?;
-    let model_bytes = std::fs::metadata(&choice.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let req = PlanRequest {
-        budget,
-        seq_len: Some(s),
-        micro_batch: None,
-        layers: Some(mcfg.n_layers),
-        checkpointing: None,
-        rank: 8,
-        targets: Target::ALL.to_vec(),
-        model_bytes,
-        cache_seqs: 0,
-        max_micro_batch: None,
-    };
-    let p = plan::choose(&mcfg, &req)?;
-    let steps = steps.max(1);
-    let rounds = a
-        .rounds
-        .unwrap_or(if a.vs_peft.is_some() { 5 } else { 1 })
-        .max(1);
-    let ds = data::synthetic(&engine.tokenizer, b * (steps + 1), s, 0x5EED);
-    let lora = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), mcfg.n_layers, mcfg.n_layers)?;
-    let micro = p.micro_batch.min(b);
-    let cfg = TrainConfig {
-        lora,
-        lr: 1e-4,
-        min_lr_ratio: 1.0,
-        warmup: 0,
-        decay: Decay::Constant,
-        adamw: AdamWParamsCfg::default(),
-        clip: 1.0,
-        seq_len: s,
-        micro_batch: micro,
-        accum: b / micro,
-        steps: steps + 1,
-        seed: 0,
-        checkpointing: p.checkpointing,
-    };
-    // The token ids in the order the trainer consumes them, so the peer sees the same batches.
-    let mut tr = Trainer::new(&engine.model, cfg.clone(), ds.clone(), "bench")?;
-    let n = tr.data().seqs.len();
-    let order: Vec<usize> = (0..n).map(|k| tr.stream_seq(k)).collect();
-    let seqs: Vec<_> = order
-        .iter()
-        .map(|&i| {
-            let q = &tr.data().seqs[i];
-            json!({"tokens": q.tokens, "targets": q.targets})
-        })
-        .collect();
-    drop(tr);
-    let ids = json!({"batch": b, "seq_len": s, "sequences": seqs}).to_string();
-    if let Some(out) = &a.data_out {
-        std::fs::write(out, &ids).with_context(|| format!("writing {}", out.display()))?;
-    }
-    // The peer's script and data in a private temporary directory.
-    let peer = match &a.vs_peft {
-        Some(py) => {
-            // Fail now, not after the first round, when the peer's Python cannot even start.
-            let ok = std::process::Command::new(py)
-                .args(["-c", "import torch, transformers, peft"])
-                .output()
-                .with_context(|| format!("running {} (--vs-peft)", py.display()))?;
-            if !ok.status.success() {
-                bail!(
-                    "{} cannot import torch, transformers and peft: {}\nInstall them with `{} -m pip install torch transformers peft gguf`.",
-                    py.display(),
-                    String::from_utf8_lossy(&ok.stderr).lines().last().unwrap_or(""),
-                    py.display()
-                );
-            }
-            let dir = tempfile::Builder::new().prefix("hone-peft-").tempdir()?;
-            let script = dir.path().join("peft_train.py");
-            let data = dir.path().join("benchdata.json");
-            // The directory is the user's alone (0700), so its files are private.
-            std::fs::write(&script, PEFT_SCRIPT)
-                .with_context(|| format!("writing {}", script.display()))?;
-            std::fs::write(&data, &ids).with_context(|| format!("writing {}", data.display()))?;
-            Some((py.clone(), dir, script, data))
-        }
-        None => None,
-    };
-    let mut ours: Vec<(f64, f64, Vec<f32>)> = Vec::new();
-    let mut theirs: Vec<serde_json::Value> = Vec::new();
-    for round in 0..rounds {
-        if rounds > 1 {
-            eprintln!("round {}/{rounds}: hone", round + 1);
-        }
-        ours.push(bench_round(&engine, &cfg, &ds, steps, b * s)?);
-        if let Some((py, _, script, data)) = &peer {
-            eprintln!("round {}/{rounds}: PyTorch + PEFT", round + 1);
-            theirs.push(peft_round(py, script, &choice.path, data, threads, steps)?);
-        }
-    }
-    let peak = mib(hone::sys::peak_rss_bytes().unwrap_or(0));
-    let tps: Vec<f64> = ours.iter().map(|r| r.0).collect();
-    let med = median(&tps);
-    let losses = &ours[ours.len() - 1].2;
-    let sps = median(&ours.iter().map(|r| r.1).collect::<Vec<_>>());
-    println!("| model | threads | test | train tok/s | peak RSS MiB | s/step |\n|---|---|---|---|---|---|");
-    println!(
-        "| {} | {threads} | lora r8 qkvo+mlp x{} layers, {b}x{s} | {med:.1} | {peak:.0} | {sps:.2} |",
-        choice.name, mcfg.n_layers,
-    );
-    println!(
-        "micro-batch {micro} x accum {}, {}checkpointing, training kernels {}, planner estimate {:.0} MiB, loss {:.4} -> {:.4}",
-        b / micro,
-        if cfg.checkpointing { "" } else { "no " },
-        hone::kernels::train_kernels().name(),
-        mib(p.estimate),
-        losses[0],
-        losses[losses.len() - 1]
-    );
-    let mut peer_json = serde_json::Value::Null;
-    if !theirs.is_empty() {
-        let f =
-            |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
-        let ptps: Vec<f64> = theirs.iter().map(|v| f(v, "train_tps")).collect();
-        let prss: Vec<f64> = theirs.iter().map(|v| f(v, "peak_rss_mb")).collect();
-        let ratios: Vec<f64> = tps.iter().zip(&ptps).map(|(h, p)| h / p).collect();
-        println!("\n| round | hone tok/s | PEFT tok/s | hone / PEFT | PEFT peak RSS MiB |\n|---|---|---|---|---|");
-        for (i, ((h, p), r)) in tps.iter().zip(&ptps).zip(&ratios).enumerate() {
-            println!("| {} | {h:.1} | {p:.1} | {r:.2}x | {:.0} |", i + 1, prss[i]);
-        }
-        let (pm, pr) = (median(&ptps), median(&prss));
-        println!(
-            "| median | {med:.1} | {pm:.1} | {:.2}x (ratio of medians {:.2}x) | {pr:.0} |",
-            median(&ratios),
-            med / pm
-        );
-        println!(
-            "peak RSS: hone {peak:.0} MiB = {:.2}x PEFT's; losses: hone {}, PEFT {}",
-            peak / pr,
-            json!(losses),
-            theirs[theirs.len() - 1]
-                .get("losses")
-                .cloned()
-                .unwrap_or_default()
-        );
-        peer_json = json!({"peer": "pytorch+peft", "train_tps": pm, "peak_rss_mb": pr,
-                           "rounds_tps": ptps, "rounds_rss_mb": prss,
-                           "speed_ratio_median": median(&ratios), "ratio_of_medians": med / pm,
-                           "rss_ratio": peak / pr,
-                           "torch": theirs[0].get("torch").cloned().unwrap_or_default()});
-    }
-    if json_out {
-        println!(
-            "{}",
-            json!({"model": choice.name, "threads": threads, "train_tps": med, "peak_rss_mb": peak,
-                   "steps": steps, "rounds": rounds, "rounds_tps": tps, "batch": b, "seq_len": s,
-                   "rank": 8, "alpha": 16.0,
-                   "train_kernels": hone::kernels::train_kernels().name(),
-                   "micro_batch": micro, "checkpointing": cfg.checkpointing,
-                   "estimate_mb": mib(p.estimate), "seconds_per_step": sps,
-                   "losses": losses, "vs": peer_json})
-        );
     }
     Ok(())
 }

@@ -4,8 +4,10 @@
 //! every question greedily, and score an answer correct when it contains an accepted alias
 //! (case-insensitive).
 //!
-//! It must NOT pick the data directory (the caller gives it a fresh one) or print; the command
-//! line runs each mode in its own process and prints the table.
+//! It must NOT pick the data directory (the caller gives it a fresh one) or print; [`harness`]
+//! runs each mode in its own process, and the command line prints the table.
+
+pub mod harness;
 
 use crate::engine::{Engine, LoadOptions};
 use crate::home::Home;
@@ -75,7 +77,8 @@ pub fn read_retention(path: &Path) -> Result<Vec<Question>> {
 }
 
 /// One asked question.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Answered {
     pub q: String,
     pub answer: String,
@@ -129,8 +132,9 @@ pub enum Pipeline {
     Sequential(LearnOptions, usize),
 }
 
-/// One mode's result.
-#[derive(Debug, Clone, Serialize, Default)]
+/// One mode's result (a child process prints it as JSON; missing fields read as empty).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct ModeResult {
     pub accuracy: f64,
     pub correct: usize,
@@ -154,7 +158,8 @@ pub struct ModeResult {
     pub unrouted_retention_answers: Vec<Answered>,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct BatchResult {
     pub notes: usize,
     pub questions: usize,
