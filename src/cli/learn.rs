@@ -14,9 +14,7 @@ use hone::learn::{self, records, selfedit::Strategy, CycleOutcome, LearnOptions,
 use hone::registry::ModelChoice;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static CANCEL: AtomicBool = AtomicBool::new(false);
+use std::sync::atomic::AtomicBool;
 
 /// Training and self-edit settings shared by `learn` and `eval`.
 #[derive(Args, Debug, Clone)]
@@ -144,14 +142,6 @@ pub struct EvalArgs {
     pub flags: LearnFlags,
 }
 
-fn install_signals() {
-    let _ = ctrlc::set_handler(|| {
-        if CANCEL.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
-}
-
 fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
     let strategies = Strategy::parse_list(&f.strategies).map_err(anyhow::Error::msg)?;
     let teacher = match &f.teacher {
@@ -263,13 +253,20 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
     opts.max_notes = a.max_notes.max(1);
     opts.dry_run = a.dry_run;
     opts.no_gate = a.no_gate;
-    install_signals();
+    let stop = hone::interrupt::install_stop_handlers()?;
     if a.estimate {
-        return print_estimate(&ctx, &choice, &opts, a.json);
+        return print_estimate(&ctx, &choice, &opts, &stop.stop, a.json);
     }
     let bar = progress_bar(a.json);
     let mut cb = on_progress(&bar);
-    let out = learn::run_cycle(&ctx.home, &mut ctx.store, &choice, &opts, &CANCEL, &mut cb)?;
+    let out = learn::run_cycle(
+        &ctx.home,
+        &mut ctx.store,
+        &choice,
+        &opts,
+        &stop.stop,
+        &mut cb,
+    )?;
     bar.finish_and_clear();
     match out {
         CycleOutcome::NothingToLearn => {
@@ -354,9 +351,10 @@ fn print_estimate(
     ctx: &Ctx,
     choice: &hone::registry::ModelChoice,
     opts: &LearnOptions,
+    cancel: &AtomicBool,
     json_out: bool,
 ) -> Result<()> {
-    let Some(e) = learn::estimate::estimate(&ctx.store, choice, opts, &CANCEL)? else {
+    let Some(e) = learn::estimate::estimate(&ctx.store, choice, opts, cancel)? else {
         if json_out {
             println!("{}", json!({"outcome": "nothing"}));
         } else {
@@ -502,11 +500,11 @@ pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
 fn eval_child(cli: &Cli, job: &str) -> Result<()> {
     let job = Job::from_json(job)?;
     let ctx = Ctx::open(cli)?;
-    install_signals();
+    let stop = hone::interrupt::install_stop_handlers()?;
     let bar = progress_bar(false);
     bar.set_prefix(job.mode.clone());
     let mut cb = on_progress(&bar);
-    let r = harness::run_job(&ctx.home, &ctx.store, &job, &CANCEL, &mut cb)?;
+    let r = harness::run_job(&ctx.home, &ctx.store, &job, &stop.stop, &mut cb)?;
     bar.finish_and_clear();
     println!("{}", harness::report_line(&r)?);
     Ok(())

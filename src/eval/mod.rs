@@ -96,7 +96,7 @@ pub fn ask_all(
     let mut out = Vec::new();
     for (q, ctx) in items {
         let content = match ctx {
-            Some(n) => format!("My notes:\n- {}\n{}", n.trim(), q.q),
+            Some(n) => crate::assistant::notes_prompt(&[n], &q.q),
             None => q.q.clone(),
         };
         let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
@@ -187,8 +187,8 @@ fn load_with_active(home: &Home, store: &Store, choice: &ModelChoice) -> Result<
     .with_context(|| format!("loading model {}", choice.name))?;
     let id = crate::adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
     if let Some((rec, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? {
-        engine.model.set_adapter(Some(Arc::new(w.prepare()?)));
-        engine.route = learn::answer_route(store, rec.version)?;
+        let route = learn::answer_route(store, rec.version)?;
+        engine.attach(Some((Arc::new(w.prepare()?), route)));
     }
     Ok(engine)
 }
