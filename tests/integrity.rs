@@ -495,6 +495,15 @@ fn read_only_commands_work_on_a_read_only_data_directory() {
     let o = as_reader(&["status"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("schema v"), "{}", stdout(&o));
+    for args in [
+        &["learn", "--log"][..],
+        &["adapters", "list"],
+        &["models"],
+        &["schedule", "show"],
+    ] {
+        let o = as_reader(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
     let o = as_reader(&["note", "add", "cannot be stored"]);
     assert_clean_error(&o, &["hone.db"]);
     // Let the temporary folder be removed.

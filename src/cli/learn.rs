@@ -239,14 +239,15 @@ pub fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
 
 pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
     super::train::quiet_candle_pool();
+    if a.log {
+        // Reading the log only reads: it works on a read-only data directory too.
+        return show_log(&Ctx::open_for_reading(cli)?, a.json);
+    }
     let mut ctx = Ctx::open(cli)?;
     if a.retry {
         let n = records::retry_rejected(&ctx.store)?;
         println!("{n} note(s) are back in the learning queue");
         return Ok(());
-    }
-    if a.log {
-        return show_log(&ctx, a.json);
     }
     let choice = ctx.choose_model()?;
     let mut opts = options(&ctx, &a.flags)?;

@@ -350,7 +350,7 @@ pub fn pull_with_progress(
 }
 
 fn models(cli: &Cli) -> Result<()> {
-    let ctx = Ctx::open(cli)?;
+    let ctx = Ctx::open_for_reading(cli)?;
     let current = ctx.choose_model().ok().map(|c| c.name);
     println!("{:<30} {:>9}  {:<8} ABOUT", "NAME", "SIZE", "STATE");
     for m in hone::manifest::all()? {

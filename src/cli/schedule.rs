@@ -120,10 +120,19 @@ struct Env {
     evidence: device::Evidence,
 }
 
-fn open(cli: &Cli) -> Result<Env> {
+/// `reading`: a command that only reads, which works on a read-only data directory too.
+fn open(cli: &Cli, reading: bool) -> Result<Env> {
     let home = Home::from_env()?;
-    home.ensure()?;
-    let store = Store::open(&home.db_path())?;
+    let db = home.db_path();
+    let store = if reading && db.is_file() {
+        match Store::open(&db) {
+            Ok(s) => s,
+            Err(e) => Store::open_read_only(&db).map_err(|_| e)?,
+        }
+    } else {
+        home.ensure()?;
+        Store::open(&db)?
+    };
     let (profile, evidence) = device::resolve(
         Path::new("/"),
         cli.device.as_deref(),
@@ -150,7 +159,7 @@ fn decision_now(env: &Env) -> Result<(Schedule, schedule::Decision)> {
 pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {
     match cmd {
         ScheduleCommand::Show { json } => {
-            let env = open(cli)?;
+            let env = open(cli, true)?;
             let (s, d) = decision_now(&env)?;
             let daemon = daemon_lock::holder(env.home.root())?;
             if *json {
@@ -170,7 +179,7 @@ pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {
             Ok(())
         }
         ScheduleCommand::Set(a) => {
-            let env = open(cli)?;
+            let env = open(cli, false)?;
             let base = if a.reset {
                 Schedule::default()
             } else {
@@ -196,7 +205,7 @@ pub fn device_cmd(cli: &Cli, a: &DeviceArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let env = open(cli)?;
+    let env = open(cli, true)?;
     if a.json {
         println!(
             "{}",

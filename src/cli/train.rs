@@ -299,7 +299,11 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
 }
 
 pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
-    let ctx = Ctx::open(cli)?;
+    let ctx = match c {
+        // Listing only reads: it works on a read-only data directory too.
+        AdaptersCommand::List { .. } => Ctx::open_for_reading(cli)?,
+        _ => Ctx::open(cli)?,
+    };
     match c {
         AdaptersCommand::List { json } => {
             let all = ctx.store.adapters()?;
