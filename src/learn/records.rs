@@ -325,11 +325,13 @@ pub fn cycle_items(store: &Store, cycle: i64) -> Result<Vec<Item>> {
 }
 
 /// Kept items of earlier cycles of this model whose adapter was activated (replay and old
-/// probes), oldest first.
+/// probes), oldest first. A note the user removed is not among them: its items leave the replay
+/// pool, and the gate no longer guards its probes.
 pub fn learned_items(store: &Store, model_sha256: &str, before_cycle: i64) -> Result<Vec<Item>> {
     let mut st = store.conn().prepare(&format!(
         "SELECT {} FROM learn_items i JOIN learn_cycles c ON c.id = i.cycle
          WHERE c.model_sha256 = ?1 AND c.activated = 1 AND c.id < ?2 AND i.verdict = 'kept'
+           AND i.note_id IN (SELECT id FROM notes)
          ORDER BY i.id",
         ITEM_COLUMNS
             .split(", ")
@@ -386,5 +388,36 @@ mod tests {
         finish(&mut store, c.id, true, "{}", "activated", &ids[2..]).unwrap();
         assert_eq!(pending_note_ids(&store, 3).unwrap(), ids[..2]);
         assert_eq!(pending_count(&store).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_removed_note_leaves_the_replay_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("hone.db")).unwrap();
+        let ids: Vec<i64> = ["kept note", "removed note"]
+            .iter()
+            .map(|n| store.add_note(n, None, None).unwrap().id())
+            .collect();
+        let c = start(&store, "m", "sha", &ids, "{}", None).unwrap();
+        let item = |text: &str| NewItem {
+            strategy: "passage".into(),
+            generator: "note".into(),
+            prompt_version: None,
+            sampling: None,
+            role: "train".into(),
+            prompt: None,
+            completion: text.into(),
+            verdict: "kept".into(),
+            reason: None,
+        };
+        for (id, text) in ids.iter().zip(["kept note", "removed note"]) {
+            add_items(&mut store, c.id, *id, "", &[item(text)]).unwrap();
+        }
+        finish(&mut store, c.id, true, "{}", "activated", &ids).unwrap();
+        assert_eq!(learned_items(&store, "sha", c.id + 1).unwrap().len(), 2);
+        assert!(store.remove_note(ids[1]).unwrap());
+        let left = learned_items(&store, "sha", c.id + 1).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].note_id, ids[0]);
     }
 }
