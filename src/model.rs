@@ -113,11 +113,14 @@ impl CustomOp1 for KernelMatMul {
         };
         let mut out = vec![0f32; m * n];
         if kernels::forced_scalar() {
-            kernels::matmul_scalar(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+            kernels::matmul_scalar(&w, x, m, &mut out)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         } else if m <= gemm_threshold() {
-            kernels::matmul(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+            kernels::matmul(&w, x, m, &mut out)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         } else {
-            kernels::gemm_wt(&w, x, m, &mut out).map_err(candle_core::Error::Msg)?;
+            kernels::gemm_wt(&w, x, m, &mut out)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {

@@ -141,6 +141,15 @@ mod tests;
 
 use rayon::prelude::*;
 
+/// Operands a kernel cannot multiply: the sizes disagree with the matrix, or a size overflows.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    #[error("{0}")]
+    Shape(String),
+    #[error("{0}")]
+    Overflow(String),
+}
+
 /// Weight storage formats understood by the kernels (ggml block layouts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QType {
@@ -216,34 +225,39 @@ pub struct QMatrix<'a> {
 impl QMatrix<'_> {
     /// Bytes taken by one row, or an error if `k` is not a whole number of
     /// blocks or the size overflows.
-    pub fn row_bytes(&self) -> Result<usize, String> {
+    pub fn row_bytes(&self) -> Result<usize, KernelError> {
         let bs = self.dtype.block_size();
         if !self.k.is_multiple_of(bs) {
-            return Err(format!(
+            return Err(KernelError::Shape(format!(
                 "{:?}: k = {} is not a multiple of the block size {}",
                 self.dtype, self.k, bs
-            ));
+            )));
         }
         (self.k / bs)
             .checked_mul(self.dtype.block_bytes())
-            .ok_or_else(|| format!("{:?}: row size overflows (k = {})", self.dtype, self.k))
+            .ok_or_else(|| {
+                KernelError::Overflow(format!(
+                    "{:?}: row size overflows (k = {})",
+                    self.dtype, self.k
+                ))
+            })
     }
 
     /// Checks that `data` holds exactly `n` rows; returns the row size in bytes.
-    pub fn validate(&self) -> Result<usize, String> {
+    pub fn validate(&self) -> Result<usize, KernelError> {
         let rb = self.row_bytes()?;
-        let want = rb
-            .checked_mul(self.n)
-            .ok_or_else(|| format!("{:?}: matrix size overflows", self.dtype))?;
+        let want = rb.checked_mul(self.n).ok_or_else(|| {
+            KernelError::Overflow(format!("{:?}: matrix size overflows", self.dtype))
+        })?;
         if self.data.len() != want {
-            return Err(format!(
+            return Err(KernelError::Shape(format!(
                 "{:?} matrix {}x{}: expected {} bytes of data, got {}",
                 self.dtype,
                 self.n,
                 self.k,
                 want,
                 self.data.len()
-            ));
+            )));
         }
         Ok(rb)
     }
@@ -309,33 +323,38 @@ pub fn forced_scalar() -> bool {
 
 /// `out[i*n + r] = Σ_j x[i*k + j] * W[r][j]` for `i < m`, using the fastest
 /// path for this CPU. Runs in parallel on the current rayon pool.
-pub fn matmul(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn matmul(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
     run(w, x, m, out, simd_kernels(w.dtype))
 }
 
 /// Same as [`matmul`], forcing the scalar reference path.
-pub fn matmul_scalar(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn matmul_scalar(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
     run(w, x, m, out, scalar::kernels(w.dtype))
 }
 
 /// Dequantise rows `[r0, r1)` into `out` (`(r1 - r0) * k` f32 values), with
 /// the same arithmetic as ggml / candle.
-pub fn dequantize_rows(w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn dequantize_rows(
+    w: &QMatrix,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     let rb = w.validate()?;
     if r0 > r1 || r1 > w.n {
-        return Err(format!(
+        return Err(KernelError::Shape(format!(
             "dequantize_rows: bad row range {r0}..{r1} for {} rows",
             w.n
-        ));
+        )));
     }
     let want = (r1 - r0)
         .checked_mul(w.k)
-        .ok_or_else(|| "dequantize_rows: size overflows".to_string())?;
+        .ok_or_else(|| KernelError::Overflow("dequantize_rows: size overflows".to_string()))?;
     if out.len() != want {
-        return Err(format!(
+        return Err(KernelError::Shape(format!(
             "dequantize_rows: out has {} values, expected {want}",
             out.len()
-        ));
+        )));
     }
     if w.k == 0 {
         return Ok(());
@@ -347,7 +366,7 @@ pub fn dequantize_rows(w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) -> Re
     Ok(())
 }
 
-fn check_sizes(w: &QMatrix, x: &[f32], m: usize, out: &[f32]) -> Result<usize, String> {
+fn check_sizes(w: &QMatrix, x: &[f32], m: usize, out: &[f32]) -> Result<usize, KernelError> {
     check_operands("matmul", w, x, w.k, m, out.len(), w.n)
 }
 
@@ -361,24 +380,24 @@ fn check_operands(
     m: usize,
     out_len: usize,
     out_cols: usize,
-) -> Result<usize, String> {
+) -> Result<usize, KernelError> {
     let rb = w.validate()?;
     let want_a = m
         .checked_mul(a_cols)
-        .ok_or_else(|| format!("{what}: input size overflows"))?;
+        .ok_or_else(|| KernelError::Overflow(format!("{what}: input size overflows")))?;
     if a.len() != want_a {
-        return Err(format!(
+        return Err(KernelError::Shape(format!(
             "{what}: input has {} values, expected {m} x {a_cols} = {want_a}",
             a.len()
-        ));
+        )));
     }
     let want_o = m
         .checked_mul(out_cols)
-        .ok_or_else(|| format!("{what}: output size overflows"))?;
+        .ok_or_else(|| KernelError::Overflow(format!("{what}: output size overflows")))?;
     if out_len != want_o {
-        return Err(format!(
+        return Err(KernelError::Shape(format!(
             "{what}: output has {out_len} values, expected {m} x {out_cols} = {want_o}"
-        ));
+        )));
     }
     Ok(rb)
 }
@@ -392,7 +411,13 @@ struct Task<'o> {
     outs: Vec<&'o mut [f32]>,
 }
 
-fn run(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32], ks: KernelSet) -> Result<(), String> {
+fn run(
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ks: KernelSet,
+) -> Result<(), KernelError> {
     let rb = check_sizes(w, x, m, out)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || n == 0 {

@@ -15,7 +15,7 @@
 //! Must not: allocate per tile (one buffer per task), keep a dequantised copy after the call,
 //! or run candle; sizes are validated and reported as `Err`, never by panicking.
 
-use super::{scalar, QMatrix, TrainKernels};
+use super::{scalar, KernelError, QMatrix, TrainKernels};
 use ::gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -50,18 +50,18 @@ fn split(units: usize) -> usize {
 }
 
 /// `out (m × n) = x (m × k) · Wᵀ` for `W` (n × k), in f32.
-pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn gemm_wt(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
     wt_impl(w, x, m, out, None)
 }
 
 /// Like [`gemm_wt`], but on CPUs with AMX the products may round their inputs to bf16 (sums
 /// stay f32): for training, where that precision is the norm (QLoRA computes in bf16).
-pub fn gemm_wt_mixed(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn gemm_wt_mixed(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
     wt_impl(w, x, m, out, Some(super::train_kernels()))
 }
 
 /// Like [`gemm_w`], with the precision of [`gemm_wt_mixed`].
-pub fn gemm_w_mixed(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn gemm_w_mixed(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
     w_impl(w, g, m, out, Some(super::train_kernels()))
 }
 
@@ -93,7 +93,7 @@ pub(crate) fn wt_impl(
     m: usize,
     out: &mut [f32],
     kernels: Option<TrainKernels>,
-) -> Result<(), String> {
+) -> Result<(), KernelError> {
     let rb = super::check_operands("gemm", w, x, w.k, m, out.len(), w.n)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || n == 0 {
@@ -173,7 +173,7 @@ pub(crate) fn wt_impl(
 /// [`gemm_wt_mixed`] into a new `m × n` vector. On the AMX path the vector is not zeroed
 /// first: the first reduction span stores every element once (a tenth of a training step went
 /// to zeroing outputs that were then overwritten).
-pub fn gemm_wt_mixed_vec(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, String> {
+pub fn gemm_wt_mixed_vec(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, KernelError> {
     wt_vec(w, x, m, Some(super::train_kernels()))
 }
 
@@ -183,10 +183,10 @@ pub(crate) fn wt_vec(
     x: &[f32],
     m: usize,
     kernels: Option<TrainKernels>,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, KernelError> {
     let len = m
         .checked_mul(w.n)
-        .ok_or_else(|| "gemm: output size overflows".to_string())?;
+        .ok_or_else(|| KernelError::Overflow("gemm: output size overflows".to_string()))?;
     let path = match packed_path(kernels, m, w.k) {
         Some(p) if m > 0 && w.n > 0 => p,
         _ => {
@@ -214,7 +214,7 @@ pub(crate) fn wt_vec(
 
 /// [`gemm_w_mixed`] into a new `m × k` vector, not zeroed first on the AMX path (as
 /// [`gemm_wt_mixed_vec`]).
-pub fn gemm_w_mixed_vec(w: &QMatrix, g: &[f32], m: usize) -> Result<Vec<f32>, String> {
+pub fn gemm_w_mixed_vec(w: &QMatrix, g: &[f32], m: usize) -> Result<Vec<f32>, KernelError> {
     w_vec(w, g, m, Some(super::train_kernels()))
 }
 
@@ -224,10 +224,10 @@ pub(crate) fn w_vec(
     g: &[f32],
     m: usize,
     kernels: Option<TrainKernels>,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, KernelError> {
     let len = m
         .checked_mul(w.k)
-        .ok_or_else(|| "gemm: output size overflows".to_string())?;
+        .ok_or_else(|| KernelError::Overflow("gemm: output size overflows".to_string()))?;
     let path = match packed_path(kernels, m, w.n) {
         Some(p) if m > 0 && w.k > 0 => p,
         _ => {
@@ -254,7 +254,7 @@ pub(crate) fn w_vec(
 }
 
 /// `out (m × k) = g (m × n) · W` for `W` (n × k): the gradient of `x·Wᵀ` with respect to `x`.
-pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn gemm_w(w: &QMatrix, g: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
     w_impl(w, g, m, out, None)
 }
 
@@ -265,7 +265,7 @@ pub(crate) fn w_impl(
     m: usize,
     out: &mut [f32],
     kernels: Option<TrainKernels>,
-) -> Result<(), String> {
+) -> Result<(), KernelError> {
     let rb = super::check_operands("gemm", w, g, w.n, m, out.len(), w.k)?;
     let (n, k) = (w.n, w.k);
     if m == 0 || k == 0 {

@@ -95,7 +95,7 @@ fn with_rows<R>(
     w: &QTensor,
     r0: usize,
     r1: usize,
-    f: impl FnOnce(&QMatrix) -> std::result::Result<R, String>,
+    f: impl FnOnce(&QMatrix) -> std::result::Result<R, crate::kernels::KernelError>,
 ) -> Result<Option<R>> {
     let Some(dtype) = QType::from_ggml(w.dtype()) else {
         return Ok(None);
@@ -111,7 +111,9 @@ fn with_rows<R>(
         k,
         data: &data,
     };
-    let rb = full.row_bytes().map_err(candle_core::Error::Msg)?;
+    let rb = full
+        .row_bytes()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let part = QMatrix {
         dtype,
         n: r1 - r0,
@@ -120,7 +122,9 @@ fn with_rows<R>(
             candle_core::Error::Msg("weight data is shorter than its shape".into())
         })?,
     };
-    f(&part).map(Some).map_err(candle_core::Error::Msg)
+    f(&part)
+        .map(Some)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// `x (m, k) · W[r0..r1]ᵀ` as a flat row-major `m × (r1 - r0)` vector, through the tiled GEMM
