@@ -204,8 +204,13 @@ pub enum NoteCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a note by its id
-    Rm { id: i64 },
+    /// Remove notes by id (all or none: an unknown id removes nothing). A learned note's items
+    /// leave the replay of later learning cycles
+    Rm {
+        /// The ids of the notes to remove (see `hone note list`)
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -213,6 +213,25 @@ fn notes_import_list_remove_and_dedupe() {
     assert!(stderr(&o).contains(&format!("no note {id}")));
     let s = last_json(&run(hone(home.path()).args(["status", "--json"]), true));
     assert_eq!(s["notes"], 2);
+    assert!(notes.iter().all(|n| n["learned_at"].is_null()));
+    // Several ids: all or none.
+    let (a, b) = (
+        notes[1]["id"].as_i64().unwrap(),
+        notes[2]["id"].as_i64().unwrap(),
+    );
+    let o = hone(home.path())
+        .args(["note", "rm", &a.to_string(), &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("nothing was removed"), "{}", stderr(&o));
+    let s = last_json(&run(hone(home.path()).args(["status", "--json"]), true));
+    assert_eq!(s["notes"], 2);
+    run(
+        hone(home.path()).args(["note", "rm", &a.to_string(), &b.to_string()]),
+        true,
+    );
+    let s = last_json(&run(hone(home.path()).args(["status", "--json"]), true));
+    assert_eq!(s["notes"], 0);
     assert_eq!(s["schema_version"], hone::store::SCHEMA_VERSION);
 }
 

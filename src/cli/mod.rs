@@ -434,7 +434,8 @@ fn note_cmd(store: &mut Store, home: &Home, n: &NoteCommand) -> Result<()> {
                     println!(
                         "{}",
                         json!({"id": n.id, "created_at": n.created_at, "source": n.source,
-                               "section": n.section, "content": n.content})
+                               "section": n.section, "content": n.content,
+                               "learned_at": n.learned_at})
                     );
                 }
             } else if notes.is_empty() {
@@ -450,19 +451,28 @@ fn note_cmd(store: &mut Store, home: &Home, n: &NoteCommand) -> Result<()> {
                         .take(70)
                         .collect();
                     println!(
-                        "{:>5}  {}  {}",
+                        "{:>5}  {}  {:<7}  {}",
                         n.id,
                         &n.created_at[..n.created_at.len().min(16)],
+                        if n.learned_at.is_some() {
+                            "learned"
+                        } else {
+                            ""
+                        },
                         first
                     );
                 }
             }
         }
-        NoteCommand::Rm { id } => {
-            if store.remove_note(*id)? {
+        NoteCommand::Rm { ids } => {
+            for id in ids {
+                if store.get_note(*id)?.is_none() {
+                    bail!("there is no note {id} (see `hone note list`); nothing was removed");
+                }
+            }
+            for id in ids {
+                store.remove_note(*id)?;
                 println!("removed note {id}");
-            } else {
-                bail!("there is no note {id} (see `hone note list`)");
             }
         }
     }
