@@ -134,11 +134,13 @@ pub enum RegisterError {
 }
 
 /// Registers a GGUF file the user has under `name` (`hone pull --file PATH --name NAME`): it
-/// must open, be of an architecture hone runs and carry a tokenizer; it is hashed once.
+/// must open, be of an architecture hone runs and carry a tokenizer; it is hashed once
+/// (`on_hashing` is told first: hashing a large file takes a while).
 pub fn register_file(
     store: &Store,
     file: &Path,
     name: &str,
+    on_hashing: &mut dyn FnMut(&Path),
 ) -> Result<crate::store::RegisteredModel, RegisterError> {
     let path = std::fs::canonicalize(file).map_err(|source| RegisterError::Read {
         path: file.to_path_buf(),
@@ -150,6 +152,7 @@ pub fn register_file(
         path: path.clone(),
         source,
     })?;
+    on_hashing(&path);
     let r = crate::store::RegisteredModel {
         name: name.to_string(),
         path: path.display().to_string(),

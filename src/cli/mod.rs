@@ -264,8 +264,9 @@ fn pull(cli: &Cli, a: &crate::PullArgs) -> Result<()> {
             .clone()
             .context("--file needs --name NAME")?;
         let store = Store::open(&home.db_path())?;
-        eprintln!("hashing {} ...", file.display());
-        let r = registry::register_file(&store, file, &name)?;
+        let r = registry::register_file(&store, file, &name, &mut |p| {
+            eprintln!("hashing {} ...", p.display())
+        })?;
         if a.default {
             store.set_setting(registry::DEFAULT_MODEL_KEY, &name)?;
         }
