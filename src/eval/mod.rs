@@ -19,7 +19,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,10 +184,10 @@ fn load_with_active(home: &Home, store: &Store, choice: &ModelChoice) -> Result<
         },
     )
     .with_context(|| format!("loading model {}", choice.name))?;
-    let id = crate::adapters::model_id(store, choice, &engine.model.cfg.arch_name)?;
-    if let Some((rec, w)) = crate::adapters::load_active(home, store, &id, &engine.model.cfg)? {
-        let route = learn::answer_route(store, rec.version)?;
-        engine.attach(Some((Arc::new(w.prepare()?), route)));
+    // As `hone ask` attaches it: with its route, falling back from a damaged file.
+    let (_, warning) = crate::assistant::attach_active_adapter(home, store, choice, &mut engine)?;
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
     }
     Ok(engine)
 }
