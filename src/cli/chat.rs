@@ -8,7 +8,6 @@ use hone::engine::StopReason;
 use hone::presence::UserRequest;
 use hone::template::Message;
 use rustyline::error::ReadlineError;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -106,7 +105,6 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
             eprintln!("(dropped the {dropped} oldest turns to fit the context)");
         }
         cancel.store(false, Ordering::SeqCst);
-        let stdout = std::io::stdout();
         let g = asst
             .answer(
                 &ctx.store,
@@ -115,11 +113,7 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
                 &params,
                 max_tokens,
                 &cancel,
-                &mut |piece| {
-                    let mut out = stdout.lock();
-                    let _ = out.write_all(piece.as_bytes());
-                    let _ = out.flush();
-                },
+                &mut super::print_piece,
             )?
             .generation;
         match g.stop {

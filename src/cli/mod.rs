@@ -178,6 +178,13 @@ fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
     Ok(hone::notes::note_from_bytes(&out, what)?)
 }
 
+/// Prints a piece of a streamed answer at once.
+pub fn print_piece(piece: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(piece.as_bytes());
+    let _ = out.flush();
+}
+
 fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let question = text_arg(&a.question, "the question")?;
     if question.trim().is_empty() {
@@ -203,7 +210,6 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     messages.push(Message::user(&content));
     let tokens = asst.engine.chat_tokens(&messages)?;
     let cancel = AtomicBool::new(false);
-    let stdout = std::io::stdout();
     let json = a.json;
     // A question about a learned note is answered by the adapter from its weights.
     let asked = (!a.with_notes).then_some(question.as_str());
@@ -219,9 +225,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
         &cancel,
         &mut |piece| {
             if !json {
-                let mut out = stdout.lock();
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
+                print_piece(piece)
             }
         },
     )?;
@@ -730,7 +734,6 @@ fn demo_answer(ctx: &Ctx, asst: &mut Assistant, q: &str, content: &str) -> Resul
     let params = SamplingParams::greedy();
     let cancel = AtomicBool::new(false);
     let tokens = asst.engine.chat_tokens(&[Message::user(content)])?;
-    let stdout = std::io::stdout();
     let g = asst
         .answer(
             &ctx.store,
@@ -739,11 +742,7 @@ fn demo_answer(ctx: &Ctx, asst: &mut Assistant, q: &str, content: &str) -> Resul
             &params,
             80,
             &cancel,
-            &mut |piece| {
-                let mut out = stdout.lock();
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            },
+            &mut print_piece,
         )?
         .generation;
     println!(
