@@ -35,35 +35,18 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn open(cli: &Cli) -> Result<Self> {
-        let home = Home::from_env()?;
-        home.ensure()?;
-        let store = Store::open(&home.db_path())?;
-        Ok(Self {
-            home,
-            store,
-            cli_model: cli.model.clone(),
-            ctx: cli.ctx,
-            backend: match cli.backend {
-                DeviceArg::Cpu => Backend::Cpu,
-                DeviceArg::Metal => Backend::Metal,
-            },
-        })
+        Ok(Self::with(cli, open_store(false)?))
     }
 
     /// For commands that only read (`note list`, `history`, `status`): like [`Ctx::open`], but
     /// when the data directory or the database cannot be written (a read-only mount, another
     /// owner's folder), the existing database is opened read-only instead of failing.
     pub fn open_for_reading(cli: &Cli) -> Result<Self> {
-        let first = match Self::open(cli) {
-            Ok(c) => return Ok(c),
-            Err(e) => e,
-        };
-        let home = Home::from_env()?;
-        if !home.db_path().is_file() {
-            return Err(first);
-        }
-        let store = Store::open_read_only(&home.db_path()).map_err(|_| first)?;
-        Ok(Self {
+        Ok(Self::with(cli, open_store(true)?))
+    }
+
+    fn with(cli: &Cli, (home, store): (Home, Store)) -> Self {
+        Self {
             home,
             store,
             cli_model: cli.model.clone(),
@@ -72,7 +55,7 @@ impl Ctx {
                 DeviceArg::Cpu => Backend::Cpu,
                 DeviceArg::Metal => Backend::Metal,
             },
-        })
+        }
     }
 
     pub fn choose_model(&self) -> Result<ModelChoice> {
@@ -101,6 +84,26 @@ impl Ctx {
     pub fn assistant(&self, choice: &ModelChoice, base: bool) -> Result<Assistant> {
         self.attach(choice, self.load(choice)?, base)
     }
+}
+
+/// The data directory and its database, created when missing. `reading`: a command that only
+/// reads, which opens an existing database read-only when it cannot be written (the first
+/// error is reported when that fails too).
+pub fn open_store(reading: bool) -> Result<(Home, Store)> {
+    let home = Home::from_env()?;
+    let opened = || -> Result<Store> {
+        home.ensure()?;
+        Ok(Store::open(&home.db_path())?)
+    };
+    let first = match opened() {
+        Ok(store) => return Ok((home, store)),
+        Err(e) => e,
+    };
+    if !reading || !home.db_path().is_file() {
+        return Err(first);
+    }
+    let store = Store::open_read_only(&home.db_path()).map_err(|_| first)?;
+    Ok((home, store))
 }
 
 pub fn run(cli: Cli) -> Result<()> {

@@ -122,17 +122,7 @@ struct Env {
 
 /// `reading`: a command that only reads, which works on a read-only data directory too.
 fn open(cli: &Cli, reading: bool) -> Result<Env> {
-    let home = Home::from_env()?;
-    let db = home.db_path();
-    let store = if reading && db.is_file() {
-        match Store::open(&db) {
-            Ok(s) => s,
-            Err(e) => Store::open_read_only(&db).map_err(|_| e)?,
-        }
-    } else {
-        home.ensure()?;
-        Store::open(&db)?
-    };
+    let (home, store) = super::open_store(reading)?;
     let (profile, evidence) = device::resolve(
         Path::new("/"),
         cli.device.as_deref(),
