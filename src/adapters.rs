@@ -93,7 +93,18 @@ pub struct NewVersion {
     pub seconds: Option<f64>,
 }
 
-/// Writes the weights (atomically, 0600) and records a new version; returns its number.
+/// What a LoRA version is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// It answers the user (`adapters`, `hone adapters`).
+    Answer,
+    /// It writes self-edits and never answers (`learn::writer`, `hone writer`): kept in a
+    /// table and folder of its own.
+    Writer,
+}
+
+/// Writes the weights (atomically, 0600) and records a new answering adapter version; returns
+/// its number.
 pub fn save_version(
     home: &Home,
     store: &mut Store,
@@ -102,8 +113,30 @@ pub fn save_version(
     v: &NewVersion,
     activate: bool,
 ) -> Result<i64> {
-    let version = store.next_adapter_version()?;
-    let rel = format!("adapters/v{version}.safetensors");
+    save_kind(Kind::Answer, home, store, model, w, v, activate)
+}
+
+/// [`save_version`] for either kind: writers go to `writers/w<N>.safetensors` and the
+/// `writer_versions` table.
+pub fn save_kind(
+    kind: Kind,
+    home: &Home,
+    store: &mut Store,
+    model: &ModelId,
+    w: &LoraWeights,
+    v: &NewVersion,
+    activate: bool,
+) -> Result<i64> {
+    let (version, rel) = match kind {
+        Kind::Answer => {
+            let n = store.next_adapter_version()?;
+            (n, format!("adapters/v{n}.safetensors"))
+        }
+        Kind::Writer => {
+            let n = store.next_writer_version()?;
+            (n, format!("writers/w{n}.safetensors"))
+        }
+    };
     let path = home.root().join(&rel);
     let meta = FileMeta {
         lora: w.cfg.clone(),
@@ -147,7 +180,10 @@ pub fn save_version(
         active: activate,
         sha256: Some(sha256),
     };
-    store.add_adapter(&rec, activate)?;
+    match kind {
+        Kind::Answer => store.add_adapter(&rec, activate)?,
+        Kind::Writer => store.add_writer(&rec, activate)?,
+    };
     Ok(version)
 }
 
@@ -487,6 +523,48 @@ mod tests {
             ..NewVersion::default()
         };
         save_version(&f.home, &mut f.store, &f.id, &w, &nv, true).unwrap()
+    }
+
+    #[test]
+    fn writer_versions_never_become_answering_adapters() {
+        let mut f = fixture();
+        let answering = save(&mut f, 1, None);
+        let w = weights(&f, 2);
+        let nv = NewVersion::default();
+        let w1 = save_kind(Kind::Writer, &f.home, &mut f.store, &f.id, &w, &nv, true).unwrap();
+        let nv2 = NewVersion {
+            parent: Some(w1),
+            ..NewVersion::default()
+        };
+        let w2 = save_kind(Kind::Writer, &f.home, &mut f.store, &f.id, &w, &nv2, true).unwrap();
+        assert!(f.home.root().join(format!("writers/w{w2}.safetensors")).is_file());
+        // The answering adapter is untouched and no writer is listed among adapters.
+        let active = f.store.active_adapter(&f.id.sha256).unwrap().unwrap();
+        assert_eq!(active.version, answering);
+        assert_eq!(f.store.adapters().unwrap().len(), 1);
+        assert_eq!(f.store.active_writer(&f.id.sha256).unwrap().unwrap().version, w2);
+        // `hone adapters use` on a writer's number finds no such adapter (or another one).
+        assert!(use_version(&f.home, &f.store, w2).is_err() || w2 == answering);
+        // Writer use / rollback move only the writer.
+        crate::learn::writer::use_version(&f.home, &f.store, w1).unwrap();
+        assert_eq!(f.store.active_writer(&f.id.sha256).unwrap().unwrap().version, w1);
+        crate::learn::writer::use_version(&f.home, &f.store, w2).unwrap();
+        let (from, to) = crate::learn::writer::rollback(&f.store, &f.id.sha256).unwrap();
+        assert_eq!((from, to), (w2, Some(w1)));
+        assert_eq!(f.store.active_adapter(&f.id.sha256).unwrap().unwrap().version, answering);
+        // A writer loads for its model and is refused for another.
+        let choice = crate::learn::writer::WriterChoice::Active;
+        let got = crate::learn::writer::load(&f.home, &f.store, &f.id, &f.cfg, &choice).unwrap();
+        assert_eq!(got.version, Some(w1));
+        let file = crate::learn::writer::WriterChoice::File(f.home.root().join(format!("writers/w{w1}.safetensors")));
+        let other = ModelId {
+            sha256: "cd".repeat(32),
+            ..f.id.clone()
+        };
+        let e = crate::learn::writer::load(&f.home, &f.store, &other, &f.cfg, &file)
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("not for tiny"), "{e:#}");
     }
 
     /// Overwrites the last 4 bytes of version `v`'s file (a B or A value) with `value`.

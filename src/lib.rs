@@ -35,6 +35,7 @@ pub mod signals;
 pub mod store;
 pub mod sys;
 pub mod template;
+pub mod teach;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

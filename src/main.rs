@@ -85,6 +85,9 @@ pub enum Command {
     Adapters(cli::train::AdaptersCommand),
     /// Learn from your notes now: self-edits, training, gate (one cycle); --log shows past cycles
     Learn(cli::learn::LearnArgs),
+    /// The self-edit writer: train it on reward (SEAL), see its log, choose its version
+    #[command(subcommand)]
+    Writer(cli::writer::WriterCommand),
     /// Measure how well notes are learned (no note in the prompt) and what is forgotten
     Eval(cli::learn::EvalArgs),
     /// Serve the assistant over HTTP (OpenAI-compatible API and a page) on this machine

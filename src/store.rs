@@ -161,6 +161,69 @@ pub const MIGRATIONS: &[&str] = &[
         INSERT INTO notes_fts(notes_fts, rowid, content) VALUES ('delete', old.id, old.content);
         INSERT INTO notes_fts(rowid, content) VALUES (new.id, new.content);
     END;",
+    // v6: the self-edit writer (`learn::writer`, `teach`): its adapter versions, kept apart from
+    // the answering adapters so that no writer can ever answer, its training rounds, and every
+    // sampled self-edit with its reward.
+    "CREATE TABLE writer_versions (
+        version INTEGER PRIMARY KEY,
+        parent INTEGER,
+        created_at TEXT NOT NULL,
+        model TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        architecture TEXT NOT NULL,
+        config TEXT NOT NULL,
+        data TEXT,
+        data_sha256 TEXT,
+        loss_curve TEXT,
+        steps INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        seconds REAL,
+        params INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        file TEXT NOT NULL,
+        active INTEGER NOT NULL DEFAULT 0,
+        sha256 TEXT
+    );
+    CREATE INDEX writer_versions_model ON writer_versions(model_sha256, version);
+    CREATE TABLE writer_rounds (
+        id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        model TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        source TEXT NOT NULL,
+        options TEXT NOT NULL,
+        status TEXT NOT NULL,
+        parent_writer INTEGER,
+        writer INTEGER,
+        notes INTEGER NOT NULL DEFAULT 0,
+        kept INTEGER NOT NULL DEFAULT 0,
+        mean_reward REAL,
+        holdout_reward REAL,
+        probe_agreement REAL,
+        wall_s REAL
+    );
+    CREATE TABLE writer_samples (
+        id INTEGER PRIMARY KEY,
+        round INTEGER NOT NULL,
+        note_key TEXT NOT NULL,
+        note_sha256 TEXT NOT NULL,
+        role TEXT NOT NULL,
+        k INTEGER NOT NULL,
+        seed INTEGER,
+        text TEXT NOT NULL,
+        items INTEGER NOT NULL,
+        accuracy REAL NOT NULL,
+        loglik REAL NOT NULL,
+        reward REAL,
+        probe_accuracy REAL,
+        probe_loglik REAL,
+        probe_reward REAL,
+        chosen INTEGER NOT NULL DEFAULT 0,
+        reason TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX writer_samples_round ON writer_samples(round, note_key);",
 ];
 
 /// The schema version this build of hone writes.
@@ -782,22 +845,92 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
-    // ----- adapters -----
+    // ----- adapters and writer versions -----
 
     /// The version number the next adapter will get.
     pub fn next_adapter_version(&self) -> Result<i64, StoreError> {
+        self.next_version(Versions::Adapters)
+    }
+
+    /// Records an adapter version (its file is already written); when `activate`, it becomes
+    /// the active adapter of its model (one transaction).
+    pub fn add_adapter(&mut self, a: &AdapterRecord, activate: bool) -> Result<i64, StoreError> {
+        self.add_version(Versions::Adapters, a, activate)
+    }
+
+    /// Every adapter version, oldest first.
+    pub fn adapters(&self) -> Result<Vec<AdapterRecord>, StoreError> {
+        self.versions(Versions::Adapters)
+    }
+
+    pub fn adapter(&self, version: i64) -> Result<Option<AdapterRecord>, StoreError> {
+        self.version(Versions::Adapters, version)
+    }
+
+    /// The active adapter of the model with this sha256, if any.
+    pub fn active_adapter(&self, model_sha256: &str) -> Result<Option<AdapterRecord>, StoreError> {
+        self.active_version(Versions::Adapters, model_sha256)
+    }
+
+    /// Makes `version` the active adapter of its model (None: the base model answers).
+    pub fn set_active_adapter(
+        &self,
+        model_sha256: &str,
+        version: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.set_active_version(Versions::Adapters, model_sha256, version)
+    }
+
+    /// The version number the next writer adapter will get.
+    pub fn next_writer_version(&self) -> Result<i64, StoreError> {
+        self.next_version(Versions::Writers)
+    }
+
+    /// Records a writer version (its file is already written); `activate`: it becomes the
+    /// writer of its model.
+    pub fn add_writer(&mut self, a: &AdapterRecord, activate: bool) -> Result<i64, StoreError> {
+        self.add_version(Versions::Writers, a, activate)
+    }
+
+    /// Every writer version, oldest first.
+    pub fn writers(&self) -> Result<Vec<AdapterRecord>, StoreError> {
+        self.versions(Versions::Writers)
+    }
+
+    pub fn writer(&self, version: i64) -> Result<Option<AdapterRecord>, StoreError> {
+        self.version(Versions::Writers, version)
+    }
+
+    /// The active writer of the model with this sha256, if any.
+    pub fn active_writer(&self, model_sha256: &str) -> Result<Option<AdapterRecord>, StoreError> {
+        self.active_version(Versions::Writers, model_sha256)
+    }
+
+    /// Makes `version` the writer of its model (None: the model writes without an adapter).
+    pub fn set_active_writer(
+        &self,
+        model_sha256: &str,
+        version: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.set_active_version(Versions::Writers, model_sha256, version)
+    }
+
+    fn next_version(&self, t: Versions) -> Result<i64, StoreError> {
         self.conn
             .query_row(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters",
+                &format!("SELECT COALESCE(MAX(version), 0) + 1 FROM {}", t.table()),
                 [],
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))
     }
 
-    /// Records an adapter version (its file is already written); when `activate`, it becomes
-    /// the active adapter of its model (one transaction).
-    pub fn add_adapter(&mut self, a: &AdapterRecord, activate: bool) -> Result<i64, StoreError> {
+    fn add_version(
+        &mut self,
+        t: Versions,
+        a: &AdapterRecord,
+        activate: bool,
+    ) -> Result<i64, StoreError> {
         let path = self.path.clone();
         let timeout = self.busy_timeout;
         let err = |e| classify(&path, timeout, e);
@@ -807,15 +940,17 @@ impl Store {
             .map_err(err)?;
         if activate {
             tx.execute(
-                "UPDATE adapters SET active = 0 WHERE model_sha256 = ?1",
+                &format!("UPDATE {} SET active = 0 WHERE model_sha256 = ?1", t.table()),
                 [&a.model_sha256],
             )
             .map_err(err)?;
         }
         tx.execute(
-            "INSERT INTO adapters (version, parent, created_at, model, model_sha256, architecture, \
-             config, data, data_sha256, loss_curve, steps, tokens, seconds, params, bytes, file, active, sha256) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            &format!(
+                "INSERT INTO {} ({ADAPTER_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                t.table()
+            ),
             rusqlite::params![
                 a.version,
                 a.parent,
@@ -842,32 +977,41 @@ impl Store {
         Ok(a.version)
     }
 
-    /// Every adapter version, oldest first.
-    pub fn adapters(&self) -> Result<Vec<AdapterRecord>, StoreError> {
+    fn versions(&self, t: Versions) -> Result<Vec<AdapterRecord>, StoreError> {
         self.query_all(
-            &format!("SELECT {ADAPTER_COLUMNS} FROM adapters ORDER BY version"),
+            &format!(
+                "SELECT {ADAPTER_COLUMNS} FROM {} ORDER BY version",
+                t.table()
+            ),
             [],
             adapter_from_row,
         )
     }
 
-    pub fn adapter(&self, version: i64) -> Result<Option<AdapterRecord>, StoreError> {
+    fn version(&self, t: Versions, version: i64) -> Result<Option<AdapterRecord>, StoreError> {
         Ok(self
             .query_all(
-                &format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE version = ?1"),
+                &format!(
+                    "SELECT {ADAPTER_COLUMNS} FROM {} WHERE version = ?1",
+                    t.table()
+                ),
                 [version],
                 adapter_from_row,
             )?
             .pop())
     }
 
-    /// The active adapter of the model with this sha256, if any.
-    pub fn active_adapter(&self, model_sha256: &str) -> Result<Option<AdapterRecord>, StoreError> {
+    fn active_version(
+        &self,
+        t: Versions,
+        model_sha256: &str,
+    ) -> Result<Option<AdapterRecord>, StoreError> {
         Ok(self
             .query_all(
                 &format!(
-                    "SELECT {ADAPTER_COLUMNS} FROM adapters WHERE model_sha256 = ?1 AND active = 1 \
-                     ORDER BY version DESC LIMIT 1"
+                    "SELECT {ADAPTER_COLUMNS} FROM {} WHERE model_sha256 = ?1 AND active = 1 \
+                     ORDER BY version DESC LIMIT 1",
+                    t.table()
                 ),
                 [model_sha256],
                 adapter_from_row,
@@ -875,19 +1019,39 @@ impl Store {
             .pop())
     }
 
-    /// Makes `version` the active adapter of its model (None: the base model answers).
-    pub fn set_active_adapter(
+    fn set_active_version(
         &self,
+        t: Versions,
         model_sha256: &str,
         version: Option<i64>,
     ) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "UPDATE adapters SET active = (version IS ?2) WHERE model_sha256 = ?1",
+                &format!(
+                    "UPDATE {} SET active = (version IS ?2) WHERE model_sha256 = ?1",
+                    t.table()
+                ),
                 rusqlite::params![model_sha256, version],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+}
+
+/// The two tables of LoRA versions: adapters that answer, and self-edit writers (which never
+/// answer).
+#[derive(Clone, Copy)]
+enum Versions {
+    Adapters,
+    Writers,
+}
+
+impl Versions {
+    fn table(self) -> &'static str {
+        match self {
+            Versions::Adapters => "adapters",
+            Versions::Writers => "writer_versions",
+        }
     }
 }
 

@@ -19,12 +19,16 @@ use std::sync::atomic::AtomicBool;
 /// Training and self-edit settings shared by `learn` and `eval`.
 #[derive(Args, Debug, Clone)]
 pub struct LearnFlags {
-    /// Self-edit strategies: any of passage,cloze,recall,questions,qa,implications,rewrites, or "all"
+    /// Self-edit strategies: any of passage,cloze,recall,questions,qa,implications,rewrites,writer, or "all"
     #[arg(long, default_value = "passage,cloze,recall,questions")]
     pub strategies: String,
     /// A larger local model that writes the generated self-edits (e.g. qwen2.5-coder-0.5b-instruct)
     #[arg(long)]
     pub teacher: Option<String>,
+    /// The writer of the `writer` strategy: active (the trained writer, or the one shipped for
+    /// the default model), none (the model alone), or a writer file (`hone writer export`)
+    #[arg(long, default_value = "active")]
+    pub writer: String,
     /// Samples per note and generated strategy
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -155,6 +159,14 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         strategies,
         teacher_name: teacher.as_ref().map(|t| t.name.clone()),
         teacher,
+        writer: match hone::learn::writer::WriterChoice::parse(&f.writer) {
+            // A path is made absolute: `hone eval` hands it to processes in other directories.
+            hone::learn::writer::WriterChoice::File(p) => hone::learn::writer::WriterChoice::File(
+                std::fs::canonicalize(&p)
+                    .with_context(|| format!("the writer file {}", p.display()))?,
+            ),
+            other => other,
+        },
         samples: f.samples.max(1),
         rank: f.rank,
         alpha: f.alpha,

@@ -10,6 +10,7 @@ pub mod logging;
 pub mod schedule;
 pub mod serve;
 pub mod train;
+pub mod writer;
 
 use crate::{Cli, Command, DeviceArg, NoteCommand, SamplingArgs};
 use anyhow::{bail, Context, Result};
@@ -126,6 +127,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Adapters(c) => train::adapters_cmd(&cli, c),
         Command::Learn(a) => learn::learn(&cli, a),
         Command::Eval(a) => learn::eval(&cli, a),
+        Command::Writer(c) => writer::run(&cli, c),
         Command::Serve(a) => serve::run(&cli, a),
         Command::Dev(c) => dev::run(c),
     }

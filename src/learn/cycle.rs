@@ -160,7 +160,7 @@ fn run_one(
         Picked::Cycle(c) => *c,
         Picked::Nothing => return Ok(CycleOutcome::NothingToLearn),
         Picked::DryRun(ids) => {
-            return dry_run(run.store, &ids, opts, &mut run.l, cancel, run.progress)
+            return dry_run(run.home, run.store, &ids, opts, &mut run.l, cancel, run.progress)
         }
     };
     let interrupted = CycleOutcome::Interrupted { cycle: cycle.id };
@@ -236,6 +236,7 @@ fn resumed_options(cycle: &Cycle, opts: &LearnOptions) -> LearnOptions {
 /// Step 2: self-edits for the cycle's notes that have none stored yet. False: interrupted.
 fn write_self_edits(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result<bool> {
     let mut teacher: Option<Loaded> = None;
+    let mut trained_writer: Option<writer::Writer> = None;
     let total = cycle.notes.len();
     for (i, nid) in cycle.notes.iter().enumerate() {
         if records::has_items(run.store, cycle.id, *nid)? {
@@ -260,13 +261,24 @@ fn write_self_edits(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result
             }
         }
         let system = run.system();
-        let (writer, writer_name, writer_system) = match teacher.as_mut() {
-            Some(t) => (&mut t.engine, t.id.name.clone(), t.system.clone()),
+        let (writer, writer_id, writer_name, writer_system) = match teacher.as_mut() {
+            Some(t) => (&mut t.engine, t.id.clone(), t.id.name.clone(), t.system.clone()),
             None => {
                 run.l.engine.model.set_adapter(None);
-                (&mut run.l.engine, run.l.id.name.clone(), system)
+                let id = run.l.id.clone();
+                (&mut run.l.engine, id, run.l.id.name.clone(), system)
             }
         };
+        if opts.strategies.contains(&Strategy::Writer) && trained_writer.is_none() {
+            let cfg = writer.model.cfg.clone();
+            trained_writer = Some(writer::load(
+                run.home,
+                run.store,
+                &writer_id,
+                &cfg,
+                &opts.writer,
+            )?);
+        }
         let Some(items) = note_items(
             &note.content,
             *nid,
@@ -274,6 +286,7 @@ fn write_self_edits(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result
             writer,
             &writer_name,
             writer_system.as_deref(),
+            trained_writer.as_ref(),
             run.cancel,
         )?
         else {

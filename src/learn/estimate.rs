@@ -241,6 +241,7 @@ fn self_edits(
             &mut l.engine,
             &name,
             sys.as_deref(),
+            None,
             cancel,
         )?
         else {

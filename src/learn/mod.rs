@@ -22,6 +22,7 @@ pub mod estimate;
 pub mod records;
 pub mod rules;
 pub mod selfedit;
+pub mod writer;
 
 use crate::adapters::{self, ModelId};
 use crate::engine::{Engine, LoadOptions};
@@ -102,6 +103,9 @@ pub struct LearnOptions {
     #[serde(skip)]
     pub teacher: Option<ModelChoice>,
     pub teacher_name: Option<String>,
+    /// Which writer writes the `writer` strategy's self-edits (`learn::writer`).
+    #[serde(default)]
+    pub writer: writer::WriterChoice,
     /// Samples per note and generated strategy.
     pub samples: usize,
     pub temperature: f32,
@@ -186,6 +190,7 @@ impl Default for LearnOptions {
             ],
             teacher: None,
             teacher_name: None,
+            writer: writer::WriterChoice::Active,
             samples: 1,
             temperature: 0.7,
             dry_run: false,
@@ -380,6 +385,7 @@ fn note_items(
     writer: &mut Engine,
     writer_name: &str,
     writer_system: Option<&str>,
+    trained_writer: Option<&writer::Writer>,
     cancel: &AtomicBool,
 ) -> Result<Option<Vec<NewItem>>> {
     let mut items = Vec::new();
@@ -471,15 +477,29 @@ fn note_items(
             }
             let seed = stable_hash(&[&note_id.to_string(), s.name(), &k.to_string()]) ^ opts.seed;
             let params = selfedit::sampling(seed, opts.temperature);
-            let raw = selfedit::generate(writer, writer_system, s, note, &params, 200, cancel)?;
+            let (raw, generator, candidates) = match (s, trained_writer) {
+                (Strategy::Writer, Some(w)) => {
+                    let raw =
+                        writer::write(writer, w, writer_system, note, &params, 200, cancel)?;
+                    let c = writer::items(note, &raw, opts.attribute_answers, &mut seen);
+                    (raw, format!("{writer_name}+writer:{}", w.label), c)
+                }
+                _ => {
+                    let raw =
+                        selfedit::generate(writer, writer_system, s, note, &params, 200, cancel)?;
+                    let c = selfedit::filter(s, note, &raw, &mut seen);
+                    (raw, writer_name.to_string(), c)
+                }
+            };
+            let _ = raw;
             let sampling =
                 serde_json::json!({"temperature": params.temperature, "top_p": params.top_p,
                 "top_k": params.top_k, "min_p": params.min_p, "seed": seed, "max_tokens": 200})
                 .to_string();
-            for c in selfedit::filter(s, note, &raw, &mut seen) {
+            for c in candidates {
                 items.push(NewItem {
                     strategy: s.name().into(),
-                    generator: writer_name.to_string(),
+                    generator: generator.clone(),
                     prompt_version: Some(version.into()),
                     sampling: Some(sampling.clone()),
                     role: "train".into(),
@@ -725,6 +745,7 @@ pub fn decide(g: &GateReport, t: &GateThresholds) -> (bool, String) {
 }
 
 fn dry_run(
+    home: &Home,
     store: &Store,
     ids: &[i64],
     opts: &LearnOptions,
@@ -737,6 +758,7 @@ fn dry_run(
         _ => None,
     };
     let mut out = Vec::new();
+    let mut trained: Option<writer::Writer> = None;
     for (i, nid) in ids.iter().enumerate() {
         let Some(note) = store.get_note(*nid)? else {
             continue;
@@ -750,17 +772,22 @@ fn dry_run(
             message: format!("note {}/{}", i + 1, ids.len()),
             estimate_s: None,
         });
-        let (writer, name, system) = match teacher.as_mut() {
-            Some(t) => (&mut t.engine, t.id.name.clone(), t.system.clone()),
-            None => (&mut l.engine, l.id.name.clone(), l.system.clone()),
+        let (writer, id, system) = match teacher.as_mut() {
+            Some(t) => (&mut t.engine, t.id.clone(), t.system.clone()),
+            None => (&mut l.engine, l.id.clone(), l.system.clone()),
         };
+        if opts.strategies.contains(&Strategy::Writer) && trained.is_none() {
+            let cfg = writer.model.cfg.clone();
+            trained = Some(writer::load(home, store, &id, &cfg, &opts.writer)?);
+        }
         let Some(items) = note_items(
             &note.content,
             *nid,
             opts,
             writer,
-            &name,
+            &id.name,
             system.as_deref(),
+            trained.as_ref(),
             cancel,
         )?
         else {

@@ -33,10 +33,14 @@ pub enum Strategy {
     Implications,
     /// Paraphrases of the note, written by the model.
     Rewrites,
+    /// Question-answer pairs written by the self-edit writer: the model with its writer adapter
+    /// (`learn::writer`), trained on reward by `teach`. Answers may hold numbers the note only
+    /// implies ("2021" from "three years after 2018").
+    Writer,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 7] = [
+    pub const ALL: [Strategy; 8] = [
         Strategy::Passage,
         Strategy::Cloze,
         Strategy::Recall,
@@ -44,6 +48,7 @@ impl Strategy {
         Strategy::Qa,
         Strategy::Implications,
         Strategy::Rewrites,
+        Strategy::Writer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +60,7 @@ impl Strategy {
             Strategy::Qa => "qa",
             Strategy::Implications => "implications",
             Strategy::Rewrites => "rewrites",
+            Strategy::Writer => "writer",
         }
     }
 
@@ -63,7 +69,7 @@ impl Strategy {
             .into_iter()
             .find(|x| x.name() == s.trim())
             .ok_or_else(|| {
-                format!("unknown strategy {s:?}: use passage, cloze, recall, questions, qa, implications or rewrites")
+                format!("unknown strategy {s:?}: use passage, cloze, recall, questions, qa, implications, rewrites or writer")
             })
     }
 
@@ -88,7 +94,7 @@ impl Strategy {
     pub fn generated(self) -> bool {
         matches!(
             self,
-            Strategy::Qa | Strategy::Implications | Strategy::Rewrites
+            Strategy::Qa | Strategy::Implications | Strategy::Rewrites | Strategy::Writer
         )
     }
 
@@ -103,6 +109,7 @@ impl Strategy {
             Strategy::Rewrites => {
                 Some(("rewrites.v1", include_str!("../../prompts/rewrites.v1.txt")))
             }
+            Strategy::Writer => Some(("writer.v1", include_str!("../../prompts/writer.v1.txt"))),
             _ => None,
         }
     }
@@ -141,15 +148,20 @@ pub fn generate(
     max_tokens: usize,
     cancel: &AtomicBool,
 ) -> Result<String> {
-    let Some((_, tmpl)) = strategy.template() else {
+    let Some(prompt) = prompt_for(strategy, note) else {
         return Ok(String::new());
     };
-    let prompt = tmpl.replace("{{ note }}", note.trim());
     let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
-    msgs.push(Message::user(prompt.trim_end()));
+    msgs.push(Message::user(&prompt));
     let toks = engine.chat_tokens(&msgs)?;
     let g = engine.generate(&toks, params, max_tokens, cancel, &mut |_| {})?;
     Ok(g.text)
+}
+
+/// The user turn that asks for `strategy`'s self-edit of `note` (None for rule strategies).
+pub fn prompt_for(strategy: Strategy, note: &str) -> Option<String> {
+    let (_, tmpl) = strategy.template()?;
+    Some(tmpl.replace("{{ note }}", note.trim()).trim_end().to_string())
 }
 
 fn strip_bullet(l: &str) -> &str {
@@ -225,6 +237,21 @@ pub fn content_words(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// A capitalised word inside `q` (not its first word, not "I") that the note never uses: a
+/// name the writer brought from elsewhere (its worked example, or nowhere).
+fn foreign_name(q: &str, note_words: &HashSet<String>) -> Option<String> {
+    q.split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .filter(|w| !w.is_empty())
+        .skip(1)
+        .map(|w| w.trim_end_matches("'s"))
+        .find(|w| {
+            w.chars().next().is_some_and(char::is_uppercase)
+                && *w != "I"
+                && !note_words.contains(&w.to_lowercase())
+        })
+        .map(str::to_string)
+}
+
 /// Numbers and capitalised words: what a faithful restatement must keep.
 fn key_terms(s: &str) -> HashSet<String> {
     s.split(|c: char| !(c.is_alphanumeric() || c == '-' || c == ':'))
@@ -257,7 +284,9 @@ pub fn filter(
     let norm = |s: &str| content_words(s).join(" ");
     let mut out = Vec::new();
     match strategy {
-        Strategy::Qa => {
+        Strategy::Qa | Strategy::Writer => {
+            // The writer may state what the note implies: a number worked out from it.
+            let implied_ok = strategy == Strategy::Writer;
             let pairs = parse_qa(raw);
             if pairs.is_empty() && !raw.trim().is_empty() {
                 out.push(Candidate {
@@ -274,12 +303,20 @@ pub fn filter(
                     Some("empty answer".to_string())
                 } else if a.split_whitespace().count() > 12 {
                     Some("answer too long (over 12 words)".to_string())
-                } else if let Some(w) = a_words.iter().find(|w| !note_words.contains(*w)) {
+                } else if let Some(w) = a_words.iter().find(|w| {
+                    !note_words.contains(*w)
+                        && !(implied_ok && w.chars().all(|c| c.is_ascii_digit()))
+                }) {
                     Some(format!(
                         "answer not grounded in the note ({w:?} is not in it)"
                     ))
                 } else if content_words(&q).iter().all(|w| !note_words.contains(w)) {
                     Some("question shares no word with the note".to_string())
+                } else if let Some(name) = implied_ok
+                    .then(|| foreign_name(&q, &note_words))
+                    .flatten()
+                {
+                    Some(format!("question names {name:?}, who is not in the note"))
                 } else if !seen.insert(norm(&q)) {
                     Some("duplicate".to_string())
                 } else {
@@ -382,7 +419,7 @@ mod tests {
             Strategy::parse_list("qa,cloze").unwrap(),
             vec![Strategy::Cloze, Strategy::Qa]
         );
-        assert_eq!(Strategy::parse_list("all").unwrap().len(), 7);
+        assert_eq!(Strategy::parse_list("all").unwrap().len(), 8);
         assert!(Strategy::parse_list("qa,nope").is_err());
     }
 }

@@ -105,6 +105,17 @@ fn segments(
 
 /// Renders a conversation and marks the assistant turns as targets.
 fn chat_example(codec: &Codec, msgs: &[Message]) -> Result<Example, ExampleError> {
+    chat_turns(codec, msgs, false)
+}
+
+/// A conversation whose last assistant turn alone is learned (the turns before are context,
+/// e.g. a worked example).
+pub fn chat_last_turn(codec: &Codec, msgs: &[Message]) -> Result<Example, ExampleError> {
+    chat_turns(codec, msgs, true)
+}
+
+fn chat_turns(codec: &Codec, msgs: &[Message], last_only: bool) -> Result<Example, ExampleError> {
+    let last = msgs.iter().rposition(|m| m.role == "assistant");
     let full = codec.template.render(msgs, false)?;
     let mut parts: Vec<(String, bool)> = Vec::new();
     let mut done = 0usize;
@@ -118,7 +129,8 @@ fn chat_example(codec: &Codec, msgs: &[Message]) -> Result<Example, ExampleError
             return Err(ExampleError::Shape("the chat template does not render the conversation turn by turn; use {\"text\": ...} instead"));
         }
         parts.push((full[done..start.len()].to_string(), false));
-        parts.push((full[start.len()..end.len()].to_string(), true));
+        let learn = !last_only || Some(i) == last;
+        parts.push((full[start.len()..end.len()].to_string(), learn));
         done = end.len();
     }
     if parts.is_empty() {

@@ -13,7 +13,7 @@
 
 use super::data::Dataset;
 use super::{Outcome, StepReport, TrainConfig, TrainError, Trainer};
-use crate::adapters::{self, AdapterError, ModelId, NewVersion};
+use crate::adapters::{self, AdapterError, Kind, ModelId, NewVersion};
 use crate::home::Home;
 use crate::lora::LoraWeights;
 use crate::model::Model;
@@ -286,6 +286,22 @@ impl<'m> TrainJob<'m> {
         data: String,
         activate: bool,
     ) -> Result<Finished> {
+        self.finish_as(Kind::Answer, home, store, model, parent, data, activate)
+    }
+
+    /// [`finish`](Self::finish) for either kind of version (a self-edit writer is saved as a
+    /// writer version, which never answers).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_as(
+        self,
+        kind: Kind,
+        home: &Home,
+        store: &mut Store,
+        model: &ModelId,
+        parent: Option<i64>,
+        data: String,
+        activate: bool,
+    ) -> Result<Finished> {
         let tr = &self.trainer;
         let weights = tr.weights()?;
         let nv = NewVersion {
@@ -299,7 +315,7 @@ impl<'m> TrainJob<'m> {
             tokens: tr.tokens_done,
             seconds: Some(tr.seconds),
         };
-        let version = match adapters::save_version(home, store, model, &weights, &nv, activate) {
+        let version = match adapters::save_kind(kind, home, store, model, &weights, &nv, activate) {
             Ok(v) => v,
             Err(source) => {
                 let _ = tr.save_checkpoint(&self.checkpoint);
