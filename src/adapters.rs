@@ -537,26 +537,53 @@ mod tests {
             ..NewVersion::default()
         };
         let w2 = save_kind(Kind::Writer, &f.home, &mut f.store, &f.id, &w, &nv2, true).unwrap();
-        assert!(f.home.root().join(format!("writers/w{w2}.safetensors")).is_file());
+        assert!(f
+            .home
+            .root()
+            .join(format!("writers/w{w2}.safetensors"))
+            .is_file());
         // The answering adapter is untouched and no writer is listed among adapters.
         let active = f.store.active_adapter(&f.id.sha256).unwrap().unwrap();
         assert_eq!(active.version, answering);
         assert_eq!(f.store.adapters().unwrap().len(), 1);
-        assert_eq!(f.store.active_writer(&f.id.sha256).unwrap().unwrap().version, w2);
+        assert_eq!(
+            f.store
+                .active_writer(&f.id.sha256)
+                .unwrap()
+                .unwrap()
+                .version,
+            w2
+        );
         // `hone adapters use` on a writer's number finds no such adapter (or another one).
         assert!(use_version(&f.home, &f.store, w2).is_err() || w2 == answering);
         // Writer use / rollback move only the writer.
         crate::learn::writer::use_version(&f.home, &f.store, w1).unwrap();
-        assert_eq!(f.store.active_writer(&f.id.sha256).unwrap().unwrap().version, w1);
+        assert_eq!(
+            f.store
+                .active_writer(&f.id.sha256)
+                .unwrap()
+                .unwrap()
+                .version,
+            w1
+        );
         crate::learn::writer::use_version(&f.home, &f.store, w2).unwrap();
         let (from, to) = crate::learn::writer::rollback(&f.store, &f.id.sha256).unwrap();
         assert_eq!((from, to), (w2, Some(w1)));
-        assert_eq!(f.store.active_adapter(&f.id.sha256).unwrap().unwrap().version, answering);
+        assert_eq!(
+            f.store
+                .active_adapter(&f.id.sha256)
+                .unwrap()
+                .unwrap()
+                .version,
+            answering
+        );
         // A writer loads for its model and is refused for another.
         let choice = crate::learn::writer::WriterChoice::Active;
         let got = crate::learn::writer::load(&f.home, &f.store, &f.id, &f.cfg, &choice).unwrap();
         assert_eq!(got.version, Some(w1));
-        let file = crate::learn::writer::WriterChoice::File(f.home.root().join(format!("writers/w{w1}.safetensors")));
+        let file = crate::learn::writer::WriterChoice::File(
+            f.home.root().join(format!("writers/w{w1}.safetensors")),
+        );
         let other = ModelId {
             sha256: "cd".repeat(32),
             ..f.id.clone()

@@ -940,7 +940,10 @@ impl Store {
             .map_err(err)?;
         if activate {
             tx.execute(
-                &format!("UPDATE {} SET active = 0 WHERE model_sha256 = ?1", t.table()),
+                &format!(
+                    "UPDATE {} SET active = 0 WHERE model_sha256 = ?1",
+                    t.table()
+                ),
                 [&a.model_sha256],
             )
             .map_err(err)?;

@@ -82,12 +82,18 @@ fn a_writer_round_records_rewards_and_resumes_after_sigterm_and_sigkill() {
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     assert!(stderr(&o).contains("continues after the last finished note"));
     let before = samples(h).len();
-    assert!(before >= 3, "the first note's baseline and samples are stored");
+    assert!(
+        before >= 3,
+        "the first note's baseline and samples are stored"
+    );
     // SIGKILL after one more note: nothing is cleaned up, the next run continues.
     let _ = interrupt_after(
         h,
         &args,
-        samples(h).iter().filter(|s| s.2.ends_with("baseline")).count(),
+        samples(h)
+            .iter()
+            .filter(|s| s.2.ends_with("baseline"))
+            .count(),
         libc::SIGKILL,
     );
     let o = run(hone(h).args(args), true);
@@ -100,7 +106,14 @@ fn a_writer_round_records_rewards_and_resumes_after_sigterm_and_sigkill() {
     let rounds = j["rounds"].as_array().unwrap();
     let last = rounds.last().unwrap();
     assert_eq!(last["notes"], 2, "{j}");
-    for k in ["round", "mean_reward", "kept", "notes", "wall_s", "holdout_reward"] {
+    for k in [
+        "round",
+        "mean_reward",
+        "kept",
+        "notes",
+        "wall_s",
+        "holdout_reward",
+    ] {
         assert!(last.get(k).is_some(), "{k} missing: {j}");
     }
     assert!(j["writer"].is_string(), "{j}");
@@ -108,21 +121,41 @@ fn a_writer_round_records_rewards_and_resumes_after_sigterm_and_sigkill() {
     let all = samples(h);
     let mut seen = std::collections::HashSet::new();
     for s in all.iter().filter(|s| s.2.ends_with("baseline")) {
-        assert!(seen.insert((s.0, s.1.clone())), "note {} done twice in round {}", s.1, s.0);
+        assert!(
+            seen.insert((s.0, s.1.clone())),
+            "note {} done twice in round {}",
+            s.1,
+            s.0
+        );
     }
-    assert!(!all.iter().any(|s| s.1 == "w4"), "the skipped note has no samples");
+    assert!(
+        !all.iter().any(|s| s.1 == "w4"),
+        "the skipped note has no samples"
+    );
     // Round 0 measured the held-out note; round 1 trained on the two others.
     let log = last_json(&run(hone(h).args(["writer", "log", "--json"]), true));
     let log = log.as_array().unwrap();
-    assert!(log.iter().any(|r| r["status"] == "done" && r["notes"] == 2), "{log:?}");
+    assert!(
+        log.iter().any(|r| r["status"] == "done" && r["notes"] == 2),
+        "{log:?}"
+    );
     let round = log.last().unwrap()["id"].as_i64().unwrap().to_string();
-    let s = last_json(&run(hone(h).args(["writer", "log", "--round", &round, "--json"]), true));
+    let s = last_json(&run(
+        hone(h).args(["writer", "log", "--round", &round, "--json"]),
+        true,
+    ));
     let s = s.as_array().unwrap();
-    assert!(s.iter().any(|x| x["role"] == "train" && x["k"] == 1), "{s:?}");
+    assert!(
+        s.iter().any(|x| x["role"] == "train" && x["k"] == 1),
+        "{s:?}"
+    );
     assert!(s.iter().all(|x| x["accuracy"].as_f64().unwrap() <= 1.0));
 
     // The writer strategy in a learning cycle's dry run: the writer's items with verdicts.
-    run(hone(h).args(["note", "add", "My locker at the pool is number 311."]), true);
+    run(
+        hone(h).args(["note", "add", "My locker at the pool is number 311."]),
+        true,
+    );
     let d = last_json(&run(
         hone(h).args(["learn", "--dry-run", "--strategies", "writer", "--json"]),
         true,
@@ -146,7 +179,10 @@ fn a_writer_file_for_another_model_is_refused_with_the_fix() {
     let h = home.path();
     let bogus = h.join("w.safetensors");
     std::fs::write(&bogus, b"not a writer").unwrap();
-    run(hone(h).args(["note", "add", "My locker at the pool is number 311."]), true);
+    run(
+        hone(h).args(["note", "add", "My locker at the pool is number 311."]),
+        true,
+    );
     let o = run(
         hone(h).args([
             "learn",

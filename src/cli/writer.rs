@@ -189,23 +189,25 @@ pub fn run(cli: &Cli, c: &WriterCommand) -> Result<()> {
                 eprintln!("interrupted: `hone writer train` with the same file continues after the last finished note");
             }
             if *json {
-                println!("{}", json!({"rounds": out.rounds, "writer": out.writer, "interrupted": out.interrupted}));
+                println!(
+                    "{}",
+                    json!({"rounds": out.rounds, "writer": out.writer, "interrupted": out.interrupted})
+                );
             }
             if out.interrupted {
                 std::process::exit(130);
             }
         }
-        WriterCommand::Log { round, json } => {
-            match round {
-                None => {
-                    let rounds = teach::records::all_rounds(&ctx.store)?;
-                    if *json {
-                        println!("{}", serde_json::to_string(&rounds)?);
-                    } else if rounds.is_empty() {
-                        println!("no writer rounds yet: `hone writer train --qa FILE`");
-                    }
-                    for r in rounds.iter().filter(|_| !*json) {
-                        println!(
+        WriterCommand::Log { round, json } => match round {
+            None => {
+                let rounds = teach::records::all_rounds(&ctx.store)?;
+                if *json {
+                    println!("{}", serde_json::to_string(&rounds)?);
+                } else if rounds.is_empty() {
+                    println!("no writer rounds yet: `hone writer train --qa FILE`");
+                }
+                for r in rounds.iter().filter(|_| !*json) {
+                    println!(
                             "#{:<3} {} {} {:<9} {} notes, {} kept, mean reward {}, held-out {}, agreement {}, {:.0} s, writer {} -> {}",
                             r.id,
                             &r.started_at[..r.started_at.len().min(19)],
@@ -220,16 +222,16 @@ pub fn run(cli: &Cli, c: &WriterCommand) -> Result<()> {
                             r.parent_writer.map_or("none".into(), |v| format!("w{v}")),
                             r.writer.map_or("none".into(), |v| format!("w{v}")),
                         );
-                    }
                 }
-                Some(r) => {
-                    let samples = teach::records::samples(&ctx.store, *r)?;
-                    if *json {
-                        println!("{}", serde_json::to_string(&samples)?);
-                        return Ok(());
-                    }
-                    for s in &samples {
-                        println!(
+            }
+            Some(r) => {
+                let samples = teach::records::samples(&ctx.store, *r)?;
+                if *json {
+                    println!("{}", serde_json::to_string(&samples)?);
+                    return Ok(());
+                }
+                for s in &samples {
+                    println!(
                             "{} {:<16} {:<16} k={:<2} acc {:.2} ll {:+.2} reward {} probe reward {} items {} {}",
                             if s.chosen { "*" } else { " " },
                             s.note_key,
@@ -242,15 +244,14 @@ pub fn run(cli: &Cli, c: &WriterCommand) -> Result<()> {
                             s.items,
                             s.reason.as_deref().unwrap_or("")
                         );
-                        if s.k >= 0 {
-                            for l in s.text.lines().take(8) {
-                                println!("      | {l}");
-                            }
+                    if s.k >= 0 {
+                        for l in s.text.lines().take(8) {
+                            println!("      | {l}");
                         }
                     }
                 }
             }
-        }
+        },
         WriterCommand::List { json } => {
             let engine = ctx.load(&choice)?;
             let id = hone::adapters::model_id(&ctx.store, &choice, &engine.model.cfg.arch_name)?;
@@ -285,7 +286,8 @@ pub fn run(cli: &Cli, c: &WriterCommand) -> Result<()> {
         WriterCommand::Use { version } => {
             if version == "none" {
                 let engine = ctx.load(&choice)?;
-                let id = hone::adapters::model_id(&ctx.store, &choice, &engine.model.cfg.arch_name)?;
+                let id =
+                    hone::adapters::model_id(&ctx.store, &choice, &engine.model.cfg.arch_name)?;
                 ctx.store.set_active_writer(&id.sha256, None)?;
                 println!("no writer version is in use for {}", choice.name);
             } else {
@@ -299,7 +301,9 @@ pub fn run(cli: &Cli, c: &WriterCommand) -> Result<()> {
             let (from, to) = writer::rollback(&ctx.store, &id.sha256)?;
             println!(
                 "rolled back from w{from} to {}",
-                to.map_or("the model alone (no writer adapter)".into(), |v| format!("w{v}"))
+                to.map_or("the model alone (no writer adapter)".into(), |v| format!(
+                    "w{v}"
+                ))
             );
         }
         WriterCommand::Export { version, out } => {

@@ -160,7 +160,15 @@ fn run_one(
         Picked::Cycle(c) => *c,
         Picked::Nothing => return Ok(CycleOutcome::NothingToLearn),
         Picked::DryRun(ids) => {
-            return dry_run(run.home, run.store, &ids, opts, &mut run.l, cancel, run.progress)
+            return dry_run(
+                run.home,
+                run.store,
+                &ids,
+                opts,
+                &mut run.l,
+                cancel,
+                run.progress,
+            )
         }
     };
     let interrupted = CycleOutcome::Interrupted { cycle: cycle.id };
@@ -262,7 +270,12 @@ fn write_self_edits(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result
         }
         let system = run.system();
         let (writer, writer_id, writer_name, writer_system) = match teacher.as_mut() {
-            Some(t) => (&mut t.engine, t.id.clone(), t.id.name.clone(), t.system.clone()),
+            Some(t) => (
+                &mut t.engine,
+                t.id.clone(),
+                t.id.name.clone(),
+                t.system.clone(),
+            ),
             None => {
                 run.l.engine.model.set_adapter(None);
                 let id = run.l.id.clone();

@@ -479,8 +479,7 @@ fn note_items(
             let params = selfedit::sampling(seed, opts.temperature);
             let (raw, generator, candidates) = match (s, trained_writer) {
                 (Strategy::Writer, Some(w)) => {
-                    let raw =
-                        writer::write(writer, w, writer_system, note, &params, 200, cancel)?;
+                    let raw = writer::write(writer, w, writer_system, note, &params, 200, cancel)?;
                     let c = writer::items(note, &raw, opts.attribute_answers, &mut seen);
                     (raw, format!("{writer_name}+writer:{}", w.label), c)
                 }

@@ -161,7 +161,11 @@ pub fn generate(
 /// The user turn that asks for `strategy`'s self-edit of `note` (None for rule strategies).
 pub fn prompt_for(strategy: Strategy, note: &str) -> Option<String> {
     let (_, tmpl) = strategy.template()?;
-    Some(tmpl.replace("{{ note }}", note.trim()).trim_end().to_string())
+    Some(
+        tmpl.replace("{{ note }}", note.trim())
+            .trim_end()
+            .to_string(),
+    )
 }
 
 fn strip_bullet(l: &str) -> &str {
@@ -304,17 +308,16 @@ pub fn filter(
                 } else if a.split_whitespace().count() > 12 {
                     Some("answer too long (over 12 words)".to_string())
                 } else if let Some(w) = a_words.iter().find(|w| {
-                    !note_words.contains(*w)
-                        && !(implied_ok && w.chars().all(|c| c.is_ascii_digit()))
+                    let implied_number = implied_ok && w.chars().all(|c| c.is_ascii_digit());
+                    !(note_words.contains(*w) || implied_number)
                 }) {
                     Some(format!(
                         "answer not grounded in the note ({w:?} is not in it)"
                     ))
                 } else if content_words(&q).iter().all(|w| !note_words.contains(w)) {
                     Some("question shares no word with the note".to_string())
-                } else if let Some(name) = implied_ok
-                    .then(|| foreign_name(&q, &note_words))
-                    .flatten()
+                } else if let Some(name) =
+                    implied_ok.then(|| foreign_name(&q, &note_words)).flatten()
                 {
                     Some(format!("question names {name:?}, who is not in the note"))
                 } else if !seen.insert(norm(&q)) {

@@ -13,12 +13,12 @@
 use super::selfedit::{self, Candidate, Strategy};
 use super::NOTES_PREFIX;
 use crate::adapters::{self, ModelId};
+use crate::codec::Codec;
 use crate::engine::Engine;
-use crate::hparams::Config;
 use crate::home::Home;
+use crate::hparams::Config;
 use crate::lora::LoraWeights;
 use crate::sample::SamplingParams;
-use crate::codec::Codec;
 use crate::store::{AdapterRecord, Store};
 use crate::template::Message;
 use crate::train::data::{self, Example};
@@ -136,7 +136,13 @@ pub fn load(
     }
 }
 
-fn check_model(w: &LoraWeights, made_for: &ModelId, model: &ModelId, cfg: &Config, what: &str) -> Result<()> {
+fn check_model(
+    w: &LoraWeights,
+    made_for: &ModelId,
+    model: &ModelId,
+    cfg: &Config,
+    what: &str,
+) -> Result<()> {
     if made_for.sha256 != model.sha256 || made_for.architecture != model.architecture {
         anyhow::bail!(
             "{what} is a writer for {} ({}, sha256 {}…), not for {} (sha256 {}…); train one for this model with `hone writer train --qa FILE --model {}`",
@@ -279,7 +285,10 @@ mod tests {
         assert_eq!(kept.len(), 2, "{v:?}");
         assert!(kept[1].completion.starts_with(NOTES_PREFIX));
         assert!(v[2].dropped.as_deref().unwrap().contains("not grounded"));
-        assert!(v[3].dropped.as_deref().unwrap().contains("Quillan"), "{v:?}");
+        assert!(
+            v[3].dropped.as_deref().unwrap().contains("Quillan"),
+            "{v:?}"
+        );
         let text = render(&kept);
         assert_eq!(
             text,

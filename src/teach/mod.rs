@@ -25,9 +25,9 @@ use crate::adapters::{self, Kind, ModelId};
 use crate::engine::{Engine, LoadOptions};
 use crate::eval::{QaNote, Question};
 use crate::home::Home;
+use crate::learn::contains_answer;
 use crate::learn::selfedit::{self, Candidate};
 use crate::learn::writer::{self, Writer, WriterChoice};
-use crate::learn::contains_answer;
 use crate::lora::{LoraConfig, Target};
 use crate::registry::ModelChoice;
 use crate::store::Store;
@@ -168,22 +168,28 @@ pub fn own_notes(store: &Store) -> Result<Vec<QaNote>> {
         .collect())
 }
 
-/// The notes a round can use: each needs at least one question whose accepted answer the
-/// note states; a note none of whose answers are in it is skipped.
+/// The notes a round can use: each needs at least one question the note answers, either
+/// stating an accepted answer or sharing at least two content words with the question (an
+/// answer the note implies, such as a year worked out from it). A note with none is skipped.
 pub fn usable(notes: &[QaNote]) -> (Vec<&QaNote>, Vec<(String, String)>) {
     let mut ok = Vec::new();
     let mut skipped = Vec::new();
     for n in notes {
-        let answered = n
-            .questions
-            .iter()
-            .any(|q| q.a.iter().any(|a| contains_answer(&n.note, a)));
+        let words: HashSet<String> = selfedit::content_words(&n.note).into_iter().collect();
+        let answered = n.questions.iter().any(|q| {
+            q.a.iter().any(|a| contains_answer(&n.note, a))
+                || selfedit::content_words(&q.q)
+                    .iter()
+                    .filter(|w| words.contains(*w))
+                    .count()
+                    >= 2
+        });
         if answered {
             ok.push(n);
         } else {
             skipped.push((
                 n.id.clone(),
-                "none of its questions' answers is in the note".to_string(),
+                "none of its questions is answered in the note".to_string(),
             ));
         }
     }
@@ -234,7 +240,11 @@ fn load_engine(choice: &ModelChoice) -> Result<Engine> {
 }
 
 /// Refuses a teacher that would not fit the memory budget, before loading it.
-fn check_teacher_fits(student: &ModelChoice, teacher: &ModelChoice, budget: Option<u64>) -> Result<()> {
+fn check_teacher_fits(
+    student: &ModelChoice,
+    teacher: &ModelChoice,
+    budget: Option<u64>,
+) -> Result<()> {
     let Some(budget) = budget else {
         return Ok(());
     };
@@ -314,14 +324,19 @@ pub fn train(
             )?,
         };
         let t0 = Instant::now();
-        let Some(h) = measure(store, &mut m, &w, &holdout, opts, r0.id, 0, cancel, progress)? else {
+        let Some(h) = measure(
+            store, &mut m, &w, &holdout, opts, r0.id, 0, cancel, progress,
+        )?
+        else {
             records::add_wall(store, r0.id, t0.elapsed().as_secs_f64())?;
             out.interrupted = true;
             out.writer = w.label;
             return Ok(out);
         };
         records::add_wall(store, r0.id, t0.elapsed().as_secs_f64())?;
-        let wall = records::get(store, r0.id)?.and_then(|r| r.wall_s).unwrap_or(0.0);
+        let wall = records::get(store, r0.id)?
+            .and_then(|r| r.wall_s)
+            .unwrap_or(0.0);
         records::finish(store, r0.id, w.version, 0, 0, None, Some(h), None, wall)?;
         out.rounds.push(RoundReport {
             round: 0,
@@ -388,7 +403,11 @@ pub fn train(
 
 /// The training notes of round `number` (1-based): the next `per_round` after the previous
 /// rounds', wrapping around.
-fn round_notes<'a>(train: &[&'a QaNote], per_round: Option<usize>, number: usize) -> Vec<&'a QaNote> {
+fn round_notes<'a>(
+    train: &[&'a QaNote],
+    per_round: Option<usize>,
+    number: usize,
+) -> Vec<&'a QaNote> {
     let n = per_round.unwrap_or(train.len()).min(train.len()).max(1);
     let start = ((number - 1) * n) % train.len().max(1);
     (0..n).map(|i| train[(start + i) % train.len()]).collect()
@@ -452,7 +471,8 @@ fn run_round(
         .filter_map(|s| Some((s.reward?, s.probe_reward?)))
         .unzip();
     let probe_agreement = reward::spearman(&q, &p);
-    let mean_reward = (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
+    let mean_reward =
+        (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
     let kept: Vec<(&QaNote, String)> = train_rows
         .iter()
         .filter(|s| s.chosen)
@@ -470,12 +490,32 @@ fn run_round(
     });
     let version = if kept.is_empty() {
         w.version
+    } else if let Some(v) = round_writer(store, m.writer_id(), round)? {
+        // Saved before an interruption: the round only has its measure left.
+        Some(v)
     } else {
-        match train_writer(home, store, m, w, &kept, opts, round, cancel)? {
+        match train_writer(home, store, m, false, w, &kept, opts, round, cancel)? {
             Some(v) => Some(v),
             None => return Ok(None),
         }
     };
+    // With a teacher, the student's own writer learns the teacher's kept self-edits, so that
+    // the default model writes them on its own later (no teacher needed to learn notes).
+    if m.teacher.is_some()
+        && !kept.is_empty()
+        && round_writer(store, &m.student_id, round)?.is_none()
+    {
+        let parent = writer::load(
+            home,
+            store,
+            &m.student_id,
+            &m.student.model.cfg,
+            &WriterChoice::Active,
+        )?;
+        if train_writer(home, store, m, true, &parent, &kept, opts, round, cancel)?.is_none() {
+            return Ok(None);
+        }
+    }
     let after = if kept.is_empty() {
         w.clone()
     } else {
@@ -484,12 +524,16 @@ fn run_round(
     let holdout_reward = if holdout.is_empty() {
         None
     } else {
-        match measure(store, m, &after, holdout, opts, round, number, cancel, progress)? {
+        match measure(
+            store, m, &after, holdout, opts, round, number, cancel, progress,
+        )? {
             Some(h) => Some(h),
             None => return Ok(None),
         }
     };
-    let wall = records::get(store, round)?.and_then(|r| r.wall_s).unwrap_or(0.0);
+    let wall = records::get(store, round)?
+        .and_then(|r| r.wall_s)
+        .unwrap_or(0.0);
     records::finish(
         store,
         round,
@@ -514,6 +558,16 @@ fn run_round(
     }))
 }
 
+/// The writer version of `model` that round `round` already saved, if any (a resumed round
+/// does not train it twice).
+fn round_writer(store: &Store, model: &ModelId, round: i64) -> Result<Option<i64>> {
+    let tag = format!("writer round {round}:");
+    Ok(writer::versions(store, &model.sha256)?
+        .iter()
+        .find(|r| r.data.as_deref().is_some_and(|d| d.starts_with(&tag)))
+        .map(|r| r.version))
+}
+
 /// The kept items of a stored raw self-edit, as the canonical text the writer learns.
 fn kept_text(note: &str, raw: &str) -> String {
     let mut seen = HashSet::new();
@@ -528,11 +582,13 @@ fn choose(samples: &mut [Sample], on: RewardOn) {
         .iter()
         .enumerate()
         .filter(|(_, s)| s.role == "train" || s.role == "holdout")
-        .filter_map(|(i, s)| match on {
-            RewardOn::Questions => s.reward,
-            RewardOn::Probes => s.probe_reward,
-        }
-        .map(|r| (i, r)))
+        .filter_map(|(i, s)| {
+            match on {
+                RewardOn::Questions => s.reward,
+                RewardOn::Probes => s.probe_reward,
+            }
+            .map(|r| (i, r))
+        })
         .max_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((i, r)) = best {
         if r > 0.0 {
@@ -622,7 +678,18 @@ fn sample_note(
         "holdout" => "holdout-baseline",
         _ => "baseline",
     };
-    let mut out = vec![row(n, &sha, baseline_role, -1, None, n.note.clone(), 0, (base, base_probe), None, None)];
+    let mut out = vec![row(
+        n,
+        &sha,
+        baseline_role,
+        -1,
+        None,
+        n.note.clone(),
+        0,
+        (base, base_probe),
+        None,
+        None,
+    )];
     for k in 0..opts.samples.max(1) {
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
@@ -631,7 +698,15 @@ fn sample_note(
         let params = selfedit::sampling(seed, opts.temperature);
         let raw = match m.teacher.as_mut() {
             Some((e, _, s)) => writer::write(e, w, s.as_deref(), &n.note, &params, 200, cancel)?,
-            None => writer::write(&mut m.student, w, sys.as_deref(), &n.note, &params, 200, cancel)?,
+            None => writer::write(
+                &mut m.student,
+                w,
+                sys.as_deref(),
+                &n.note,
+                &params,
+                200,
+                cancel,
+            )?,
         };
         let mut seen = HashSet::new();
         let cands = writer::items(&n.note, &raw, true, &mut seen);
@@ -641,7 +716,18 @@ fn sample_note(
             .map(|c| (c.prompt.clone(), c.completion.clone()))
             .collect();
         if items.is_empty() {
-            out.push(row(n, &sha, role, k as i64, Some(seed), raw, 0, Default::default(), None, Some("no usable items".into())));
+            out.push(row(
+                n,
+                &sha,
+                role,
+                k as i64,
+                Some(seed),
+                raw,
+                0,
+                Default::default(),
+                None,
+                Some("no usable items".into()),
+            ));
             continue;
         }
         let Some(s) = reward::score_update(
@@ -659,8 +745,22 @@ fn sample_note(
         else {
             return Ok(None);
         };
-        let r = (s.0.reward(&base, &opts.inner), s.1.reward(&base_probe, &opts.inner));
-        out.push(row(n, &sha, role, k as i64, Some(seed), raw, items.len(), s, Some(r), None));
+        let r = (
+            s.0.reward(&base, &opts.inner),
+            s.1.reward(&base_probe, &opts.inner),
+        );
+        out.push(row(
+            n,
+            &sha,
+            role,
+            k as i64,
+            Some(seed),
+            raw,
+            items.len(),
+            s,
+            Some(r),
+            None,
+        ));
     }
     Ok(Some(out))
 }
@@ -696,22 +796,25 @@ fn row(
     }
 }
 
-/// Fine-tunes the writer on (note → kept self-edit), continuing `w`'s weights when their shape
-/// matches, and saves a new writer version (made the writer). None when cancelled.
+/// Fine-tunes a writer on (note → kept self-edit), continuing `w`'s weights when their shape
+/// matches, and saves a new writer version (made the writer). `student`: the student's own
+/// writer learns the teacher's kept self-edits (the student pipeline); otherwise the writing
+/// model (the teacher, or the student when it writes) learns its own. None when cancelled.
 #[allow(clippy::too_many_arguments)]
 fn train_writer(
     home: &Home,
     store: &mut Store,
     m: &Models,
+    student: bool,
     w: &Writer,
     kept: &[(&QaNote, String)],
     opts: &TeachOptions,
     round: i64,
     cancel: &AtomicBool,
 ) -> Result<Option<i64>> {
-    let (engine, id, system) = match &m.teacher {
-        Some((e, id, s)) => (e, id, s.clone()),
-        None => (&m.student, &m.student_id, m.student_system.clone()),
+    let (engine, id, system) = match (&m.teacher, student) {
+        (Some((e, id, s)), false) => (e, id, s.clone()),
+        _ => (&m.student, &m.student_id, m.student_system.clone()),
     };
     let codec = engine.codec();
     let mut examples: Vec<Example> = Vec::new();
@@ -775,7 +878,10 @@ fn train_writer(
         cfg,
         data: packed.data,
         cache_limit: packed.cache_limit,
-        checkpoint: home.root().join("writers").join(format!("round-{round}.ckpt")),
+        checkpoint: home.root().join("writers").join(format!(
+            "round-{round}{}.ckpt",
+            if student { "-student" } else { "" }
+        )),
         init,
         bad_checkpoint: BadCheckpoint::Restart,
         save_every_steps: None,
@@ -819,13 +925,22 @@ mod tests {
         ];
         let (ok, skipped) = usable(&v);
         assert_eq!(ok.len(), 3);
-        assert_eq!(skipped, vec![("b".to_string(), "none of its questions' answers is in the note".to_string())]);
+        assert_eq!(
+            skipped,
+            vec![(
+                "b".to_string(),
+                "none of its questions is answered in the note".to_string()
+            )]
+        );
         let (h1, t1) = split(&ok, 1);
         let (h2, t2) = split(&ok, 1);
         assert_eq!(h1.len(), 1);
         assert_eq!(t1.len(), 2);
         assert_eq!(h1[0].id, h2[0].id);
-        assert_eq!(t1.iter().map(|n| &n.id).collect::<Vec<_>>(), t2.iter().map(|n| &n.id).collect::<Vec<_>>());
+        assert_eq!(
+            t1.iter().map(|n| &n.id).collect::<Vec<_>>(),
+            t2.iter().map(|n| &n.id).collect::<Vec<_>>()
+        );
         // Rounds walk through the training notes.
         let r1 = round_notes(&t1, Some(1), 1);
         let r2 = round_notes(&t1, Some(1), 2);

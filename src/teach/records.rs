@@ -4,9 +4,9 @@
 //!
 //! It must NOT decide anything; it reads and writes rows.
 
+use super::reward::Score;
 use crate::store::{now_rfc3339, Store};
 use anyhow::{Context, Result};
-use super::reward::Score;
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
@@ -122,9 +122,9 @@ pub fn rounds(store: &Store, model_sha256: &str) -> Result<Vec<Round>> {
 
 /// Every model's rounds, oldest first (a teacher's rounds are kept under the teacher).
 pub fn all_rounds(store: &Store) -> Result<Vec<Round>> {
-    let mut st = store
-        .conn()
-        .prepare(&format!("SELECT {ROUND_COLUMNS} FROM writer_rounds ORDER BY id"))?;
+    let mut st = store.conn().prepare(&format!(
+        "SELECT {ROUND_COLUMNS} FROM writer_rounds ORDER BY id"
+    ))?;
     let v = st
         .query_map([], round_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -196,7 +196,9 @@ pub fn score_questions(
         if q.a.iter().any(|a| learn::contains_answer(&g.text, a)) {
             correct += 1;
         }
-        let first = q.a.first().context("a question without an accepted answer")?;
+        let first =
+            q.a.first()
+                .context("a question without an accepted answer")?;
         let answer = engine.text_tokens(&format!(" {}", first.trim()), false)?;
         let mut toks = prompt.clone();
         toks.extend_from_slice(&answer);
