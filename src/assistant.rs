@@ -39,6 +39,27 @@ pub fn notes_prompt<S: AsRef<str>>(notes: &[S], question: &str) -> String {
     s
 }
 
+/// Answers `tokens` with the base model: the adapter is set aside and put back. Notes in the
+/// prompt (retrieval, `--with-notes`) are answered best without an adapter trained on them.
+pub fn answer_base(
+    engine: &mut Engine,
+    tokens: &[u32],
+    params: &SamplingParams,
+    max_tokens: usize,
+    cancel: &std::sync::atomic::AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let Some(adapter) = engine.model.adapter().cloned() else {
+        return Ok(engine.generate(tokens, params, max_tokens, cancel, on_text)?);
+    };
+    engine.model.set_adapter(None);
+    engine.reset();
+    let g = engine.generate(tokens, params, max_tokens, cancel, on_text);
+    engine.model.set_adapter(Some(adapter));
+    engine.reset();
+    Ok(g?)
+}
+
 /// The learned note `question` is about, when `engine` routes between its adapter and the base
 /// model (`Engine::answer_routed` then lets the adapter answer from its weights); None without a
 /// route or a question (e.g. notes already in the prompt).

@@ -108,6 +108,16 @@ pub fn search(store: &Store, question: &str, limit: usize) -> Result<Vec<NoteMat
     Ok(out)
 }
 
+/// The notes (learned or not) `question` is about, best first, at most `k`: what retrieval puts
+/// in the prompt.
+pub fn relevant(store: &Store, question: &str, k: usize) -> Result<Vec<NoteMatch>> {
+    Ok(search(store, question, 10)?
+        .into_iter()
+        .filter(NoteMatch::is_about)
+        .take(k)
+        .collect())
+}
+
 /// The learned note `question` is about, if one is (see [`NoteMatch::is_about`]).
 pub fn learned_note_about(store: &Store, question: &str) -> Result<Option<NoteMatch>> {
     Ok(search(store, question, 5)?

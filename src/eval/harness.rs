@@ -39,11 +39,12 @@ pub fn mode_list(mode: &str, sequential: Option<usize>, retention: bool) -> Resu
             "only-qa",
             "only-implications",
             "only-rewrites",
+            "only-writer",
             "teacher-qa",
             "combined",
         ],
-        m @ ("base" | "in-context" | "passage" | "learn") => vec![m],
-        m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, all or ablation"),
+        m @ ("base" | "in-context" | "passage" | "learn" | "retrieval" | "hybrid") => vec![m],
+        m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, retrieval, hybrid, all or ablation"),
     };
     let mut v: Vec<String> = v.into_iter().map(str::to_string).collect();
     if let Some(k) = sequential {
@@ -68,6 +69,8 @@ pub fn pipeline(mode: &str, base: &LearnOptions, token_budget: Option<u64>) -> R
         "base" => Pipeline::Base,
         "in-context" => Pipeline::InContext,
         "learn" => Pipeline::Learn(base.clone()),
+        "retrieval" => Pipeline::Retrieval,
+        "hybrid" => Pipeline::Hybrid(base.clone()),
         "passage" => {
             // The notes alone with the same training budget: no self-edits, no anchors.
             let mut o = with(vec![Strategy::Passage], false);

@@ -82,6 +82,9 @@ pub struct Answered {
     pub q: String,
     pub answer: String,
     pub correct: bool,
+    /// The notes retrieval put in the prompt (ids), when it did.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cited: Vec<i64>,
 }
 
 /// Asks each question (with its context, if any) greedily and scores it.
@@ -92,27 +95,54 @@ pub fn ask_all(
     store: Option<&Store>,
     cancel: &AtomicBool,
 ) -> Result<Vec<Answered>> {
+    ask_all_with(engine, system, items, store, false, cancel)
+}
+
+/// [`ask_all`]; with `retrieval`, a question with no context gets the stored notes it is about
+/// in the prompt (answered by the base model, citing them), as `hone ask` does.
+pub fn ask_all_with(
+    engine: &mut Engine,
+    system: Option<&str>,
+    items: &[(&Question, Option<&str>)],
+    store: Option<&Store>,
+    retrieval: bool,
+    cancel: &AtomicBool,
+) -> Result<Vec<Answered>> {
     let mut out = Vec::new();
     for (q, ctx) in items {
+        let found = match (store, ctx, retrieval) {
+            (Some(s), None, true) => crate::retrieve::relevant(s, &q.q, 3)?,
+            _ => Vec::new(),
+        };
         let content = match ctx {
             Some(n) => crate::assistant::notes_prompt(&[n], &q.q),
+            None if !found.is_empty() => {
+                let notes: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
+                crate::assistant::notes_prompt(&notes, &q.q)
+            }
             None => q.q.clone(),
         };
         let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
         msgs.push(Message::user(&content));
         let toks = engine.chat_tokens(&msgs)?;
-        // As `hone ask` answers: a question about a learned note goes to the adapter.
-        let about = match (store, ctx) {
-            (Some(s), None) => crate::assistant::note_about(s, engine, Some(&q.q))?.is_some(),
-            _ => false,
+        let params = Default::default();
+        let g = if found.is_empty() {
+            // As `hone ask` answers: a question about a learned note goes to the adapter.
+            let about = match (store, ctx) {
+                (Some(s), None) => crate::assistant::note_about(s, engine, Some(&q.q))?.is_some(),
+                _ => false,
+            };
+            engine.answer_routed(&toks, &params, 48, cancel, &mut |_| {}, about)?
+        } else {
+            crate::assistant::answer_base(engine, &toks, &params, 48, cancel, &mut |_| {})?
         };
-        let g = engine.answer_routed(&toks, &Default::default(), 48, cancel, &mut |_| {}, about)?;
         let answer = g.text.trim().to_string();
         let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));
         out.push(Answered {
             q: q.q.clone(),
             answer,
             correct,
+            cited: found.iter().map(|m| m.id).collect(),
         });
     }
     Ok(out)
@@ -127,6 +157,11 @@ pub enum Pipeline {
     InContext,
     /// One learning cycle over all notes.
     Learn(LearnOptions),
+    /// The notes stored, not learned; each question answered with the notes retrieval finds.
+    Retrieval,
+    /// One learning cycle, then retrieval: found notes in the prompt, else the adapter's
+    /// weights (routed as `learn`).
+    Hybrid(LearnOptions),
     /// The notes split into K batches, learned one cycle after another.
     Sequential(LearnOptions, usize),
 }
@@ -231,9 +266,10 @@ pub fn run(
             })
             .collect()
     };
+    let retrieval = matches!(pipeline, Pipeline::Retrieval | Pipeline::Hybrid(_));
     let ask = |engine: &mut Engine, store: &Store, qs: &[(Question, Option<String>)]| {
         let v: Vec<(&Question, Option<&str>)> = qs.iter().map(|(q, c)| (q, c.as_deref())).collect();
-        ask_all(engine, sys, &v, Some(store), cancel)
+        ask_all_with(engine, sys, &v, Some(store), retrieval, cancel)
     };
     let notes: Vec<&QaNote> = qa.iter().collect();
     match pipeline {
@@ -245,7 +281,12 @@ pub fn run(
                 &all_q(&notes, matches!(pipeline, Pipeline::InContext)),
             )?;
         }
-        Pipeline::Learn(opts) => {
+        Pipeline::Retrieval => {
+            import(&mut store, &notes)?;
+            let mut engine = load_with_active(home, &store, choice)?;
+            r.answers = ask(&mut engine, &store, &all_q(&notes, false))?;
+        }
+        Pipeline::Learn(opts) | Pipeline::Hybrid(opts) => {
             import(&mut store, &notes)?;
             let mut o = opts.clone();
             o.max_notes = notes.len();
@@ -308,7 +349,7 @@ pub fn run(
     if let Some(ret) = retention {
         let mut engine = load_with_active(home, &store, choice)?;
         let qs: Vec<(&Question, Option<&str>)> = ret.iter().map(|q| (q, None)).collect();
-        r.retention_answers = ask_all(&mut engine, sys, &qs, Some(&store), cancel)?;
+        r.retention_answers = ask_all_with(&mut engine, sys, &qs, Some(&store), retrieval, cancel)?;
         r.retention_correct = Some(r.retention_answers.iter().filter(|a| a.correct).count());
         r.retention_after = Some(frac(&r.retention_answers));
         if engine.route.take().is_some() {
