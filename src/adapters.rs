@@ -187,6 +187,17 @@ pub fn save_kind(
     Ok(version)
 }
 
+/// An adapter file's bytes for `w` with its metadata, in f32 or (`f16`) half precision: what
+/// `hone writer export --f16` writes to ship a writer.
+pub fn file_bytes(w: &LoraWeights, meta: &FileMeta, f16: bool) -> Result<Vec<u8>> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "hone.adapter".to_string(),
+        serde_json::to_string(meta).map_err(|e| AdapterError::Other(e.to_string()))?,
+    );
+    Ok(lora::safetensors_bytes_as(&w.named_tensors(), &m, f16)?)
+}
+
 /// Reads an adapter file (weights and the metadata inside it); every weight must be finite.
 pub fn read_file(path: &Path) -> Result<(LoraWeights, FileMeta)> {
     let bytes = std::fs::read(path).map_err(|source| AdapterError::Io {
@@ -592,6 +603,29 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{e:#}").contains("not for tiny"), "{e:#}");
+        // An f16 export is half the size and reads back within half precision.
+        let (w32, meta) = read_checked(&f.home, &f.store.writer(w1).unwrap().unwrap()).unwrap();
+        let b32 = file_bytes(&w32, &meta, false).unwrap();
+        let b16 = file_bytes(&w32, &meta, true).unwrap();
+        assert!(
+            b16.len() * 10 < b32.len() * 6,
+            "{} vs {}",
+            b16.len(),
+            b32.len()
+        );
+        let (w16, _) = parse_file(Path::new("w.f16"), &b16).unwrap();
+        for (k, p) in &w32.pairs {
+            let a = p.a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = w16.pairs[k]
+                .a
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-3 * x.abs().max(1e-2), "{x} vs {y}");
+            }
+        }
     }
 
     /// Overwrites the last 4 bytes of version `v`'s file (a B or A value) with `value`.

@@ -413,6 +413,15 @@ pub fn safetensors_bytes(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
+    safetensors_bytes_as(tensors, metadata, false)
+}
+
+/// [`safetensors_bytes`], in half precision when `f16` (half the size; read back as f32).
+pub fn safetensors_bytes_as(
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+    f16: bool,
+) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -425,11 +434,15 @@ pub fn safetensors_bytes(
         let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let start = data.len();
         for x in &v {
-            data.extend_from_slice(&x.to_le_bytes());
+            if f16 {
+                data.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+            } else {
+                data.extend_from_slice(&x.to_le_bytes());
+            }
         }
         header.insert(
             name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": t.dims(), "data_offsets": [start, data.len()]}),
+            serde_json::json!({"dtype": if f16 { "F16" } else { "F32" }, "shape": t.dims(), "data_offsets": [start, data.len()]}),
         );
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
@@ -455,7 +468,7 @@ pub fn read_safetensors(
     parse_safetensors(path, &bytes)
 }
 
-/// Parses the bytes of a safetensors file of f32 tensors (read from `path`, named in errors);
+/// Parses the bytes of a safetensors file of f32 (or f16) tensors (read from `path`, named in errors);
 /// every extent and size is checked, nothing is allocated from an unchecked size.
 #[allow(clippy::type_complexity)]
 pub fn parse_safetensors(
@@ -494,9 +507,11 @@ pub fn parse_safetensors(
             }
             continue;
         }
-        if v.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
-            return Err(bad(format!("tensor {k} is not F32")));
-        }
+        let size = match v.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => 4usize,
+            Some("F16") => 2,
+            _ => return Err(bad(format!("tensor {k} is neither F32 nor F16"))),
+        };
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
@@ -517,7 +532,7 @@ pub fn parse_safetensors(
             .ok_or_else(|| bad(format!("tensor {k} has no offsets")))?;
         let bytes_needed = shape
             .iter()
-            .try_fold(4usize, |acc, &d| acc.checked_mul(d))
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| bad(format!("tensor {k} has an impossible shape {shape:?}")))?;
         if off.len() != 2
             || off[0] > off[1]
@@ -526,10 +541,16 @@ pub fn parse_safetensors(
         {
             return Err(bad(format!("tensor {k} has a bad extent")));
         }
-        let vals: Vec<f32> = data[off[0]..off[1]]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let vals: Vec<f32> = match size {
+            2 => data[off[0]..off[1]]
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => data[off[0]..off[1]]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        };
         tensors.insert(k.clone(), Tensor::from_vec(vals, shape, &Device::Cpu)?);
     }
     Ok((tensors, meta))

@@ -168,6 +168,20 @@ pub fn own_notes(store: &Store) -> Result<Vec<QaNote>> {
         .collect())
 }
 
+fn usable_refs<'a>(notes: &[&'a QaNote]) -> (Vec<&'a QaNote>, Vec<(String, String)>) {
+    let mut ok = Vec::new();
+    let mut skipped = Vec::new();
+    for n in notes {
+        let (u, s) = usable(std::slice::from_ref(*n));
+        if u.is_empty() {
+            skipped.extend(s);
+        } else {
+            ok.push(*n);
+        }
+    }
+    (ok, skipped)
+}
+
 /// The notes a round can use: each needs at least one question the note answers, either
 /// stating an accepted answer or sharing at least two content words with the question (an
 /// answer the note implies, such as a year worked out from it). A note with none is skipped.
@@ -281,11 +295,16 @@ pub fn train(
     if let Some(t) = teacher {
         check_teacher_fits(student, t, opts.max_memory)?;
     }
-    let (ok, skipped) = usable(notes);
-    if ok.len() < 2 {
-        bail!("{source}: fewer than two notes have a question answered in the note; a writer cannot be trained on it");
+    // Split first, then drop unusable notes on each side: the held-out slice stays the same
+    // notes whatever the usability rule says about others.
+    let all: Vec<&QaNote> = notes.iter().collect();
+    let (holdout, train_notes) = split(&all, opts.holdout);
+    let (holdout, mut skipped) = usable_refs(&holdout);
+    let (train_notes, skipped_train) = usable_refs(&train_notes);
+    skipped.extend(skipped_train);
+    if train_notes.is_empty() {
+        bail!("{source}: no training note has a question answered in the note; a writer cannot be trained on it");
     }
-    let (holdout, train_notes) = split(&ok, opts.holdout);
     let engine = load_engine(student)?;
     let student_id = adapters::model_id(store, student, &engine.model.cfg.arch_name)?;
     let mut m = Models {
@@ -629,10 +648,11 @@ fn measure(
         records::add_samples(store, round, &samples)?;
     }
     let rows = records::samples(store, round)?;
-    // A sample with no usable item counts as the passage alone: reward 0.
+    // A sample with no usable item counts as the passage alone: reward 0. Only this slice's
+    // notes count (an earlier run of the round may have measured others).
     let r: Vec<f64> = rows
         .iter()
-        .filter(|s| s.role == "holdout")
+        .filter(|s| s.role == "holdout" && holdout.iter().any(|n| n.id == s.note_key))
         .map(|s| s.reward.unwrap_or(0.0))
         .collect();
     Ok(Some(if r.is_empty() {
