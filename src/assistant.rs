@@ -200,6 +200,43 @@ impl Assistant {
     }
 }
 
+/// `question` with the 50 most recent notes before it, oldest first (`hone ask --with-notes`:
+/// an answer from context, not from memory).
+pub fn with_recent_notes(store: &Store, question: &str) -> Result<String> {
+    let notes = store.list_notes(Some(50))?;
+    let texts: Vec<&str> = notes.iter().rev().map(|n| n.content.as_str()).collect();
+    Ok(notes_prompt(&texts, question))
+}
+
+impl Answered {
+    /// `hone ask --json`: the answer written by `asst`, its route, tokens and timings, and the
+    /// recorded exchange's id.
+    pub fn to_json(&self, asst: &Assistant, exchange_id: i64) -> serde_json::Value {
+        let g = &self.generation;
+        serde_json::json!({
+            "answer": g.text,
+            "model": asst.model,
+            "adapter": asst.adapter.map(|v| v.to_string()),
+            // Whether the base model answered instead (the adapter did not claim the notes).
+            "answered_by_base": g.by_base,
+            // With a routed adapter: the probability it gave the opening that claims the notes.
+            "route_p": g.route_p,
+            // The learned note the question is about (full-text match), if any.
+            "about_note": self.about.as_ref().map(|m| m.id),
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+            "stop": g.stop,
+            "load_ms": asst.engine.load_time.as_secs_f64() * 1000.0,
+            "prompt_ms": g.prompt_ms,
+            "generate_ms": g.generate_ms,
+            "prompt_tps": g.prompt_tps(),
+            "decode_tps": g.decode_tps(),
+            "peak_rss_mb": crate::sys::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+            "exchange_id": exchange_id,
+        })
+    }
+}
+
 /// The sampling settings of the model's chat defaults, with the given overrides, checked.
 #[derive(Debug, Clone, Default)]
 pub struct SamplingOverrides {

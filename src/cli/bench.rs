@@ -141,7 +141,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
 
 /// `hone bench --train`: the training bench (see `hone::bench::train`), its table and JSON.
 fn train(cli: &Cli, a: &BenchArgs) -> Result<()> {
-    super::train::quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let engine = ctx.load(&choice)?;

@@ -60,7 +60,7 @@ pub struct RunArgs {
 pub fn run(cli: &Cli, cmd: &DaemonCommand) -> Result<()> {
     match cmd {
         DaemonCommand::Run(a) => {
-            super::train::quiet_candle_pool();
+            hone::sys::quiet_candle_pool();
             run_daemon(cli, a)
         }
         DaemonCommand::Status { json } => status(cli, *json),

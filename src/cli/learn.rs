@@ -195,7 +195,8 @@ pub fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
     bar
 }
 
-pub fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
+/// Draws a learning cycle's progress on `bar` (a clone: they share one bar).
+pub fn on_progress(bar: indicatif::ProgressBar) -> impl FnMut(&Progress) {
     let mut phase = None;
     // Without a terminal (logs, eval's child processes) a line every half minute instead.
     let plain = bar.is_hidden();
@@ -238,7 +239,7 @@ pub fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
 }
 
 pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
-    super::train::quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     if a.log {
         // Reading the log only reads: it works on a read-only data directory too.
         return show_log(&Ctx::open_for_reading(cli)?, a.json);
@@ -259,7 +260,7 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
         return print_estimate(&ctx, &choice, &opts, &stop.stop, a.json);
     }
     let bar = progress_bar(a.json);
-    let mut cb = on_progress(&bar);
+    let mut cb = on_progress(bar.clone());
     let out = learn::run_cycle(
         &ctx.home,
         &mut ctx.store,
@@ -446,7 +447,7 @@ fn show_log(ctx: &Ctx, json_out: bool) -> Result<()> {
 }
 
 pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
-    super::train::quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     if let Some(job) = &a.run_one {
         return eval_child(cli, job);
     }
@@ -504,7 +505,7 @@ fn eval_child(cli: &Cli, job: &str) -> Result<()> {
     let stop = hone::interrupt::install_stop_handlers()?;
     let bar = progress_bar(false);
     bar.set_prefix(job.mode.clone());
-    let mut cb = on_progress(&bar);
+    let mut cb = on_progress(bar.clone());
     let r = harness::run_job(&ctx.home, &ctx.store, &job, &stop.stop, &mut cb)?;
     bar.finish_and_clear();
     println!("{}", harness::report_line(&r)?);

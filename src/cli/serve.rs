@@ -2,10 +2,9 @@
 //!
 //! It must not hold any server logic: the library does.
 
-use crate::{Cli, DeviceArg};
+use crate::Cli;
 use anyhow::Result;
 use clap::Args;
-use hone::engine::Backend;
 use hone::home::Home;
 use std::io::Write as _;
 
@@ -39,10 +38,7 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> Result<()> {
         api_key: a.api_key.clone(),
         model: cli.model.clone(),
         ctx: cli.ctx,
-        backend: match cli.backend {
-            DeviceArg::Cpu => Backend::Cpu,
-            DeviceArg::Metal => Backend::Metal,
-        },
+        backend: super::backend(cli.backend),
         threads,
         device: cli.device.clone(),
         limits: hone::serve::Limits {

@@ -125,19 +125,6 @@ fn identity(ctx: &Ctx, choice: &ModelChoice, engine: &Engine) -> Result<ModelId>
     )?)
 }
 
-/// candle runs its elementwise ops (and quantised kernels) on its own worker pool, synchronised
-/// by a barrier after every op. In training those ops are small next to the matrix products
-/// (which use rayon with all threads), and waiting at thousands of barriers per step cost about
-/// a fifth of the time (measured with perf: 21% in `BarrierGuard::drop`); with one pool thread
-/// the ops run inline and the step is ~25% faster. Workers that exist do not spin either.
-pub fn quiet_candle_pool() {
-    // Edition 2021: set_var is safe; no compute thread has started yet.
-    std::env::set_var("CANDLE_NUM_THREADS", "1");
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
-    }
-}
-
 impl TrainArgs {
     fn options(&self) -> Result<FileOptions> {
         Ok(FileOptions {
@@ -170,7 +157,7 @@ impl TrainArgs {
 }
 
 pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
-    quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     let mut ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let o = a.options()?;
