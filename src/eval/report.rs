@@ -29,7 +29,9 @@ pub fn table(model: &str, results: &[(String, ModeResult)], json_out: bool) -> S
         .unwrap_or_default();
     let _ = writeln!(s, "model: {model}");
     let _ = writeln!(
- s,"| mode | accuracy | correct | retention before -> after | lost | tokens trained | cycle s | wall s | peak RSS MiB |");
+        s,
+        "| mode | accuracy | correct | retention before -> after | lost | tokens trained | cycle s | wall s | peak RSS MiB |",
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     let mut modes = serde_json::Map::new();
     for (m, r) in results {
@@ -75,7 +77,7 @@ pub fn table(model: &str, results: &[(String, ModeResult)], json_out: bool) -> S
                 .filter(|a| !a.correct && base_right.contains(&a.q))
                 .count();
             let _ = writeln!(
- s,
+                s,
                 "    the adapter alone, without routing: {correct}/{} correct, {lost} general questions lost",
                 r.unrouted_answers.len()
             );
@@ -85,7 +87,7 @@ pub fn table(model: &str, results: &[(String, ModeResult)], json_out: bool) -> S
         modes.insert(m.clone(), o);
         for (i, b) in r.batches.iter().enumerate() {
             let _ = writeln!(
- s,
+                s,
                 "    batch {}: {} notes, {} questions: {:.0}% after its own cycle, {:.0}% after the last (kept {:.0}%)",
                 i + 1,
                 b.notes,
