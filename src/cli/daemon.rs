@@ -11,7 +11,7 @@ use crate::Cli;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use hone::daemon::service::{self, ServiceFile};
-use hone::daemon::{self, DaemonPhase, LoopConfig, Report, RunOptions, Status};
+use hone::daemon::{self, LoopConfig, RunOptions};
 use hone::home::Home;
 use hone::schedule::{self, Condition};
 use std::time::Duration;
@@ -107,76 +107,9 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
     if json_out {
         println!("{}", report.to_json());
     } else {
-        print_status(&report);
+        print!("{report}");
     }
     Ok(())
-}
-
-fn print_status(report: &Report) {
-    let (st, schedule) = (report.status.as_ref(), &report.schedule);
-    let (learned, pending) = (report.learned_today_minutes, report.pending_notes);
-    match (report.pid, report.current()) {
-        (Some(pid), Some(s)) => {
-            println!(
-                "daemon          running (pid {pid}, since {})",
-                local_time(&s.started_at)
-            );
-            print_doing(s);
-        }
-        (Some(pid), None) => println!("daemon          running (pid {pid}), starting up"),
-        (None, _) => {
-            println!("daemon          not running (start it with `hone daemon run`, or `hone daemon install` to start it at login)");
-        }
-    }
-    if let Some(r) = st.and_then(|s| s.last_result.as_ref()) {
-        println!("last cycle      {r} ({})", local_time(&r.at));
-    }
-    if let Some(ms) = st.and_then(|s| s.last_pause_ms) {
-        println!("last pause      the cycle stopped {ms} ms after it was asked to");
-    }
-    if schedule.max_minutes_per_day > 0 {
-        println!(
-            "learned today   {learned:.0} of {} min",
-            schedule.max_minutes_per_day
-        );
-    } else {
-        println!("learned today   {learned:.0} min (no daily limit)");
-    }
-    println!("notes waiting   {pending}");
-    if let Some(e) = st.and_then(|s| s.estimate_s) {
-        println!(
-            "cycle estimate  about {:.1} min, measured on this machine when the last cycle started (`hone learn --estimate` measures now)",
-            e / 60.0
-        );
-    }
-    println!("log             {}", report.log.display());
-    println!();
-    println!("{:#}", report.decision);
-}
-
-fn print_doing(s: &Status) {
-    let mut line = format!("doing           {}", s.phase.as_str());
-    if let Some(p) = s.progress.as_ref().filter(|_| s.phase.is_learning()) {
-        if p.total > 0 {
-            line.push_str(&format!(" ({}/{})", p.done, p.total));
-        }
-    }
-    if !s.detail.is_empty() {
-        line.push_str(&format!(" — {}", s.detail));
-    }
-    line.push_str(&format!(" (since {})", local_time(&s.since)));
-    println!("{line}");
-    if s.phase == DaemonPhase::Paused {
-        if let Some(c) = s.cycle {
-            println!("                cycle {c} continues from its checkpoint when learning may run again");
-        }
-    }
-}
-
-fn local_time(rfc3339: &str) -> String {
-    hone::schedule::parse_stored_time(rfc3339)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|| rfc3339.to_string())
 }
 
 /// Runs one service-manager command, echoing it first.

@@ -45,9 +45,9 @@ pub use status::{
     add_learned_minutes, last_request, learned_minutes, read_status, status_path, write_status,
     DaemonPhase, LastResult, ProgressView, Status, LEARNED_MINUTES_KEY, STATUS_FILE,
 };
-pub use system::{decision_now, effective_schedule, LearnRunner, SystemSurroundings};
-
-use std::path::Path;
+pub use system::{
+    decision_measured, decision_now, effective_schedule, LearnRunner, SystemSurroundings,
+};
 
 use anyhow::{Context as _, Result};
 
@@ -79,11 +79,7 @@ pub fn run(home: &Home, opts: &RunOptions) -> Result<Status> {
     let flags = interrupt::install_daemon_handlers().context("installing the signal handlers")?;
     home.ensure()?;
     let store = Store::open(&home.db_path())?;
-    let (profile, _) = device::resolve(
-        Path::new("/"),
-        opts.device.as_deref(),
-        Some(&device::override_path(home.root())),
-    )?;
+    let (profile, _) = device::for_home(home.root(), opts.device.as_deref())?;
     let schedule = effective_schedule(&store, &profile)?;
     drop(store);
     // Before any thread starts: on Linux a thread's nice value is inherited from its creator.
