@@ -200,6 +200,42 @@ impl Assistant {
     }
 }
 
+/// The UTF-8 text of `file` (`hone perplexity`), refusing another encoding with the byte where
+/// it stops being UTF-8.
+pub fn read_text_file(file: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (byte {}); convert it to UTF-8 first",
+            file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// `hone tokenize`: the token ids of `text` with the model's tokenizer (special-token text
+/// parsed when `parse_special`), rendered first as a user message with the chat template when
+/// `chat` (which loads the model with `ctx` and `backend`); and the tokenizer, to show pieces.
+pub fn tokenize(
+    choice: &ModelChoice,
+    ctx: Option<usize>,
+    backend: Backend,
+    text: &str,
+    chat: bool,
+    parse_special: bool,
+) -> Result<(Vec<u32>, crate::tokenizer::Tokenizer)> {
+    let file = crate::gguf::GgufFile::open(&choice.path)?;
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&file)?;
+    let ids = if chat {
+        let engine = load_engine(choice, ctx, backend)?;
+        let text = engine.template.render(&[Message::user(text)], true)?;
+        tok.encode(&text, parse_special)?
+    } else {
+        tok.encode(text, parse_special)?
+    };
+    Ok((ids, tok))
+}
+
 /// `question` with the 50 most recent notes before it, oldest first (`hone ask --with-notes`:
 /// an answer from context, not from memory).
 pub fn with_recent_notes(store: &Store, question: &str) -> Result<String> {

@@ -209,32 +209,11 @@ pub fn on_progress(bar: indicatif::ProgressBar) -> impl FnMut(&Progress) {
         }
         if plain && (last_line.elapsed().as_secs() >= 30 || p.done == 0) {
             last_line = std::time::Instant::now();
-            eprintln!(
-                "   [{}] {}/{} {} | peak {:.0} MiB{}",
-                p.phase.name(),
-                p.done,
-                p.total,
-                p.message,
-                p.peak_rss as f64 / 1048576.0,
-                if p.tokens_per_s > 0.0 {
-                    format!(" | {:.0} tok/s", p.tokens_per_s)
-                } else {
-                    String::new()
-                }
-            );
+            eprintln!("{}", learn::report::progress_line(p));
         }
         bar.set_length(p.total.max(1) as u64);
         bar.set_position(p.done as u64);
-        let tps = if p.tokens_per_s > 0.0 {
-            format!("{:.0} tok/s | ", p.tokens_per_s)
-        } else {
-            String::new()
-        };
-        bar.set_message(format!(
-            "{tps}{} | peak {:.0} MiB",
-            p.message,
-            p.peak_rss as f64 / 1048576.0
-        ));
+        bar.set_message(learn::report::progress_message(p));
     }
 }
 

@@ -21,7 +21,6 @@ use hone::registry::{self, ModelChoice};
 use hone::sample::SamplingParams;
 use hone::store::{NoteAdded, Store};
 use hone::template::Message;
-use serde_json::json;
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 
@@ -356,15 +355,7 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
 }
 
 fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
-    let bytes =
-        std::fs::read(&p.file).with_context(|| format!("cannot read {}", p.file.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not valid UTF-8 (byte {}); convert it to UTF-8 first",
-            p.file.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
+    let text = hone::assistant::read_text_file(&p.file)?;
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let opts = LoadOptions {
@@ -380,18 +371,10 @@ fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
         }
     })?;
     if p.json {
-        println!(
-            "{}",
-            json!({"model": choice.name, "file": p.file, "ppl": r.ppl, "ppl_err": r.ppl_err,
-                   "chunks": r.chunks, "ctx": r.ctx, "scored_tokens": r.scored_tokens,
-                   "text_tokens": r.text_tokens, "seconds": r.seconds})
-        );
+        println!("{}", r.to_json(&choice.name, &p.file));
     } else {
         eprintln!();
-        println!(
-            "{}: perplexity {:.4} +/- {:.4} over {} chunks of {} tokens ({} scored, {:.1} s)",
-            choice.name, r.ppl, r.ppl_err, r.chunks, r.ctx, r.scored_tokens, r.seconds
-        );
+        println!("{}", r.summary(&choice.name));
     }
     Ok(())
 }
@@ -442,15 +425,14 @@ fn tokenize(cli: &Cli, t: &crate::TokenizeArgs) -> Result<()> {
     let text = text_arg(&t.text, "the text")?;
     let ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
-    let file = hone::gguf::GgufFile::open(&choice.path)?;
-    let tok = hone::tokenizer::Tokenizer::from_gguf(&file)?;
-    let text = if t.chat {
-        let engine = ctx.load(&choice)?;
-        engine.template.render(&[Message::user(&text)], true)?
-    } else {
-        text
-    };
-    let ids = tok.encode(&text, !t.no_parse_special)?;
+    let (ids, tok) = hone::assistant::tokenize(
+        &choice,
+        ctx.ctx,
+        ctx.backend,
+        &text,
+        t.chat,
+        !t.no_parse_special,
+    )?;
     if t.pieces {
         for id in &ids {
             println!("{id:>7} {:?}", tok.decode(&[*id], false)?);

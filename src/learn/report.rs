@@ -1,4 +1,5 @@
-//! What `hone learn` shows, as text and JSON: a cycle's outcome ([`outcome_text`],
+//! What `hone learn` shows, as text and JSON: its progress ([`progress_line`],
+//! [`progress_message`]), a cycle's outcome ([`outcome_text`],
 //! [`outcome_json`]), the estimate of the next cycle ([`estimate_text`]) and the log of recorded
 //! cycles ([`log`]).
 //!
@@ -6,11 +7,42 @@
 //! records give, for the command line to print.
 
 use super::estimate::Estimate;
-use super::{records, CycleOutcome};
+use super::{records, CycleOutcome, Progress};
 use crate::store::Store;
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
+
+/// A progress line for a log without a progress bar (eval's child processes, output to a file).
+pub fn progress_line(p: &Progress) -> String {
+    format!(
+        "   [{}] {}/{} {} | peak {:.0} MiB{}",
+        p.phase.name(),
+        p.done,
+        p.total,
+        p.message,
+        p.peak_rss as f64 / 1048576.0,
+        if p.tokens_per_s > 0.0 {
+            format!(" | {:.0} tok/s", p.tokens_per_s)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// The message beside a progress bar: speed, what is done, peak memory.
+pub fn progress_message(p: &Progress) -> String {
+    let tps = if p.tokens_per_s > 0.0 {
+        format!("{:.0} tok/s | ", p.tokens_per_s)
+    } else {
+        String::new()
+    };
+    format!(
+        "{tps}{} | peak {:.0} MiB",
+        p.message,
+        p.peak_rss as f64 / 1048576.0
+    )
+}
 
 /// The outcome as `hone learn --json` prints it (one object).
 pub fn outcome_json(out: &CycleOutcome) -> Value {
