@@ -6,11 +6,10 @@
 //! itself (the library does); it has the service manager's commands run only when `--now` is
 //! given, and echoes each one first.
 
-use super::logging;
 use crate::Cli;
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use hone::daemon::service::{self, ServiceFile};
+use hone::daemon::service;
 use hone::daemon::{self, LoopConfig, RunOptions};
 use hone::home::Home;
 use hone::schedule::{self, Condition};
@@ -72,7 +71,7 @@ pub fn run(cli: &Cli, cmd: &DaemonCommand) -> Result<()> {
 fn run_daemon(cli: &Cli, a: &RunArgs) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
-    let log = logging::init_file_logging(&home, cli.verbose)?;
+    let log = daemon::init_file_logging(&home, cli.verbose)?;
     let mut ignore = a.ignore.clone();
     if a.ignore_idle {
         ignore.extend([Condition::RecentRequest, Condition::UserActive]);
@@ -95,7 +94,7 @@ fn run_daemon(cli: &Cli, a: &RunArgs) -> Result<()> {
     );
     let r = daemon::run(&home, &opts);
     if let Err(e) = &r {
-        tracing::error!(target: logging::EXIT_TARGET, "{e:#}");
+        tracing::error!(target: daemon::EXIT_TARGET, "{e:#}");
     }
     r.map(|_| ())
 }
@@ -112,62 +111,12 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs one service-manager command, echoing it first.
-fn run_command(args: &[String]) -> Result<()> {
-    println!("$ {}", args.join(" "));
-    service::run_command(args)
-}
-
 fn install(now: bool) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
-    let done = service::install(&home)?;
-    println!(
-        "wrote {} (runs {} daemon run with HONE_HOME={})",
-        done.file.path.display(),
-        done.exe.display(),
-        done.home.display()
-    );
-    if now {
-        for c in done.file.enable_now() {
-            run_command(&c)?;
-        }
-        println!("the daemon is on; `hone daemon status` shows what it does");
-    } else {
-        println!("to start it now and at every login, run:");
-        for c in done.file.enable_lines() {
-            println!("  {c}");
-        }
-        println!("(or `hone daemon install --now` runs them)");
-    }
-    Ok(())
+    service::install_and_tell(&home, now, &mut |line| println!("{line}"))
 }
 
 fn uninstall(now: bool) -> Result<()> {
-    let file = ServiceFile::for_this_user()?;
-    if now {
-        if let Err(e) = run_command(&file.disable_now()) {
-            eprintln!("warning: {e:#}; removing the service file anyway");
-        }
-    }
-    let removed = file.remove()?;
-    if removed.file {
-        println!("removed {}", file.path.display());
-    } else {
-        println!("no service file at {}", file.path.display());
-    }
-    if let Some(l) = removed.link {
-        println!("removed {}", l.display());
-    }
-    if now {
-        for c in file.forget_now() {
-            run_command(&c)?;
-        }
-    } else {
-        println!("if the daemon is running as a service, stop it with:");
-        for c in file.stop_lines() {
-            println!("  {c}");
-        }
-    }
-    Ok(())
+    service::uninstall_and_tell(now, &mut |l| println!("{l}"), &mut |w| eprintln!("{w}"))
 }

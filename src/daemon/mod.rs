@@ -13,7 +13,8 @@
 //!
 //! The parts: `run_loop` (the loop and its watcher, and the two traits), `status` (the status
 //! file and the minutes ledger), `system` (the real surroundings and cycle), `report` (what
-//! `hone daemon status` shows); this file holds [`run`] and re-exports what they make public,
+//! `hone daemon status` shows), `log` (its log file, installed as the process's logger); this
+//! file holds [`run`] and re-exports what they make public,
 //! so every item is `daemon::NAME`. [`service`] writes and removes the service file that
 //! starts the daemon at login (`hone daemon install|uninstall`).
 //!
@@ -29,16 +30,17 @@
 //!
 //! It must NOT train or write self-edits itself (that is `learn`), decide the policy (that is
 //! `schedule`; this module only acts on its decision), print to the terminal, or run
-//! `systemctl`/`launchctl` (only [`service::run_command`] does, with the commands the command
-//! line hands it for `--now`). It never keeps running a cycle after a stop request, and never
+//! `systemctl`/`launchctl` (only [`service`] does, and only for `--now`). It never keeps running a cycle after a stop request, and never
 //! leaves without letting the cycle reach its checkpoint.
 
+mod log;
 mod report;
 mod run_loop;
 pub mod service;
 mod status;
 mod system;
 
+pub use log::{init_file_logging, EXIT_TARGET};
 pub use report::{report, Report};
 pub use run_loop::{run_loop, Check, CycleRunner, LoopConfig, Surroundings};
 pub use status::{
