@@ -143,6 +143,36 @@ impl Assistant {
         Ok(Answered { generation, about })
     }
 
+    /// `hone ask`: answers `question` once after the `system` message, streaming the text to
+    /// `on_text`, and records it as an "ask" exchange. With `with_notes` the 50 most recent notes
+    /// are in the prompt; without, a question about a learned note is answered by the adapter
+    /// from its weights. Returns the answer and the exchange's id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ask(
+        &mut self,
+        store: &Store,
+        system: Option<Message>,
+        question: &str,
+        with_notes: bool,
+        params: &SamplingParams,
+        max_tokens: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Answered, i64)> {
+        let mut messages: Vec<Message> = system.into_iter().collect();
+        let content = if with_notes {
+            with_recent_notes(store, question)?
+        } else {
+            question.to_string()
+        };
+        messages.push(Message::user(&content));
+        let tokens = self.engine.chat_tokens(&messages)?;
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let asked = (!with_notes).then_some(question);
+        let answered = self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?;
+        let id = self.record(store, "ask", None, question, &answered.generation, params)?;
+        Ok((answered, id))
+    }
+
     /// Renders `messages` into tokens that leave room for `reserve` new tokens, dropping the
     /// oldest turns (never the system message or the newest user message). Returns the tokens
     /// and how many turns were dropped.
@@ -234,6 +264,14 @@ pub fn tokenize(
         tok.encode(text, parse_special)?
     };
     Ok((ids, tok))
+}
+
+/// The system message: `flag` (`--system`), else the model's manifest default, else none (the
+/// chat template's own).
+pub fn system_message(choice: &ModelChoice, flag: Option<&str>) -> Option<Message> {
+    flag.map(str::to_string)
+        .or_else(|| choice.chat_defaults().system)
+        .map(|s| Message::system(&s))
 }
 
 /// `question` with the 50 most recent notes before it, oldest first (`hone ask --with-notes`:

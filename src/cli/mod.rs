@@ -20,9 +20,7 @@ use hone::manifest::Manifest;
 use hone::registry::{self, ModelChoice};
 use hone::sample::SamplingParams;
 use hone::store::{NoteAdded, Store};
-use hone::template::Message;
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
 
 /// What every command that talks to the model needs.
 pub struct Ctx {
@@ -96,18 +94,7 @@ pub fn backend(d: DeviceArg) -> Backend {
 /// error is reported when that fails too).
 pub fn open_store(reading: bool) -> Result<(Home, Store)> {
     let home = Home::from_env()?;
-    let opened = || -> Result<Store> {
-        home.ensure()?;
-        Ok(Store::open(&home.db_path())?)
-    };
-    let first = match opened() {
-        Ok(store) => return Ok((home, store)),
-        Err(e) => e,
-    };
-    if !reading || !home.db_path().is_file() {
-        return Err(first);
-    }
-    let store = Store::open_read_only(&home.db_path()).map_err(|_| first)?;
+    let store = Store::open_home(&home, reading)?;
     Ok((home, store))
 }
 
@@ -150,14 +137,6 @@ pub fn sampling(choice: &ModelChoice, a: &SamplingArgs) -> Result<(SamplingParam
     Ok((p, a.max_tokens.unwrap_or(choice.chat_defaults().max_tokens)))
 }
 
-/// The system message: the flag, else the model's manifest default, else none (the template's).
-pub fn system_message(choice: &ModelChoice, a: &SamplingArgs) -> Option<Message> {
-    a.system
-        .clone()
-        .or_else(|| choice.chat_defaults().system)
-        .map(|s| Message::system(&s))
-}
-
 /// Reads text given as arguments ("-" = standard input), refusing invalid UTF-8.
 fn text_arg(parts: &[std::ffi::OsString], what: &str) -> Result<String> {
     Ok(hone::notes::text_from_args(parts, what, std::io::stdin())?)
@@ -184,38 +163,20 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     let choice = ctx.choose_model()?;
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
     let mut asst = ctx.assistant(&choice, a.base)?;
-    let mut messages: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
-    let content = if a.with_notes {
-        hone::assistant::with_recent_notes(&ctx.store, &question)?
-    } else {
-        question.clone()
-    };
-    messages.push(Message::user(&content));
-    let tokens = asst.engine.chat_tokens(&messages)?;
-    let cancel = AtomicBool::new(false);
+    let system = hone::assistant::system_message(&choice, a.sampling.system.as_deref());
     let json = a.json;
-    // A question about a learned note is answered by the adapter from its weights.
-    let asked = (!a.with_notes).then_some(question.as_str());
-    let answered = asst.answer(
+    let (answered, id) = asst.ask(
         &ctx.store,
-        &tokens,
-        asked,
+        system,
+        &question,
+        a.with_notes,
         &params,
         max_tokens,
-        &cancel,
         &mut |piece| {
             if !json {
                 print_piece(piece)
             }
         },
-    )?;
-    let id = asst.record(
-        &ctx.store,
-        "ask",
-        None,
-        &question,
-        &answered.generation,
-        &params,
     )?;
     if json {
         println!("{}", answered.to_json(&asst, id));
