@@ -6,7 +6,7 @@
 
 use super::Ctx;
 use crate::Cli;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use hone::adapters::{self, ModelId};
 use hone::engine::Engine;
@@ -116,15 +116,6 @@ pub enum AdaptersCommand {
     },
 }
 
-/// The chosen model's identity (its adapters belong to it).
-fn identity(ctx: &Ctx, choice: &ModelChoice, engine: &Engine) -> Result<ModelId> {
-    Ok(adapters::model_id(
-        &ctx.store,
-        choice,
-        &engine.model.cfg.arch_name,
-    )?)
-}
-
 impl TrainArgs {
     fn options(&self) -> Result<FileOptions> {
         Ok(FileOptions {
@@ -161,13 +152,7 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     let mut ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let o = a.options()?;
-    let opts = hone::engine::LoadOptions {
-        ctx: from_file::load_ctx(&o),
-        backend: ctx.backend,
-        ..hone::engine::LoadOptions::default()
-    };
-    let engine = Engine::load(&choice.name, &choice.path, &opts)
-        .with_context(|| format!("loading model {}", choice.name))?;
+    let engine = from_file::load_engine(&choice, &o, ctx.backend)?;
     let mut run = from_file::prepare(&ctx.home, &ctx.store, &choice, &engine, &o)?;
     eprint!("{}", run.describe(&choice.name, o.budget));
     let job = &mut run.job;
@@ -234,15 +219,20 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
         AdaptersCommand::List { .. } => Ctx::open_for_reading(cli)?,
         _ => Ctx::open(cli)?,
     };
+    // The chosen model, loaded, and its identity (its adapters belong to it).
+    let model = || -> Result<(ModelChoice, Engine, ModelId)> {
+        let choice = ctx.choose_model()?;
+        let engine = ctx.load(&choice)?;
+        let id = adapters::model_id(&ctx.store, &choice, &engine.model.cfg.arch_name)?;
+        Ok((choice, engine, id))
+    };
     match c {
         AdaptersCommand::List { json } => {
             print!("{}", adapters::list_text(&ctx.store.adapters()?, *json)?);
         }
         AdaptersCommand::Use { version } => {
             if version == "none" || version == "base" {
-                let choice = ctx.choose_model()?;
-                let engine = ctx.load(&choice)?;
-                let id = identity(&ctx, &choice, &engine)?;
+                let (choice, _, id) = model()?;
                 ctx.store.set_active_adapter(&id.sha256, None)?;
                 println!(
                     "no adapter is active for {}: the base model answers",
@@ -255,9 +245,7 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
             }
         }
         AdaptersCommand::Rollback => {
-            let choice = ctx.choose_model()?;
-            let engine = ctx.load(&choice)?;
-            let id = identity(&ctx, &choice, &engine)?;
+            let (_, _, id) = model()?;
             let (from, to) = adapters::rollback(&ctx.store, &id.sha256)?;
             println!(
                 "rolled back from v{} to {}",
@@ -271,9 +259,7 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
             format,
             out,
         } => {
-            let choice = ctx.choose_model()?;
-            let engine = ctx.load(&choice)?;
-            let id = identity(&ctx, &choice, &engine)?;
+            let (_, engine, id) = model()?;
             let v = adapters::export(
                 &ctx.home,
                 &ctx.store,

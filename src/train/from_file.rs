@@ -65,6 +65,22 @@ pub fn load_ctx(o: &FileOptions) -> usize {
     o.seq_len.unwrap_or(512).max(64)
 }
 
+/// Loads the model `choice` on `backend` for the run `o` (with the context [`load_ctx`] gives,
+/// no adapter).
+pub fn load_engine(
+    choice: &ModelChoice,
+    o: &FileOptions,
+    backend: crate::engine::Backend,
+) -> Result<Engine> {
+    let opts = crate::engine::LoadOptions {
+        ctx: load_ctx(o),
+        backend,
+        ..crate::engine::LoadOptions::default()
+    };
+    Engine::load(&choice.name, &choice.path, &opts)
+        .with_context(|| format!("loading model {}", choice.name))
+}
+
 /// Reads, plans and packs `o.data` for `engine`'s model (loaded without an adapter), and
 /// resumes or starts the run.
 pub fn prepare<'m>(
