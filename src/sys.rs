@@ -46,6 +46,14 @@ pub fn set_threads(n: usize) {
     std::env::set_var("CANDLE_NUM_THREADS", &n);
 }
 
+/// The compute threads [`set_threads`] set for this process (1 when none were set).
+pub fn threads_set() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 /// candle runs its elementwise ops (and quantised kernels) on its own worker pool, synchronised
 /// by a barrier after every op. In training those ops are small next to the matrix products
 /// (which use rayon with all threads), and waiting at thousands of barriers per step cost about

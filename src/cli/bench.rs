@@ -6,52 +6,11 @@
 //! Parsing and printing only; the measuring is `hone::bench`.
 
 use super::Ctx;
-use crate::Cli;
+use crate::{BenchArgs, Cli};
 use anyhow::Result;
-use clap::Args;
 use hone::bench::infer::InferRequest;
 use hone::bench::report;
 use hone::bench::train::{Round, TrainRequest};
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// Prompt tokens (pp test)
-    #[arg(short = 'p', long, default_value_t = 128)]
-    pub prompt: usize,
-    /// Generated tokens (tg test)
-    #[arg(short = 'n', long = "gen", default_value_t = 64)]
-    pub gen: usize,
-    /// Repetitions (the median is reported)
-    #[arg(long, default_value_t = 5)]
-    pub reps: usize,
-    /// Print one JSON object as the last line
-    #[arg(long)]
-    pub json: bool,
-    /// Also run llama.cpp's llama-bench (this path) on the same file, alternating with hone
-    /// rep by rep, and print the ratios
-    #[arg(long, value_name = "PATH")]
-    pub vs_llama_bench: Option<std::path::PathBuf>,
-    /// Keep one core busy with another process during the runs (a busy neighbour)
-    #[arg(long)]
-    pub neighbour: bool,
-    /// Measure LoRA training instead (r=8 on every projection of every layer, 4x128 tokens)
-    #[arg(long)]
-    pub train: bool,
-    /// With --train: the memory budget the planner must keep (e.g. 600MiB)
-    #[arg(long)]
-    pub max_memory: Option<String>,
-    /// With --train: write the benchmark's token ids to this JSON file (for bench/peft_train.py)
-    #[arg(long)]
-    pub data_out: Option<std::path::PathBuf>,
-    /// With --train: also train with PyTorch + PEFT (this Python, which must have torch,
-    /// transformers, peft and gguf installed) on the same data and LoRA config, alternating
-    /// with hone round by round, and print the ratios
-    #[arg(long, value_name = "PYTHON")]
-    pub vs_peft: Option<std::path::PathBuf>,
-    /// With --train: measured rounds (the median is reported; default 5 with --vs-peft, else 1)
-    #[arg(long)]
-    pub rounds: Option<usize>,
-}
 
 pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
     if a.train {
