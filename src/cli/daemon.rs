@@ -1,10 +1,9 @@
 //! `hone daemon run|status|install|uninstall`: the command-line side of background learning.
-//! It parses, sets up the log file, calls `hone::daemon` (and `hone::daemon::service` for the
-//! service file), and prints.
+//! It parses, calls `hone::daemon` (its log file, the loop, the status report, and
+//! `hone::daemon::service` for the service file), and prints what they say.
 //!
-//! It must not decide when to learn, run the loop, gather the status or write service files
-//! itself (the library does); it has the service manager's commands run only when `--now` is
-//! given, and echoes each one first.
+//! It must not decide when to learn, run the loop, gather the status, write service files or
+//! run the service manager's commands itself (the library does, the last only for `--now`).
 
 use crate::Cli;
 use anyhow::Result;

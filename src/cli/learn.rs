@@ -1,8 +1,8 @@
 //! `hone learn` (one learning cycle now, or its log) and `hone eval` (knowledge-incorporation
 //! evaluation, each mode in its own process and fresh data directory).
 //!
-//! Parsing, progress bars and tables only; the cycle is `hone::learn`, the scoring `hone::eval`,
-//! the child processes `hone::eval::harness`.
+//! Parsing, progress bars and printing only; the cycle and its text are `hone::learn` (`report`),
+//! the scoring and its table `hone::eval` (`report`), the child processes `hone::eval::harness`.
 
 use super::Ctx;
 use crate::Cli;

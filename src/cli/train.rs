@@ -1,8 +1,8 @@
 //! `hone train` and `hone adapters ...` (`hone bench --train` is `cli::bench` over
 //! `hone::bench::train`).
 //!
-//! It parses, plans, prints and handles signals; the training itself is `hone::train`, versions
-//! and exports are `hone::adapters`.
+//! It parses, draws the progress bar, prints and handles signals; the run and what it says are
+//! `hone::train::from_file`, versions, their list and exports are `hone::adapters`.
 
 use super::Ctx;
 use crate::Cli;
