@@ -341,13 +341,13 @@ fn perplexity(cli: &Cli, p: &crate::PerplexityArgs) -> Result<()> {
 }
 
 fn demo(cli: &Cli) -> Result<()> {
-    /// The demo's output on this terminal.
-    struct Terminal(
-        Option<(
-            indicatif::ProgressBar,
-            Box<dyn FnMut(&hone::learn::Progress)>,
-        )>,
+    /// The learning progress bar and what draws on it.
+    type Bar = (
+        indicatif::ProgressBar,
+        Box<dyn FnMut(&hone::learn::Progress)>,
     );
+    /// The demo's output on this terminal.
+    struct Terminal(Option<Bar>);
     impl hone::demo::Show for Terminal {
         fn say(&mut self, text: &str) {
             print!("{text}");
