@@ -1048,4 +1048,46 @@ mod tests {
             Err(NoteError::NotAFile { .. })
         ));
     }
+
+    #[test]
+    fn rm_removes_all_or_none_and_the_list_marks_learned_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("hone.db")).unwrap();
+        let a = store
+            .add_note("first line\nsecond", None, None)
+            .unwrap()
+            .id();
+        let b = store.add_note("another", None, None).unwrap().id();
+        let err = remove(&store, &[a, 999]).unwrap_err();
+        assert!(err.to_string().contains("no note 999"), "{err}");
+        assert_eq!(store.list_notes(None).unwrap().len(), 2, "nothing removed");
+        let text = list_text(&store.list_notes(None).unwrap(), false);
+        assert!(
+            text.contains("first line\n") && !text.contains("second"),
+            "{text}"
+        );
+        remove(&store, &[a, b]).unwrap();
+        assert_eq!(
+            list_text(&[], false),
+            "no notes yet: add one with `hone note add TEXT`\n"
+        );
+    }
+
+    #[test]
+    fn text_from_args_joins_words_and_bounds_standard_input() {
+        let words = [OsString::from("a"), OsString::from("b")];
+        assert_eq!(
+            text_from_args(&words, "the note", io::empty()).unwrap(),
+            "a b"
+        );
+        let dash = [OsString::from("-")];
+        let big = io::repeat(b'x').take(DEFAULT_MAX_FILE_BYTES + 10);
+        let err = text_from_args(&dash, "the note", big).unwrap_err();
+        assert!(matches!(err, TextInputError::TooLarge { .. }), "{err}");
+        let small = &b"from stdin\r\n"[..];
+        assert_eq!(
+            text_from_args(&dash, "the note", small).unwrap(),
+            "from stdin\n"
+        );
+    }
 }

@@ -197,3 +197,29 @@ pub fn history_text(exchanges: &[Exchange], json: bool) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_data_directory_says_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path().to_path_buf());
+        let store = Store::open_home(&home, false).unwrap();
+        let o = Overview::gather(&home, &store, Some("no-such-model")).unwrap();
+        assert!(o.model_name.is_none() && o.model_error.is_some());
+        let text = o.to_string();
+        assert!(text.contains("model           none usable: "), "{text}");
+        assert!(
+            text.ends_with("notes           0\nexchanges       0\n"),
+            "{text}"
+        );
+        assert_eq!(o.to_json()["notes"], 0);
+        assert_eq!(
+            history_text(&[], false),
+            "no exchanges yet: try `hone ask \"...\"` or `hone chat`\n"
+        );
+        assert_eq!(history_text(&[], true), "");
+    }
+}
