@@ -41,6 +41,12 @@ pub enum AdapterError {
     },
     #[error("adapter compute: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{text:?} is not a version number")]
+    BadVersion {
+        text: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
 }
 
 type Result<T> = std::result::Result<T, AdapterError>;
@@ -375,6 +381,88 @@ pub fn rollback(store: &Store, model_sha256: &str) -> Result<(Option<i64>, Optio
     let to = cur.parent.filter(|p| *p != cur.version);
     store.set_active_adapter(model_sha256, to)?;
     Ok((Some(cur.version), to))
+}
+
+/// A version as the user writes it: `3` or `v3`.
+pub fn parse_version(text: &str) -> Result<i64> {
+    text.trim_start_matches('v')
+        .parse()
+        .map_err(|source| AdapterError::BadVersion {
+            text: text.to_string(),
+            source,
+        })
+}
+
+/// Exports `version` (else the model's active one) of the model `model` with shapes `cfg` to
+/// `out`: llama.cpp's GGUF adapter for `format` "gguf", else a PEFT folder naming `base_model`.
+/// Returns the version exported.
+pub fn export(
+    home: &Home,
+    store: &Store,
+    model: &ModelId,
+    cfg: &Config,
+    version: Option<i64>,
+    format: &str,
+    out: &Path,
+) -> Result<i64> {
+    let rec = match version {
+        Some(v) => store.adapter(v)?.ok_or(AdapterError::NoVersion(v))?,
+        None => store.active_adapter(&model.sha256)?.ok_or_else(|| {
+            AdapterError::Other("no adapter is active for this model; name a VERSION".into())
+        })?,
+    };
+    let w = load_version(home, &rec, model, cfg)?;
+    match format {
+        "gguf" => export_gguf(
+            &w,
+            &model.architecture,
+            &format!("hone adapter v{}", rec.version),
+            out,
+        )?,
+        _ => export_peft(&w, cfg, &model.name, out)?,
+    }
+    Ok(rec.version)
+}
+
+/// `hone adapters list`: one line per version (the active one marked `*`: date, model, parent,
+/// steps, first and last loss, size, data), a hint when there is none, or with `json` one
+/// object per line.
+pub fn list_text(records: &[AdapterRecord], json: bool) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if json {
+        for r in records {
+            let line = serde_json::to_string(r).map_err(|e| AdapterError::Other(e.to_string()))?;
+            let _ = writeln!(s, "{line}");
+        }
+        return Ok(s);
+    }
+    if records.is_empty() {
+        s.push_str("no adapters yet: train one with `hone train --data FILE.jsonl`\n");
+    }
+    for r in records {
+        let losses: Vec<f32> = r
+            .loss_curve
+            .as_deref()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{} v{:<3} {} {} parent {} | {} steps, loss {:.3} -> {:.3} | {} params, {} | {}",
+            if r.active { "*" } else { " " },
+            r.version,
+            &r.created_at[..r.created_at.len().min(19)],
+            r.model,
+            r.parent.map(|p| format!("v{p}")).unwrap_or("-".into()),
+            r.steps,
+            losses.first().copied().unwrap_or(f32::NAN),
+            losses.last().copied().unwrap_or(f32::NAN),
+            r.params,
+            crate::sys::human_bytes(r.bytes),
+            r.data.as_deref().unwrap_or("")
+        );
+    }
+    Ok(s)
 }
 
 /// Writes llama.cpp's GGUF LoRA adapter: general.type=adapter, adapter.type=lora,

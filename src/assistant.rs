@@ -164,6 +164,36 @@ impl Assistant {
         Ok(Answered { generation, about })
     }
 
+    /// `hone ask`: answers `question` once after the `system` message, streaming the text to
+    /// `on_text`, and records it as an "ask" exchange. With `with_notes` the 50 most recent notes
+    /// are in the prompt; without, a question about a learned note is answered by the adapter
+    /// from its weights. Returns the answer and the exchange's id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ask(
+        &mut self,
+        store: &Store,
+        system: Option<Message>,
+        question: &str,
+        with_notes: bool,
+        params: &SamplingParams,
+        max_tokens: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Answered, i64)> {
+        let mut messages: Vec<Message> = system.into_iter().collect();
+        let content = if with_notes {
+            with_recent_notes(store, question)?
+        } else {
+            question.to_string()
+        };
+        messages.push(Message::user(&content));
+        let tokens = self.engine.chat_tokens(&messages)?;
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let asked = (!with_notes).then_some(question);
+        let answered = self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?;
+        let id = self.record(store, "ask", None, question, &answered.generation, params)?;
+        Ok((answered, id))
+    }
+
     /// Renders `messages` into tokens that leave room for `reserve` new tokens, dropping the
     /// oldest turns (never the system message or the newest user message). Returns the tokens
     /// and how many turns were dropped.
@@ -218,6 +248,87 @@ impl Assistant {
             adapter: self.adapter.map(|v| v.to_string()),
         };
         record(store, &turn, g, &self.engine, params)
+    }
+}
+
+/// The UTF-8 text of `file` (`hone perplexity`), refusing another encoding with the byte where
+/// it stops being UTF-8.
+pub fn read_text_file(file: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (byte {}); convert it to UTF-8 first",
+            file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// `hone tokenize`: the token ids of `text` with the model's tokenizer (special-token text
+/// parsed when `parse_special`), rendered first as a user message with the chat template when
+/// `chat` (which loads the model with `ctx` and `backend`); and the tokenizer, to show pieces.
+pub fn tokenize(
+    choice: &ModelChoice,
+    ctx: Option<usize>,
+    backend: Backend,
+    text: &str,
+    chat: bool,
+    parse_special: bool,
+) -> Result<(Vec<u32>, crate::tokenizer::Tokenizer)> {
+    let file = crate::gguf::GgufFile::open(&choice.path)?;
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&file)?;
+    let ids = if chat {
+        let engine = load_engine(choice, ctx, backend)?;
+        let text = engine.template.render(&[Message::user(text)], true)?;
+        tok.encode(&text, parse_special)?
+    } else {
+        tok.encode(text, parse_special)?
+    };
+    Ok((ids, tok))
+}
+
+/// The system message: `flag` (`--system`), else the model's manifest default, else none (the
+/// chat template's own).
+pub fn system_message(choice: &ModelChoice, flag: Option<&str>) -> Option<Message> {
+    flag.map(str::to_string)
+        .or_else(|| choice.chat_defaults().system)
+        .map(|s| Message::system(&s))
+}
+
+/// `question` with the 50 most recent notes before it, oldest first (`hone ask --with-notes`:
+/// an answer from context, not from memory).
+pub fn with_recent_notes(store: &Store, question: &str) -> Result<String> {
+    let notes = store.list_notes(Some(50))?;
+    let texts: Vec<&str> = notes.iter().rev().map(|n| n.content.as_str()).collect();
+    Ok(notes_prompt(&texts, question))
+}
+
+impl Answered {
+    /// `hone ask --json`: the answer written by `asst`, its route, tokens and timings, and the
+    /// recorded exchange's id.
+    pub fn to_json(&self, asst: &Assistant, exchange_id: i64) -> serde_json::Value {
+        let g = &self.generation;
+        serde_json::json!({
+            "answer": g.text,
+            "model": asst.model,
+            "adapter": asst.adapter.map(|v| v.to_string()),
+            // Whether the base model answered instead (the adapter did not claim the notes).
+            "answered_by_base": g.by_base,
+            // With a routed adapter: the probability it gave the opening that claims the notes.
+            "route_p": g.route_p,
+            // The learned note the question is about (full-text match), if any.
+            "about_note": self.about.as_ref().map(|m| m.id),
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+            "stop": g.stop,
+            "load_ms": asst.engine.load_time.as_secs_f64() * 1000.0,
+            "prompt_ms": g.prompt_ms,
+            "generate_ms": g.generate_ms,
+            "prompt_tps": g.prompt_tps(),
+            "decode_tps": g.decode_tps(),
+            "peak_rss_mb": crate::sys::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+            "exchange_id": exchange_id,
+        })
     }
 }
 

@@ -9,9 +9,9 @@
 //! `hone daemon install`; [`install_paths`] and [`enable_commands`] say where they go and how
 //! to turn them on.
 //!
-//! It must NOT run learning, read the schedule, or run `systemctl`/`launchctl` itself (the
-//! command line prints the commands, or has `daemon::service` run them); and it never deletes a
-//! lock file.
+//! It must NOT run learning, read the schedule, or run `systemctl`/`launchctl` itself
+//! (`daemon::service` hands the commands to the command line to print, or runs them for
+//! `--now`); and it never deletes a lock file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};

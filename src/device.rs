@@ -540,6 +540,12 @@ pub fn detect(root: &Path) -> Result<(Profile, Evidence), DeviceError> {
     resolve(root, None, None)
 }
 
+/// The profile in use on this machine for the data directory `home`: [`resolve`] with `name`
+/// (from `--device`) and the directory's override file.
+pub fn for_home(home: &Path, name: Option<&str>) -> Result<(Profile, Evidence), DeviceError> {
+    resolve(Path::new("/"), name, Some(&override_path(home)))
+}
+
 /// The profile in use: `name` (from `--device`) if given, else the override file's `base`,
 /// else detection; then the learning budget is scaled down on a machine with less memory than
 /// the profile expects; then the override file's fields are applied. `override_file` is

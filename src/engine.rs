@@ -161,6 +161,23 @@ pub struct Perplexity {
     pub seconds: f64,
 }
 
+impl Perplexity {
+    /// `hone perplexity --json`'s object for `model` and the text `file`.
+    pub fn to_json(&self, model: &str, file: &Path) -> serde_json::Value {
+        serde_json::json!({"model": model, "file": file, "ppl": self.ppl, "ppl_err": self.ppl_err,
+               "chunks": self.chunks, "ctx": self.ctx, "scored_tokens": self.scored_tokens,
+               "text_tokens": self.text_tokens, "seconds": self.seconds})
+    }
+
+    /// `hone perplexity`'s line for `model`.
+    pub fn summary(&self, model: &str) -> String {
+        format!(
+            "{model}: perplexity {:.4} +/- {:.4} over {} chunks of {} tokens ({} scored, {:.1} s)",
+            self.ppl, self.ppl_err, self.chunks, self.ctx, self.scored_tokens, self.seconds
+        )
+    }
+}
+
 /// The least probability of the route's opening for [`Engine::answer`] to keep the adapter's
 /// answer (see BENCHMARKS.md: measured on the dev notes' questions and the general ones).
 pub const ROUTE_MIN_P: f64 = 0.2;

@@ -77,7 +77,7 @@ pub enum Command {
     /// Print the token ids of a text (as llama.cpp's llama-tokenize does)
     Tokenize(TokenizeArgs),
     /// Measure prompt and decode speed and peak memory (like llama-bench)
-    Bench(cli::bench::BenchArgs),
+    Bench(BenchArgs),
     /// Train a LoRA adapter on your data (JSON Lines); the result becomes the active adapter
     Train(cli::train::TrainArgs),
     /// List, choose, roll back and export adapter versions
@@ -91,7 +91,7 @@ pub enum Command {
     /// Measure how well notes are learned (no note in the prompt) and what is forgotten
     Eval(cli::learn::EvalArgs),
     /// Serve the assistant over HTTP (OpenAI-compatible API and a page) on this machine
-    Serve(cli::serve::ServeArgs),
+    Serve(ServeArgs),
     /// Commands for the project's own checks (hidden: not for users)
     #[command(subcommand, hide = true)]
     Dev(cli::dev::DevCommand),
@@ -255,6 +255,62 @@ pub struct PerplexityArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Prompt tokens (pp test)
+    #[arg(short = 'p', long, default_value_t = 128)]
+    pub prompt: usize,
+    /// Generated tokens (tg test)
+    #[arg(short = 'n', long = "gen", default_value_t = 64)]
+    pub gen: usize,
+    /// Repetitions (the median is reported)
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print one JSON object as the last line
+    #[arg(long)]
+    pub json: bool,
+    /// Also run llama.cpp's llama-bench (this path) on the same file, alternating with hone
+    /// rep by rep, and print the ratios
+    #[arg(long, value_name = "PATH")]
+    pub vs_llama_bench: Option<std::path::PathBuf>,
+    /// Keep one core busy with another process during the runs (a busy neighbour)
+    #[arg(long)]
+    pub neighbour: bool,
+    /// Measure LoRA training instead (r=8 on every projection of every layer, 4x128 tokens)
+    #[arg(long)]
+    pub train: bool,
+    /// With --train: the memory budget the planner must keep (e.g. 600MiB)
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// With --train: write the benchmark's token ids to this JSON file (for bench/peft_train.py)
+    #[arg(long)]
+    pub data_out: Option<std::path::PathBuf>,
+    /// With --train: also train with PyTorch + PEFT (this Python, which must have torch,
+    /// transformers, peft and gguf installed) on the same data and LoRA config, alternating
+    /// with hone round by round, and print the ratios
+    #[arg(long, value_name = "PYTHON")]
+    pub vs_peft: Option<std::path::PathBuf>,
+    /// With --train: measured rounds (the median is reported; default 5 with --vs-peft, else 1)
+    #[arg(long)]
+    pub rounds: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on; anything but loopback needs --api-key
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Clients must send `Authorization: Bearer KEY`
+    #[arg(long, env = "HONE_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body in bytes
+    #[arg(long, default_value_t = 1 << 20, hide = true)]
+    pub max_body_bytes: usize,
+}
+
 fn main() {
     hone::sys::reset_sigpipe();
     let cli = Cli::parse();
@@ -267,10 +323,10 @@ fn main() {
     }
     // Default: the cores other processes leave idle, so a busy machine does not make our
     // threads fight for cores (measured over 30 ms of /proc/stat).
-    if let Some(t) = cli.threads.filter(|&t| t > cli::args::cores()) {
+    let cores = hone::sys::available_cpus();
+    if let Some(t) = cli.threads.filter(|&t| t > cores) {
         eprintln!(
-            "note: -t {t} is more threads than the {} cores of this machine; they will share the cores and run slower",
-            cli::args::cores()
+            "note: -t {t} is more threads than the {cores} cores of this machine; they will share the cores and run slower"
         );
     }
     let threads = cli

@@ -110,6 +110,8 @@ pub enum ManifestError {
     },
     #[error("no embedded manifest is marked default = true")]
     NoDefault,
+    #[error("hone does not know a model called {name:?} (known: {known}); to use a GGUF file you have, run `hone pull --file PATH --name NAME`")]
+    Unknown { name: String, known: String },
 }
 
 /// Every known manifest, in a stable order (the default first).
@@ -130,6 +132,23 @@ pub fn all() -> Result<Vec<Manifest>, ManifestError> {
 /// The manifest called `name`, if hone knows it.
 pub fn find(name: &str) -> Result<Option<Manifest>, ManifestError> {
     Ok(all()?.into_iter().find(|m| m.name == name))
+}
+
+/// The known model `hone pull NAME` means: `name`, else the default model.
+pub fn named_or_default(name: Option<&str>) -> Result<Manifest, ManifestError> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => default_model()?.name,
+    };
+    find(&name)?.ok_or_else(|| {
+        let known: Vec<String> = all()
+            .map(|v| v.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+        ManifestError::Unknown {
+            name,
+            known: known.join(", "),
+        }
+    })
 }
 
 /// The default model's manifest.

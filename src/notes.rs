@@ -6,12 +6,16 @@
 //! strips a BOM, normalises CRLF to LF, and splits text into sections: a
 //! Markdown file at its headings, and any section longer than
 //! [`ImportOptions::max_section_chars`] at paragraph, then sentence or line,
-//! then word boundaries (never inside a UTF-8 character).
+//! then word boundaries (never inside a UTF-8 character). It also carries
+//! out the note commands through the store's methods: import, removal all
+//! or none ([`remove`]), text given as arguments or on standard input
+//! ([`text_from_args`]), and the note list as `hone note list` shows it
+//! ([`list_text`]).
 //!
-//! It must NOT: touch the database or know SQL (it only produces
-//! [`NewNote`]s), deduplicate notes (the store does that by hash), write,
-//! move or delete any file, follow a symlink loop forever, or print to the
-//! terminal (an empty result is for the caller to report).
+//! It must NOT: know SQL (the store's methods read and write), deduplicate
+//! notes (the store does that by hash), write, move or delete any file,
+//! follow a symlink loop forever, or print to the terminal (it returns text
+//! for the caller to print).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -629,6 +633,126 @@ pub fn import(
     })
 }
 
+impl std::fmt::Display for ImportReport {
+    /// The line `hone note import` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "imported {} files: {} new notes, {} already stored",
+            self.files, self.added, self.duplicates
+        )
+    }
+}
+
+/// Why text given as arguments or on standard input is not a note (or question).
+#[derive(Debug, thiserror::Error)]
+pub enum TextInputError {
+    #[error("reading standard input")]
+    Stdin(#[source] io::Error),
+    #[error(
+        "{what} on standard input is over the {mib} MiB limit (the same as for one file of `hone note import`); split it into smaller pieces, or save it as a file and import it (long files are split by heading)"
+    )]
+    TooLarge { what: String, mib: u64 },
+    #[error(transparent)]
+    Note(#[from] NoteError),
+}
+
+/// Text given as command-line words (joined with spaces), or read from `stdin` when the only
+/// word is "-" (at most [`DEFAULT_MAX_FILE_BYTES`], the limit of one imported file; never more
+/// is held), refusing invalid UTF-8. `what` names the text in errors ("the note").
+pub fn text_from_args(
+    parts: &[OsString],
+    what: &str,
+    stdin: impl Read,
+) -> Result<String, TextInputError> {
+    let limit = DEFAULT_MAX_FILE_BYTES;
+    if parts.len() == 1 && parts[0] == "-" {
+        let mut buf = Vec::new();
+        // Never hold more than the limit (plus one byte, to know it was passed).
+        stdin
+            .take(limit + 1)
+            .read_to_end(&mut buf)
+            .map_err(TextInputError::Stdin)?;
+        if buf.len() as u64 > limit {
+            return Err(TextInputError::TooLarge {
+                what: what.to_string(),
+                mib: limit / (1024 * 1024),
+            });
+        }
+        return Ok(note_from_bytes(&buf, "standard input")?);
+    }
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(p.as_encoded_bytes());
+    }
+    Ok(note_from_bytes(&out, what)?)
+}
+
+/// Why `hone note rm` removed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("there is no note {0} (see `hone note list`); nothing was removed")]
+    NoSuchNote(i64),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Removes the notes `ids`, all or none: an unknown id removes nothing (`hone note rm`).
+pub fn remove(store: &crate::store::Store, ids: &[i64]) -> Result<(), RemoveError> {
+    for id in ids {
+        if store.get_note(*id)?.is_none() {
+            return Err(RemoveError::NoSuchNote(*id));
+        }
+    }
+    for id in ids {
+        store.remove_note(*id)?;
+    }
+    Ok(())
+}
+
+/// `notes` as `hone note list` prints them, newest first: one JSON object per line with
+/// `json`, else one line each (id, date, a learned mark, the first line cut to 70 characters),
+/// or a hint when there are none.
+pub fn list_text(notes: &[crate::store::Note], json: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if json {
+        for n in notes {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({"id": n.id, "created_at": n.created_at, "source": n.source,
+                       "section": n.section, "content": n.content,
+                       "learned_at": n.learned_at})
+            );
+        }
+    } else if notes.is_empty() {
+        out.push_str("no notes yet: add one with `hone note add TEXT`\n");
+    } else {
+        for n in notes {
+            let first: String = n
+                .content
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(70)
+                .collect();
+            let learned = if n.learned_at.is_some() {
+                "learned"
+            } else {
+                ""
+            };
+            let date = &n.created_at[..n.created_at.len().min(16)];
+            let _ = writeln!(out, "{:>5}  {date}  {learned:<7}  {first}", n.id);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -923,5 +1047,47 @@ mod tests {
             read_note_file(dir.path(), &ImportOptions::default()),
             Err(NoteError::NotAFile { .. })
         ));
+    }
+
+    #[test]
+    fn rm_removes_all_or_none_and_the_list_marks_learned_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("hone.db")).unwrap();
+        let a = store
+            .add_note("first line\nsecond", None, None)
+            .unwrap()
+            .id();
+        let b = store.add_note("another", None, None).unwrap().id();
+        let err = remove(&store, &[a, 999]).unwrap_err();
+        assert!(err.to_string().contains("no note 999"), "{err}");
+        assert_eq!(store.list_notes(None).unwrap().len(), 2, "nothing removed");
+        let text = list_text(&store.list_notes(None).unwrap(), false);
+        assert!(
+            text.contains("first line\n") && !text.contains("second"),
+            "{text}"
+        );
+        remove(&store, &[a, b]).unwrap();
+        assert_eq!(
+            list_text(&[], false),
+            "no notes yet: add one with `hone note add TEXT`\n"
+        );
+    }
+
+    #[test]
+    fn text_from_args_joins_words_and_bounds_standard_input() {
+        let words = [OsString::from("a"), OsString::from("b")];
+        assert_eq!(
+            text_from_args(&words, "the note", io::empty()).unwrap(),
+            "a b"
+        );
+        let dash = [OsString::from("-")];
+        let big = io::repeat(b'x').take(DEFAULT_MAX_FILE_BYTES + 10);
+        let err = text_from_args(&dash, "the note", big).unwrap_err();
+        assert!(matches!(err, TextInputError::TooLarge { .. }), "{err}");
+        let small = &b"from stdin\r\n"[..];
+        assert_eq!(
+            text_from_args(&dash, "the note", small).unwrap(),
+            "from stdin\n"
+        );
     }
 }

@@ -98,6 +98,25 @@ pub struct PullReport {
     pub seconds: f64,
 }
 
+impl PullReport {
+    /// The line `hone pull` prints for the model `name`.
+    pub fn summary(&self, name: &str) -> String {
+        if self.already {
+            format!(
+                "{name} is already pulled and verified: {}",
+                self.path.display()
+            )
+        } else {
+            format!(
+                "pulled {name} ({}) in {:.1} s: {}",
+                crate::sys::human_bytes(self.bytes),
+                self.seconds,
+                self.path.display()
+            )
+        }
+    }
+}
+
 /// Where a manifest's model lives in `home`.
 pub fn model_path(home: &Home, m: &Manifest) -> PathBuf {
     home.models_dir().join(&m.file)

@@ -43,6 +43,11 @@ impl ModelChoice {
 /// The setting that names the default model, when the user changed it.
 pub const DEFAULT_MODEL_KEY: &str = "default_model";
 
+/// Makes `name` the default model (`hone pull --default`).
+pub fn set_default(store: &Store, name: &str) -> Result<(), crate::store::StoreError> {
+    store.set_setting(DEFAULT_MODEL_KEY, name)
+}
+
 /// Resolves `requested` (or the default model) to a file.
 pub fn resolve(
     home: &Home,

@@ -28,6 +28,8 @@ pub const SETTING_KEY: &str = "schedule";
 pub enum ScheduleError {
     #[error("bad time window {input:?}: {reason}; write it as HH:MM-HH:MM, e.g. 22:00-07:00")]
     BadWindow { input: String, reason: String },
+    #[error("nothing to change; see `hone schedule set --help` for the options")]
+    NothingToChange,
     #[error("bad size {input:?}: write a number of bytes with an optional unit, e.g. 600MiB, 1.5GiB, 800MB or 1000000")]
     BadBytes { input: String },
     #[error("bad {what} {input:?}: {expected}")]
@@ -189,6 +191,26 @@ impl Schedule {
     /// The schedule stored in `store` (under [`SETTING_KEY`]); the default when none is.
     pub fn load(store: &Store) -> Result<Schedule, ScheduleError> {
         Schedule::from_setting(store.get_setting(SETTING_KEY)?.as_deref())
+    }
+
+    /// Applies `update` to the stored schedule (to the defaults with `reset`), stores the result
+    /// and returns it (`hone schedule set`); an empty update without `reset` is refused.
+    pub fn save_update(
+        store: &Store,
+        update: &ScheduleUpdate,
+        reset: bool,
+    ) -> Result<Schedule, ScheduleError> {
+        let base = if reset {
+            Schedule::default()
+        } else {
+            Schedule::load(store)?
+        };
+        if update.is_empty() && !reset {
+            return Err(ScheduleError::NothingToChange);
+        }
+        let s = base.updated(update)?;
+        store.set_setting(SETTING_KEY, &s.to_setting())?;
+        Ok(s)
     }
 
     /// The schedule from the stored setting text; the default when nothing is stored.

@@ -233,6 +233,9 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// file and says what the user can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(transparent)]
+    Home(#[from] crate::home::HomeError),
+
     #[error(
         "cannot create the folder {} for the hone database: {source}; check the permissions of its parent folder or set HONE_HOME to another folder",
         path.display()
@@ -541,6 +544,25 @@ impl Store {
             path: path.to_path_buf(),
             busy_timeout,
         })
+    }
+
+    /// Opens the database of the data directory `home`, creating both when missing. With
+    /// `reading` (a command that only reads) an existing database that cannot be opened for
+    /// writing (a read-only mount, another owner's folder) is opened read-only instead; the
+    /// first error is reported when that fails too.
+    pub fn open_home(home: &crate::home::Home, reading: bool) -> Result<Store, StoreError> {
+        let opened = || -> Result<Store, StoreError> {
+            home.ensure()?;
+            Store::open(&home.db_path())
+        };
+        let first = match opened() {
+            Ok(store) => return Ok(store),
+            Err(e) => e,
+        };
+        if !reading || !home.db_path().is_file() {
+            return Err(first);
+        }
+        Store::open_read_only(&home.db_path()).map_err(|_| first)
     }
 
     /// Opens an existing database for reading only (a read-only data directory or file):

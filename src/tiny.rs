@@ -58,6 +58,47 @@ pub fn byte_chars() -> Vec<char> {
     table
 }
 
+/// The quantisation `hone dev write-tiny-model --dtype` names.
+pub fn dtype(name: &str) -> anyhow::Result<GgmlDType> {
+    Ok(match name {
+        "f32" => GgmlDType::F32,
+        "f16" => GgmlDType::F16,
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        "q8_0" => GgmlDType::Q8_0,
+        other => anyhow::bail!(
+            "unknown --dtype {other:?} (use f32, f16, q4_0, q4_1, q5_0, q5_1 or q8_0)"
+        ),
+    })
+}
+
+/// Writes a tiny random model to a new file `path` (`hone dev write-tiny-model`): an existing
+/// file is refused unless `force`, and so is a folder that does not exist. Returns the file's
+/// size in bytes.
+pub fn write_new(path: &Path, spec: &TinySpec, force: bool) -> anyhow::Result<u64> {
+    use anyhow::{bail, Context as _};
+    if path.exists() && !force {
+        bail!(
+            "{} already exists; choose another path or add --force to replace it",
+            path.display()
+        );
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!(
+                "the folder {} does not exist; create it first (mkdir -p {})",
+                parent.display(),
+                parent.display()
+            );
+        }
+    }
+    write_tiny_model(path, spec)
+        .with_context(|| format!("writing the tiny model to {}", path.display()))?;
+    Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+}
+
 /// Writes a tiny random model to `path`.
 pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
     let dev = Device::Cpu;

@@ -4,9 +4,11 @@
 //! the medians they report.
 //!
 //! It must NOT print, parse arguments or pick the model: the caller loads the model and gives
-//! the settings; it returns the figures (result structs) and the command line prints them.
+//! the settings; it returns the figures (result structs), [`report`] renders them and the
+//! command line prints them.
 
 pub mod infer;
+pub mod report;
 pub mod train;
 
 /// Median, min and max of a list of figures.

@@ -13,18 +13,11 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
-/// The cores this process may use.
-pub fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 /// Compute threads: at least 1 and at most twice the cores this machine has (more than the
 /// cores is said on stderr by `main`: it only slows hone down, but tests use it on purpose).
 pub fn threads(s: &str) -> Result<usize, String> {
     let v = at_least_one(s)?;
-    let cores = cores();
+    let cores = hone::sys::available_cpus();
     if v > 2 * cores {
         return Err(format!(
             "this machine has {cores} cores; more threads than cores only slow hone down (use at most -t {cores})"

@@ -1,7 +1,7 @@
 //! `hone chat`: an interactive conversation that streams tokens, keeps the conversation in the
 //! context (dropping the oldest turns when it fills), and records every exchange.
 
-use super::{sampling, system_message, Ctx};
+use super::{sampling, Ctx};
 use crate::{ChatArgs, Cli};
 use anyhow::{Context, Result};
 use hone::engine::StopReason;
@@ -29,7 +29,8 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     let (params, max_tokens) = sampling(&choice, &a.sampling)?;
     let mut asst = ctx.assistant(&choice, a.base)?;
     let session = format!("{:016x}", rand::random::<u64>());
-    let base: Vec<Message> = system_message(&choice, &a.sampling).into_iter().collect();
+    let system = hone::assistant::system_message(&choice, a.sampling.system.as_deref());
+    let base: Vec<Message> = system.into_iter().collect();
     let mut messages = base.clone();
     eprintln!(
         "hone chat: {} ({} tokens of context, loaded in {:.0} ms). /help for commands, Ctrl-C stops an answer, /quit leaves.",

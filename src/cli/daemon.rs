@@ -1,17 +1,15 @@
 //! `hone daemon run|status|install|uninstall`: the command-line side of background learning.
-//! It parses, sets up the log file, calls `hone::daemon` (and `hone::daemon::service` for the
-//! service file), and prints.
+//! It parses, calls `hone::daemon` (its log file, the loop, the status report, and
+//! `hone::daemon::service` for the service file), and prints what they say.
 //!
-//! It must not decide when to learn, run the loop, gather the status or write service files
-//! itself (the library does); it has the service manager's commands run only when `--now` is
-//! given, and echoes each one first.
+//! It must not decide when to learn, run the loop, gather the status, write service files or
+//! run the service manager's commands itself (the library does, the last only for `--now`).
 
-use super::logging;
 use crate::Cli;
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use hone::daemon::service::{self, ServiceFile};
-use hone::daemon::{self, DaemonPhase, LoopConfig, Report, RunOptions, Status};
+use hone::daemon::service;
+use hone::daemon::{self, LoopConfig, RunOptions};
 use hone::home::Home;
 use hone::schedule::{self, Condition};
 use std::time::Duration;
@@ -60,7 +58,7 @@ pub struct RunArgs {
 pub fn run(cli: &Cli, cmd: &DaemonCommand) -> Result<()> {
     match cmd {
         DaemonCommand::Run(a) => {
-            super::train::quiet_candle_pool();
+            hone::sys::quiet_candle_pool();
             run_daemon(cli, a)
         }
         DaemonCommand::Status { json } => status(cli, *json),
@@ -72,7 +70,7 @@ pub fn run(cli: &Cli, cmd: &DaemonCommand) -> Result<()> {
 fn run_daemon(cli: &Cli, a: &RunArgs) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
-    let log = logging::init_file_logging(&home, cli.verbose)?;
+    let log = daemon::init_file_logging(&home, cli.verbose)?;
     let mut ignore = a.ignore.clone();
     if a.ignore_idle {
         ignore.extend([Condition::RecentRequest, Condition::UserActive]);
@@ -95,7 +93,7 @@ fn run_daemon(cli: &Cli, a: &RunArgs) -> Result<()> {
     );
     let r = daemon::run(&home, &opts);
     if let Err(e) = &r {
-        tracing::error!(target: logging::EXIT_TARGET, "{e:#}");
+        tracing::error!(target: daemon::EXIT_TARGET, "{e:#}");
     }
     r.map(|_| ())
 }
@@ -107,134 +105,17 @@ fn status(cli: &Cli, json_out: bool) -> Result<()> {
     if json_out {
         println!("{}", report.to_json());
     } else {
-        print_status(&report);
+        print!("{report}");
     }
     Ok(())
-}
-
-fn print_status(report: &Report) {
-    let (st, schedule) = (report.status.as_ref(), &report.schedule);
-    let (learned, pending) = (report.learned_today_minutes, report.pending_notes);
-    match (report.pid, report.current()) {
-        (Some(pid), Some(s)) => {
-            println!(
-                "daemon          running (pid {pid}, since {})",
-                local_time(&s.started_at)
-            );
-            print_doing(s);
-        }
-        (Some(pid), None) => println!("daemon          running (pid {pid}), starting up"),
-        (None, _) => {
-            println!("daemon          not running (start it with `hone daemon run`, or `hone daemon install` to start it at login)");
-        }
-    }
-    if let Some(r) = st.and_then(|s| s.last_result.as_ref()) {
-        println!("last cycle      {r} ({})", local_time(&r.at));
-    }
-    if let Some(ms) = st.and_then(|s| s.last_pause_ms) {
-        println!("last pause      the cycle stopped {ms} ms after it was asked to");
-    }
-    if schedule.max_minutes_per_day > 0 {
-        println!(
-            "learned today   {learned:.0} of {} min",
-            schedule.max_minutes_per_day
-        );
-    } else {
-        println!("learned today   {learned:.0} min (no daily limit)");
-    }
-    println!("notes waiting   {pending}");
-    if let Some(e) = st.and_then(|s| s.estimate_s) {
-        println!(
-            "cycle estimate  about {:.1} min, measured on this machine when the last cycle started (`hone learn --estimate` measures now)",
-            e / 60.0
-        );
-    }
-    println!("log             {}", report.log.display());
-    println!();
-    println!("{:#}", report.decision);
-}
-
-fn print_doing(s: &Status) {
-    let mut line = format!("doing           {}", s.phase.as_str());
-    if let Some(p) = s.progress.as_ref().filter(|_| s.phase.is_learning()) {
-        if p.total > 0 {
-            line.push_str(&format!(" ({}/{})", p.done, p.total));
-        }
-    }
-    if !s.detail.is_empty() {
-        line.push_str(&format!(" — {}", s.detail));
-    }
-    line.push_str(&format!(" (since {})", local_time(&s.since)));
-    println!("{line}");
-    if s.phase == DaemonPhase::Paused {
-        if let Some(c) = s.cycle {
-            println!("                cycle {c} continues from its checkpoint when learning may run again");
-        }
-    }
-}
-
-fn local_time(rfc3339: &str) -> String {
-    hone::schedule::parse_stored_time(rfc3339)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|| rfc3339.to_string())
-}
-
-/// Runs one service-manager command, echoing it first.
-fn run_command(args: &[String]) -> Result<()> {
-    println!("$ {}", args.join(" "));
-    service::run_command(args)
 }
 
 fn install(now: bool) -> Result<()> {
     let home = Home::from_env()?;
     home.ensure()?;
-    let done = service::install(&home)?;
-    println!(
-        "wrote {} (runs {} daemon run with HONE_HOME={})",
-        done.file.path.display(),
-        done.exe.display(),
-        done.home.display()
-    );
-    if now {
-        for c in done.file.enable_now() {
-            run_command(&c)?;
-        }
-        println!("the daemon is on; `hone daemon status` shows what it does");
-    } else {
-        println!("to start it now and at every login, run:");
-        for c in done.file.enable_lines() {
-            println!("  {c}");
-        }
-        println!("(or `hone daemon install --now` runs them)");
-    }
-    Ok(())
+    service::install_and_tell(&home, now, &mut |line| println!("{line}"))
 }
 
 fn uninstall(now: bool) -> Result<()> {
-    let file = ServiceFile::for_this_user()?;
-    if now {
-        if let Err(e) = run_command(&file.disable_now()) {
-            eprintln!("warning: {e:#}; removing the service file anyway");
-        }
-    }
-    let removed = file.remove()?;
-    if removed.file {
-        println!("removed {}", file.path.display());
-    } else {
-        println!("no service file at {}", file.path.display());
-    }
-    if let Some(l) = removed.link {
-        println!("removed {}", l.display());
-    }
-    if now {
-        for c in file.forget_now() {
-            run_command(&c)?;
-        }
-    } else {
-        println!("if the daemon is running as a service, stop it with:");
-        for c in file.stop_lines() {
-            println!("  {c}");
-        }
-    }
-    Ok(())
+    service::uninstall_and_tell(now, &mut |l| println!("{l}"), &mut |w| eprintln!("{w}"))
 }

@@ -6,10 +6,9 @@
 //! Rust test harness. The model answers nonsense: it is for checking that two builds compute the
 //! same thing, never for anything a user sees.
 
-use anyhow::{bail, Context, Result};
-use candle_core::quantized::GgmlDType;
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use hone::tiny::{write_tiny_model, TinySpec};
+use hone::tiny::{self, TinySpec};
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
@@ -42,44 +41,14 @@ pub fn run(c: &DevCommand) -> Result<()> {
     }
 }
 
-fn dtype(name: &str) -> Result<GgmlDType> {
-    Ok(match name {
-        "f32" => GgmlDType::F32,
-        "f16" => GgmlDType::F16,
-        "q4_0" => GgmlDType::Q4_0,
-        "q4_1" => GgmlDType::Q4_1,
-        "q5_0" => GgmlDType::Q5_0,
-        "q5_1" => GgmlDType::Q5_1,
-        "q8_0" => GgmlDType::Q8_0,
-        other => bail!("unknown --dtype {other:?} (use f32, f16, q4_0, q4_1, q5_0, q5_1 or q8_0)"),
-    })
-}
-
 fn write_tiny(a: &TinyModelArgs) -> Result<()> {
-    if a.path.exists() && !a.force {
-        bail!(
-            "{} already exists; choose another path or add --force to replace it",
-            a.path.display()
-        );
-    }
-    if let Some(parent) = a.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            bail!(
-                "the folder {} does not exist; create it first (mkdir -p {})",
-                parent.display(),
-                parent.display()
-            );
-        }
-    }
     let spec = TinySpec {
         arch: a.arch.clone(),
-        dtype: dtype(&a.dtype)?,
+        dtype: tiny::dtype(&a.dtype)?,
         seed: a.seed,
         ..TinySpec::default()
     };
-    write_tiny_model(&a.path, &spec)
-        .with_context(|| format!("writing the tiny model to {}", a.path.display()))?;
-    let bytes = std::fs::metadata(&a.path).map(|m| m.len()).unwrap_or(0);
+    let bytes = tiny::write_new(&a.path, &spec, a.force)?;
     println!(
         "wrote a tiny random {} model ({} weights, seed {}, {} bytes) to {}",
         spec.arch,

@@ -1,18 +1,18 @@
 //! `hone learn` (one learning cycle now, or its log) and `hone eval` (knowledge-incorporation
 //! evaluation, each mode in its own process and fresh data directory).
 //!
-//! Parsing, progress bars and tables only; the cycle is `hone::learn`, the scoring `hone::eval`,
-//! the child processes `hone::eval::harness`.
+//! Parsing, progress bars and printing only; the cycle and its text are `hone::learn` (`report`),
+//! the scoring and its table `hone::eval` (`report`), the child processes `hone::eval::harness`.
 
 use super::Ctx;
 use crate::Cli;
 use anyhow::{Context, Result};
 use clap::Args;
 use hone::eval::harness::{self, Event, Job, Setup};
-use hone::eval::ModeResult;
+use hone::eval::report;
 use hone::learn::{self, records, selfedit::Strategy, CycleOutcome, LearnOptions, Progress};
 use hone::registry::ModelChoice;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
@@ -208,7 +208,8 @@ pub fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
     bar
 }
 
-pub fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
+/// Draws a learning cycle's progress on `bar` (a clone: they share one bar).
+pub fn on_progress(bar: indicatif::ProgressBar) -> impl FnMut(&Progress) {
     let mut phase = None;
     // Without a terminal (logs, eval's child processes) a line every half minute instead.
     let plain = bar.is_hidden();
@@ -221,40 +222,21 @@ pub fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
         }
         if plain && (last_line.elapsed().as_secs() >= 30 || p.done == 0) {
             last_line = std::time::Instant::now();
-            eprintln!(
-                "   [{}] {}/{} {} | peak {:.0} MiB{}",
-                p.phase.name(),
-                p.done,
-                p.total,
-                p.message,
-                p.peak_rss as f64 / 1048576.0,
-                if p.tokens_per_s > 0.0 {
-                    format!(" | {:.0} tok/s", p.tokens_per_s)
-                } else {
-                    String::new()
-                }
-            );
+            eprintln!("{}", learn::report::progress_line(p));
         }
         bar.set_length(p.total.max(1) as u64);
         bar.set_position(p.done as u64);
-        let tps = if p.tokens_per_s > 0.0 {
-            format!("{:.0} tok/s | ", p.tokens_per_s)
-        } else {
-            String::new()
-        };
-        bar.set_message(format!(
-            "{tps}{} | peak {:.0} MiB",
-            p.message,
-            p.peak_rss as f64 / 1048576.0
-        ));
+        bar.set_message(learn::report::progress_message(p));
     }
 }
 
 pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
-    super::train::quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     if a.log {
         // Reading the log only reads: it works on a read-only data directory too.
-        return show_log(&Ctx::open_for_reading(cli)?, a.json);
+        let ctx = Ctx::open_for_reading(cli)?;
+        print!("{}", learn::report::log(&ctx.store, a.json)?);
+        return Ok(());
     }
     let mut ctx = Ctx::open(cli)?;
     if a.retry {
@@ -272,7 +254,7 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
         return print_estimate(&ctx, &choice, &opts, &stop.stop, a.json);
     }
     let bar = progress_bar(a.json);
-    let mut cb = on_progress(&bar);
+    let mut cb = on_progress(bar.clone());
     let out = learn::run_cycle(
         &ctx.home,
         &mut ctx.store,
@@ -282,184 +264,40 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
         &mut cb,
     )?;
     bar.finish_and_clear();
-    match out {
-        CycleOutcome::NothingToLearn => {
-            if a.json {
-                println!("{}", json!({"outcome": "nothing"}));
-            } else {
-                println!("nothing to learn: every note is learned (add some with `hone note add`)");
-            }
+    let text = learn::report::outcome_text(&out);
+    if let CycleOutcome::Interrupted { .. } = out {
+        if a.json {
+            println!("{}", learn::report::outcome_json(&out));
         }
-        CycleOutcome::DryRun(notes) => {
-            if a.json {
-                println!("{}", json!({"outcome": "dry-run", "notes": notes}));
-                return Ok(());
-            }
-            for (nid, items) in notes {
-                println!("note {nid}:");
-                for it in items.iter().filter(|i| i.verdict != "unused") {
-                    let what = match &it.prompt {
-                        Some(p) => format!("{p} => {}", it.completion),
-                        None => it.completion.clone(),
-                    };
-                    println!(
-                        "  [{:<7}] {:<12} {:<5} {}{}",
-                        it.verdict,
-                        it.strategy,
-                        it.role,
-                        what.replace('\n', " "),
-                        it.reason
-                            .as_deref()
-                            .map(|r| format!("  ({r})"))
-                            .unwrap_or_default()
-                    );
-                }
-            }
-        }
-        CycleOutcome::Interrupted { cycle } => {
-            if a.json {
-                println!("{}", json!({"outcome": "interrupted", "cycle": cycle}));
-            }
-            eprintln!(
-                "interrupted: cycle {cycle} continues where it stopped on the next `hone learn`"
-            );
-            std::process::exit(130);
-        }
-        CycleOutcome::Done {
-            cycle,
-            activated,
-            reason,
-            gate,
-            train_tokens,
-            seconds,
-        } => {
-            if a.json {
-                println!(
-                    "{}",
-                    json!({"outcome": "done", "cycle": cycle, "activated": activated, "reason": reason,
-                           "gate": gate, "train_tokens": train_tokens, "seconds": seconds,
-                           "peak_rss_mb": hone::sys::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0})
-                );
-            } else {
-                let steps = if gate.steps_trained > 0 && gate.steps_trained < gate.steps_planned {
-                    format!(
-                        ", stopped after {} of {} steps: learned what it could",
-                        gate.steps_trained, gate.steps_planned
-                    )
-                } else {
-                    String::new()
-                };
-                println!(
-                    "cycle {cycle} ({seconds:.0} s, {train_tokens} tokens trained{steps}): {}{reason}",
-                    activated
-                        .map(|v| format!("adapter v{v} is active; "))
-                        .unwrap_or_default()
-                );
-            }
-        }
+        eprint!("{text}");
+        std::process::exit(130);
+    }
+    if a.json {
+        println!("{}", learn::report::outcome_json(&out));
+    } else {
+        print!("{text}");
     }
     Ok(())
 }
 
 fn print_estimate(
     ctx: &Ctx,
-    choice: &hone::registry::ModelChoice,
+    choice: &ModelChoice,
     opts: &LearnOptions,
     cancel: &AtomicBool,
     json_out: bool,
 ) -> Result<()> {
-    let Some(e) = learn::estimate::estimate(&ctx.store, choice, opts, cancel)? else {
-        if json_out {
-            println!("{}", json!({"outcome": "nothing"}));
-        } else {
-            println!("nothing to learn: every note is learned");
-        }
-        return Ok(());
-    };
-    if json_out {
-        println!("{}", serde_json::to_string(&e)?);
-        return Ok(());
-    }
-    let what = match e.continues {
-        Some(c) => format!("continuing cycle {c}"),
-        None => "the next cycle".to_string(),
-    };
-    println!(
-        "{what}: {} notes, about {:.0} s ({:.1} min) on this machine with {} training kernels",
-        e.notes.len(),
-        e.total_seconds,
-        e.total_seconds / 60.0,
-        hone::kernels::train_kernels().name()
-    );
-    for (phase, s) in &e.phases {
-        println!("  {phase:<10} {s:>7.0} s");
-    }
-    println!(
-        "  {} items + {} replayed + {} anchors -> {} sequences of {}; {} of {} planned steps expected ({:.0}%: {}) at {:.2} s/step; {} new and {} earlier probes at {:.2} s each",
-        e.train_items,
-        e.replay_items,
-        e.anchors,
-        e.sequences,
-        e.seq_len,
-        e.steps_expected,
-        e.steps_planned,
-        e.step_share * 100.0,
-        e.step_share_from,
-        e.seconds_per_step,
-        e.new_probes,
-        e.old_probes,
-        e.seconds_per_probe
-    );
-    println!("  (measured in {:.0} s)", e.measured_in);
-    Ok(())
-}
-
-fn show_log(ctx: &Ctx, json_out: bool) -> Result<()> {
-    let cycles = records::recent(&ctx.store, 50)?;
-    if json_out {
-        for c in &cycles {
-            let items = records::cycle_items(&ctx.store, c.id)?;
-            println!("{}", json!({"cycle": c, "items": items}));
-        }
-        return Ok(());
-    }
-    if cycles.is_empty() {
-        println!("no learning cycles yet: `hone learn` runs one");
-    }
-    for c in &cycles {
-        let items = records::cycle_items(&ctx.store, c.id)?;
-        let mut per: std::collections::BTreeMap<(String, String), usize> = Default::default();
-        for i in &items {
-            *per.entry((i.strategy.clone(), i.verdict.clone()))
-                .or_default() += 1;
-        }
-        let counts: Vec<String> = per
-            .iter()
-            .filter(|((_, v), _)| v != "unused")
-            .map(|((s, v), n)| format!("{s} {v} {n}"))
-            .collect();
-        println!(
-            "cycle {} {} {} | {} notes | parent {} -> candidate {} | {} tokens | {}",
-            c.id,
-            &c.started_at[..c.started_at.len().min(19)],
-            c.status,
-            c.notes.len(),
-            c.parent_adapter
-                .map(|v| format!("v{v}"))
-                .unwrap_or("-".into()),
-            c.candidate_adapter
-                .map(|v| format!("v{v}"))
-                .unwrap_or("-".into()),
-            c.train_tokens,
-            c.reason.as_deref().unwrap_or("(unfinished)")
-        );
-        println!("    items: {}", counts.join(", "));
+    match learn::estimate::estimate(&ctx.store, choice, opts, cancel)? {
+        Some(e) if json_out => println!("{}", serde_json::to_string(&e)?),
+        Some(e) => print!("{}", learn::report::estimate_text(&e)),
+        None if json_out => println!("{}", json!({"outcome": "nothing"})),
+        None => println!("nothing to learn: every note is learned"),
     }
     Ok(())
 }
 
 pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
-    super::train::quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     if let Some(job) = &a.run_one {
         return eval_child(cli, job);
     }
@@ -505,7 +343,7 @@ pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
             r.wall_s
         ),
     })?;
-    print_table(&setup.model, &results, a.json);
+    print!("{}", report::table(&setup.model.name, &results, a.json));
     Ok(())
 }
 
@@ -517,112 +355,9 @@ fn eval_child(cli: &Cli, job: &str) -> Result<()> {
     let stop = hone::interrupt::install_stop_handlers()?;
     let bar = progress_bar(false);
     bar.set_prefix(job.mode.clone());
-    let mut cb = on_progress(&bar);
+    let mut cb = on_progress(bar.clone());
     let r = harness::run_job(&ctx.home, &ctx.store, &job, &stop.stop, &mut cb)?;
     bar.finish_and_clear();
     println!("{}", harness::report_line(&r)?);
     Ok(())
-}
-
-fn print_table(choice: &ModelChoice, results: &[(String, ModeResult)], json_out: bool) {
-    let before = results
-        .iter()
-        .find(|(m, _)| m == "base")
-        .and_then(|(_, r)| r.retention_after);
-    let base_right: Vec<String> = results
-        .iter()
-        .find(|(m, _)| m == "base")
-        .map(|(_, r)| {
-            r.retention_answers
-                .iter()
-                .filter(|a| a.correct)
-                .map(|a| a.q.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    println!("model: {}", choice.name);
-    println!("| mode | accuracy | correct | retention before -> after | lost | tokens trained | cycle s | wall s | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let mut modes = serde_json::Map::new();
-    for (m, r) in results {
-        let lost = r
-            .retention_answers
-            .iter()
-            .filter(|a| !a.correct && base_right.contains(&a.q))
-            .count();
-        println!(
-            "| {m} | {:.1}% | {}/{} | {} -> {} | {} | {} | {:.0} | {:.0} | {:.0} |",
-            r.accuracy * 100.0,
-            r.correct,
-            r.total,
-            before
-                .map(|b| format!("{:.0}%", b * 100.0))
-                .unwrap_or("-".into()),
-            r.retention_after
-                .map(|b| format!("{:.0}%", b * 100.0))
-                .unwrap_or("-".into()),
-            if r.retention_answers.is_empty() {
-                "-".to_string()
-            } else {
-                lost.to_string()
-            },
-            r.train_tokens,
-            r.cycle_s,
-            r.wall_s,
-            r.peak_rss_mb
-        );
-        let mut o = json!({"accuracy": r.accuracy, "correct": r.correct, "total": r.total,
-            "retention_before": before, "retention_after": r.retention_after,
-            "retention_lost": before.map(|_| lost), "train_tokens": r.train_tokens, "cycle_s": r.cycle_s,
-            "wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb, "gate": r.gate});
-        if !r.batches.is_empty() {
-            o["batches"] = serde_json::to_value(&r.batches).unwrap_or(Value::Null);
-        }
-        if !r.unrouted_retention_answers.is_empty() {
-            let correct = r.unrouted_answers.iter().filter(|a| a.correct).count();
-            let lost = r
-                .unrouted_retention_answers
-                .iter()
-                .filter(|a| !a.correct && base_right.contains(&a.q))
-                .count();
-            println!(
-                "    the adapter alone, without routing: {correct}/{} correct, {lost} general questions lost",
-                r.unrouted_answers.len()
-            );
-            o["unrouted"] = json!({"correct": correct, "total": r.unrouted_answers.len(),
-                "retention_lost": lost});
-        }
-        modes.insert(m.clone(), o);
-        for (i, b) in r.batches.iter().enumerate() {
-            println!(
-                "    batch {}: {} notes, {} questions: {:.0}% after its own cycle, {:.0}% after the last (kept {:.0}%)",
-                i + 1,
-                b.notes,
-                b.questions,
-                b.after_own * 100.0,
-                b.after_last * 100.0,
-                if b.after_own > 0.0 { b.after_last / b.after_own * 100.0 } else { 100.0 }
-            );
-        }
-        if let Some(g) = &r.gate {
-            println!("    gate: {g}");
-        }
-    }
-    let acc = |m: &str| {
-        results
-            .iter()
-            .find(|(x, _)| x == m)
-            .map(|(_, r)| r.accuracy)
-    };
-    if let (Some(l), Some(c)) = (acc("learn"), acc("in-context")) {
-        if c > 0.0 {
-            println!("learn / in-context = {:.0}%", l / c * 100.0);
-        }
-    }
-    if let (Some(l), Some(p)) = (acc("learn"), acc("passage")) {
-        println!("learn - passage = {:+.1} points", (l - p) * 100.0);
-    }
-    if json_out {
-        println!("{}", json!({"model": choice.name, "modes": modes}));
-    }
 }

@@ -13,11 +13,8 @@ use hone::daemon_lock;
 use hone::device::{self, Profile};
 use hone::home::Home;
 use hone::schedule::{self, OrUnset, Schedule, ScheduleUpdate, Window};
-use hone::signals;
 use hone::store::Store;
 use serde_json::json;
-use std::path::Path;
-use std::time::Duration;
 
 #[derive(Subcommand, Debug)]
 pub enum ScheduleCommand {
@@ -112,56 +109,28 @@ pub struct DeviceArgs {
     pub json: bool,
 }
 
-/// The data directory, the store, and the profile in use.
-struct Env {
-    home: Home,
-    store: Store,
-    profile: Profile,
-    evidence: device::Evidence,
-}
-
-/// `reading`: a command that only reads, which works on a read-only data directory too.
-fn open(cli: &Cli, reading: bool) -> Result<Env> {
+/// The data directory, the store, and the profile in use with what it rests on. `reading`: a
+/// command that only reads, which works on a read-only data directory too.
+fn open(cli: &Cli, reading: bool) -> Result<(Home, Store, Profile, device::Evidence)> {
     let (home, store) = super::open_store(reading)?;
-    let (profile, evidence) = device::resolve(
-        Path::new("/"),
-        cli.device.as_deref(),
-        Some(&device::override_path(home.root())),
-    )?;
-    Ok(Env {
-        home,
-        store,
-        profile,
-        evidence,
-    })
-}
-
-/// The stored schedule with the profile's budget and threads filled in, and the decision now
-/// (with the last request and today's learned minutes the daemon would use).
-fn decision_now(env: &Env) -> Result<(Schedule, schedule::Decision)> {
-    let probe = signals::system_probe();
-    // Two readings 300 ms apart: CPU load from /proc/stat deltas, not the 1-minute average.
-    probe.cpu_load();
-    std::thread::sleep(Duration::from_millis(300));
-    hone::daemon::decision_now(env.home.root(), &env.store, &env.profile, probe.as_ref())
+    let (profile, evidence) = device::for_home(home.root(), cli.device.as_deref())?;
+    Ok((home, store, profile, evidence))
 }
 
 pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {
     match cmd {
         ScheduleCommand::Show { json } => {
-            let env = open(cli, true)?;
-            let (s, d) = decision_now(&env)?;
-            let daemon = daemon_lock::holder(env.home.root())?;
+            let (home, store, profile, _) = open(cli, true)?;
+            let (s, d) = hone::daemon::decision_measured(home.root(), &store, &profile)?;
+            let daemon = daemon_lock::holder(home.root())?;
             if *json {
                 println!(
                     "{}",
-                    json!({ "schedule": s, "decision": d, "profile": env.profile.name, "daemon_pid": daemon })
+                    json!({ "schedule": s, "decision": d, "profile": profile.name, "daemon_pid": daemon })
                 );
                 return Ok(());
             }
-            println!("{s}");
-            println!();
-            println!("{d:#}");
+            println!("{s}\n\n{d:#}");
             match daemon {
                 Some(pid) => println!("daemon: running (pid {pid})"),
                 None => println!("daemon: not running"),
@@ -169,20 +138,8 @@ pub fn schedule_cmd(cli: &Cli, cmd: &ScheduleCommand) -> Result<()> {
             Ok(())
         }
         ScheduleCommand::Set(a) => {
-            let env = open(cli, false)?;
-            let base = if a.reset {
-                Schedule::default()
-            } else {
-                Schedule::load(&env.store)?
-            };
-            let update = a.update();
-            if update.is_empty() && !a.reset {
-                anyhow::bail!("nothing to change; see `hone schedule set --help` for the options");
-            }
-            let s = base.updated(&update)?;
-            env.store
-                .set_setting(schedule::SETTING_KEY, &s.to_setting())?;
-            println!("{s}");
+            let (_, store, _, _) = open(cli, false)?;
+            println!("{}", Schedule::save_update(&store, &a.update(), a.reset)?);
             Ok(())
         }
     }
@@ -195,20 +152,19 @@ pub fn device_cmd(cli: &Cli, a: &DeviceArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let env = open(cli, true)?;
+    let (home, _, profile, evidence) = open(cli, true)?;
+    let override_file = device::override_path(home.root());
     if a.json {
         println!(
             "{}",
-            json!({ "profile": env.profile, "evidence": env.evidence,
-                    "override_file": device::override_path(env.home.root()) })
+            json!({ "profile": profile, "evidence": evidence, "override_file": override_file })
         );
         return Ok(());
     }
-    println!("{}", env.profile);
-    println!("{}", env.evidence);
+    println!("{profile}\n{evidence}");
     println!(
         "override file:  {} (fields there replace the profile's; `base = \"NAME\"` picks a profile)",
-        device::override_path(env.home.root()).display()
+        override_file.display()
     );
     Ok(())
 }

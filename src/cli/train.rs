@@ -1,23 +1,22 @@
 //! `hone train` and `hone adapters ...` (`hone bench --train` is `cli::bench` over
 //! `hone::bench::train`).
 //!
-//! It parses, plans, prints and handles signals; the training itself is `hone::train`, versions
-//! and exports are `hone::adapters`.
+//! It parses, draws the progress bar, prints and handles signals; the run and what it says are
+//! `hone::train::from_file`, versions, their list and exports are `hone::adapters`.
 
 use super::Ctx;
 use crate::Cli;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use hone::adapters::{self, ModelId};
 use hone::engine::Engine;
 use hone::lora::Target;
 use hone::registry::ModelChoice;
-use hone::train::from_file::{self, FileOptions, FileRun};
+use hone::train::from_file::{self, FileOptions};
 use hone::train::job::JobEvent;
 use hone::train::optim::Decay;
 use hone::train::Outcome;
 use hone::units::{mib, parse_bytes};
-use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -117,27 +116,6 @@ pub enum AdaptersCommand {
     },
 }
 
-fn identity(ctx: &Ctx, choice: &ModelChoice, engine: &Engine) -> Result<ModelId> {
-    Ok(adapters::model_id(
-        &ctx.store,
-        choice,
-        &engine.model.cfg.arch_name,
-    )?)
-}
-
-/// candle runs its elementwise ops (and quantised kernels) on its own worker pool, synchronised
-/// by a barrier after every op. In training those ops are small next to the matrix products
-/// (which use rayon with all threads), and waiting at thousands of barriers per step cost about
-/// a fifth of the time (measured with perf: 21% in `BarrierGuard::drop`); with one pool thread
-/// the ops run inline and the step is ~25% faster. Workers that exist do not spin either.
-pub fn quiet_candle_pool() {
-    // Edition 2021: set_var is safe; no compute thread has started yet.
-    std::env::set_var("CANDLE_NUM_THREADS", "1");
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
-    }
-}
-
 impl TrainArgs {
     fn options(&self) -> Result<FileOptions> {
         Ok(FileOptions {
@@ -170,50 +148,16 @@ impl TrainArgs {
 }
 
 pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
-    quiet_candle_pool();
+    hone::sys::quiet_candle_pool();
     let mut ctx = Ctx::open(cli)?;
     let choice = ctx.choose_model()?;
     let o = a.options()?;
-    let opts = hone::engine::LoadOptions {
-        ctx: from_file::load_ctx(&o),
-        backend: ctx.backend,
-        ..hone::engine::LoadOptions::default()
-    };
-    let engine = Engine::load(&choice.name, &choice.path, &opts)
-        .with_context(|| format!("loading model {}", choice.name))?;
-    let FileRun {
-        mut job,
-        plan: p,
-        model,
-    } = from_file::prepare(&ctx.home, &ctx.store, &choice, &engine, &o)?;
-    let tr = &job.trainer;
-    let cfg = tr.cfg.clone();
-    if let Some(step) = job.resumed_at {
-        eprintln!(
-            "resuming the unfinished run at step {step}/{} ({})",
-            cfg.steps,
-            job.checkpoint().display()
-        );
-    }
-    eprintln!(
-        "training {} on {}: LoRA r={} alpha={} on {} of the top {} layers ({} parameters), {} steps of {}x{} tokens x{} accum, {}checkpointing; plan ~{:.0} MiB{}",
-        choice.name,
-        tr.data().description,
-        cfg.lora.rank,
-        cfg.lora.alpha,
-        cfg.lora.targets_string(),
-        cfg.lora.layers.len(),
-        tr.lora().param_count(),
-        cfg.steps,
-        cfg.micro_batch,
-        cfg.seq_len,
-        cfg.accum,
-        if cfg.checkpointing { "" } else { "no " },
-        mib(p.estimate),
-        o.budget.map(|b| format!(" (budget {:.0} MiB)", mib(b))).unwrap_or_default()
-    );
+    let engine = from_file::load_engine(&choice, &o, ctx.backend)?;
+    let mut run = from_file::prepare(&ctx.home, &ctx.store, &choice, &engine, &o)?;
+    eprint!("{}", run.describe(&choice.name, o.budget));
+    let job = &mut run.job;
     let stop = hone::interrupt::install_stop_handlers()?;
-    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    let bar = indicatif::ProgressBar::new(job.trainer.cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -254,46 +198,17 @@ pub fn train(cli: &Cli, a: &TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if outcome == Outcome::Interrupted {
-        let tr = &job.trainer;
-        eprintln!(
-            "interrupted at step {}/{}: saved {}; run the same command again to resume",
-            tr.step,
-            tr.cfg.steps,
-            job.checkpoint().display()
-        );
+        eprint!("{}", run.interrupted_text());
         if a.json {
-            println!(
-                "{}",
-                json!({"interrupted": true, "step": tr.step, "steps": tr.cfg.steps,
-                       "losses": tr.losses, "checkpoint": job.checkpoint()})
-            );
+            println!("{}", run.interrupted_json());
         }
         std::process::exit(130);
     }
-    let parent = ctx.store.active_adapter(&model.sha256)?.map(|r| r.version);
-    let description = job.trainer.data().description.clone();
-    let done = job.finish(&ctx.home, &mut ctx.store, &model, parent, description, true)?;
-    done.clear_checkpoint();
-    let version = done.version;
-    let first = done.losses.first().copied().unwrap_or(0.0);
-    let last = done.losses.last().copied().unwrap_or(0.0);
-    let peak = hone::sys::peak_rss_bytes().unwrap_or(0);
-    let tps = done.tokens as f64 / done.seconds.max(1e-9);
+    let done = run.finish(&ctx.home, &mut ctx.store)?;
     if a.json {
-        println!(
-            "{}",
-            json!({"version": version, "parent": parent, "steps": done.steps, "loss_first": first,
-                   "loss_last": last, "losses": done.losses, "train_tps": tps,
-                   "peak_rss_mb": mib(peak), "seconds": done.seconds, "seq_len": cfg.seq_len,
-                   "micro_batch": cfg.micro_batch, "layers": cfg.lora.layers.len(),
-                   "checkpointing": cfg.checkpointing, "estimate_mb": mib(p.estimate)})
-        );
+        println!("{}", done.to_json());
     } else {
-        println!(
-            "adapter v{version} is active: {} steps, loss {first:.4} -> {last:.4}, {tps:.0} tokens/s, peak RSS {:.0} MiB",
-            done.steps,
-            mib(peak)
-        );
+        println!("{done}");
     }
     Ok(())
 }
@@ -304,63 +219,33 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
         AdaptersCommand::List { .. } => Ctx::open_for_reading(cli)?,
         _ => Ctx::open(cli)?,
     };
+    // The chosen model, loaded, and its identity (its adapters belong to it).
+    let model = || -> Result<(ModelChoice, Engine, ModelId)> {
+        let choice = ctx.choose_model()?;
+        let engine = ctx.load(&choice)?;
+        let id = adapters::model_id(&ctx.store, &choice, &engine.model.cfg.arch_name)?;
+        Ok((choice, engine, id))
+    };
     match c {
         AdaptersCommand::List { json } => {
-            let all = ctx.store.adapters()?;
-            if *json {
-                for r in &all {
-                    println!("{}", serde_json::to_string(r)?);
-                }
-                return Ok(());
-            }
-            if all.is_empty() {
-                println!("no adapters yet: train one with `hone train --data FILE.jsonl`");
-            }
-            for r in &all {
-                let losses: Vec<f32> = r
-                    .loss_curve
-                    .as_deref()
-                    .and_then(|s| serde_json::from_str(s).ok())
-                    .unwrap_or_default();
-                println!(
-                    "{} v{:<3} {} {} parent {} | {} steps, loss {:.3} -> {:.3} | {} params, {} | {}",
-                    if r.active { "*" } else { " " },
-                    r.version,
-                    &r.created_at[..r.created_at.len().min(19)],
-                    r.model,
-                    r.parent.map(|p| format!("v{p}")).unwrap_or("-".into()),
-                    r.steps,
-                    losses.first().copied().unwrap_or(f32::NAN),
-                    losses.last().copied().unwrap_or(f32::NAN),
-                    r.params,
-                    hone::sys::human_bytes(r.bytes),
-                    r.data.as_deref().unwrap_or("")
-                );
-            }
+            print!("{}", adapters::list_text(&ctx.store.adapters()?, *json)?);
         }
         AdaptersCommand::Use { version } => {
             if version == "none" || version == "base" {
-                let choice = ctx.choose_model()?;
-                let engine = ctx.load(&choice)?;
-                let id = identity(&ctx, &choice, &engine)?;
+                let (choice, _, id) = model()?;
                 ctx.store.set_active_adapter(&id.sha256, None)?;
                 println!(
                     "no adapter is active for {}: the base model answers",
                     choice.name
                 );
             } else {
-                let v: i64 = version
-                    .trim_start_matches('v')
-                    .parse()
-                    .with_context(|| format!("{version:?} is not a version number"))?;
+                let v = adapters::parse_version(version)?;
                 let rec = adapters::use_version(&ctx.home, &ctx.store, v)?;
                 println!("adapter v{} is active for {}", rec.version, rec.model);
             }
         }
         AdaptersCommand::Rollback => {
-            let choice = ctx.choose_model()?;
-            let engine = ctx.load(&choice)?;
-            let id = identity(&ctx, &choice, &engine)?;
+            let (_, _, id) = model()?;
             let (from, to) = adapters::rollback(&ctx.store, &id.sha256)?;
             println!(
                 "rolled back from v{} to {}",
@@ -374,34 +259,17 @@ pub fn adapters_cmd(cli: &Cli, c: &AdaptersCommand) -> Result<()> {
             format,
             out,
         } => {
-            let choice = ctx.choose_model()?;
-            let engine = ctx.load(&choice)?;
-            let id = identity(&ctx, &choice, &engine)?;
-            let rec = match version {
-                Some(v) => ctx
-                    .store
-                    .adapter(*v)?
-                    .ok_or(adapters::AdapterError::NoVersion(*v))?,
-                None => ctx
-                    .store
-                    .active_adapter(&id.sha256)?
-                    .context("no adapter is active for this model; name a VERSION")?,
-            };
-            let w = adapters::load_version(&ctx.home, &rec, &id, &engine.model.cfg)?;
-            match format.as_str() {
-                "gguf" => adapters::export_gguf(
-                    &w,
-                    &id.architecture,
-                    &format!("hone adapter v{}", rec.version),
-                    out,
-                )?,
-                _ => adapters::export_peft(&w, &engine.model.cfg, &choice.name, out)?,
-            }
-            println!(
-                "exported adapter v{} as {format}: {}",
-                rec.version,
-                out.display()
-            );
+            let (_, engine, id) = model()?;
+            let v = adapters::export(
+                &ctx.home,
+                &ctx.store,
+                &id,
+                &engine.model.cfg,
+                *version,
+                format,
+                out,
+            )?;
+            println!("exported adapter v{v} as {format}: {}", out.display());
         }
     }
     Ok(())

@@ -13,7 +13,8 @@
 //!
 //! The parts: `run_loop` (the loop and its watcher, and the two traits), `status` (the status
 //! file and the minutes ledger), `system` (the real surroundings and cycle), `report` (what
-//! `hone daemon status` shows); this file holds [`run`] and re-exports what they make public,
+//! `hone daemon status` shows), `log` (its log file, installed as the process's logger); this
+//! file holds [`run`] and re-exports what they make public,
 //! so every item is `daemon::NAME`. [`service`] writes and removes the service file that
 //! starts the daemon at login (`hone daemon install|uninstall`).
 //!
@@ -29,25 +30,26 @@
 //!
 //! It must NOT train or write self-edits itself (that is `learn`), decide the policy (that is
 //! `schedule`; this module only acts on its decision), print to the terminal, or run
-//! `systemctl`/`launchctl` (only [`service::run_command`] does, with the commands the command
-//! line hands it for `--now`). It never keeps running a cycle after a stop request, and never
+//! `systemctl`/`launchctl` (only [`service`] does, and only for `--now`). It never keeps running a cycle after a stop request, and never
 //! leaves without letting the cycle reach its checkpoint.
 
+mod log;
 mod report;
 mod run_loop;
 pub mod service;
 mod status;
 mod system;
 
+pub use log::{init_file_logging, EXIT_TARGET};
 pub use report::{report, Report};
 pub use run_loop::{run_loop, Check, CycleRunner, LoopConfig, Surroundings};
 pub use status::{
     add_learned_minutes, last_request, learned_minutes, read_status, status_path, write_status,
     DaemonPhase, LastResult, ProgressView, Status, LEARNED_MINUTES_KEY, STATUS_FILE,
 };
-pub use system::{decision_now, effective_schedule, LearnRunner, SystemSurroundings};
-
-use std::path::Path;
+pub use system::{
+    decision_measured, decision_now, effective_schedule, LearnRunner, SystemSurroundings,
+};
 
 use anyhow::{Context as _, Result};
 
@@ -79,11 +81,7 @@ pub fn run(home: &Home, opts: &RunOptions) -> Result<Status> {
     let flags = interrupt::install_daemon_handlers().context("installing the signal handlers")?;
     home.ensure()?;
     let store = Store::open(&home.db_path())?;
-    let (profile, _) = device::resolve(
-        Path::new("/"),
-        opts.device.as_deref(),
-        Some(&device::override_path(home.root())),
-    )?;
+    let (profile, _) = device::for_home(home.root(), opts.device.as_deref())?;
     let schedule = effective_schedule(&store, &profile)?;
     drop(store);
     // Before any thread starts: on Linux a thread's nice value is inherited from its creator.

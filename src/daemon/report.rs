@@ -2,24 +2,22 @@
 //! the lock, its status file, the schedule's decision now (with a fresh CPU reading), the
 //! minutes learned today, the notes waiting, and where the log is.
 //!
-//! It must NOT print or format anything for the terminal (the command line does; this gives
-//! the data, and the JSON object for scripts), change anything, or take longer than the CPU
-//! reading's 300 ms.
+//! It renders the report as the text the command line prints (`Display`) and as the JSON
+//! object for scripts ([`Report::to_json`]). It must NOT print, change anything, or take longer
+//! than the CPU reading's 300 ms.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::status::{learned_minutes, read_status, status_path, Status};
-use super::system::decision_now;
+use super::system::decision_measured;
 use crate::daemon_lock;
 use crate::device;
 use crate::home::Home;
 use crate::logfile;
 use crate::schedule::{Decision, Schedule};
-use crate::signals;
 use crate::store::Store;
 
 /// The daemon and the schedule, now.
@@ -63,22 +61,92 @@ impl Report {
     }
 }
 
+impl std::fmt::Display for Report {
+    /// `hone daemon status`: whether a daemon runs and what it does, the last cycle and pause,
+    /// the minutes learned today, the notes waiting, the estimate, the log, and the decision.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (st, schedule) = (self.status.as_ref(), &self.schedule);
+        let (learned, pending) = (self.learned_today_minutes, self.pending_notes);
+        match (self.pid, self.current()) {
+            (Some(pid), Some(s)) => {
+                let since = local_time(&s.started_at);
+                writeln!(f, "daemon          running (pid {pid}, since {since})")?;
+                write_doing(f, s)?;
+            }
+            (Some(pid), None) => writeln!(f, "daemon          running (pid {pid}), starting up")?,
+            (None, _) => writeln!(
+                f,
+                "daemon          not running (start it with `hone daemon run`, or `hone daemon install` to start it at login)"
+            )?,
+        }
+        if let Some(r) = st.and_then(|s| s.last_result.as_ref()) {
+            writeln!(f, "last cycle      {r} ({})", local_time(&r.at))?;
+        }
+        if let Some(ms) = st.and_then(|s| s.last_pause_ms) {
+            writeln!(
+                f,
+                "last pause      the cycle stopped {ms} ms after it was asked to"
+            )?;
+        }
+        if schedule.max_minutes_per_day > 0 {
+            let max = schedule.max_minutes_per_day;
+            writeln!(f, "learned today   {learned:.0} of {max} min")?;
+        } else {
+            writeln!(f, "learned today   {learned:.0} min (no daily limit)")?;
+        }
+        writeln!(f, "notes waiting   {pending}")?;
+        if let Some(e) = st.and_then(|s| s.estimate_s) {
+            writeln!(
+                f,
+                "cycle estimate  about {:.1} min, measured on this machine when the last cycle started (`hone learn --estimate` measures now)",
+                e / 60.0
+            )?;
+        }
+        writeln!(f, "log             {}", self.log.display())?;
+        writeln!(f)?;
+        writeln!(f, "{:#}", self.decision)
+    }
+}
+
+/// The running daemon's phase line (and, when paused, which cycle continues later).
+fn write_doing(f: &mut std::fmt::Formatter<'_>, s: &Status) -> std::fmt::Result {
+    let mut line = format!("doing           {}", s.phase.as_str());
+    if let Some(p) = s.progress.as_ref().filter(|_| s.phase.is_learning()) {
+        if p.total > 0 {
+            line.push_str(&format!(" ({}/{})", p.done, p.total));
+        }
+    }
+    if !s.detail.is_empty() {
+        line.push_str(&format!(" — {}", s.detail));
+    }
+    line.push_str(&format!(" (since {})", local_time(&s.since)));
+    writeln!(f, "{line}")?;
+    if s.phase == super::DaemonPhase::Paused {
+        if let Some(c) = s.cycle {
+            writeln!(
+                f,
+                "                cycle {c} continues from its checkpoint when learning may run again"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A stored RFC 3339 time in local time, to the second (as stored when it does not parse).
+fn local_time(rfc3339: &str) -> String {
+    crate::schedule::parse_stored_time(rfc3339)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| rfc3339.to_string())
+}
+
 /// Gathers the [`Report`] for the data directory `home`, with the device profile `device`
 /// (else the detected one).
 pub fn report(home: &Home, device: Option<&str>) -> Result<Report> {
     let store = Store::open(&home.db_path())?;
     let pid = daemon_lock::holder(home.root())?;
     let status = read_status(&status_path(home.root()))?;
-    let (profile, _) = device::resolve(
-        Path::new("/"),
-        device,
-        Some(&device::override_path(home.root())),
-    )?;
-    let probe = signals::system_probe();
-    // Two readings 300 ms apart: CPU load from /proc/stat deltas, not the 1-minute average.
-    probe.cpu_load();
-    std::thread::sleep(Duration::from_millis(300));
-    let (schedule, decision) = decision_now(home.root(), &store, &profile, probe.as_ref())?;
+    let (profile, _) = device::for_home(home.root(), device)?;
+    let (schedule, decision) = decision_measured(home.root(), &store, &profile)?;
     let today = chrono::Local::now().date_naive();
     let learned_today_minutes = learned_minutes(&store, today)?;
     let pending_notes = crate::learn::pending_notes(&store)?;

@@ -4,10 +4,12 @@
 //! it ([`ServiceFile::remove`]), and the service manager's commands, as argument lists to run
 //! ([`run_command`]) or as lines to show.
 //!
-//! It must NOT print (the command line echoes each command before it runs it, and shows the
-//! ones to run by hand), start the daemon itself, or run `systemctl`/`launchctl` unless asked
-//! to: [`run_command`] runs only what the command line hands it, which it does only for
-//! `--now`.
+//! [`install_and_tell`] and [`uninstall_and_tell`] are the two commands whole: they hand every
+//! line the user should see (each command echoed before it runs, the ones to run by hand) to the
+//! caller, which prints them.
+//!
+//! It must NOT print, start the daemon itself, or run `systemctl`/`launchctl` unless asked to:
+//! the service manager's commands run only for `now` (`--now`).
 
 use std::path::{Path, PathBuf};
 
@@ -193,6 +195,73 @@ fn install_with(home: &Home, locate: impl FnOnce() -> Result<ServiceFile>) -> Re
         exe,
         home: root,
     })
+}
+
+/// `hone daemon install`: writes the service file, then with `now` runs the commands that turn
+/// it on (each echoed to `say` first), else hands `say` the lines to run by hand.
+pub fn install_and_tell(home: &Home, now: bool, say: &mut dyn FnMut(&str)) -> Result<()> {
+    let done = install(home)?;
+    say(&format!(
+        "wrote {} (runs {} daemon run with HONE_HOME={})",
+        done.file.path.display(),
+        done.exe.display(),
+        done.home.display()
+    ));
+    if now {
+        for c in done.file.enable_now() {
+            echo_and_run(&c, say)?;
+        }
+        say("the daemon is on; `hone daemon status` shows what it does");
+    } else {
+        say("to start it now and at every login, run:");
+        for c in done.file.enable_lines() {
+            say(&format!("  {c}"));
+        }
+        say("(or `hone daemon install --now` runs them)");
+    }
+    Ok(())
+}
+
+/// `hone daemon uninstall`: with `now` stops and disables the service first (a failure is
+/// handed to `warn`, and the file is removed anyway), removes the service file and its link,
+/// then with `now` has the manager forget it, else hands `say` the lines that stop it.
+pub fn uninstall_and_tell(
+    now: bool,
+    say: &mut dyn FnMut(&str),
+    warn: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let file = ServiceFile::for_this_user()?;
+    if now {
+        if let Err(e) = echo_and_run(&file.disable_now(), say) {
+            warn(&format!("warning: {e:#}; removing the service file anyway"));
+        }
+    }
+    let removed = file.remove()?;
+    if removed.file {
+        say(&format!("removed {}", file.path.display()));
+    } else {
+        say(&format!("no service file at {}", file.path.display()));
+    }
+    if let Some(l) = removed.link {
+        say(&format!("removed {}", l.display()));
+    }
+    if now {
+        for c in file.forget_now() {
+            echo_and_run(&c, say)?;
+        }
+    } else {
+        say("if the daemon is running as a service, stop it with:");
+        for c in file.stop_lines() {
+            say(&format!("  {c}"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one service-manager command, echoing it to `say` first.
+fn echo_and_run(args: &[String], say: &mut dyn FnMut(&str)) -> Result<()> {
+    say(&format!("$ {}", args.join(" ")));
+    run_command(args)
 }
 
 /// Runs one service-manager command (`args[0]` with the rest as its arguments); the error says

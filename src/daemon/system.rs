@@ -51,6 +51,19 @@ pub fn decision_now(
     Ok((s, d))
 }
 
+/// [`decision_now`] with a fresh CPU reading: two readings 300 ms apart, so the load is from
+/// /proc/stat deltas, not the 1-minute average.
+pub fn decision_measured(
+    home: &Path,
+    store: &Store,
+    profile: &Profile,
+) -> Result<(Schedule, schedule::Decision)> {
+    let probe = signals::system_probe();
+    probe.cpu_load();
+    std::thread::sleep(Duration::from_millis(300));
+    decision_now(home, store, profile, probe.as_ref())
+}
+
 /// The real machine: signals, the user lock, `schedule::decide`, the store and the status file.
 pub struct SystemSurroundings {
     home: Home,

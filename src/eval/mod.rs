@@ -5,9 +5,10 @@
 //! (case-insensitive).
 //!
 //! It must NOT pick the data directory (the caller gives it a fresh one) or print; [`harness`]
-//! runs each mode in its own process, and the command line prints the table.
+//! runs each mode in its own process, [`report`] renders the table the command line prints.
 
 pub mod harness;
+pub mod report;
 
 use crate::engine::{Engine, LoadOptions};
 use crate::home::Home;

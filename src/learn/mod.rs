@@ -20,6 +20,7 @@ pub mod adaptive;
 mod cycle;
 pub mod estimate;
 pub mod records;
+pub mod report;
 pub mod rules;
 pub mod selfedit;
 pub mod writer;

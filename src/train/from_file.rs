@@ -1,10 +1,14 @@
 //! `hone train`'s run: a JSONL file of examples becomes a planned, packed [`TrainJob`] on the
 //! chosen model, resumed from its checkpoint when an unfinished run of the same model is found.
 //!
+//! It also renders what `hone train` says about the run (the plan before, the interruption,
+//! the result), for the command line to print.
+//!
 //! It must not print or handle signals (the CLI does), and it does not gate: the version a
 //! finished run saves is activated, as the user asked for it by hand.
 
 use super::data;
+use super::job::Finished;
 use super::job::{self, BadCheckpoint, JobSpec, TrainJob};
 use super::optim::Decay;
 use super::plan::{Plan, PlanRequest};
@@ -15,7 +19,9 @@ use crate::home::Home;
 use crate::lora::{LoraConfig, Target};
 use crate::registry::ModelChoice;
 use crate::store::Store;
+use crate::units::mib;
 use anyhow::{Context, Result};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +63,22 @@ pub struct FileRun<'m> {
 /// (no longer than needed, at most 512 unless asked).
 pub fn load_ctx(o: &FileOptions) -> usize {
     o.seq_len.unwrap_or(512).max(64)
+}
+
+/// Loads the model `choice` on `backend` for the run `o` (with the context [`load_ctx`] gives,
+/// no adapter).
+pub fn load_engine(
+    choice: &ModelChoice,
+    o: &FileOptions,
+    backend: crate::engine::Backend,
+) -> Result<Engine> {
+    let opts = crate::engine::LoadOptions {
+        ctx: load_ctx(o),
+        backend,
+        ..crate::engine::LoadOptions::default()
+    };
+    Engine::load(&choice.name, &choice.path, &opts)
+        .with_context(|| format!("loading model {}", choice.name))
 }
 
 /// Reads, plans and packs `o.data` for `engine`'s model (loaded without an adapter), and
@@ -152,4 +174,127 @@ pub fn prepare<'m>(
         plan: p,
         model,
     })
+}
+
+impl FileRun<'_> {
+    /// What `hone train` says on standard error before training `model_name` (a resumed run's
+    /// step first, then the data, the LoRA, the steps and the plan's memory within `budget`).
+    pub fn describe(&self, model_name: &str, budget: Option<u64>) -> String {
+        let tr = &self.job.trainer;
+        let cfg = &tr.cfg;
+        let mut s = String::new();
+        if let Some(step) = self.job.resumed_at {
+            s += &format!(
+                "resuming the unfinished run at step {step}/{} ({})\n",
+                cfg.steps,
+                self.job.checkpoint().display()
+            );
+        }
+        s += &format!(
+            "training {model_name} on {}: LoRA r={} alpha={} on {} of the top {} layers ({} parameters), {} steps of {}x{} tokens x{} accum, {}checkpointing; plan ~{:.0} MiB{}\n",
+            tr.data().description,
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            cfg.lora.targets_string(),
+            cfg.lora.layers.len(),
+            tr.lora().param_count(),
+            cfg.steps,
+            cfg.micro_batch,
+            cfg.seq_len,
+            cfg.accum,
+            if cfg.checkpointing { "" } else { "no " },
+            mib(self.plan.estimate),
+            budget.map(|b| format!(" (budget {:.0} MiB)", mib(b))).unwrap_or_default()
+        );
+        s
+    }
+
+    /// The line for standard error after an interruption (the checkpoint is saved).
+    pub fn interrupted_text(&self) -> String {
+        let tr = &self.job.trainer;
+        format!(
+            "interrupted at step {}/{}: saved {}; run the same command again to resume\n",
+            tr.step,
+            tr.cfg.steps,
+            self.job.checkpoint().display()
+        )
+    }
+
+    /// `hone train --json` after an interruption.
+    pub fn interrupted_json(&self) -> Value {
+        let tr = &self.job.trainer;
+        json!({"interrupted": true, "step": tr.step, "steps": tr.cfg.steps,
+               "losses": tr.losses, "checkpoint": self.job.checkpoint()})
+    }
+
+    /// Saves the finished run as the new active version (its parent the version active until
+    /// now) and removes its checkpoint.
+    pub fn finish(self, home: &Home, store: &mut Store) -> Result<FileDone> {
+        let parent = store.active_adapter(&self.model.sha256)?.map(|r| r.version);
+        let cfg = self.job.trainer.cfg.clone();
+        let description = self.job.trainer.data().description.clone();
+        let done = self
+            .job
+            .finish(home, store, &self.model, parent, description, true)?;
+        done.clear_checkpoint();
+        Ok(FileDone {
+            parent,
+            cfg,
+            estimate: self.plan.estimate,
+            peak_rss: crate::sys::peak_rss_bytes().unwrap_or(0),
+            done,
+        })
+    }
+}
+
+/// A finished `hone train` run: the new active version and how it went.
+pub struct FileDone {
+    pub done: Finished,
+    /// The version that was active before.
+    pub parent: Option<i64>,
+    pub cfg: TrainConfig,
+    /// The plan's memory estimate, bytes.
+    pub estimate: u64,
+    /// The process's peak RSS, bytes.
+    pub peak_rss: u64,
+}
+
+impl FileDone {
+    fn first_last(&self) -> (f32, f32) {
+        let l = &self.done.losses;
+        (
+            l.first().copied().unwrap_or(0.0),
+            l.last().copied().unwrap_or(0.0),
+        )
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.done.tokens as f64 / self.done.seconds.max(1e-9)
+    }
+
+    /// `hone train --json`'s object.
+    pub fn to_json(&self) -> Value {
+        let (d, cfg) = (&self.done, &self.cfg);
+        let (first, last) = self.first_last();
+        json!({"version": d.version, "parent": self.parent, "steps": d.steps, "loss_first": first,
+               "loss_last": last, "losses": d.losses, "train_tps": self.tokens_per_s(),
+               "peak_rss_mb": mib(self.peak_rss), "seconds": d.seconds, "seq_len": cfg.seq_len,
+               "micro_batch": cfg.micro_batch, "layers": cfg.lora.layers.len(),
+               "checkpointing": cfg.checkpointing, "estimate_mb": mib(self.estimate)})
+    }
+}
+
+impl std::fmt::Display for FileDone {
+    /// `hone train`'s last line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (first, last) = self.first_last();
+        write!(
+            f,
+            "adapter v{} is active: {} steps, loss {first:.4} -> {last:.4}, {:.0} tokens/s, peak RSS {:.0} MiB",
+            self.done.version,
+            self.done.steps,
+            self.tokens_per_s(),
+            mib(self.peak_rss)
+        )
+    }
 }
