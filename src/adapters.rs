@@ -558,6 +558,16 @@ pub fn export_peft(w: &LoraWeights, cfg: &Config, base_model: &str, out: &Path) 
     })
 }
 
+/// The identity of the chosen model, its architecture read from the file's header (the model
+/// is not loaded).
+pub fn model_id_of(store: &Store, choice: &ModelChoice) -> anyhow::Result<ModelId> {
+    use anyhow::Context;
+    let arch = crate::gguf::GgufFile::open(&choice.path)
+        .and_then(|f| f.architecture())
+        .with_context(|| format!("reading {}", choice.path.display()))?;
+    Ok(model_id(store, choice, &arch)?)
+}
+
 /// The active adapter version of the chosen model, if any (the same lookup `ask` does, without
 /// loading the model); None when the file cannot be read.
 pub fn active_version_of(store: &Store, choice: &ModelChoice) -> Option<i64> {

@@ -48,6 +48,18 @@ pub fn set_default(store: &Store, name: &str) -> Result<(), crate::store::StoreE
     store.set_setting(DEFAULT_MODEL_KEY, name)
 }
 
+/// Resolves a teacher model when one is named (`--teacher`); the error names it.
+pub fn resolve_teacher(
+    home: &Home,
+    store: &Store,
+    teacher: Option<&str>,
+) -> anyhow::Result<Option<ModelChoice>> {
+    use anyhow::Context;
+    teacher
+        .map(|t| resolve(home, store, Some(t)).with_context(|| format!("the teacher model {t:?}")))
+        .transpose()
+}
+
 /// Resolves `requested` (or the default model) to a file.
 pub fn resolve(
     home: &Home,

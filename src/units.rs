@@ -10,6 +10,11 @@ pub struct BadSize {
     pub input: String,
 }
 
+/// A memory budget flag: a size (see [`parse_bytes`]), or `None` when none is given.
+pub fn parse_budget(s: Option<&str>) -> Result<Option<u64>, BadSize> {
+    s.map(parse_bytes).transpose()
+}
+
 /// `"600MiB"` → bytes. Units (case-insensitive, optional space): B; KiB, MiB, GiB, TiB
 /// (powers of 1024); kB, MB, GB, TB (powers of 1000); K, M, G, T alone mean KiB, MiB, GiB,
 /// TiB. Fractions are allowed (`1.5GiB`).

@@ -49,11 +49,7 @@ fn train(cli: &Cli, a: &BenchArgs) -> Result<()> {
         .threads
         .unwrap_or_else(candle_core::utils::get_num_threads);
     let req = TrainRequest {
-        budget: a
-            .max_memory
-            .as_deref()
-            .map(hone::units::parse_bytes)
-            .transpose()?,
+        budget: hone::units::parse_budget(a.max_memory.as_deref())?,
         steps: a.reps,
         rounds: a.rounds,
         vs_peft: a.vs_peft.clone(),

@@ -149,13 +149,7 @@ pub struct EvalArgs {
 
 fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
     let strategies = Strategy::parse_list(&f.strategies).map_err(anyhow::Error::msg)?;
-    let teacher = match &f.teacher {
-        Some(t) => Some(
-            hone::registry::resolve(&ctx.home, &ctx.store, Some(t))
-                .with_context(|| format!("the teacher model {t:?}"))?,
-        ),
-        None => None,
-    };
+    let teacher = hone::registry::resolve_teacher(&ctx.home, &ctx.store, f.teacher.as_deref())?;
     Ok(LearnOptions {
         strategies,
         teacher_name: teacher.as_ref().map(|t| t.name.clone()),
@@ -184,11 +178,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         attribute_answers: !f.no_attribute,
         min_steps: f.min_steps,
         adaptive: !f.fixed_steps,
-        max_memory: f
-            .max_memory
-            .as_deref()
-            .map(hone::units::parse_bytes)
-            .transpose()?,
+        max_memory: hone::units::parse_budget(f.max_memory.as_deref())?,
         seed: f.seed,
         ..LearnOptions::default()
     })

@@ -260,6 +260,23 @@ pub fn use_version(home: &Home, store: &Store, version: i64) -> Result<AdapterRe
     Ok(rec)
 }
 
+/// Writes writer `version`'s weights to `out` (checked first), in half precision with `f16`.
+pub fn export(
+    home: &Home,
+    store: &Store,
+    version: i64,
+    out: &std::path::Path,
+    f16: bool,
+) -> Result<()> {
+    let rec = store
+        .writer(version)?
+        .with_context(|| format!("there is no writer version w{version} (`hone writer list`)"))?;
+    let (w, meta) = adapters::read_checked(home, &rec)?;
+    let bytes = adapters::file_bytes(&w, &meta, f16)?;
+    crate::lora::write_atomic(out, &bytes)
+        .with_context(|| format!("writing writer w{version} to {}", out.display()))
+}
+
 /// Goes back from the model's writer to its parent (or to the model alone); returns (from, to).
 pub fn rollback(store: &Store, model_sha256: &str) -> Result<(i64, Option<i64>)> {
     let cur = store

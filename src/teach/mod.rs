@@ -19,6 +19,7 @@
 //! goes to the caller's callback).
 
 pub mod records;
+pub mod report;
 pub mod reward;
 
 use crate::adapters::{self, Kind, ModelId};
@@ -140,6 +141,22 @@ pub struct Progress {
     pub done: usize,
     pub total: usize,
     pub message: String,
+}
+
+/// The notes to train the writer on and how the records name them: a questions file (its path
+/// and the start of its sha256), or the user's own notes (rewarded by their probes).
+pub fn notes_from(store: &Store, qa: Option<&std::path::Path>) -> Result<(Vec<QaNote>, String)> {
+    match qa {
+        Some(path) => Ok((
+            crate::eval::read_qa(path)?,
+            format!(
+                "{} (sha256 {})",
+                path.display(),
+                &crate::digest::sha256_file(path)?[..12]
+            ),
+        )),
+        None => Ok((own_notes(store)?, "your notes".to_string())),
+    }
 }
 
 /// The rule-made held-out probes of a note, as questions (the reward on a user's own notes).
