@@ -114,6 +114,20 @@ pub struct Answered {
     pub generation: Generation,
     /// The learned note the question is about, when one routed the answer to the adapter.
     pub about: Option<crate::retrieve::NoteMatch>,
+    /// The notes retrieval put in the prompt: what the answer cites.
+    pub cited: Vec<crate::retrieve::NoteMatch>,
+}
+
+/// Which notes `hone ask` puts in the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotesInPrompt {
+    /// The notes the question is about (full-text search), when some are; else none and the
+    /// adapter answers from its weights.
+    Found,
+    /// The 50 most recent notes (`--with-notes`).
+    Recent,
+    /// None (`--no-retrieval`): the weights alone.
+    Off,
 }
 
 impl Assistant {
@@ -161,35 +175,63 @@ impl Assistant {
             on_text,
             about.is_some(),
         )?;
-        Ok(Answered { generation, about })
+        Ok(Answered {
+            generation,
+            about,
+            cited: Vec::new(),
+        })
     }
 
     /// `hone ask`: answers `question` once after the `system` message, streaming the text to
-    /// `on_text`, and records it as an "ask" exchange. With `with_notes` the 50 most recent notes
-    /// are in the prompt; without, a question about a learned note is answered by the adapter
-    /// from its weights. Returns the answer and the exchange's id.
+    /// `on_text`, and records it as an "ask" exchange. `notes` says which notes go in the
+    /// prompt: the ones the question is about (answered by the base model, citing them), the
+    /// recent ones, or none; with none in the prompt, a question about a learned note is
+    /// answered by the adapter from its weights. Returns the answer and the exchange's id.
     #[allow(clippy::too_many_arguments)]
     pub fn ask(
         &mut self,
         store: &Store,
         system: Option<Message>,
         question: &str,
-        with_notes: bool,
+        notes: NotesInPrompt,
         params: &SamplingParams,
         max_tokens: usize,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<(Answered, i64)> {
         let mut messages: Vec<Message> = system.into_iter().collect();
-        let content = if with_notes {
-            with_recent_notes(store, question)?
-        } else {
-            question.to_string()
+        let found = match notes {
+            NotesInPrompt::Found => crate::retrieve::relevant(store, question, 3)?,
+            _ => Vec::new(),
+        };
+        let content = match notes {
+            NotesInPrompt::Recent => with_recent_notes(store, question)?,
+            _ if !found.is_empty() => {
+                let texts: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
+                notes_prompt(&texts, question)
+            }
+            _ => question.to_string(),
         };
         messages.push(Message::user(&content));
         let tokens = self.engine.chat_tokens(&messages)?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
-        let asked = (!with_notes).then_some(question);
-        let answered = self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?;
+        let answered = if found.is_empty() {
+            let asked = (notes != NotesInPrompt::Recent).then_some(question);
+            self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?
+        } else {
+            let g = answer_base(
+                &mut self.engine,
+                &tokens,
+                params,
+                max_tokens,
+                &cancel,
+                on_text,
+            )?;
+            Answered {
+                generation: g,
+                about: None,
+                cited: found,
+            }
+        };
         let id = self.record(store, "ask", None, question, &answered.generation, params)?;
         Ok((answered, id))
     }
@@ -304,6 +346,19 @@ pub fn with_recent_notes(store: &Store, question: &str) -> Result<String> {
 }
 
 impl Answered {
+    /// The citation shown after a text answer, e.g. " [note 12, note 7]" (empty without one).
+    pub fn citation(&self) -> String {
+        if self.cited.is_empty() {
+            return String::new();
+        }
+        let ids: Vec<String> = self
+            .cited
+            .iter()
+            .map(|m| format!("note {}", m.id))
+            .collect();
+        format!(" [{}]", ids.join(", "))
+    }
+
     /// `hone ask --json`: the answer written by `asst`, its route, tokens and timings, and the
     /// recorded exchange's id.
     pub fn to_json(&self, asst: &Assistant, exchange_id: i64) -> serde_json::Value {
@@ -318,6 +373,8 @@ impl Answered {
             "route_p": g.route_p,
             // The learned note the question is about (full-text match), if any.
             "about_note": self.about.as_ref().map(|m| m.id),
+            // The notes retrieval put in the prompt, which the answer rests on.
+            "citations": self.cited.iter().map(|m| serde_json::json!({"id": m.id, "passage": m.content})).collect::<Vec<_>>(),
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,

@@ -165,6 +165,9 @@ pub struct AskArgs {
     /// Put the most recent notes into the prompt (answer from context, not from memory)
     #[arg(long)]
     pub with_notes: bool,
+    /// Do not put the notes the question is about into the prompt (answer from the weights)
+    #[arg(long, conflicts_with = "with_notes")]
+    pub no_retrieval: bool,
     /// Answer with the base model, without the active adapter
     #[arg(long)]
     pub base: bool,

@@ -261,6 +261,58 @@ fn ask_with_notes_answers_from_the_notes() {
     assert!(a.contains("flowerpot"), "{a}");
 }
 
+/// Retrieval: the note a question is about goes into the prompt and the answer cites it;
+/// `--no-retrieval` leaves it out; a question about nothing stored cites nothing.
+#[test]
+fn ask_retrieves_the_note_a_question_is_about_and_cites_it() {
+    let home = temp_home();
+    let h = home.path();
+    run(
+        hone(h).args([
+            "note",
+            "add",
+            "My locker at the Harrowgate pool is number 311.",
+        ]),
+        true,
+    );
+    run(
+        hone(h).args(["note", "add", "The plumber Edvin Sorrel comes on Tuesday."]),
+        true,
+    );
+    let ask = |extra: &[&str], q: &str| {
+        let mut c = hone(h);
+        c.arg("--model")
+            .arg(model_arg())
+            .args(["ask", "--json", "--temperature", "0", "-n", "40"]);
+        c.args(extra).arg(q);
+        last_json(&run(&mut c, true))
+    };
+    let j = ask(&[], "What is my locker number at the Harrowgate pool?");
+    let cited = j["citations"].as_array().unwrap();
+    assert_eq!(cited.len(), 1, "{j}");
+    assert_eq!(cited[0]["id"], 1, "{j}");
+    assert!(cited[0]["passage"].as_str().unwrap().contains("311"));
+    assert!(j["answer"].as_str().unwrap().contains("311"), "{j}");
+    let j = ask(
+        &["--no-retrieval"],
+        "What is my locker number at the Harrowgate pool?",
+    );
+    assert!(j["citations"].as_array().unwrap().is_empty(), "{j}");
+    let j = ask(&[], "What is the capital of France?");
+    assert!(j["citations"].as_array().unwrap().is_empty(), "{j}");
+    // The text answer names the note it rests on.
+    let mut c = hone(h);
+    c.arg("--model")
+        .arg(model_arg())
+        .args(["ask", "--temperature", "0", "-n", "30"]);
+    let o = run(c.arg("When does the plumber Edvin Sorrel come?"), true);
+    assert!(
+        stdout(&o).trim_end().ends_with("[note 2]"),
+        "{}",
+        stdout(&o)
+    );
+}
+
 /// The fast paths (SIMD dot kernels for decoding, the tiled GEMM for prompts) give the same
 /// greedy answers as the scalar reference kernels (`HONE_KERNELS=scalar`) on fixed prompts.
 #[test]

@@ -26,7 +26,16 @@ fn cycle_status(home: &Path) -> Option<String> {
 
 fn ask(home: &Path, q: &str, base: bool) -> String {
     let mut c = hone(home);
-    c.args(["ask", "--json", "--temperature", "0", "-n", "40"]);
+    // From the weights: no retrieved note in the prompt.
+    c.args([
+        "ask",
+        "--json",
+        "--no-retrieval",
+        "--temperature",
+        "0",
+        "-n",
+        "40",
+    ]);
     if base {
         c.arg("--base");
     }

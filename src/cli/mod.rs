@@ -171,7 +171,11 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
         &ctx.store,
         system,
         &question,
-        a.with_notes,
+        match (a.with_notes, a.no_retrieval) {
+            (true, _) => hone::assistant::NotesInPrompt::Recent,
+            (false, true) => hone::assistant::NotesInPrompt::Off,
+            (false, false) => hone::assistant::NotesInPrompt::Found,
+        },
         &params,
         max_tokens,
         &mut |piece| {
@@ -183,7 +187,7 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
     if json {
         println!("{}", answered.to_json(&asst, id));
     } else {
-        println!();
+        println!("{}", answered.citation());
     }
     Ok(())
 }
