@@ -44,6 +44,8 @@ pub fn mode_list(mode: &str, sequential: Option<usize>, retention: bool) -> Resu
             "combined",
         ],
         m @ ("base" | "in-context" | "passage" | "learn" | "retrieval" | "hybrid") => vec![m],
+        // One strategy alone (no gate), as in the ablation: `only-writer`, `only-cloze`, ...
+        m if m.strip_prefix("only-").is_some_and(|s| Strategy::parse(s).is_ok()) => vec![m],
         m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, retrieval, hybrid, all or ablation"),
     };
     let mut v: Vec<String> = v.into_iter().map(str::to_string).collect();

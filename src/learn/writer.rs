@@ -82,8 +82,13 @@ pub fn shipped(model_sha256: &str) -> Option<&'static [u8]> {
         .map(|(_, b)| *b)
 }
 
-/// The writers shipped with hone (see `writers/README.md` for the command that made each).
-const SHIPPED: &[(&str, &[u8])] = &[];
+/// The writers shipped with hone, by the sha256 of the model they write with (see
+/// `writers/README.md` for the command that made each).
+const SHIPPED: &[(&str, &[u8])] = &[(
+    // SmolLM2-135M-Instruct Q4_1, the default model.
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    include_bytes!("../../writers/smollm2-135m-instruct.writer.f16.safetensors"),
+)];
 
 /// Loads the writer `choice` names for `model` (shapes `cfg`), refusing a writer made for
 /// another model.
