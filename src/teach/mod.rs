@@ -478,22 +478,10 @@ fn run_round(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Option<RoundReport>> {
-    for (i, n) in notes.iter().enumerate() {
-        if records::note_done(store, round, &n.id, "baseline")? {
-            continue;
-        }
-        progress(&Progress {
-            round: number,
-            phase: "samples",
-            done: i,
-            total: notes.len(),
-            message: format!("note {} ({}/{})", n.id, i + 1, notes.len()),
-        });
-        let Some(mut samples) = sample_note(m, w, n, opts, round, "train", cancel)? else {
-            return Ok(None);
-        };
-        choose(&mut samples, opts.reward_on);
-        records::add_samples(store, round, &samples)?;
+    if !sample_all(
+        store, m, w, notes, opts, round, number, "train", cancel, progress,
+    )? {
+        return Ok(None);
     }
     if cancel.load(Ordering::Relaxed) {
         return Ok(None);
@@ -635,6 +623,56 @@ fn choose(samples: &mut [Sample], on: RewardOn) {
     }
 }
 
+/// Samples and scores every note of `notes` that `round` has not stored yet as `role` (`train`:
+/// the best sample is chosen; `holdout`: only measured), a note per transaction. False when
+/// cancelled.
+#[allow(clippy::too_many_arguments)]
+fn sample_all(
+    store: &mut Store,
+    m: &mut Models,
+    w: &Writer,
+    notes: &[&QaNote],
+    opts: &TeachOptions,
+    round: i64,
+    number: usize,
+    role: &str,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<bool> {
+    let holdout = role == "holdout";
+    let baseline = if holdout {
+        "holdout-baseline"
+    } else {
+        "baseline"
+    };
+    for (i, n) in notes.iter().enumerate() {
+        if records::note_done(store, round, &n.id, baseline)? {
+            continue;
+        }
+        progress(&Progress {
+            round: number,
+            phase: if holdout { "holdout" } else { "samples" },
+            done: i,
+            total: notes.len(),
+            message: format!(
+                "{}note {} ({}/{})",
+                if holdout { "held-out " } else { "" },
+                n.id,
+                i + 1,
+                notes.len()
+            ),
+        });
+        let Some(mut samples) = sample_note(m, w, n, opts, round, role, cancel)? else {
+            return Ok(false);
+        };
+        if !holdout {
+            choose(&mut samples, opts.reward_on);
+        }
+        records::add_samples(store, round, &samples)?;
+    }
+    Ok(!cancel.load(Ordering::Relaxed))
+}
+
 /// The held-out slice's mean reward for writer `w` (stored as `holdout` rows of `round`).
 #[allow(clippy::too_many_arguments)]
 fn measure(
@@ -648,21 +686,10 @@ fn measure(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Option<f64>> {
-    for (i, n) in holdout.iter().enumerate() {
-        if records::note_done(store, round, &n.id, "holdout-baseline")? {
-            continue;
-        }
-        progress(&Progress {
-            round: number,
-            phase: "holdout",
-            done: i,
-            total: holdout.len(),
-            message: format!("held-out note {} ({}/{})", n.id, i + 1, holdout.len()),
-        });
-        let Some(samples) = sample_note(m, w, n, opts, round, "holdout", cancel)? else {
-            return Ok(None);
-        };
-        records::add_samples(store, round, &samples)?;
+    if !sample_all(
+        store, m, w, holdout, opts, round, number, "holdout", cancel, progress,
+    )? {
+        return Ok(None);
     }
     let rows = records::samples(store, round)?;
     // A sample with no usable item counts as the passage alone: reward 0. Only this slice's
