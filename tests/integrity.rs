@@ -93,6 +93,60 @@ fn a_diverging_run_stops_and_keeps_the_previous_adapter() {
     assert!(store.adapters().unwrap()[0].active);
 }
 
+/// A learning cycle whose active adapter's file was damaged builds on the nearest good version
+/// (here none: the base model) instead of failing, says so, and activates its own adapter.
+#[test]
+fn a_cycle_does_not_build_on_a_damaged_adapter() {
+    let home = temp_home();
+    let h = home.path();
+    let model = tiny_model(h);
+    let data = training_data(h);
+    let with_model = |c: &mut std::process::Command| {
+        c.arg("--model").arg(&model);
+    };
+    let mut c = hone(h);
+    with_model(&mut c);
+    run(
+        c.args(["train", "--data"])
+            .arg(&data)
+            .args(["--max-steps", "2", "--seq-len", "32"]),
+        true,
+    );
+    let file = h.join("adapters/v1.safetensors");
+    let mut b = std::fs::read(&file).unwrap();
+    let n = b.len();
+    b[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&file, b).unwrap();
+    run(
+        hone(h).args(["note", "add", "My locker at the pool is number 311."]),
+        true,
+    );
+    let mut c = hone(h);
+    with_model(&mut c);
+    let o = run(
+        c.args([
+            "learn",
+            "--no-gate",
+            "--fixed-steps",
+            "--min-steps",
+            "2",
+            "--epochs",
+            "1",
+        ])
+        .args(["--anchor-ratio", "0", "--json"]),
+        true,
+    );
+    assert!(
+        stderr(&o).contains("adapter v1 cannot be used"),
+        "{}",
+        stderr(&o)
+    );
+    let j = last_json(&o);
+    assert_eq!(j["activated"], 2, "{j}");
+    let store = hone::store::Store::open(&h.join("hone.db")).unwrap();
+    assert_eq!(store.adapter(2).unwrap().unwrap().parent, None);
+}
+
 /// RLIMIT_FSIZE below the checkpoint's size (and SIGXFSZ ignored, so writes fail with EFBIG as
 /// on a full disk): the run warns, keeps training, and saves its (smaller) adapter at the end.
 #[cfg(target_os = "linux")]

@@ -217,10 +217,15 @@ fn pick_notes(run: &mut Run, opts: &LearnOptions, only: Option<&[i64]>) -> Resul
     if opts.dry_run {
         return Ok(Picked::DryRun(ids));
     }
-    let parent = run
-        .store
-        .active_adapter(&run.l.id.sha256)?
-        .map(|r| r.version);
+    // A damaged active adapter is not built on: the nearest good parent (or none) is, and
+    // becomes the active one, as `hone ask` does.
+    let mcfg = run.l.engine.model.cfg.clone();
+    let (found, warning) =
+        adapters::load_active_or_fallback(run.home, run.store, &run.l.id, &mcfg)?;
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
+    let parent = found.map(|(r, _)| r.version);
     Ok(Picked::Cycle(Box::new(records::start(
         run.store,
         &run.choice.name,
