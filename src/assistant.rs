@@ -215,7 +215,9 @@ impl Assistant {
         let tokens = self.engine.chat_tokens(&messages)?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
         let answered = if found.is_empty() {
-            let asked = (notes != NotesInPrompt::Recent).then_some(question);
+            // With retrieval on and nothing found, no note is about the question (the learned
+            // one that routes would have been found too): no second search.
+            let asked = (notes == NotesInPrompt::Off).then_some(question);
             self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?
         } else {
             let g = answer_base(

@@ -129,8 +129,11 @@ pub fn ask_all_with(
         let params = Default::default();
         let g = if found.is_empty() {
             // As `hone ask` answers: a question about a learned note goes to the adapter.
+            // With retrieval, nothing found means no note is about the question: no second search.
             let about = match (store, ctx) {
-                (Some(s), None) => crate::assistant::note_about(s, engine, Some(&q.q))?.is_some(),
+                (Some(s), None) if !retrieval => {
+                    crate::assistant::note_about(s, engine, Some(&q.q))?.is_some()
+                }
                 _ => false,
             };
             engine.answer_routed(&toks, &params, 48, cancel, &mut |_| {}, about)?

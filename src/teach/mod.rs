@@ -185,24 +185,10 @@ pub fn own_notes(store: &Store) -> Result<Vec<QaNote>> {
         .collect())
 }
 
-fn usable_refs<'a>(notes: &[&'a QaNote]) -> (Vec<&'a QaNote>, Vec<(String, String)>) {
-    let mut ok = Vec::new();
-    let mut skipped = Vec::new();
-    for n in notes {
-        let (u, s) = usable(std::slice::from_ref(*n));
-        if u.is_empty() {
-            skipped.extend(s);
-        } else {
-            ok.push(*n);
-        }
-    }
-    (ok, skipped)
-}
-
 /// The notes a round can use: each needs at least one question the note answers, either
 /// stating an accepted answer or sharing at least two content words with the question (an
 /// answer the note implies, such as a year worked out from it). A note with none is skipped.
-pub fn usable(notes: &[QaNote]) -> (Vec<&QaNote>, Vec<(String, String)>) {
+pub fn usable<'a>(notes: &[&'a QaNote]) -> (Vec<&'a QaNote>, Vec<(String, String)>) {
     let mut ok = Vec::new();
     let mut skipped = Vec::new();
     for n in notes {
@@ -216,7 +202,7 @@ pub fn usable(notes: &[QaNote]) -> (Vec<&QaNote>, Vec<(String, String)>) {
                     >= 2
         });
         if answered {
-            ok.push(n);
+            ok.push(*n);
         } else {
             skipped.push((
                 n.id.clone(),
@@ -316,8 +302,8 @@ pub fn train(
     // notes whatever the usability rule says about others.
     let all: Vec<&QaNote> = notes.iter().collect();
     let (holdout, train_notes) = split(&all, opts.holdout);
-    let (holdout, mut skipped) = usable_refs(&holdout);
-    let (train_notes, skipped_train) = usable_refs(&train_notes);
+    let (holdout, mut skipped) = usable(&holdout);
+    let (train_notes, skipped_train) = usable(&train_notes);
     skipped.extend(skipped_train);
     if train_notes.is_empty() {
         bail!("{source}: no training note has a question answered in the note; a writer cannot be trained on it");
@@ -981,13 +967,14 @@ mod tests {
 
     #[test]
     fn notes_without_answers_are_skipped_and_the_split_is_stable() {
-        let v = vec![
+        let v = [
             note("a", "The gym opens at 6.", &["6"]),
             note("b", "Nothing here.", &["Paris"]),
             note("c", "My sister is Ana.", &["Ana"]),
             note("d", "Rent is 900.", &["900", "nowhere"]),
         ];
-        let (ok, skipped) = usable(&v);
+        let refs: Vec<&QaNote> = v.iter().collect();
+        let (ok, skipped) = usable(&refs);
         assert_eq!(ok.len(), 3);
         assert_eq!(
             skipped,
