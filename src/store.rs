@@ -224,6 +224,34 @@ pub const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     );
     CREATE INDEX writer_samples_round ON writer_samples(round, note_key);",
+    // v7: notes removed after a cycle learned them (`forget`). The weights still hold such a
+    // note until the adapter is rebuilt without it: its text is kept only so that answers resting
+    // on it can be held back, and the rebuild erases it (and the note's self-edits).
+    "CREATE TABLE forgotten_notes (
+        id INTEGER PRIMARY KEY,
+        note_id INTEGER NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        first_cycle INTEGER NOT NULL,
+        removed_at TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        content TEXT NOT NULL,
+        rebuilt_at TEXT,
+        rebuilt_cycle INTEGER,
+        UNIQUE (note_id, model_sha256)
+    );
+    CREATE VIRTUAL TABLE forgotten_fts USING fts5(
+        content, content='forgotten_notes', content_rowid='id', tokenize='porter unicode61'
+    );
+    CREATE TRIGGER forgotten_fts_insert AFTER INSERT ON forgotten_notes BEGIN
+        INSERT INTO forgotten_fts(rowid, content) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER forgotten_fts_delete AFTER DELETE ON forgotten_notes BEGIN
+        INSERT INTO forgotten_fts(forgotten_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    END;
+    CREATE TRIGGER forgotten_fts_update AFTER UPDATE OF content ON forgotten_notes BEGIN
+        INSERT INTO forgotten_fts(forgotten_fts, rowid, content) VALUES ('delete', old.id, old.content);
+        INSERT INTO forgotten_fts(rowid, content) VALUES (new.id, new.content);
+    END;",
 ];
 
 /// The schema version this build of hone writes.
@@ -742,12 +770,35 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Deletes a note; `false` if there was none with this id.
+    /// Deletes a note; `false` if there was none with this id. A note that a cycle already
+    /// learned into an active line of adapters is recorded in `forgotten_notes` in the same
+    /// transaction (one row per model), so that answers resting on it are held back and the next
+    /// cycle rebuilds the adapter without it (`crate::forget`).
     pub fn remove_note(&self, id: i64) -> Result<bool, StoreError> {
-        let n = self
-            .conn
-            .execute("DELETE FROM notes WHERE id = ?1", [id])
-            .map_err(|e| self.err(e))?;
+        self.remove_note_because(id, "removed")
+    }
+
+    /// [`Store::remove_note`] with the reason recorded (`removed`, `edited`, `corrected`).
+    pub fn remove_note_because(&self, id: i64, reason: &str) -> Result<bool, StoreError> {
+        let run = || -> rusqlite::Result<usize> {
+            let tx =
+                rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO forgotten_notes
+                     (note_id, model_sha256, first_cycle, removed_at, reason, content)
+                 SELECT n.id, c.model_sha256, MIN(c.id), ?2, ?3, n.content
+                 FROM notes n
+                 JOIN learn_items i ON i.note_id = n.id AND i.verdict = 'kept'
+                 JOIN learn_cycles c ON c.id = i.cycle AND c.activated = 1
+                 WHERE n.id = ?1
+                 GROUP BY c.model_sha256",
+                rusqlite::params![id, now_rfc3339(), reason],
+            )?;
+            let n = tx.execute("DELETE FROM notes WHERE id = ?1", [id])?;
+            tx.commit()?;
+            Ok(n)
+        };
+        let n = run().map_err(|e| self.err(e))?;
         Ok(n > 0)
     }
 
