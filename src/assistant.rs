@@ -116,6 +116,9 @@ pub struct Answered {
     pub about: Option<crate::retrieve::NoteMatch>,
     /// The notes retrieval put in the prompt: what the answer cites.
     pub cited: Vec<crate::retrieve::NoteMatch>,
+    /// The removed note the question is about, when the adapter still holds it: the base model
+    /// answered instead (see `retrieve::forgotten_about`).
+    pub held_back: Option<i64>,
 }
 
 /// Which notes `hone ask` puts in the prompt.
@@ -166,6 +169,22 @@ impl Assistant {
         cancel: &std::sync::atomic::AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answered> {
+        if let Some(gone) = self.held_back(store, question)? {
+            let g = answer_base(
+                &mut self.engine,
+                tokens,
+                params,
+                max_tokens,
+                cancel,
+                on_text,
+            )?;
+            return Ok(Answered {
+                generation: g,
+                about: None,
+                cited: Vec::new(),
+                held_back: Some(gone),
+            });
+        }
         let about = note_about(store, &self.engine, question)?;
         let generation = self.engine.answer_routed(
             tokens,
@@ -179,7 +198,17 @@ impl Assistant {
             generation,
             about,
             cited: Vec::new(),
+            held_back: None,
         })
+    }
+
+    /// The removed note `question` is about while the attached adapter may still hold it (the
+    /// base model must answer), if any.
+    fn held_back(&self, store: &Store, question: Option<&str>) -> Result<Option<i64>> {
+        match (self.engine.model.adapter(), question) {
+            (Some(_), Some(q)) => Ok(crate::retrieve::forgotten_about(store, q)?.map(|m| m.id)),
+            _ => Ok(None),
+        }
     }
 
     /// `hone ask`: answers `question` once after the `system` message, streaming the text to
@@ -216,9 +245,28 @@ impl Assistant {
         let cancel = std::sync::atomic::AtomicBool::new(false);
         let answered = if found.is_empty() {
             // With retrieval on and nothing found, no note is about the question (the learned
-            // one that routes would have been found too): no second search.
+            // one that routes would have been found too): no second search, but a removed
+            // note the adapter still holds is looked for.
             let asked = (notes == NotesInPrompt::Off).then_some(question);
-            self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?
+            match self.held_back(store, Some(question))? {
+                Some(gone) if asked.is_none() => {
+                    let g = answer_base(
+                        &mut self.engine,
+                        &tokens,
+                        params,
+                        max_tokens,
+                        &cancel,
+                        on_text,
+                    )?;
+                    Answered {
+                        generation: g,
+                        about: None,
+                        cited: Vec::new(),
+                        held_back: Some(gone),
+                    }
+                }
+                _ => self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?,
+            }
         } else {
             let g = answer_base(
                 &mut self.engine,
@@ -232,6 +280,7 @@ impl Assistant {
                 generation: g,
                 about: None,
                 cited: found,
+                held_back: None,
             }
         };
         let id = self.record(store, "ask", None, question, &answered.generation, params)?;
@@ -375,6 +424,9 @@ impl Answered {
             "route_p": g.route_p,
             // The learned note the question is about (full-text match), if any.
             "about_note": self.about.as_ref().map(|m| m.id),
+            // A removed note the question is about, which the adapter may still hold until it is
+            // rebuilt: the base model answered instead.
+            "held_back_note": self.held_back,
             // The notes retrieval put in the prompt, which the answer rests on.
             "citations": self.cited.iter().map(|m| serde_json::json!({"id": m.id, "passage": m.content})).collect::<Vec<_>>(),
             "prompt_tokens": g.prompt_tokens,
