@@ -137,11 +137,18 @@ fn search_in(store: &Store, question: &str, limit: usize, index: Index) -> Resul
 }
 
 /// The notes (learned or not) `question` is about, best first, at most `k`: what retrieval puts
-/// in the prompt.
+/// in the prompt. Only the notes that share as many of the question's words as the best one
+/// are kept: among hundreds of notes of the same shape (lockers, appointments), a runner-up
+/// that matches fewer particulars is a distractor a small model answers from.
 pub fn relevant(store: &Store, question: &str, k: usize) -> Result<Vec<NoteMatch>> {
-    Ok(search(store, question, 10)?
+    let about: Vec<NoteMatch> = search(store, question, 10)?
         .into_iter()
         .filter(NoteMatch::is_about)
+        .collect();
+    let best = about.first().map(|m| m.matched).unwrap_or(0);
+    Ok(about
+        .into_iter()
+        .filter(|m| m.matched == best)
         .take(k)
         .collect())
 }
@@ -222,5 +229,28 @@ mod tests {
         };
         assert!(store.remove_note(id).unwrap());
         assert!(search(&store, "bakery Linden", 5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_the_closest_notes_go_in_the_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        for n in [
+            "My locker at the gym in Brakvik is number 427, next to Gunnar Ulvang's.",
+            "My locker at the pool in Brakvik is number 112, next to Tove Falk's.",
+            "My locker at the gym in Eskerby is number 903, next to Per Holm's.",
+        ] {
+            store.add_note(n, None, None).unwrap();
+        }
+        let q = "What number is my locker at the gym next to Gunnar Ulvang's?";
+        let found = relevant(&store, q, 3).unwrap();
+        // The other lockers share "locker", "number" and maybe "gym", not Gunnar Ulvang.
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].content.contains("427"));
+        // Notes equally close all go in (at most k).
+        let q = "Which number is my locker at the gym?";
+        let found = relevant(&store, q, 3).unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(relevant(&store, q, 1).unwrap().len(), 1);
     }
 }
