@@ -37,6 +37,16 @@ kills=0
 
 fail() { echo "FAIL: $*" >&2; fails=$((fails + 1)); }
 
+# Sleeps $1 milliseconds inside bash (a read that times out on a pipe nobody writes): starting
+# `sleep` takes longer than a whole note import on a loaded machine, so kills meant to land
+# inside an import landed after it.
+exec {NAP_FD}<> <(:)
+nap() {
+  local t
+  printf -v t '%d.%03d' $(($1 / 1000)) $(($1 % 1000))
+  read -rt "$t" -u "$NAP_FD" || true
+}
+
 # Prints "notes adapters" after checking integrity and every adapter file; fails loudly.
 check() {
   python3 - "$HONE_HOME" <<'EOF'
@@ -62,8 +72,8 @@ EOF
 kill_randomly() {
   local max_ms=$1; shift
   "$@" >/dev/null 2>&1 &
-  local pid=$! ms=$((RANDOM % max_ms))
-  sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
+  local pid=$!
+  nap $((RANDOM % max_ms))
   kill -KILL "$pid" 2>/dev/null || true
   killed "$pid" && kills=$((kills + 1))
   return 0
@@ -160,8 +170,8 @@ for k in $(seq 1 "$KILLS"); do
   "${H[@]}" note add "Daemon fact $k: parcel $k waits at the kiosk on platform $((k % 7 + 1))." >/dev/null
   read -r before a_before < <(check) || fail "check before the daemon"
   "${H[@]}" "${DAEMON[@]}" >/dev/null 2>"$WORK/daemon.err" &
-  pid=$! ms=$((RANDOM % 4000))
-  sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
+  pid=$!
+  nap $((RANDOM % 4000))
   ph=$(phase "$pid")
   kill -KILL "$pid" 2>/dev/null || true
   if killed "$pid"; then
