@@ -79,19 +79,23 @@ impl TinySpec {
         if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 {
             return Some("layers, heads and kv_heads must be at least 1".into());
         }
-        if self.dim == 0 || self.dim % 32 != 0 || self.ffn == 0 || self.ffn % 32 != 0 {
+        if self.dim == 0
+            || !self.dim.is_multiple_of(32)
+            || self.ffn == 0
+            || !self.ffn.is_multiple_of(32)
+        {
             return Some(format!(
                 "dim ({}) and ffn ({}) must be positive multiples of 32 (a quantisation block)",
                 self.dim, self.ffn
             ));
         }
-        if self.dim % self.heads != 0 || (self.dim / self.heads) % 2 != 0 {
+        if !self.dim.is_multiple_of(self.heads) || !(self.dim / self.heads).is_multiple_of(2) {
             return Some(format!(
                 "dim ({}) must split into {} heads of an even width",
                 self.dim, self.heads
             ));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Some(format!(
                 "heads ({}) must be a multiple of kv_heads ({})",
                 self.heads, self.kv_heads
