@@ -13,8 +13,9 @@
 # daemon started after the kills finishes a cycle and leaves no note pending.
 #
 # usage: bench/faults.sh [KILLS] [HONE_BINARY]
-#   KILLS   SIGKILLs per command, four commands (default 10; CI runs 3, under a minute;
-#           25 gives the 100 of issue 22's report)
+#   KILLS   rounds per command, four commands (default 10; CI runs 3, under a minute). Kills of
+#           an import or a resumed train that already ended are not counted: 40 rounds gave
+#           130 SIGKILLs and 0 failures in 293 s here (BENCHMARKS.md, issue 22), 25 gave 94.
 #   HONE    default target/release/hone (build it first: cargo build --release)
 # It runs on a tiny random model written by `hone dev write-tiny-model`, so a run is fast; set
 # FAULTS_MODEL=/path/to/model.gguf to use a real model instead (slower, same checks).
