@@ -58,6 +58,53 @@ pub fn byte_chars() -> Vec<char> {
     table
 }
 
+impl TinySpec {
+    /// The smallest model the checks accept: one layer, width 32 (one quantisation block), two
+    /// heads of 16 sharing one key/value head, a feed-forward of 32; about 20 KB as a file
+    /// against the default's 100 KB. The fuzz target `gguf` starts from it, so each input is
+    /// parsed, checked and loaded in a fraction of the time.
+    pub fn smallest() -> Self {
+        Self {
+            dim: 32,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            ffn: 32,
+            ..Self::default()
+        }
+    }
+
+    /// Why this shape cannot be written, in words a person can act on; None when it can.
+    pub fn problem(&self) -> Option<String> {
+        if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 {
+            return Some("layers, heads and kv_heads must be at least 1".into());
+        }
+        if self.dim == 0
+            || !self.dim.is_multiple_of(32)
+            || self.ffn == 0
+            || !self.ffn.is_multiple_of(32)
+        {
+            return Some(format!(
+                "dim ({}) and ffn ({}) must be positive multiples of 32 (a quantisation block)",
+                self.dim, self.ffn
+            ));
+        }
+        if !self.dim.is_multiple_of(self.heads) || !(self.dim / self.heads).is_multiple_of(2) {
+            return Some(format!(
+                "dim ({}) must split into {} heads of an even width",
+                self.dim, self.heads
+            ));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Some(format!(
+                "heads ({}) must be a multiple of kv_heads ({})",
+                self.heads, self.kv_heads
+            ));
+        }
+        None
+    }
+}
+
 /// The quantisation `hone dev write-tiny-model --dtype` names.
 pub fn dtype(name: &str) -> anyhow::Result<GgmlDType> {
     Ok(match name {
@@ -79,6 +126,9 @@ pub fn dtype(name: &str) -> anyhow::Result<GgmlDType> {
 /// size in bytes.
 pub fn write_new(path: &Path, spec: &TinySpec, force: bool) -> anyhow::Result<u64> {
     use anyhow::{bail, Context as _};
+    if let Some(why) = spec.problem() {
+        bail!("cannot write a tiny model of this shape: {why}");
+    }
     if path.exists() && !force {
         bail!(
             "{} already exists; choose another path or add --force to replace it",
@@ -263,4 +313,47 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()>
     let mut f = std::fs::File::create(path)?;
     gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_smallest_model_is_small_and_loads_like_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        for arch in ["llama", "qwen2"] {
+            let p = dir.path().join(format!("{arch}.gguf"));
+            let spec = TinySpec {
+                arch: arch.into(),
+                ..TinySpec::smallest()
+            };
+            let bytes = write_new(&p, &spec, false).unwrap();
+            assert!(bytes < 30_000, "{arch}: {bytes} bytes");
+            let file = crate::gguf::GgufFile::open(&p).unwrap();
+            let cfg = crate::hparams::Config::from_gguf(&file).unwrap();
+            assert_eq!((cfg.dim, cfg.n_layers, cfg.ffn_dim), (32, 1, 32));
+            crate::tokenizer::Tokenizer::from_gguf(&file).unwrap();
+            crate::model::Model::load(&file, &Device::Cpu, 64).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_shape_that_cannot_be_quantised_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.gguf");
+        let spec = TinySpec {
+            dim: 48,
+            ..TinySpec::smallest()
+        };
+        let e = write_new(&p, &spec, false).unwrap_err().to_string();
+        assert!(e.contains("multiples of 32"), "{e}");
+        assert!(!p.exists());
+        let spec = TinySpec {
+            heads: 3,
+            ..TinySpec::default()
+        };
+        assert!(spec.problem().is_some());
+        assert!(TinySpec::default().problem().is_none());
+    }
 }

@@ -33,6 +33,9 @@ pub struct TinyModelArgs {
     /// Replace the file if it exists
     #[arg(long)]
     pub force: bool,
+    /// The smallest shape the checks accept (1 layer, width 32, about 20 KB): the fuzz seed
+    #[arg(long)]
+    pub smallest: bool,
 }
 
 pub fn run(c: &DevCommand) -> Result<()> {
@@ -42,11 +45,16 @@ pub fn run(c: &DevCommand) -> Result<()> {
 }
 
 fn write_tiny(a: &TinyModelArgs) -> Result<()> {
+    let base = if a.smallest {
+        TinySpec::smallest()
+    } else {
+        TinySpec::default()
+    };
     let spec = TinySpec {
         arch: a.arch.clone(),
         dtype: tiny::dtype(&a.dtype)?,
         seed: a.seed,
-        ..TinySpec::default()
+        ..base
     };
     let bytes = tiny::write_new(&a.path, &spec, a.force)?;
     println!(

@@ -20,7 +20,9 @@ fn run(data: &[u8]) {
     });
     let engine = engine.lock().unwrap_or_else(|e| e.into_inner());
     let f = hone_fuzz::temp_file(data);
-    if let Ok((examples, sha)) = hone::train::data::read_jsonl(&engine.codec(), f.path(), Some("sys")) {
+    if let Ok((examples, sha)) =
+        hone::train::data::read_jsonl(&engine.codec(), f.path(), Some("sys"))
+    {
         let _ = hone::train::data::pack_dataset(&engine.codec(), f.path(), &examples, sha, 32);
     }
 }
