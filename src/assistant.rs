@@ -216,6 +216,29 @@ pub fn with_retrieved_notes(
     Ok((out, found))
 }
 
+/// The tokens of `messages` with the notes the newest user message is about put into it (see
+/// [`with_retrieved_notes`]) when `retrieval` and they leave `reserve` tokens of the context for
+/// the answer, else without them (a question is never refused for its notes); and the notes
+/// used. What `hone serve` renders a chat request with.
+pub fn chat_tokens_with_notes(
+    engine: &Engine,
+    store: &Store,
+    messages: &[Message],
+    retrieval: bool,
+    reserve: usize,
+) -> Result<(Vec<u32>, Vec<crate::retrieve::NoteMatch>)> {
+    if retrieval {
+        let (with, found) = with_retrieved_notes(store, messages)?;
+        if !found.is_empty() {
+            let tokens = engine.chat_tokens(&with)?;
+            if tokens.len() + reserve <= engine.model.max_context() {
+                return Ok((tokens, found));
+            }
+        }
+    }
+    Ok((engine.chat_tokens(messages)?, Vec::new()))
+}
+
 /// Where an answer came from, as recorded with its exchange: "notes" (notes in the prompt, the
 /// base model answering), "adapter" (the attached adapter's weights), or "base".
 pub fn answered_from(answered: &Answered, adapter_attached: bool) -> &'static str {
@@ -335,12 +358,21 @@ impl Assistant {
         retrieval: bool,
         reserve: usize,
     ) -> Result<PreparedTurn> {
-        let (mut shown, cited) = if retrieval {
+        let (mut shown, mut cited) = if retrieval {
             with_retrieved_notes(store, messages)?
         } else {
             (messages.clone(), Vec::new())
         };
-        let (tokens, dropped) = self.fit_context(&mut shown, reserve)?;
+        let (tokens, dropped) = match self.fit_context(&mut shown, reserve) {
+            Ok(x) => x,
+            // The notes do not fit with the message: it is answered without them.
+            Err(_) if !cited.is_empty() => {
+                cited.clear();
+                shown = messages.clone();
+                self.fit_context(&mut shown, reserve)?
+            }
+            Err(e) => return Err(e),
+        };
         // The same oldest turns leave the conversation (`shown` differs only in its last message).
         let gone = messages.len() - shown.len();
         if gone > 0 {

@@ -1,6 +1,8 @@
 //! The SQLite memory of hone: one database file (`hone.db`) holding the
-//! question/answer exchanges, the user's notes, the models the user registered
-//! by path, and a few settings.
+//! question/answer exchanges (with where each answer came from, and the
+//! feedback on it), the user's notes (with the notes they superseded),
+//! candidate notes waiting for the user, the models the user registered by
+//! path, and a few settings.
 //!
 //! This module owns the schema (versioned with `PRAGMA user_version`, see
 //! [`MIGRATIONS`]), creates the file privately (mode 0600, folder 0700 on

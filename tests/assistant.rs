@@ -436,6 +436,34 @@ fn chat_uses_notes_from_the_same_chat_takes_feedback_and_candidate_notes() {
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success());
     assert!(!stdout(&o).contains("[note"), "{}", stdout(&o));
+
+    // A note too long for the context with the message: answered without it, not refused.
+    let long = format!(
+        "My locker at the Harrowgate pool is number 311. {}",
+        "The changing rooms are cleaned every evening by the staff. ".repeat(60)
+    );
+    run(hone(home.path()).args(["note", "add", &long]), true);
+    let mut child = hone(home.path())
+        .arg("--model")
+        .arg(model_arg())
+        .args(["--ctx", "512", "chat", "--temperature", "0", "-n", "20"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is my locker number at the Harrowgate pool?\n/quit\n")
+        .unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("error"), "{}", stderr(&o));
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    let last = &store.recent_exchanges(1).unwrap()[0];
+    let src = store.exchange_sources(last.id).unwrap().unwrap();
+    assert!(src.cited.is_empty(), "{src:?}");
 }
 
 /// `note edit` supersedes: the old note goes, the new text is a new unlearned note linked to

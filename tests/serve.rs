@@ -884,4 +884,16 @@ fn notes_are_retrieved_cited_judged_and_collected_over_http() {
     );
     let (_, j) = s.post("/v1/chat/completions", chat(q, json!({"max_tokens": 10})));
     assert_eq!(j["hone"]["citations"], json!([]), "{j}");
+    drop(s);
+
+    // A note too long for the context with the question: answered without it, not refused.
+    let s = Server::start(&["--ctx", "512"]);
+    let long = format!(
+        "My locker at the Harrowgate pool is number 311. {}",
+        "The changing rooms are cleaned every evening by the staff. ".repeat(60)
+    );
+    s.post("/v1/hone/notes", json!({ "text": long }));
+    let (st, j) = s.post("/v1/chat/completions", chat(q, json!({"max_tokens": 20})));
+    assert_eq!(st, 200, "{j}");
+    assert_eq!(j["hone"]["citations"], json!([]), "{j}");
 }

@@ -171,18 +171,19 @@ fn answer(
                 );
             }
             m.extend(messages.iter().cloned());
-            // As `hone ask`: the notes the newest message is about go in the prompt.
-            if cfg.retrieval {
-                let (with, notes) = assistant::with_retrieved_notes(store, &m).map_err(|e| {
-                    ApiError::internal(format!("searching the notes failed: {e:#}"))
-                })?;
-                (m, found) = (with, notes);
-            }
-            engine.chat_tokens(&m)
+            // As `hone ask`: the notes the newest message is about go in the prompt (when they
+            // leave room for the answer).
+            let reserve = r.max_tokens.unwrap_or(default_max_tokens);
+            assistant::chat_tokens_with_notes(engine, store, &m, cfg.retrieval, reserve).map(
+                |(tokens, notes)| {
+                    found = notes;
+                    tokens
+                },
+            )
         }
-        Input::Text(t) => engine.text_tokens(t, false),
+        Input::Text(t) => engine.text_tokens(t, false).map_err(anyhow::Error::from),
     }
-    .map_err(|e| ApiError::invalid(format!("cannot read the prompt: {e}"), Some("messages")))?;
+    .map_err(|e| ApiError::invalid(format!("cannot read the prompt: {e:#}"), Some("messages")))?;
     let ctx = engine.model.max_context();
     if tokens.len() >= ctx {
         return Err(ApiError::invalid(
