@@ -240,6 +240,7 @@ pub enum NoteCommand {
     /// Keep candidate notes from what you say without asking (off by default); without an
     /// argument, show the setting
     AutoKeep {
+        /// "on" keeps candidates as notes at once; "off" waits for `hone note keep`
         #[arg(value_parser = ["on", "off"])]
         state: Option<String>,
     },

@@ -609,6 +609,26 @@ impl ImportReport {
     pub fn failed_entirely(&self) -> bool {
         self.added + self.duplicates == 0 && !self.failed.is_empty()
     }
+
+    /// The error `hone note import` fails with when nothing was imported: the one file's
+    /// reason, or every file's.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed_entirely() {
+            return None;
+        }
+        if let [(_, why)] = self.failed.as_slice() {
+            return Some(why.clone());
+        }
+        let mut s = format!(
+            "no note was imported: none of the {} files could be read:",
+            self.failed.len()
+        );
+        for (_, why) in &self.failed {
+            s.push_str("\n  ");
+            s.push_str(why);
+        }
+        Some(s)
+    }
 }
 
 /// Why an import stored nothing.
@@ -1218,8 +1238,18 @@ mod tests {
         // Only bad files: nothing imported, the command fails.
         let bad = dir.path().join("bad");
         write(&bad, "x.txt", b"\xFF\xFE\x00");
+        write(&bad, "y.md", b"\xFF");
         let r = import(&mut store, &[bad], &ImportOptions::default()).unwrap();
         assert!(r.failed_entirely(), "{r}");
+        let why = r.failure().unwrap();
+        assert!(
+            why.starts_with("no note was imported: none of the 2 files"),
+            "{why}"
+        );
+        assert!(
+            why.contains("x.txt is UTF-16") && why.contains("y.md is not valid UTF-8"),
+            "{why}"
+        );
     }
 
     #[test]

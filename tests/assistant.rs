@@ -559,6 +559,21 @@ fn note_import_goes_on_past_bad_files() {
     let out = stdout(&o);
     assert!(out.contains("imported 1 files: 1 new notes"), "{out}");
     assert!(out.contains("latin1.txt is not valid UTF-8"), "{out}");
+    // Every note of one imported file, removed by its source.
+    let good = dir.join("good.md");
+    let o = run(
+        hone(home.path())
+            .args(["note", "rm", "--source"])
+            .arg(&good),
+        true,
+    );
+    assert_eq!(stdout(&o), "removed note 1\n");
+    let o = hone(home.path())
+        .args(["note", "rm", "--source"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("nothing was removed"), "{}", stderr(&o));
     let o = hone(home.path())
         .args(["note", "import"])
         .arg(dir.join("latin1.txt"))
@@ -566,7 +581,20 @@ fn note_import_goes_on_past_bad_files() {
         .unwrap();
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("no note was imported"),
+        stderr(&o).contains("latin1.txt is not valid UTF-8"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(dir.join("also-bad.md"), b"\xFF\n").unwrap();
+    let o = hone(home.path())
+        .args(["note", "import"])
+        .arg(dir.join("latin1.txt"))
+        .arg(dir.join("also-bad.md"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no note was imported: none of the 2 files"),
         "{}",
         stderr(&o)
     );

@@ -165,4 +165,31 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
     // exactly as before learning.
     let q = "What is the capital of France?";
     assert_eq!(ask(h, q, false), ask(h, q, true));
+
+    // The claims check: the adapter's "Your notes say: ..." rests on a current note, named; once
+    // that note is removed, no answer presents it as a current note.
+    let q = "What is the wifi password at the cabin?";
+    let claim = |h: &Path| {
+        last_json(&run(
+            hone(h).args([
+                "ask",
+                "--json",
+                "--no-retrieval",
+                "--temperature",
+                "0",
+                "-n",
+                "40",
+                q,
+            ]),
+            true,
+        ))
+    };
+    let j = claim(h);
+    assert_eq!(j["claims_notes"], true, "{j}");
+    assert_eq!(j["supported_by"], 3, "{j}");
+    run(hone(h).args(["note", "rm", "3"]), true);
+    let j = claim(h);
+    eprintln!("after rm: {j}");
+    assert!(j["supported_by"].is_null(), "{j}");
+    assert_eq!(j["claims_notes"], j["unsupported_claim"], "{j}");
 }

@@ -288,10 +288,10 @@ fn note(n: &NoteCommand) -> Result<()> {
                 opts.max_file_bytes = *m;
             }
             let report = hone::notes::import(&mut store, paths, &opts)?;
-            println!("{report}");
-            if report.failed_entirely() {
-                bail!("no note was imported: every file failed (see above)");
+            if let Some(why) = report.failure() {
+                bail!("{why}");
             }
+            println!("{report}");
         }
         NoteCommand::List {
             limit,
