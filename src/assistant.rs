@@ -121,6 +121,9 @@ pub struct Answered {
     pub about: Option<crate::retrieve::NoteMatch>,
     /// The notes retrieval put in the prompt: what the answer cites.
     pub cited: Vec<crate::retrieve::NoteMatch>,
+    /// The removed note the question is about, when the adapter still holds it: the base model
+    /// answered instead (see `retrieve::forgotten_about`).
+    pub held_back: Option<i64>,
     /// Set by [`check_claim`]: whether an answer that says it comes from the user's notes (with
     /// none in the prompt) is supported by a note that exists.
     pub claim: Option<Claim>,
@@ -244,7 +247,7 @@ pub fn chat_tokens_with_notes(
 pub fn answered_from(answered: &Answered, adapter_attached: bool) -> &'static str {
     if !answered.cited.is_empty() {
         "notes"
-    } else if adapter_attached && !answered.generation.by_base {
+    } else if adapter_attached && !answered.generation.by_base && answered.held_back.is_none() {
         "adapter"
     } else {
         "base"
@@ -296,6 +299,7 @@ pub fn turn_json(
         "answered_from": answered_from(answered, adapter_attached),
         "citations": answered.citations_json(),
         "about_note": answered.about.as_ref().map(|m| m.id),
+        "held_back_note": answered.held_back,
         "claims_notes": answered.claim.is_some(),
         "supported_by": match &answered.claim { Some(Claim::Supported(m)) => Some(m.id), _ => None },
         "unsupported_claim": answered.claim == Some(Claim::Unsupported),
@@ -389,25 +393,32 @@ impl Assistant {
         })
     }
 
-    /// Answers a prepared turn: with notes in it, the base model answers and cites them;
-    /// otherwise as [`Assistant::answer`] (`question` lets a question about a learned note route
-    /// to the adapter; None when retrieval already searched and found nothing).
+    /// Answers a prepared turn of `question`: with notes in it, the base model answers and cites
+    /// them; otherwise as [`Assistant::answer`] (`routed`: the question, so that a question
+    /// about a learned note routes to the adapter; None when retrieval already searched and
+    /// found nothing, when only a removed note the adapter still holds is looked for, to hold
+    /// the adapter's answer back).
     #[allow(clippy::too_many_arguments)]
     pub fn answer_turn(
         &mut self,
         store: &Store,
         turn: PreparedTurn,
-        question: Option<&str>,
+        question: &str,
+        routed: Option<&str>,
         params: &SamplingParams,
         max_tokens: usize,
         cancel: &std::sync::atomic::AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answered> {
-        if turn.cited.is_empty() {
+        let held_back = match (turn.cited.is_empty(), routed) {
+            (true, None) => self.held_back(store, Some(question))?,
+            _ => None,
+        };
+        if turn.cited.is_empty() && held_back.is_none() {
             return self.answer(
                 store,
                 &turn.tokens,
-                question,
+                routed,
                 params,
                 max_tokens,
                 cancel,
@@ -426,6 +437,7 @@ impl Assistant {
             generation: g,
             about: None,
             cited: turn.cited,
+            held_back,
             claim: None,
         })
     }
@@ -470,6 +482,23 @@ impl Assistant {
         cancel: &std::sync::atomic::AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answered> {
+        if let Some(gone) = self.held_back(store, question)? {
+            let g = answer_base(
+                &mut self.engine,
+                tokens,
+                params,
+                max_tokens,
+                cancel,
+                on_text,
+            )?;
+            return Ok(Answered {
+                generation: g,
+                about: None,
+                cited: Vec::new(),
+                held_back: Some(gone),
+                claim: None,
+            });
+        }
         let about = note_about(store, &self.engine, question)?;
         let generation = self.engine.answer_routed(
             tokens,
@@ -483,8 +512,18 @@ impl Assistant {
             generation,
             about,
             cited: Vec::new(),
+            held_back: None,
             claim: None,
         })
+    }
+
+    /// The removed note `question` is about while the attached adapter may still hold it (the
+    /// base model must answer), if any.
+    fn held_back(&self, store: &Store, question: Option<&str>) -> Result<Option<i64>> {
+        match (self.engine.model.adapter(), question) {
+            (Some(_), Some(q)) => Ok(crate::retrieve::forgotten_about(store, q)?.map(|m| m.id)),
+            _ => Ok(None),
+        }
     }
 
     /// `hone ask`: answers `question` once after the `system` message, streaming the text to
@@ -520,15 +559,17 @@ impl Assistant {
         let tokens = self.engine.chat_tokens(&messages)?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
         // With retrieval on and nothing found, no note is about the question (the learned one
-        // that routes would have been found too): no second search.
+        // that routes would have been found too): no second search, but a removed note the
+        // adapter still holds is looked for.
         let asked = (notes == NotesInPrompt::Off).then_some(question);
         let turn = PreparedTurn {
             tokens,
             cited: found,
             dropped: 0,
         };
-        let mut answered =
-            self.answer_turn(store, turn, asked, params, max_tokens, &cancel, on_text)?;
+        let mut answered = self.answer_turn(
+            store, turn, question, asked, params, max_tokens, &cancel, on_text,
+        )?;
         let (id, _) = self.finish(store, "ask", None, question, &mut answered, params, false)?;
         Ok((answered, id))
     }
@@ -688,6 +729,9 @@ impl Answered {
             "route_p": g.route_p,
             // The learned note the question is about (full-text match), if any.
             "about_note": self.about.as_ref().map(|m| m.id),
+            // A removed note the question is about, which the adapter may still hold until it is
+            // rebuilt: the base model answered instead.
+            "held_back_note": self.held_back,
             // The notes retrieval put in the prompt, which the answer rests on.
             "citations": self.citations_json(),
             // The claims check of an answer that says it comes from the notes.
@@ -803,6 +847,7 @@ mod tests {
             },
             about: None,
             cited: Vec::new(),
+            held_back: None,
             claim: None,
         }
     }

@@ -66,33 +66,61 @@ fn any_of(terms: &[String]) -> String {
 
 /// The notes that share content words with `question`, best first (BM25), at most `limit`.
 pub fn search(store: &Store, question: &str, limit: usize) -> Result<Vec<NoteMatch>> {
+    search_in(store, question, limit, Index::Notes)
+}
+
+/// Which full-text index to search.
+#[derive(Clone, Copy)]
+enum Index {
+    /// The notes (`notes_fts`).
+    Notes,
+    /// Removed notes the adapter still holds (`forgotten_fts`, see `learn::forget`); a match's
+    /// id is the removed note's id, and `learned` is true.
+    Forgotten,
+}
+
+fn search_in(store: &Store, question: &str, limit: usize, index: Index) -> Result<Vec<NoteMatch>> {
     let terms = terms(question);
     if terms.is_empty() || limit == 0 {
         return Ok(Vec::new());
     }
     let conn = store.conn();
-    let mut st = conn.prepare(
-        "SELECT n.id, n.content, n.learned_at IS NOT NULL FROM notes_fts f
-         JOIN notes n ON n.id = f.rowid
-         WHERE notes_fts MATCH ?1 ORDER BY bm25(notes_fts) LIMIT ?2",
-    )?;
+    let (sql, table) = match index {
+        Index::Notes => (
+            "SELECT n.id, n.content, n.learned_at IS NOT NULL, n.id FROM notes_fts f
+             JOIN notes n ON n.id = f.rowid
+             WHERE notes_fts MATCH ?1 ORDER BY bm25(notes_fts) LIMIT ?2",
+            "notes_fts",
+        ),
+        Index::Forgotten => (
+            "SELECT n.note_id, n.content, 1, n.id FROM forgotten_fts f
+             JOIN forgotten_notes n ON n.id = f.rowid
+             WHERE forgotten_fts MATCH ?1 AND n.rebuilt_at IS NULL
+             ORDER BY bm25(forgotten_fts) LIMIT ?2",
+            "forgotten_fts",
+        ),
+    };
+    let mut st = conn.prepare(sql)?;
     let rows = st
         .query_map(params![any_of(&terms), limit as i64], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, bool>(2)?,
+                r.get::<_, i64>(3)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut one =
-        conn.prepare("SELECT count(*) FROM notes_fts WHERE notes_fts MATCH ?1 AND rowid = ?2")?;
+    let mut one = conn.prepare(&format!(
+        "SELECT count(*) FROM {table} WHERE {table} MATCH ?1 AND rowid = ?2"
+    ))?;
     let mut out = Vec::new();
-    for (id, content, learned) in rows {
+    for (id, content, learned, rowid) in rows {
         let mut matched = 0;
         for t in &terms {
-            let n: i64 =
-                one.query_row(params![any_of(std::slice::from_ref(t)), id], |r| r.get(0))?;
+            let n: i64 = one.query_row(params![any_of(std::slice::from_ref(t)), rowid], |r| {
+                r.get(0)
+            })?;
             matched += (n > 0) as usize;
         }
         out.push(NoteMatch {
@@ -116,6 +144,24 @@ pub fn relevant(store: &Store, question: &str, k: usize) -> Result<Vec<NoteMatch
         .filter(NoteMatch::is_about)
         .take(k)
         .collect())
+}
+
+/// The removed note, still in the adapter's weights, that `question` is about, when no current
+/// note is about it as closely: an answer to it would rest on a note the user deleted, so it is
+/// held back (the base model answers) until the adapter is rebuilt (`learn::forget`).
+pub fn forgotten_about(store: &Store, question: &str) -> Result<Option<NoteMatch>> {
+    let Some(gone) = search_in(store, question, 3, Index::Forgotten)?
+        .into_iter()
+        .find(NoteMatch::is_about)
+    else {
+        return Ok(None);
+    };
+    let current = search(store, question, 3)?
+        .into_iter()
+        .find(NoteMatch::is_about)
+        .map(|m| m.matched)
+        .unwrap_or(0);
+    Ok((gone.matched > current).then_some(gone))
 }
 
 /// The learned note `question` is about, if one is (see [`NoteMatch::is_about`]).

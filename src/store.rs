@@ -668,6 +668,9 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
+        // What the user deletes (a note, its self-edits) is overwritten, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(err)?;
 
         migrate(&mut conn, path, busy_timeout)?;
 

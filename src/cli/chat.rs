@@ -154,11 +154,12 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         cancel.store(false, Ordering::SeqCst);
         // As `hone ask`: with retrieval on, a search that found nothing needs no second one.
-        let question = (!retrieval).then_some(line);
+        let routed = (!retrieval).then_some(line);
         let mut answered = asst.answer_turn(
             &ctx.store,
             turn,
-            question,
+            line,
+            routed,
             &params,
             max_tokens,
             &cancel,

@@ -98,6 +98,10 @@ pub struct LearnArgs {
     /// Print the self-edits and filter verdicts; do not train
     #[arg(long)]
     pub dry_run: bool,
+    /// Forget removed notes now: rebuild the adapter without them (the next cycle would), and
+    /// learn no new note
+    #[arg(long, conflicts_with = "dry_run")]
+    pub forget_now: bool,
     /// Show the recorded cycles and gate decisions instead of learning
     #[arg(long)]
     pub log: bool,
@@ -238,6 +242,7 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
     let mut opts = options(&ctx, &a.flags)?;
     opts.max_notes = a.max_notes.max(1);
     opts.dry_run = a.dry_run;
+    opts.forget_only = a.forget_now;
     opts.no_gate = a.no_gate;
     let stop = hone::interrupt::install_stop_handlers()?;
     if a.estimate {
@@ -264,6 +269,8 @@ pub fn learn(cli: &Cli, a: &LearnArgs) -> Result<()> {
     }
     if a.json {
         println!("{}", learn::report::outcome_json(&out));
+    } else if a.forget_now && matches!(out, CycleOutcome::NothingToLearn) {
+        println!("nothing to forget: no removed note is in the adapter");
     } else {
         print!("{text}");
     }

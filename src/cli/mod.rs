@@ -188,6 +188,9 @@ fn ask(cli: &Cli, a: &crate::AskArgs) -> Result<()> {
         println!("{}", answered.to_json(&asst, id));
     } else {
         println!("{}", answered.citation());
+        if let Some(n) = answered.held_back {
+            eprintln!("(about note {n}, which you removed: the base model answered, since the adapter holds it until the next learning cycle rebuilds it, or `hone learn --forget-now`)");
+        }
     }
     Ok(())
 }

@@ -364,6 +364,12 @@ impl LoopState {
                 tracing::info!("cycle {cycle} done: {reason}");
                 rep.result("done", Some(cycle), activated, reason);
             }
+            Ok(CycleOutcome::Forgotten { message }) => {
+                self.interrupted = None;
+                rep.status.cycle = None;
+                tracing::info!("{message}");
+                rep.result("done", None, None, message);
+            }
             Ok(CycleOutcome::NothingToLearn | CycleOutcome::DryRun(_)) => {
                 self.interrupted = None;
                 rep.status.cycle = None;

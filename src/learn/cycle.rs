@@ -48,6 +48,8 @@ enum Picked {
     Cycle(Box<Cycle>),
     Nothing,
     DryRun(Vec<i64>),
+    /// Removed notes forgotten without training (`forget::roll_back`).
+    Forgotten(String),
 }
 
 /// The cycle's training data (step 3 and 4).
@@ -159,6 +161,7 @@ fn run_one(
     let cycle = match pick_notes(&mut run, opts, only)? {
         Picked::Cycle(c) => *c,
         Picked::Nothing => return Ok(CycleOutcome::NothingToLearn),
+        Picked::Forgotten(message) => return Ok(CycleOutcome::Forgotten { message }),
         Picked::DryRun(ids) => {
             return dry_run(
                 run.home,
@@ -189,7 +192,7 @@ fn run_one(
     let Some((g, activated, reason)) = gate(&mut run, &cycle, opts, &set, &trained)? else {
         return Ok(interrupted);
     };
-    finish(
+    let out = finish(
         &mut run,
         &cycle,
         g,
@@ -197,7 +200,35 @@ fn run_one(
         reason,
         trained.candidate,
         t0,
-    )
+    )?;
+    match (opts.rebuild_from, out) {
+        (
+            Some(from),
+            CycleOutcome::Done {
+                cycle: id,
+                activated,
+                reason,
+                gate,
+                train_tokens,
+                seconds,
+            },
+        ) => {
+            let sha = run.l.id.sha256.clone();
+            let said =
+                forget::complete(run.home, run.store, &sha, &cycle, from, activated.is_some())?;
+            let reason = format!("{said} ({reason})");
+            records::set_reason(run.store, id, &reason)?;
+            Ok(CycleOutcome::Done {
+                cycle: id,
+                activated,
+                reason,
+                gate,
+                train_tokens,
+                seconds,
+            })
+        }
+        (_, out) => Ok(out),
+    }
 }
 
 /// Step 1: the unfinished cycle, or a new one over the oldest unlearned notes (or `only`).
@@ -205,6 +236,29 @@ fn pick_notes(run: &mut Run, opts: &LearnOptions, only: Option<&[i64]>) -> Resul
     if let Some(c) = records::unfinished(run.store, &run.l.id.sha256)? {
         if !opts.dry_run {
             return Ok(Picked::Cycle(Box::new(c)));
+        }
+    }
+    // A learned note the user removed is forgotten before anything new is learned.
+    if !opts.dry_run {
+        if let Some(plan) = forget::plan(run.store, &run.l.id.sha256)? {
+            if plan.survivors.is_empty() {
+                let message = forget::roll_back(run.home, run.store, &run.l.id.sha256, &plan)?;
+                return Ok(Picked::Forgotten(message));
+            }
+            let mut o = opts.clone();
+            o.rebuild_from = Some(plan.from_cycle);
+            o.forget_only = false;
+            let c = forget::start(
+                run.store,
+                &run.choice.name,
+                &run.l.id.sha256,
+                &plan,
+                &serde_json::to_string(&o)?,
+            )?;
+            return Ok(Picked::Cycle(Box::new(c)));
+        }
+        if opts.forget_only {
+            return Ok(Picked::Nothing);
         }
     }
     let ids = match only {
@@ -242,6 +296,7 @@ fn resumed_options(cycle: &Cycle, opts: &LearnOptions) -> LearnOptions {
     if let Ok(r) = serde_json::from_str::<LearnOptions>(&cycle.options) {
         own.replay_ratio = r.replay_ratio;
         own.replay_per_note = r.replay_per_note;
+        own.rebuild_from = r.rebuild_from;
     }
     own
 }
@@ -318,7 +373,9 @@ fn write_self_edits(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result
 /// Step 3: this cycle's kept items and replay of earlier learned notes, as examples.
 fn training_set(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result<TrainingSet> {
     let items = records::cycle_items(run.store, cycle.id)?;
-    let earlier = records::learned_items(run.store, &run.l.id.sha256, cycle.id)?;
+    // A rebuild redoes the cycles from `rebuild_from` on: only earlier ones are replayed.
+    let before = opts.rebuild_from.unwrap_or(cycle.id);
+    let earlier = records::learned_items(run.store, &run.l.id.sha256, before)?;
     let mut examples = Vec::new();
     let mut sha = Sha256::new();
     {

@@ -19,6 +19,7 @@
 pub mod adaptive;
 mod cycle;
 pub mod estimate;
+pub mod forget;
 pub mod records;
 pub mod report;
 pub mod rules;
@@ -165,6 +166,13 @@ pub struct LearnOptions {
     /// Skip the gate (activate the candidate); for ablations that measure training alone.
     pub no_gate: bool,
     pub seed: u64,
+    /// `hone learn --forget-now`: only rebuild the adapter without removed notes (`forget`);
+    /// learn no new note.
+    #[serde(default)]
+    pub forget_only: bool,
+    /// Set on a rebuild cycle: the first cycle whose training it redoes without removed notes.
+    #[serde(default)]
+    pub rebuild_from: Option<i64>,
 }
 
 fn default_replay_ratio() -> f64 {
@@ -215,6 +223,8 @@ impl Default for LearnOptions {
             gate: GateThresholds::default(),
             no_gate: false,
             seed: 0,
+            forget_only: false,
+            rebuild_from: None,
         }
     }
 }
@@ -281,6 +291,9 @@ pub struct GateReport {
 pub enum CycleOutcome {
     /// No unlearned notes.
     NothingToLearn,
+    /// Removed notes were forgotten without training: no note learned since depended on them,
+    /// so the adapter from before them is active again (see `forget`).
+    Forgotten { message: String },
     /// `dry_run`: the self-edits that would be used, per note.
     DryRun(Vec<(i64, Vec<NewItem>)>),
     /// The cancel flag was set; the next call continues this cycle where it stopped.
@@ -296,9 +309,10 @@ pub enum CycleOutcome {
     },
 }
 
-/// Notes waiting to be learned.
+/// Notes waiting to be learned, or (removed after they were learned) to be forgotten by a
+/// rebuild: what gives the daemon a cycle to run.
 pub fn pending_notes(store: &Store) -> Result<usize> {
-    records::pending_count(store)
+    Ok(records::pending_count(store)? + forget::pending_count(store)?)
 }
 
 /// The anchoring prompts, and whether each is held out for the gate (every fifth).

@@ -223,6 +223,15 @@ pub fn set_status(store: &Store, id: i64, status: &str) -> Result<()> {
     Ok(())
 }
 
+/// Replaces a finished cycle's recorded reason (a rebuild adds what it forgot).
+pub fn set_reason(store: &Store, id: i64, reason: &str) -> Result<()> {
+    store.conn().execute(
+        "UPDATE learn_cycles SET reason = ?2 WHERE id = ?1",
+        params![id, reason],
+    )?;
+    Ok(())
+}
+
 pub fn set_candidate(store: &Store, id: i64, version: i64, train_tokens: u64) -> Result<()> {
     store.conn().execute(
         "UPDATE learn_cycles SET candidate_adapter = ?2, train_tokens = ?3, status = 'gate' WHERE id = ?1",

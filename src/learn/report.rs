@@ -48,6 +48,7 @@ pub fn progress_message(p: &Progress) -> String {
 pub fn outcome_json(out: &CycleOutcome) -> Value {
     match out {
         CycleOutcome::NothingToLearn => json!({"outcome": "nothing"}),
+        CycleOutcome::Forgotten { message } => json!({"outcome": "forgotten", "reason": message}),
         CycleOutcome::DryRun(notes) => json!({"outcome": "dry-run", "notes": notes}),
         CycleOutcome::Interrupted { cycle } => json!({"outcome": "interrupted", "cycle": cycle}),
         CycleOutcome::Done {
@@ -70,6 +71,9 @@ pub fn outcome_text(out: &CycleOutcome) -> String {
     match out {
         CycleOutcome::NothingToLearn => {
             s.push_str("nothing to learn: every note is learned (add some with `hone note add`)\n")
+        }
+        CycleOutcome::Forgotten { message } => {
+            let _ = writeln!(s, "{message}");
         }
         CycleOutcome::DryRun(notes) => {
             for (nid, items) in notes {

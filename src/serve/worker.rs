@@ -290,6 +290,7 @@ fn answer(
         generation: g,
         about,
         cited: found,
+        held_back: None,
         claim: None,
     };
     // The claims check, where the answer came from, candidate notes from the user's words.
