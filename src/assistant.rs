@@ -2,6 +2,11 @@
 //! model loaded with its chat defaults, the active adapter attached with its route, sampling
 //! settled from the model's defaults and the request, and the exchange recorded.
 //!
+//! Around each answer it puts the notes the question is about in the prompt (`retrieve`, for
+//! `ask`, `chat` and `serve` alike), and after it checks an answer that claims the user's notes
+//! against the notes that exist, records where the answer came from, and collects candidate
+//! notes from what the user said (`candidates`).
+//!
 //! It must not print, parse arguments or speak HTTP: callers do that. It must not choose the
 //! model (`registry` does) or decide how an answer is produced (`engine::Engine::answer` does;
 //! `note_about` only says whether the question is about a learned note).
@@ -119,6 +124,195 @@ pub struct Answered {
     /// The removed note the question is about, when the adapter still holds it: the base model
     /// answered instead (see `retrieve::forgotten_about`).
     pub held_back: Option<i64>,
+    /// Set by [`check_claim`]: whether an answer that says it comes from the user's notes (with
+    /// none in the prompt) is supported by a note that exists.
+    pub claim: Option<Claim>,
+}
+
+/// What the claims check found for an answer that opens by claiming the user's notes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// A current note supports it (the one it most likely rests on).
+    Supported(crate::retrieve::NoteMatch),
+    /// No current note supports it: the note was removed, or the words were made up.
+    Unsupported,
+}
+
+/// Openings with which an answer says it comes from the user's notes: the one the learning
+/// cycle trains (`learn::NOTES_PREFIX`) and its usual variants.
+pub const NOTE_OPENINGS: &[&str] = &[
+    crate::learn::NOTES_PREFIX,
+    "Your note says:",
+    "According to your notes,",
+    "According to your note,",
+    "Your notes mention",
+    "In your notes,",
+];
+
+/// The words an answer claims the notes say (its first sentence after the opening), when it
+/// opens with one of [`NOTE_OPENINGS`] or with `route` (the adapter's trained opening).
+pub fn claimed(text: &str, route: Option<&str>) -> Option<String> {
+    let t = text.trim_start();
+    let rest = route
+        .map(str::trim)
+        .into_iter()
+        .chain(NOTE_OPENINGS.iter().copied())
+        .filter(|o| !o.is_empty())
+        .find_map(|o| {
+            t.get(..o.len())
+                .filter(|head| head.eq_ignore_ascii_case(o))
+                .map(|_| &t[o.len()..])
+        })?;
+    let rest = rest.trim_start();
+    let end = rest
+        .char_indices()
+        .find(|&(i, c)| {
+            matches!(c, '.' | '!' | '\n')
+                && rest[i + c.len_utf8()..]
+                    .chars()
+                    .next()
+                    .is_none_or(char::is_whitespace)
+        })
+        .map_or(rest.len(), |(i, c)| i + c.len_utf8());
+    Some(rest[..end].trim().to_string())
+}
+
+/// The claims check: an answer with no note in the prompt that opens by claiming the user's
+/// notes is checked against the notes that exist (`retrieve::supporting_note` over its words).
+/// None when it makes no such claim (or cites notes that were in its prompt).
+pub fn check_claim(
+    store: &Store,
+    answered: &Answered,
+    route: Option<&str>,
+) -> Result<Option<Claim>> {
+    if !answered.cited.is_empty() {
+        return Ok(None);
+    }
+    let Some(words) = claimed(&answered.generation.text, route) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        match crate::retrieve::supporting_note(store, &words)? {
+            Some(m) => Claim::Supported(m),
+            None => Claim::Unsupported,
+        },
+    ))
+}
+
+/// `messages` with the notes the newest user message is about put into it ("My notes:", as
+/// `hone ask` does, see [`notes_prompt`]), and those notes (at most three, best first). When the
+/// newest message is not the user's or no note matches, the messages are returned unchanged with
+/// no notes. What `hone chat` and `hone serve` call before rendering a turn.
+pub fn with_retrieved_notes(
+    store: &Store,
+    messages: &[Message],
+) -> Result<(Vec<Message>, Vec<crate::retrieve::NoteMatch>)> {
+    let mut out = messages.to_vec();
+    let Some(last) = out.last_mut().filter(|m| m.role == "user") else {
+        return Ok((out, Vec::new()));
+    };
+    let found = crate::retrieve::relevant(store, &last.content, 3)?;
+    if !found.is_empty() {
+        let texts: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
+        *last = Message::user(&notes_prompt(&texts, &last.content));
+    }
+    Ok((out, found))
+}
+
+/// The tokens of `messages` with the notes the newest user message is about put into it (see
+/// [`with_retrieved_notes`]) when `retrieval` and they leave `reserve` tokens of the context for
+/// the answer, else without them (a question is never refused for its notes); and the notes
+/// used. What `hone serve` renders a chat request with.
+pub fn chat_tokens_with_notes(
+    engine: &Engine,
+    store: &Store,
+    messages: &[Message],
+    retrieval: bool,
+    reserve: usize,
+) -> Result<(Vec<u32>, Vec<crate::retrieve::NoteMatch>)> {
+    if retrieval {
+        let (with, found) = with_retrieved_notes(store, messages)?;
+        if !found.is_empty() {
+            let tokens = engine.chat_tokens(&with)?;
+            if tokens.len() + reserve <= engine.model.max_context() {
+                return Ok((tokens, found));
+            }
+        }
+    }
+    Ok((engine.chat_tokens(messages)?, Vec::new()))
+}
+
+/// Where an answer came from, as recorded with its exchange: "notes" (notes in the prompt, the
+/// base model answering), "adapter" (the attached adapter's weights), or "base".
+pub fn answered_from(answered: &Answered, adapter_attached: bool) -> &'static str {
+    if !answered.cited.is_empty() {
+        "notes"
+    } else if adapter_attached && !answered.generation.by_base && answered.held_back.is_none() {
+        "adapter"
+    } else {
+        "base"
+    }
+}
+
+/// What hone does once an answer is written and recorded as exchange `exchange_id`: the claims
+/// check (into `answered.claim`), where the answer came from recorded with the exchange (so that
+/// feedback can reach the note it rests on), and, when `said` is given (chat, serve: the user's
+/// words, where they were said, the session), candidate notes from the user's statements.
+pub fn after_answer(
+    store: &Store,
+    answered: &mut Answered,
+    exchange_id: i64,
+    adapter_attached: bool,
+    route: Option<&str>,
+    said: Option<(&str, &str, Option<&str>)>,
+) -> Result<Vec<crate::candidates::Collected>> {
+    answered.claim = check_claim(store, answered, route)?;
+    let from = answered_from(answered, adapter_attached);
+    let cited: Vec<i64> = answered.cited.iter().map(|m| m.id).collect();
+    let about = answered
+        .about
+        .as_ref()
+        .map(|m| m.id)
+        .or(match &answered.claim {
+            Some(Claim::Supported(m)) if from == "adapter" => Some(m.id),
+            _ => None,
+        });
+    store.set_exchange_sources(exchange_id, from, &cited, about)?;
+    match said {
+        Some((text, source, session)) => {
+            crate::candidates::collect(store, text, source, session, Some(exchange_id))
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// hone's part of a server response (`"hone": {...}`): the exchange, the notes the answer cites
+/// with their passages, where it came from, the claims check and candidate notes.
+pub fn turn_json(
+    answered: &Answered,
+    exchange_id: Option<i64>,
+    adapter_attached: bool,
+    candidates: &[crate::candidates::Collected],
+) -> serde_json::Value {
+    serde_json::json!({
+        "exchange_id": exchange_id,
+        "answered_from": answered_from(answered, adapter_attached),
+        "citations": answered.citations_json(),
+        "about_note": answered.about.as_ref().map(|m| m.id),
+        "held_back_note": answered.held_back,
+        "claims_notes": answered.claim.is_some(),
+        "supported_by": match &answered.claim { Some(Claim::Supported(m)) => Some(m.id), _ => None },
+        "unsupported_claim": answered.claim == Some(Claim::Unsupported),
+        "candidate_notes": candidates,
+    })
+}
+
+/// A chat turn ready to answer: its tokens and the notes retrieval put in it.
+pub struct PreparedTurn {
+    pub tokens: Vec<u32>,
+    pub cited: Vec<crate::retrieve::NoteMatch>,
+    /// How many of the oldest turns were dropped from the conversation to fit the context.
+    pub dropped: usize,
 }
 
 /// Which notes `hone ask` puts in the prompt.
@@ -156,6 +350,125 @@ impl Assistant {
         Ok((me, warning))
     }
 
+    /// The newest turn of `messages` (a conversation ending with the user's message) rendered
+    /// with the notes it is about in it when `retrieval` (see [`with_retrieved_notes`]), leaving
+    /// room for `reserve` new tokens: the oldest turns are dropped from `messages` when the
+    /// context is full. The conversation keeps the user's words without the notes, so each turn
+    /// retrieves afresh (a note stored during the chat is found from then on).
+    pub fn prepare_turn(
+        &self,
+        store: &Store,
+        messages: &mut Vec<Message>,
+        retrieval: bool,
+        reserve: usize,
+    ) -> Result<PreparedTurn> {
+        let (mut shown, mut cited) = if retrieval {
+            with_retrieved_notes(store, messages)?
+        } else {
+            (messages.clone(), Vec::new())
+        };
+        let (tokens, dropped) = match self.fit_context(&mut shown, reserve) {
+            Ok(x) => x,
+            // The notes do not fit with the message: it is answered without them.
+            Err(_) if !cited.is_empty() => {
+                cited.clear();
+                shown = messages.clone();
+                self.fit_context(&mut shown, reserve)?
+            }
+            Err(e) => return Err(e),
+        };
+        // The same oldest turns leave the conversation (`shown` differs only in its last message).
+        let gone = messages.len() - shown.len();
+        if gone > 0 {
+            let first = messages
+                .iter()
+                .position(|m| m.role != "system")
+                .unwrap_or(messages.len());
+            messages.drain(first..first + gone);
+        }
+        Ok(PreparedTurn {
+            tokens,
+            cited,
+            dropped,
+        })
+    }
+
+    /// Answers a prepared turn of `question`: with notes in it, the base model answers and cites
+    /// them; otherwise as [`Assistant::answer`] (`routed`: the question, so that a question
+    /// about a learned note routes to the adapter; None when retrieval already searched and
+    /// found nothing, when only a removed note the adapter still holds is looked for, to hold
+    /// the adapter's answer back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn answer_turn(
+        &mut self,
+        store: &Store,
+        turn: PreparedTurn,
+        question: &str,
+        routed: Option<&str>,
+        params: &SamplingParams,
+        max_tokens: usize,
+        cancel: &std::sync::atomic::AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answered> {
+        let held_back = match (turn.cited.is_empty(), routed) {
+            (true, None) => self.held_back(store, Some(question))?,
+            _ => None,
+        };
+        if turn.cited.is_empty() && held_back.is_none() {
+            return self.answer(
+                store,
+                &turn.tokens,
+                routed,
+                params,
+                max_tokens,
+                cancel,
+                on_text,
+            );
+        }
+        let g = answer_base(
+            &mut self.engine,
+            &turn.tokens,
+            params,
+            max_tokens,
+            cancel,
+            on_text,
+        )?;
+        Ok(Answered {
+            generation: g,
+            about: None,
+            cited: turn.cited,
+            held_back,
+            claim: None,
+        })
+    }
+
+    /// Records an answered turn and does what follows an answer ([`after_answer`]: claims
+    /// check, where it came from, candidate notes from `said` when given). Returns the
+    /// exchange's id and the candidates.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish(
+        &self,
+        store: &Store,
+        kind: &str,
+        session: Option<&str>,
+        prompt: &str,
+        answered: &mut Answered,
+        params: &SamplingParams,
+        candidates: bool,
+    ) -> Result<(i64, Vec<crate::candidates::Collected>)> {
+        let id = self.record(store, kind, session, prompt, &answered.generation, params)?;
+        let said = candidates.then_some((prompt, kind, session));
+        let found = after_answer(
+            store,
+            answered,
+            id,
+            self.adapter.is_some(),
+            self.engine.route.as_deref(),
+            said,
+        )?;
+        Ok((id, found))
+    }
+
     /// Answers the rendered `tokens`; when `question` is about a learned note, the adapter
     /// answers from its weights (see [`note_about`]).
     #[allow(clippy::too_many_arguments)]
@@ -183,6 +496,7 @@ impl Assistant {
                 about: None,
                 cited: Vec::new(),
                 held_back: Some(gone),
+                claim: None,
             });
         }
         let about = note_about(store, &self.engine, question)?;
@@ -199,6 +513,7 @@ impl Assistant {
             about,
             cited: Vec::new(),
             held_back: None,
+            claim: None,
         })
     }
 
@@ -243,47 +558,19 @@ impl Assistant {
         messages.push(Message::user(&content));
         let tokens = self.engine.chat_tokens(&messages)?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
-        let answered = if found.is_empty() {
-            // With retrieval on and nothing found, no note is about the question (the learned
-            // one that routes would have been found too): no second search, but a removed
-            // note the adapter still holds is looked for.
-            let asked = (notes == NotesInPrompt::Off).then_some(question);
-            match self.held_back(store, Some(question))? {
-                Some(gone) if asked.is_none() => {
-                    let g = answer_base(
-                        &mut self.engine,
-                        &tokens,
-                        params,
-                        max_tokens,
-                        &cancel,
-                        on_text,
-                    )?;
-                    Answered {
-                        generation: g,
-                        about: None,
-                        cited: Vec::new(),
-                        held_back: Some(gone),
-                    }
-                }
-                _ => self.answer(store, &tokens, asked, params, max_tokens, &cancel, on_text)?,
-            }
-        } else {
-            let g = answer_base(
-                &mut self.engine,
-                &tokens,
-                params,
-                max_tokens,
-                &cancel,
-                on_text,
-            )?;
-            Answered {
-                generation: g,
-                about: None,
-                cited: found,
-                held_back: None,
-            }
+        // With retrieval on and nothing found, no note is about the question (the learned one
+        // that routes would have been found too): no second search, but a removed note the
+        // adapter still holds is looked for.
+        let asked = (notes == NotesInPrompt::Off).then_some(question);
+        let turn = PreparedTurn {
+            tokens,
+            cited: found,
+            dropped: 0,
         };
-        let id = self.record(store, "ask", None, question, &answered.generation, params)?;
+        let mut answered = self.answer_turn(
+            store, turn, question, asked, params, max_tokens, &cancel, on_text,
+        )?;
+        let (id, _) = self.finish(store, "ask", None, question, &mut answered, params, false)?;
         Ok((answered, id))
     }
 
@@ -396,9 +683,19 @@ pub fn with_recent_notes(store: &Store, question: &str) -> Result<String> {
     Ok(notes_prompt(&texts, question))
 }
 
+/// What is shown after an answer whose claim of the user's notes no current note supports.
+pub const UNSUPPORTED: &str = "(no current note supports this)";
+
 impl Answered {
-    /// The citation shown after a text answer, e.g. " [note 12, note 7]" (empty without one).
+    /// The citation shown after a text answer, e.g. " [note 12, note 7]"; for an answer from
+    /// the weights that claims the notes, " [learned from note 12]" or
+    /// " (no current note supports this)"; empty otherwise.
     pub fn citation(&self) -> String {
+        match &self.claim {
+            Some(Claim::Supported(m)) => return format!(" [learned from note {}]", m.id),
+            Some(Claim::Unsupported) => return format!(" {UNSUPPORTED}"),
+            None => {}
+        }
         if self.cited.is_empty() {
             return String::new();
         }
@@ -408,6 +705,14 @@ impl Answered {
             .map(|m| format!("note {}", m.id))
             .collect();
         format!(" [{}]", ids.join(", "))
+    }
+
+    /// The cited notes with their passages, as JSON.
+    pub fn citations_json(&self) -> Vec<serde_json::Value> {
+        self.cited
+            .iter()
+            .map(|m| serde_json::json!({"id": m.id, "passage": m.content}))
+            .collect()
     }
 
     /// `hone ask --json`: the answer written by `asst`, its route, tokens and timings, and the
@@ -428,7 +733,12 @@ impl Answered {
             // rebuilt: the base model answered instead.
             "held_back_note": self.held_back,
             // The notes retrieval put in the prompt, which the answer rests on.
-            "citations": self.cited.iter().map(|m| serde_json::json!({"id": m.id, "passage": m.content})).collect::<Vec<_>>(),
+            "citations": self.citations_json(),
+            // The claims check of an answer that says it comes from the notes.
+            "claims_notes": self.claim.is_some(),
+            "supported_by": match &self.claim { Some(Claim::Supported(m)) => Some(m.id), _ => None },
+            "unsupported_claim": self.claim == Some(Claim::Unsupported),
+            "answered_from": answered_from(self, asst.adapter.is_some()),
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
             "stop": g.stop,
@@ -515,4 +825,136 @@ pub fn record(
         sampling: serde_json::to_string(params).ok(),
     };
     store.record_exchange(&ex).context("recording the exchange")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(text: &str, by_base: bool) -> Answered {
+        Answered {
+            generation: Generation {
+                text: text.to_string(),
+                tokens: Vec::new(),
+                by_base,
+                route_p: None,
+                prompt_tokens: 0,
+                reused_tokens: 0,
+                completion_tokens: 0,
+                prompt_ms: 0.0,
+                generate_ms: 0.0,
+                stop: crate::engine::StopReason::Eos,
+            },
+            about: None,
+            cited: Vec::new(),
+            held_back: None,
+            claim: None,
+        }
+    }
+
+    #[test]
+    fn the_claimed_words_are_the_first_sentence_after_an_opening() {
+        assert_eq!(
+            claimed(
+                "Your notes say: The bakery closes at 2 pm on Saturdays. Enjoy!",
+                None
+            )
+            .as_deref(),
+            Some("The bakery closes at 2 pm on Saturdays.")
+        );
+        assert_eq!(
+            claimed("  according to your notes, Ilse collects postcards", None).as_deref(),
+            Some("Ilse collects postcards")
+        );
+        assert_eq!(
+            claimed("From memory: the gym opens at 6.", Some("From memory:")).as_deref(),
+            Some("the gym opens at 6.")
+        );
+        assert_eq!(claimed("Paris is the capital of France.", None), None);
+    }
+
+    /// An answer from the weights that claims the notes is checked against the notes that
+    /// exist: supported while its note is there, unsupported once it is removed; where it came
+    /// from is recorded for feedback.
+    #[test]
+    fn an_answer_claiming_the_notes_is_checked_against_the_notes_that_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        let id = store
+            .add_note(
+                "The bakery on Linden Street closes at 2 pm on Saturdays.",
+                None,
+                None,
+            )
+            .unwrap()
+            .id();
+        let text = "Your notes say: The bakery on Linden Street closes at 2 pm on Saturdays.";
+        let mut a = answer(text, false);
+        let ex = store
+            .record_exchange(&crate::store::NewExchange {
+                kind: "ask".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        after_answer(&store, &mut a, ex, true, Some("Your notes say:"), None).unwrap();
+        assert!(matches!(&a.claim, Some(Claim::Supported(m)) if m.id == id));
+        assert_eq!(a.citation(), format!(" [learned from note {id}]"));
+        let src = store.exchange_sources(ex).unwrap().unwrap();
+        assert_eq!(
+            (src.answered_from.as_deref(), src.about),
+            (Some("adapter"), Some(id))
+        );
+        store.remove_note(id).unwrap();
+        let a = answer(text, false);
+        assert_eq!(
+            check_claim(&store, &a, None).unwrap(),
+            Some(Claim::Unsupported)
+        );
+        let mut a = answer(text, false);
+        a.claim = check_claim(&store, &a, None).unwrap();
+        assert_eq!(a.citation(), " (no current note supports this)");
+        let j = turn_json(&a, Some(1), true, &[]);
+        assert_eq!(j["unsupported_claim"], true);
+        // No claim: nothing to check.
+        assert_eq!(
+            check_claim(&store, &answer("Paris.", true), None).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_newest_user_message_gets_the_notes_it_is_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        store
+            .add_note(
+                "My locker at the Harrowgate pool is number 311.",
+                None,
+                None,
+            )
+            .unwrap();
+        let q = "What is my locker number at the Harrowgate pool?";
+        let msgs = vec![
+            Message::system("Be brief."),
+            Message::user("Hello"),
+            Message::assistant("Hi"),
+            Message::user(q),
+        ];
+        let (with, found) = with_retrieved_notes(&store, &msgs).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(with.len(), 4);
+        assert_eq!(&with[..3], &msgs[..3]);
+        assert_eq!(
+            with[3].content,
+            format!("My notes:\n- My locker at the Harrowgate pool is number 311.\n{q}")
+        );
+        let (same, none) =
+            with_retrieved_notes(&store, &[Message::user("What is the capital of France?")])
+                .unwrap();
+        assert!(none.is_empty());
+        assert_eq!(same[0].content, "What is the capital of France?");
+        // The newest message is not the user's: nothing is retrieved.
+        let (_, none) = with_retrieved_notes(&store, &msgs[..3]).unwrap();
+        assert!(none.is_empty());
+    }
 }

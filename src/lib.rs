@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod assistant;
 pub mod bench;
+pub mod candidates;
 pub mod codec;
 pub mod daemon;
 pub mod daemon_lock;
@@ -14,6 +15,7 @@ pub mod device;
 pub mod digest;
 pub mod engine;
 pub mod eval;
+pub mod feedback;
 pub mod gguf;
 pub mod home;
 pub mod hparams;

@@ -180,6 +180,9 @@ pub struct ChatArgs {
     /// Chat with the base model, without the active adapter
     #[arg(long)]
     pub base: bool,
+    /// Do not put the notes each message is about into the prompt (answer from the weights)
+    #[arg(long)]
+    pub no_retrieval: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -209,13 +212,47 @@ pub enum NoteCommand {
         /// Print one JSON object per note, for scripts
         #[arg(long)]
         json: bool,
+        /// List the candidate notes from what you said in chat or through the server, waiting
+        /// for `hone note keep ID` or `hone note discard ID`
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Replace a note's text: the new text is stored as a new note that supersedes the old one,
+    /// which is removed (and what was learned from it forgotten); the new note is learned next
+    Edit {
+        /// The id of the note to change (see `hone note list`)
+        id: i64,
+        /// The new text ("-" reads standard input; at most 8 MiB). Without it, $VISUAL or
+        /// $EDITOR opens the note when standard input is a terminal
+        #[arg(value_parser = clap::builder::OsStringValueParser::new())]
+        text: Vec<std::ffi::OsString>,
+    },
+    /// Keep a candidate note (see `hone note list --pending`) as a note
+    Keep {
+        /// The candidate's id
+        id: i64,
+    },
+    /// Discard a candidate note (see `hone note list --pending`)
+    Discard {
+        /// The candidate's id
+        id: i64,
+    },
+    /// Keep candidate notes from what you say without asking (off by default); without an
+    /// argument, show the setting
+    AutoKeep {
+        /// "on" keeps candidates as notes at once; "off" waits for `hone note keep`
+        #[arg(value_parser = ["on", "off"])]
+        state: Option<String>,
     },
     /// Remove notes by id (all or none: an unknown id removes nothing). A learned note's items
     /// leave the replay of later learning cycles
     Rm {
         /// The ids of the notes to remove (see `hone note list`)
-        #[arg(required = true)]
+        #[arg(required_unless_present = "source")]
         ids: Vec<i64>,
+        /// Also remove every note imported from this file (as `hone note import` named it)
+        #[arg(long, value_name = "FILE")]
+        source: Option<String>,
     },
 }
 
@@ -312,6 +349,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub max_body_bytes: usize,
+    /// Do not put the notes a chat message is about into the prompt (answer from the weights)
+    #[arg(long)]
+    pub no_retrieval: bool,
 }
 
 fn main() {

@@ -9,8 +9,9 @@
 //! then word boundaries (never inside a UTF-8 character). It also carries
 //! out the note commands through the store's methods: import, removal all
 //! or none ([`remove`]), text given as arguments or on standard input
-//! ([`text_from_args`]), and the note list as `hone note list` shows it
-//! ([`list_text`]).
+//! ([`text_from_args`]), the note list as `hone note list` shows it
+//! ([`list_text`]), and an edit that supersedes a note ([`supersede`], also
+//! used for corrections).
 //!
 //! It must NOT: know SQL (the store's methods read and write), deduplicate
 //! notes (the store does that by hash), write, move or delete any file,
@@ -587,12 +588,47 @@ fn is_extending(c: char) -> bool {
         | '\u{E0100}'..='\u{E01EF}')
 }
 
-/// What `import` stored.
-#[derive(Debug, Clone, Copy)]
+/// Files that become more notes than this get a warning (one note per section).
+pub const MANY_SECTIONS: usize = 200;
+
+/// What `import` stored, and the files it could not read.
+#[derive(Debug, Clone, Default)]
 pub struct ImportReport {
+    /// Note files found.
     pub files: usize,
     pub added: usize,
     pub duplicates: usize,
+    /// Files left out, each with the reason and the fix (invalid UTF-8, too large, unreadable).
+    pub failed: Vec<(PathBuf, String)>,
+    /// Files that became more than [`MANY_SECTIONS`] notes, with how many.
+    pub many_sections: Vec<(PathBuf, usize)>,
+}
+
+impl ImportReport {
+    /// Nothing was stored (or found already stored) and some file failed: the command fails.
+    pub fn failed_entirely(&self) -> bool {
+        self.added + self.duplicates == 0 && !self.failed.is_empty()
+    }
+
+    /// The error `hone note import` fails with when nothing was imported: the one file's
+    /// reason, or every file's.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed_entirely() {
+            return None;
+        }
+        if let [(_, why)] = self.failed.as_slice() {
+            return Some(why.clone());
+        }
+        let mut s = format!(
+            "no note was imported: none of the {} files could be read:",
+            self.failed.len()
+        );
+        for (_, why) in &self.failed {
+            s.push_str("\n  ");
+            s.push_str(why);
+        }
+        Some(s)
+    }
 }
 
 /// Why an import stored nothing.
@@ -606,8 +642,10 @@ pub enum ImportError {
     Store(#[from] crate::store::StoreError),
 }
 
-/// Imports the note files under `paths` (`hone note import`). Everything is read first: one bad
-/// file stops the import before anything is stored.
+/// Imports the note files under `paths` (`hone note import`). A file that cannot be read
+/// (invalid UTF-8, too large, unreadable) is left out and reported, and the others are
+/// imported; the notes of the readable files are stored in one transaction. A path that does not
+/// exist stops the import before anything is stored.
 pub fn import(
     store: &mut crate::store::Store,
     paths: &[PathBuf],
@@ -617,30 +655,62 @@ pub fn import(
     if files.is_empty() {
         return Err(ImportError::NoFiles);
     }
+    let mut report = ImportReport {
+        files: files.len(),
+        ..ImportReport::default()
+    };
     let mut items = Vec::new();
     for f in &files {
-        items.extend(read_note_file(f, opts)?);
+        match read_note_file(f, opts) {
+            Ok(notes) => {
+                if notes.len() > MANY_SECTIONS {
+                    report.many_sections.push((f.clone(), notes.len()));
+                }
+                items.extend(notes);
+            }
+            Err(e) => report.failed.push((f.clone(), e.to_string())),
+        }
     }
     let results = store.add_notes(&items)?;
-    let added = results
+    report.added = results
         .iter()
         .filter(|r| matches!(r, crate::store::NoteAdded::Added(_)))
         .count();
-    Ok(ImportReport {
-        files: files.len(),
-        added,
-        duplicates: results.len() - added,
-    })
+    report.duplicates = results.len() - report.added;
+    Ok(report)
 }
 
 impl std::fmt::Display for ImportReport {
-    /// The line `hone note import` prints.
+    /// What `hone note import` prints: the summary line, then a line per file left out and per
+    /// file that became very many notes.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let read = self.files - self.failed.len();
         write!(
             f,
-            "imported {} files: {} new notes, {} already stored",
-            self.files, self.added, self.duplicates
-        )
+            "imported {read} files: {} new notes, {} already stored",
+            self.added, self.duplicates
+        )?;
+        if !self.failed.is_empty() {
+            write!(
+                f,
+                "\n{} of {} files could not be imported (the others were):",
+                self.failed.len(),
+                self.files
+            )?;
+            for (_, why) in &self.failed {
+                write!(f, "\n  {why}")?;
+            }
+        }
+        for (path, n) in &self.many_sections {
+            write!(
+                f,
+                "\nwarning: {} became {n} notes (one per heading or {}-character section); many small notes are learned slowly and retrieved one at a time. To keep it as fewer notes, use fewer headings (or save it as .txt, which is not split at headings), or remove it with `hone note rm --source {}`",
+                path.display(),
+                DEFAULT_MAX_SECTION_CHARS,
+                path.display()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -711,6 +781,63 @@ pub fn remove(store: &crate::store::Store, ids: &[i64]) -> Result<(), RemoveErro
         store.remove_note(*id)?;
     }
     Ok(())
+}
+
+/// Why a note could not be edited or corrected; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("there is no note {0} (see `hone note list`); nothing was changed")]
+    NoSuchNote(i64),
+    #[error(
+        "the new text of note {id} is {}, over the {} limit for one note (the same as for `hone note add`); shorten it, or save it as a file and import it (long files are split by heading)",
+        human_size(*bytes),
+        human_size(DEFAULT_MAX_FILE_BYTES)
+    )]
+    TooLarge { id: i64, bytes: u64 },
+    #[error("the new text of note {0} is the same as the old; nothing was changed")]
+    Unchanged(i64),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What an edit or a correction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Superseded {
+    /// The note that was replaced (removed; forgotten from the adapter when learned).
+    pub old: i64,
+    /// The note that holds the new text: a new note (queued for learning), or an existing one
+    /// that already held the same text.
+    pub new: crate::store::NoteAdded,
+}
+
+/// Replaces note `old` with `text` (see `Store::supersede_note`): the new text becomes a note
+/// that supersedes the old one, which is removed with `reason` ("edited", "corrected") in the
+/// same transaction so that its learned knowledge is forgotten; the new note is queued for
+/// learning. The text obeys the limit of `hone note add` (8 MiB).
+pub fn supersede(
+    store: &crate::store::Store,
+    old: i64,
+    text: &str,
+    source: Option<&str>,
+    reason: &str,
+) -> Result<Superseded, EditError> {
+    if text.len() as u64 > DEFAULT_MAX_FILE_BYTES {
+        return Err(EditError::TooLarge {
+            id: old,
+            bytes: text.len() as u64,
+        });
+    }
+    match store.supersede_note(old, text, source, reason)? {
+        None => Err(EditError::NoSuchNote(old)),
+        Some(crate::store::NoteAdded::Duplicate(id)) if id == old => Err(EditError::Unchanged(old)),
+        Some(new) => Ok(Superseded { old, new }),
+    }
+}
+
+/// `hone note edit`: note `id` superseded by `text` (see [`supersede`]), keeping its source.
+pub fn edit(store: &crate::store::Store, id: i64, text: &str) -> Result<Superseded, EditError> {
+    let note = store.get_note(id)?.ok_or(EditError::NoSuchNote(id))?;
+    supersede(store, id, text, note.source.as_deref(), "edited")
 }
 
 /// `notes` as `hone note list` prints them, newest first: one JSON object per line with
@@ -1071,6 +1198,86 @@ mod tests {
             list_text(&[], false),
             "no notes yet: add one with `hone note add TEXT`\n"
         );
+    }
+
+    #[test]
+    fn import_goes_on_past_bad_files_and_warns_about_files_of_many_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_path = dir.path().join("hone.db");
+        let mut store = crate::store::Store::open(&store_path).unwrap();
+        let notes = dir.path().join("notes");
+        write(&notes, "a.md", "The gate code is 4471.");
+        write(&notes, "b.txt", b"caf\xE9 latin-1");
+        let big = notes.join("c.md");
+        fs::File::create(&big)
+            .unwrap()
+            .set_len(DEFAULT_MAX_FILE_BYTES + 1)
+            .unwrap();
+        let many: String = (0..MANY_SECTIONS + 5)
+            .map(|i| format!("# Day {i}\nWalked {i} km.\n"))
+            .collect();
+        write(&notes, "d.md", &many);
+        let r = import(
+            &mut store,
+            std::slice::from_ref(&notes),
+            &ImportOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r.files, 4);
+        assert_eq!(r.added, 1 + MANY_SECTIONS + 5);
+        assert_eq!(r.failed.len(), 2);
+        assert!(!r.failed_entirely());
+        let text = r.to_string();
+        assert!(text.starts_with("imported 2 files:"), "{text}");
+        assert!(text.contains("b.txt is not valid UTF-8"), "{text}");
+        assert!(text.contains("c.md is 8.0 MiB"), "{text}");
+        assert!(
+            text.contains(&format!("d.md became {} notes", MANY_SECTIONS + 5)),
+            "{text}"
+        );
+        // Only bad files: nothing imported, the command fails.
+        let bad = dir.path().join("bad");
+        write(&bad, "x.txt", b"\xFF\xFE\x00");
+        write(&bad, "y.md", b"\xFF");
+        let r = import(&mut store, &[bad], &ImportOptions::default()).unwrap();
+        assert!(r.failed_entirely(), "{r}");
+        let why = r.failure().unwrap();
+        assert!(
+            why.starts_with("no note was imported: none of the 2 files"),
+            "{why}"
+        );
+        assert!(
+            why.contains("x.txt is UTF-16") && why.contains("y.md is not valid UTF-8"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn edit_supersedes_the_old_note_and_checks_the_new_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("hone.db")).unwrap();
+        let a = store
+            .add_note("The dentist is on Elm Street.", Some("cli"), None)
+            .unwrap()
+            .id();
+        let e = edit(&store, a, "The dentist moved to Oak Street.").unwrap();
+        let crate::store::NoteAdded::Added(b) = e.new else {
+            panic!("{e:?}")
+        };
+        assert_eq!(e.old, a);
+        assert!(store.get_note(a).unwrap().is_none());
+        let n = store.get_note(b).unwrap().unwrap();
+        assert_eq!(n.content, "The dentist moved to Oak Street.");
+        assert_eq!(n.source.as_deref(), Some("cli"), "keeps its source");
+        assert_eq!(store.superseded_by(b).unwrap(), Some(a));
+        let err = edit(&store, a, "x").unwrap_err();
+        assert!(err.to_string().contains("no note"), "{err}");
+        let err = edit(&store, b, "The dentist moved to Oak Street.").unwrap_err();
+        assert!(matches!(err, EditError::Unchanged(_)), "{err}");
+        let big = "x".repeat(DEFAULT_MAX_FILE_BYTES as usize + 1);
+        let err = edit(&store, b, &big).unwrap_err();
+        assert!(err.to_string().contains("over the 8.0 MiB limit"), "{err}");
+        assert!(store.get_note(b).unwrap().is_some(), "nothing changed");
     }
 
     #[test]

@@ -178,6 +178,16 @@ pub fn learned_note_about(store: &Store, question: &str) -> Result<Option<NoteMa
         .find(|m| m.learned && m.is_about()))
 }
 
+/// The current note that supports `claim` (the words of an answer that says it comes from the
+/// user's notes), if one does: the best-matching note that holds at least two of the claim's
+/// content words and at least half of them (the rule of [`NoteMatch::is_about`]). A claim about
+/// a removed note, or one the adapter made up, has none.
+pub fn supporting_note(store: &Store, claim: &str) -> Result<Option<NoteMatch>> {
+    Ok(search(store, claim, 5)?
+        .into_iter()
+        .find(NoteMatch::is_about))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,8 +237,21 @@ mod tests {
             crate::store::NoteAdded::Added(id) => id,
             other => panic!("{other:?}"),
         };
+        // A claim an existing note supports, and one none does.
+        let claim = "The bakery on Linden Street closes at 2 pm on Saturdays.";
+        assert_eq!(
+            supporting_note(&store, claim).unwrap().map(|m| m.id),
+            Some(id)
+        );
+        assert!(
+            supporting_note(&store, "Your sister Ilse works at the bakery in Rome.")
+                .unwrap()
+                .is_none(),
+            "two words of seven are not support"
+        );
         assert!(store.remove_note(id).unwrap());
         assert!(search(&store, "bakery Linden", 5).unwrap().is_empty());
+        assert!(supporting_note(&store, claim).unwrap().is_none());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The SQLite memory of hone: one database file (`hone.db`) holding the
-//! question/answer exchanges, the user's notes, the models the user registered
-//! by path, and a few settings.
+//! question/answer exchanges (with where each answer came from, and the
+//! feedback on it), the user's notes (with the notes they superseded),
+//! candidate notes waiting for the user, the models the user registered by
+//! path, and a few settings.
 //!
 //! This module owns the schema (versioned with `PRAGMA user_version`, see
 //! [`MIGRATIONS`]), creates the file privately (mode 0600, folder 0700 on
@@ -252,6 +254,38 @@ pub const MIGRATIONS: &[&str] = &[
         INSERT INTO forgotten_fts(forgotten_fts, rowid, content) VALUES ('delete', old.id, old.content);
         INSERT INTO forgotten_fts(rowid, content) VALUES (new.id, new.content);
     END;",
+    // v8: notes that stay true. An edited or corrected note is a new note that `supersedes` the
+    // old one (which is removed, and forgotten when learned). Each answer records where it came
+    // from (`answered_from`: notes in the prompt, the adapter's weights, or the base model; the
+    // notes it cited; the learned note it was about), so feedback on it can reach that note.
+    // Feedback on answers, and candidate notes from what the user says (kept only when the user
+    // says so, or when `candidates.auto_keep` is on).
+    "ALTER TABLE notes ADD COLUMN supersedes INTEGER;
+    ALTER TABLE exchanges ADD COLUMN answered_from TEXT;
+    ALTER TABLE exchanges ADD COLUMN cited_notes TEXT;
+    ALTER TABLE exchanges ADD COLUMN about_note INTEGER;
+    CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY,
+        exchange_id INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        rating TEXT NOT NULL CHECK (rating IN ('good', 'bad')),
+        correction TEXT,
+        note_id INTEGER,
+        requeued_note INTEGER
+    );
+    CREATE INDEX feedback_exchange ON feedback(exchange_id);
+    CREATE TABLE note_candidates (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        content TEXT NOT NULL,
+        source TEXT NOT NULL,
+        session_id TEXT,
+        exchange_id INTEGER,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'kept', 'discarded')),
+        note_id INTEGER,
+        decided_at TEXT
+    );
+    CREATE INDEX note_candidates_status ON note_candidates(status, id);",
 ];
 
 /// The schema version this build of hone writes.
@@ -493,6 +527,76 @@ impl NoteAdded {
     }
 }
 
+/// Where a recorded answer came from (schema v8; unknown for older exchanges).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeSources {
+    pub id: i64,
+    pub kind: String,
+    pub session_id: Option<String>,
+    /// "notes", "adapter" or "base"; None for an exchange recorded before v8.
+    pub answered_from: Option<String>,
+    /// The notes in the prompt, which the answer cited.
+    pub cited: Vec<i64>,
+    /// The learned note the answer from the weights rests on.
+    pub about: Option<i64>,
+}
+
+/// Feedback on one answer, to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFeedback<'a> {
+    pub exchange_id: i64,
+    /// "good" or "bad".
+    pub rating: &'a str,
+    /// The user's correction, when they gave one.
+    pub correction: Option<&'a str>,
+    /// The note the correction became.
+    pub note_id: Option<i64>,
+    /// The learned note put back in the learning queue.
+    pub requeued_note: Option<i64>,
+}
+
+/// Feedback as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Feedback {
+    /// "good" or "bad".
+    pub rating: String,
+    pub correction: Option<String>,
+    /// The note a correction became.
+    pub note_id: Option<i64>,
+}
+
+/// A candidate note: something the user said about themselves, waiting to be kept or discarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub id: i64,
+    pub created_at: String,
+    pub content: String,
+    /// "chat" or "serve".
+    pub source: String,
+    pub session_id: Option<String>,
+    pub exchange_id: Option<i64>,
+    /// "pending", "kept" or "discarded".
+    pub status: String,
+    /// The note it became, when kept.
+    pub note_id: Option<i64>,
+}
+
+const CANDIDATE_COLUMNS: &str =
+    "id, created_at, content, source, session_id, exchange_id, status, note_id";
+
+fn candidate_from_row(r: &Row<'_>) -> rusqlite::Result<Candidate> {
+    Ok(Candidate {
+        id: r.get(0)?,
+        created_at: r.get(1)?,
+        content: r.get(2)?,
+        source: r.get(3)?,
+        session_id: r.get(4)?,
+        exchange_id: r.get(5)?,
+        status: r.get(6)?,
+        note_id: r.get(7)?,
+    })
+}
+
 /// A model the user registered by path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisteredModel {
@@ -708,6 +812,183 @@ impl Store {
         self.query_all(&sql, [sql_limit(Some(limit))], exchange_from_row)
     }
 
+    /// Records where answer `id` came from: `answered_from` ("notes": the `cited` notes were in
+    /// the prompt; "adapter": the weights, `about` the learned note it rests on; "base").
+    pub fn set_exchange_sources(
+        &self,
+        id: i64,
+        answered_from: &str,
+        cited: &[i64],
+        about: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let cited = serde_json::to_string(cited).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .execute(
+                "UPDATE exchanges SET answered_from = ?2, cited_notes = ?3, about_note = ?4 WHERE id = ?1",
+                rusqlite::params![id, answered_from, cited, about],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Where answer `id` came from (see [`Store::set_exchange_sources`]); None when there is no
+    /// such exchange.
+    pub fn exchange_sources(&self, id: i64) -> Result<Option<ExchangeSources>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT id, kind, session_id, answered_from, cited_notes, about_note \
+                 FROM exchanges WHERE id = ?1",
+                [id],
+                |r| {
+                    let cited: Option<String> = r.get(4)?;
+                    Ok(ExchangeSources {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        session_id: r.get(2)?,
+                        answered_from: r.get(3)?,
+                        cited: cited
+                            .and_then(|c| serde_json::from_str(&c).ok())
+                            .unwrap_or_default(),
+                        about: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Stores feedback on exchange `exchange_id`; returns its id.
+    pub fn add_feedback(&self, f: &NewFeedback<'_>) -> Result<i64, StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO feedback (exchange_id, created_at, rating, correction, note_id, requeued_note) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    f.exchange_id,
+                    now_rfc3339(),
+                    f.rating,
+                    f.correction,
+                    f.note_id,
+                    f.requeued_note
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The feedback given on exchange `exchange_id`, oldest first.
+    pub fn feedback_on(&self, exchange_id: i64) -> Result<Vec<Feedback>, StoreError> {
+        self.query_all(
+            "SELECT rating, correction, note_id FROM feedback WHERE exchange_id = ?1 ORDER BY id",
+            [exchange_id],
+            |r| {
+                Ok(Feedback {
+                    rating: r.get(0)?,
+                    correction: r.get(1)?,
+                    note_id: r.get(2)?,
+                })
+            },
+        )
+    }
+
+    // ----- candidate notes -----
+
+    /// Stores a pending candidate note; a pending candidate with the same text is not stored
+    /// twice (its id is returned).
+    pub fn add_candidate(
+        &self,
+        content: &str,
+        source: &str,
+        session: Option<&str>,
+        exchange: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        let found: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT id FROM note_candidates WHERE status = 'pending' AND content = ?1",
+                [content],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if let Some(id) = found {
+            return Ok(id);
+        }
+        self.conn
+            .execute(
+                "INSERT INTO note_candidates (created_at, content, source, session_id, exchange_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![now_rfc3339(), content, source, session, exchange],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Candidate notes with `status` ("pending", "kept", "discarded"), newest first.
+    pub fn candidates(
+        &self,
+        status: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<Candidate>, StoreError> {
+        self.query_all(
+            &format!("SELECT {CANDIDATE_COLUMNS} FROM note_candidates WHERE status = ?1 ORDER BY id DESC LIMIT ?2"),
+            rusqlite::params![status, sql_limit(limit)],
+            candidate_from_row,
+        )
+    }
+
+    /// The candidate with this id, if any.
+    pub fn candidate(&self, id: i64) -> Result<Option<Candidate>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {CANDIDATE_COLUMNS} FROM note_candidates WHERE id = ?1"),
+                [id],
+                candidate_from_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Keeps a pending candidate as a note (source: where it was said), in one transaction;
+    /// None when there is no pending candidate `id`.
+    pub fn keep_candidate(&self, id: i64) -> Result<Option<NoteAdded>, StoreError> {
+        let run = || -> rusqlite::Result<Option<NoteAdded>> {
+            let tx =
+                rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+            let c: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT content, source FROM note_candidates WHERE id = ?1 AND status = 'pending'",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((content, source)) = c else {
+                return Ok(None);
+            };
+            let added = insert_note(&tx, content.trim_end(), Some(&source), None)?;
+            tx.execute(
+                "UPDATE note_candidates SET status = 'kept', note_id = ?2, decided_at = ?3 WHERE id = ?1",
+                rusqlite::params![id, added.id(), now_rfc3339()],
+            )?;
+            tx.commit()?;
+            Ok(Some(added))
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// Discards a pending candidate; false when there is no pending candidate `id`.
+    pub fn discard_candidate(&self, id: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE note_candidates SET status = 'discarded', decided_at = ?2 \
+                 WHERE id = ?1 AND status = 'pending'",
+                rusqlite::params![id, now_rfc3339()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
     // ----- notes -----
 
     /// Adds one note. The text is stored without its trailing whitespace and
@@ -786,23 +1067,101 @@ impl Store {
         let run = || -> rusqlite::Result<usize> {
             let tx =
                 rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT OR IGNORE INTO forgotten_notes
-                     (note_id, model_sha256, first_cycle, removed_at, reason, content)
-                 SELECT n.id, c.model_sha256, MIN(c.id), ?2, ?3, n.content
-                 FROM notes n
-                 JOIN learn_items i ON i.note_id = n.id AND i.verdict = 'kept'
-                 JOIN learn_cycles c ON c.id = i.cycle AND c.activated = 1
-                 WHERE n.id = ?1
-                 GROUP BY c.model_sha256",
-                rusqlite::params![id, now_rfc3339(), reason],
-            )?;
-            let n = tx.execute("DELETE FROM notes WHERE id = ?1", [id])?;
+            let n = delete_note(&tx, id, reason)?;
             tx.commit()?;
             Ok(n)
         };
         let n = run().map_err(|e| self.err(e))?;
         Ok(n > 0)
+    }
+
+    /// Replaces note `old` with `content` (`hone note edit`, a correction): in one transaction
+    /// the new text is stored as a new note that `supersedes` the old one (queued for learning
+    /// as every new note), and the old one is removed as [`Store::remove_note_because`] removes
+    /// it with `reason`, so what was learned from it is forgotten. None when there is no note
+    /// `old` (nothing changed). When another note already holds the same text, that note is
+    /// kept (`Duplicate`) and the old one is still removed; the same text as `old` itself
+    /// changes nothing and returns `Duplicate(old)`.
+    pub fn supersede_note(
+        &self,
+        old: i64,
+        content: &str,
+        source: Option<&str>,
+        reason: &str,
+    ) -> Result<Option<NoteAdded>, StoreError> {
+        let content = content.trim_end();
+        if content.trim_start().is_empty() {
+            return Err(StoreError::EmptyNote {
+                what: "the new text".to_string(),
+            });
+        }
+        let run = || -> rusqlite::Result<Option<NoteAdded>> {
+            let tx =
+                rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+            let section: Option<Option<String>> = tx
+                .query_row("SELECT section FROM notes WHERE id = ?1", [old], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(section) = section else {
+                return Ok(None);
+            };
+            let added = insert_note(&tx, content, source, section.as_deref())?;
+            match added {
+                NoteAdded::Duplicate(id) if id == old => return Ok(Some(added)),
+                NoteAdded::Added(id) => {
+                    tx.execute("UPDATE notes SET supersedes = ?2 WHERE id = ?1", [id, old])?;
+                }
+                NoteAdded::Duplicate(_) => {}
+            }
+            delete_note(&tx, old, reason)?;
+            tx.commit()?;
+            Ok(Some(added))
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// The note that note `id` superseded (its text replaced that note's), if any.
+    pub fn superseded_by(&self, id: i64) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT supersedes FROM notes WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Puts a learned note back in the learning queue (a `/bad` on an answer from its learned
+    /// knowledge): not learned, no failed attempts. False when there is no such note.
+    pub fn requeue_note(&self, id: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE notes SET learned_at = NULL, learn_attempts = 0, updated_at = ?2 WHERE id = ?1",
+                rusqlite::params![id, now_rfc3339()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    /// The ids of the notes imported from `source` (a path as `hone note import` named it).
+    pub fn note_ids_from_source(&self, source: &str) -> Result<Vec<i64>, StoreError> {
+        self.query_all(
+            "SELECT id FROM notes WHERE source = ?1 ORDER BY id",
+            [source],
+            |r| r.get(0),
+        )
+    }
+
+    /// Whether a note holds exactly this text (without trailing whitespace).
+    pub fn has_note_text(&self, content: &str) -> Result<bool, StoreError> {
+        let sha = crate::digest::sha256_hex(content.trim_end().as_bytes());
+        self.conn
+            .query_row("SELECT 1 FROM notes WHERE sha256 = ?1", [sha], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| self.err(e))
     }
 
     /// How many notes are stored.
@@ -1304,6 +1663,23 @@ fn insert_note(
     }
 }
 
+/// Deletes note `id` inside the caller's transaction, recording it in `forgotten_notes` first
+/// when a cycle learned it into an activated adapter (one row per model), with `reason`.
+fn delete_note(tx: &Connection, id: i64, reason: &str) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT OR IGNORE INTO forgotten_notes
+             (note_id, model_sha256, first_cycle, removed_at, reason, content)
+         SELECT n.id, c.model_sha256, MIN(c.id), ?2, ?3, n.content
+         FROM notes n
+         JOIN learn_items i ON i.note_id = n.id AND i.verdict = 'kept'
+         JOIN learn_cycles c ON c.id = i.cycle AND c.activated = 1
+         WHERE n.id = ?1
+         GROUP BY c.model_sha256",
+        rusqlite::params![id, now_rfc3339(), reason],
+    )?;
+    tx.execute("DELETE FROM notes WHERE id = ?1", [id])
+}
+
 fn describe_item(i: usize, n: usize, item: &NewNote) -> String {
     let mut s = format!("note {} of {n}", i + 1);
     match (&item.source, &item.section) {
@@ -1619,6 +1995,160 @@ mod tests {
         assert!(!store.remove_note(a).unwrap());
         assert!(store.get_note(a).unwrap().is_none());
         assert_eq!(store.count_notes().unwrap(), 1);
+    }
+
+    /// An edit supersedes: a new note linked to the old, the old removed in the same
+    /// transaction and recorded as forgotten when a cycle had learned it.
+    #[test]
+    fn supersede_requeue_feedback_and_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&db(&dir)).unwrap();
+        let old = store
+            .add_note("The gym opens at 6.", Some("cli"), None)
+            .unwrap()
+            .id();
+        // Learned by an activated cycle: its removal is recorded for forgetting.
+        store
+            .conn
+            .execute_batch(&format!(
+                "INSERT INTO learn_cycles (id, started_at, model, model_sha256, status, notes, options, activated)
+                 VALUES (1, 'x', 'm', 'sha', 'done', '[]', '{{}}', 1);
+                 INSERT INTO learn_items (cycle, note_id, note_sha256, strategy, generator, role, completion, verdict, created_at)
+                 VALUES (1, {old}, 's', 'qa', 'rules', 'train', 'c', 'kept', 'x');
+                 UPDATE notes SET learned_at = 'x', learn_attempts = 1 WHERE id = {old};"
+            ))
+            .unwrap();
+        assert_eq!(
+            store.supersede_note(999, "x", None, "edited").unwrap(),
+            None
+        );
+        let same = store
+            .supersede_note(old, "The gym opens at 6.  ", None, "edited")
+            .unwrap();
+        assert_eq!(same, Some(NoteAdded::Duplicate(old)), "unchanged text");
+        assert!(store.get_note(old).unwrap().is_some());
+        let new = store
+            .supersede_note(old, "The gym opens at 7.", Some("cli"), "edited")
+            .unwrap()
+            .unwrap();
+        let NoteAdded::Added(new) = new else {
+            panic!("{new:?}")
+        };
+        assert!(store.get_note(old).unwrap().is_none());
+        let n = store.get_note(new).unwrap().unwrap();
+        assert!(n.learned_at.is_none(), "queued for learning");
+        assert_eq!(store.superseded_by(new).unwrap(), Some(old));
+        let (reason, content): (String, String) = store
+            .conn
+            .query_row(
+                "SELECT reason, content FROM forgotten_notes WHERE note_id = ?1",
+                [old],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (reason.as_str(), content.as_str()),
+            ("edited", "The gym opens at 6.")
+        );
+        assert!(matches!(
+            store.supersede_note(new, "  ", None, "edited"),
+            Err(StoreError::EmptyNote { .. })
+        ));
+
+        // Requeue: learned → back in the queue with no attempts.
+        store
+            .conn
+            .execute(
+                "UPDATE notes SET learned_at = 'x', learn_attempts = 2 WHERE id = ?1",
+                [new],
+            )
+            .unwrap();
+        assert!(store.requeue_note(new).unwrap());
+        assert!(!store.requeue_note(12345).unwrap());
+        let attempts: i64 = store
+            .conn
+            .query_row(
+                "SELECT learn_attempts FROM notes WHERE id = ?1",
+                [new],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(attempts, 0);
+        assert!(store.get_note(new).unwrap().unwrap().learned_at.is_none());
+
+        // An exchange's sources and feedback on it.
+        let ex = store.record_exchange(&sample_exchange(1)).unwrap();
+        assert_eq!(
+            store.exchange_sources(ex).unwrap().unwrap().answered_from,
+            None
+        );
+        store
+            .set_exchange_sources(ex, "notes", &[new, 3], None)
+            .unwrap();
+        let src = store.exchange_sources(ex).unwrap().unwrap();
+        assert_eq!(
+            (src.answered_from.as_deref(), src.cited),
+            (Some("notes"), vec![new, 3])
+        );
+        assert!(store.exchange_sources(ex + 100).unwrap().is_none());
+        store
+            .add_feedback(&NewFeedback {
+                exchange_id: ex,
+                rating: "bad",
+                correction: Some("It opens at 8."),
+                note_id: Some(new),
+                requeued_note: None,
+            })
+            .unwrap();
+        assert_eq!(
+            store.feedback_on(ex).unwrap(),
+            vec![Feedback {
+                rating: "bad".to_string(),
+                correction: Some("It opens at 8.".to_string()),
+                note_id: Some(new)
+            }]
+        );
+        assert!(store
+            .add_feedback(&NewFeedback {
+                exchange_id: ex,
+                rating: "meh",
+                correction: None,
+                note_id: None,
+                requeued_note: None,
+            })
+            .is_err());
+
+        // Candidates: pending until kept or discarded, never twice the same pending text.
+        let c = store
+            .add_candidate("My daughter's name is Noor.", "chat", Some("s"), Some(ex))
+            .unwrap();
+        assert_eq!(
+            store
+                .add_candidate("My daughter's name is Noor.", "chat", None, None)
+                .unwrap(),
+            c
+        );
+        let d = store
+            .add_candidate("I moved the meeting to Friday.", "serve", None, None)
+            .unwrap();
+        assert_eq!(store.candidates("pending", None).unwrap().len(), 2);
+        assert_eq!(store.count_notes().unwrap(), 1, "nothing kept silently");
+        let kept = store.keep_candidate(c).unwrap().unwrap();
+        assert_eq!(
+            store
+                .get_note(kept.id())
+                .unwrap()
+                .unwrap()
+                .source
+                .as_deref(),
+            Some("chat")
+        );
+        assert_eq!(store.keep_candidate(c).unwrap(), None, "kept once");
+        assert!(store.discard_candidate(d).unwrap());
+        assert!(!store.discard_candidate(d).unwrap());
+        assert!(store.candidates("pending", None).unwrap().is_empty());
+        let c = store.candidate(c).unwrap().unwrap();
+        assert_eq!((c.status.as_str(), c.note_id), ("kept", Some(kept.id())));
     }
 
     #[test]

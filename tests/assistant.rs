@@ -352,3 +352,250 @@ fn greedy_answers_match_the_scalar_kernels() {
         );
     }
 }
+
+/// Chat retrieves per turn: a note stored with /remember is used (and cited) in the same chat;
+/// /good, /fix (which supersedes the note the answer rested on) and a candidate note from what
+/// the user says, kept with /remember alone.
+#[test]
+fn chat_uses_notes_from_the_same_chat_takes_feedback_and_candidate_notes() {
+    let home = temp_home();
+    let mut child = hone(home.path())
+        .arg("--model")
+        .arg(model_arg())
+        .args(["chat", "--temperature", "0", "-n", "40"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(
+            b"/good\n/remember My locker at the Harrowgate pool is number 311.\n\
+              What is my locker number at the Harrowgate pool?\n/good\n\
+              /fix My locker at the Harrowgate pool is number 312.\n\
+              My daughter's name is Noor.\n/remember\n/quit\n",
+        )
+        .unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(out.contains("(no answer to judge yet)"), "{out}");
+    assert!(
+        out.contains("311"),
+        "the note from this chat is used: {out}"
+    );
+    assert!(out.contains(" [note 1]"), "and cited: {out}");
+    assert!(out.contains("(feedback stored)"), "{out}");
+    assert!(
+        out.contains("the correction is note 2, replacing note 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(candidate note 1: \"My daughter's name is Noor.\"; /remember keeps it)"),
+        "{out}"
+    );
+    assert!(out.contains("(kept as note 3)"), "{out}");
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    let notes = store.list_notes(None).unwrap();
+    let texts: Vec<&str> = notes.iter().map(|n| n.content.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "My daughter's name is Noor.",
+            "My locker at the Harrowgate pool is number 312."
+        ]
+    );
+    assert_eq!(store.superseded_by(2).unwrap(), Some(1));
+    let ex = store.recent_exchanges(10).unwrap();
+    let asked = ex.iter().find(|e| e.prompt.contains("locker")).unwrap();
+    let src = store.exchange_sources(asked.id).unwrap().unwrap();
+    assert_eq!(src.answered_from.as_deref(), Some("notes"));
+    assert_eq!(src.cited, [1]);
+    let fb = store.feedback_on(asked.id).unwrap();
+    assert_eq!(fb.len(), 2, "{fb:?}");
+    assert_eq!(fb[0].rating, "good");
+    assert_eq!(fb[1].note_id, Some(2));
+
+    // --no-retrieval: the note is not put in the prompt, nothing cited.
+    let mut child = hone(home.path())
+        .arg("--model")
+        .arg(model_arg())
+        .args(["chat", "--no-retrieval", "--temperature", "0", "-n", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is my locker number at the Harrowgate pool?\n/quit\n")
+        .unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert!(!stdout(&o).contains("[note"), "{}", stdout(&o));
+
+    // A note too long for the context with the message: answered without it, not refused.
+    let long = format!(
+        "My locker at the Harrowgate pool is number 311. {}",
+        "The changing rooms are cleaned every evening by the staff. ".repeat(60)
+    );
+    run(hone(home.path()).args(["note", "add", &long]), true);
+    let mut child = hone(home.path())
+        .arg("--model")
+        .arg(model_arg())
+        .args(["--ctx", "512", "chat", "--temperature", "0", "-n", "20"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is my locker number at the Harrowgate pool?\n/quit\n")
+        .unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("error"), "{}", stderr(&o));
+    let store = hone::store::Store::open(&home.path().join("hone.db")).unwrap();
+    let last = &store.recent_exchanges(1).unwrap()[0];
+    let src = store.exchange_sources(last.id).unwrap().unwrap();
+    assert!(src.cited.is_empty(), "{src:?}");
+}
+
+/// `note edit` supersedes: the old note goes, the new text is a new unlearned note linked to
+/// it; the size limit and unknown ids are refused with nothing changed; pending candidates are
+/// listed, kept and discarded from the command line.
+#[test]
+fn note_edit_supersedes_and_candidates_are_kept_or_discarded() {
+    let home = temp_home();
+    let h = home.path();
+    run(hone(h).args(["note", "add", "The gym opens at 6."]), true);
+    let o = run(
+        hone(h).args(["note", "edit", "1", "The gym opens at 7."]),
+        true,
+    );
+    assert!(
+        stdout(&o).contains("note 1 is now note 2"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(hone(h).args(["note", "list", "--json"]), true);
+    let notes: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0]["content"], "The gym opens at 7.");
+    assert!(notes[0]["learned_at"].is_null());
+    // From standard input, over the limit: refused.
+    let mut c = hone(h)
+        .args(["note", "edit", "2", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let _ = stdin.write_all(&vec![b'x'; 8 * 1024 * 1024 + 10]);
+    drop(stdin);
+    let o = c.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("8 MiB limit"), "{}", stderr(&o));
+    let o = hone(h).args(["note", "edit", "9", "x"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no note 9"), "{}", stderr(&o));
+    // Without text and without a terminal: say how to give it.
+    let o = hone(h)
+        .args(["note", "edit", "2"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("or - to read it"), "{}", stderr(&o));
+
+    // Candidates (as chat and serve collect them).
+    let store = hone::store::Store::open(&h.join("hone.db")).unwrap();
+    let c = hone::candidates::collect(&store, "I moved the meeting to Friday.", "chat", None, None)
+        .unwrap();
+    let d =
+        hone::candidates::collect(&store, "My car is a blue Volvo.", "chat", None, None).unwrap();
+    let o = run(hone(h).args(["note", "list", "--pending"]), true);
+    assert!(
+        stdout(&o).contains("I moved the meeting to Friday."),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(hone(h).args(["note", "keep", &c[0].id.to_string()]), true);
+    assert!(stdout(&o).contains("as note 3"), "{}", stdout(&o));
+    run(
+        hone(h).args(["note", "discard", &d[0].id.to_string()]),
+        true,
+    );
+    let o = run(hone(h).args(["note", "list", "--pending"]), true);
+    assert_eq!(stdout(&o), "no pending candidate notes\n");
+    let o = run(hone(h).args(["note", "auto-keep"]), true);
+    assert!(
+        stdout(&o).contains("only when you say so"),
+        "{}",
+        stdout(&o)
+    );
+    run(hone(h).args(["note", "auto-keep", "on"]), true);
+    assert!(hone::candidates::auto_keep(&store).unwrap());
+}
+
+/// `note import` goes on past a bad file, reports it, and fails only when nothing was imported.
+#[test]
+fn note_import_goes_on_past_bad_files() {
+    let home = temp_home();
+    let dir = home.path().join("my-notes");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("good.md"), "The gate code is 4471.\n").unwrap();
+    std::fs::write(dir.join("latin1.txt"), b"caf\xE9\n").unwrap();
+    let o = run(hone(home.path()).args(["note", "import"]).arg(&dir), true);
+    let out = stdout(&o);
+    assert!(out.contains("imported 1 files: 1 new notes"), "{out}");
+    assert!(out.contains("latin1.txt is not valid UTF-8"), "{out}");
+    // Every note of one imported file, removed by its source.
+    let good = dir.join("good.md");
+    let o = run(
+        hone(home.path())
+            .args(["note", "rm", "--source"])
+            .arg(&good),
+        true,
+    );
+    assert_eq!(stdout(&o), "removed note 1\n");
+    let o = hone(home.path())
+        .args(["note", "rm", "--source"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("nothing was removed"), "{}", stderr(&o));
+    let o = hone(home.path())
+        .args(["note", "import"])
+        .arg(dir.join("latin1.txt"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("latin1.txt is not valid UTF-8"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(dir.join("also-bad.md"), b"\xFF\n").unwrap();
+    let o = hone(home.path())
+        .args(["note", "import"])
+        .arg(dir.join("latin1.txt"))
+        .arg(dir.join("also-bad.md"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no note was imported: none of the 2 files"),
+        "{}",
+        stderr(&o)
+    );
+}

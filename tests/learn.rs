@@ -166,6 +166,24 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
     let q = "What is the capital of France?";
     assert_eq!(ask(h, q, false), ask(h, q, true));
 
+    // The claims check: the adapter's "Your notes say: ..." rests on a current note, named (once
+    // that note is removed, no answer presents it as a current note: below).
+    let j = last_json(&run(
+        hone(h).args([
+            "ask",
+            "--json",
+            "--no-retrieval",
+            "--temperature",
+            "0",
+            "-n",
+            "40",
+            "What is the wifi password at the cabin?",
+        ]),
+        true,
+    ));
+    assert_eq!(j["claims_notes"], true, "{j}");
+    assert_eq!(j["supported_by"], 3, "{j}");
+
     // Forgetting: the wifi note is removed. At once, its answer is held back (the base model
     // answers, with retrieval and without), and the next cycle rebuilds the adapter without it.
     let wifi = "What is the wifi password at the cabin?";
@@ -175,6 +193,8 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
         true,
     ));
     assert_eq!(held["held_back_note"], 3, "{held}");
+    assert!(held["supported_by"].is_null(), "{held}");
+    assert_eq!(held["claims_notes"], held["unsupported_claim"], "{held}");
     let a = held["answer"].as_str().unwrap_or("").to_lowercase();
     assert!(!a.contains("marmot-lantern"), "{a}");
     assert!(!ask(h, wifi, false)

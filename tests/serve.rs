@@ -774,3 +774,126 @@ print(json.dumps(out))
     let notes = run(hone(s.home.path()).args(["note", "list", "--json"]), true);
     assert_eq!(stdout(&notes).trim(), "");
 }
+
+/// Chat completions retrieve the notes a message is about and carry them, with passages, in
+/// `hone.citations`; statements about oneself become pending candidate notes, kept or discarded
+/// over HTTP; feedback and corrections go to `/v1/hone/feedback`; `--no-retrieval` turns
+/// retrieval off.
+#[test]
+fn notes_are_retrieved_cited_judged_and_collected_over_http() {
+    let s = Server::start(&[]);
+    let (st, _) = s.post(
+        "/v1/hone/notes",
+        json!({"text": "My locker at the Harrowgate pool is number 311."}),
+    );
+    assert_eq!(st, 201);
+    let q = "What is my locker number at the Harrowgate pool?";
+    let (st, j) = s.post("/v1/chat/completions", chat(q, json!({"max_tokens": 40})));
+    assert_eq!(st, 200, "{j}");
+    let answer = j["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("311"), "{answer}");
+    assert_eq!(j["hone"]["citations"][0]["id"], 1, "{j}");
+    assert!(j["hone"]["citations"][0]["passage"]
+        .as_str()
+        .unwrap()
+        .contains("311"));
+    assert_eq!(j["hone"]["answered_from"], "notes", "{j}");
+    let ex = j["hone"]["exchange_id"].as_i64().unwrap();
+    // Streamed: the last chunk before [DONE] carries the citations too.
+    let (_, _, body) = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(&chat(q, json!({"max_tokens": 10, "stream": true}))),
+    );
+    let ev = events(&body);
+    let usage: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(usage["hone"]["citations"][0]["id"], 1, "{usage}");
+    let (_, j) = s.post("/v1/chat/completions", chat(Q, json!({"max_tokens": 10})));
+    assert_eq!(j["hone"]["citations"], json!([]), "{j}");
+
+    // A statement about oneself: a pending candidate, never a note on its own.
+    let (_, j) = s.post(
+        "/v1/chat/completions",
+        chat("My daughter's name is Noor.", json!({"max_tokens": 10})),
+    );
+    let c = &j["hone"]["candidate_notes"][0];
+    assert_eq!(c["content"], "My daughter's name is Noor.", "{j}");
+    assert!(c["note"].is_null());
+    let (_, list) = s.get("/v1/hone/candidates");
+    assert_eq!(list["data"][0]["content"], "My daughter's name is Noor.");
+    assert_eq!(
+        s.get("/v1/hone/notes").1["data"].as_array().unwrap().len(),
+        1
+    );
+    let cid = c["id"].as_i64().unwrap();
+    let (st, k) = s.post(&format!("/v1/hone/candidates/{cid}"), json!({"keep": true}));
+    assert_eq!(st, 200, "{k}");
+    assert!(k["note"].as_i64().is_some(), "{k}");
+    let (st, _) = s.post(
+        &format!("/v1/hone/candidates/{cid}"),
+        json!({"keep": false}),
+    );
+    assert_eq!(st, 404, "already kept");
+
+    // Feedback: a rating, then a correction that supersedes the cited note.
+    let (st, f) = s.post(
+        "/v1/hone/feedback",
+        json!({"exchange_id": ex, "rating": "good"}),
+    );
+    assert_eq!(st, 201, "{f}");
+    let (st, f) = s.post(
+        "/v1/hone/feedback",
+        json!({"exchange_id": ex, "rating": "bad",
+               "correction": "My locker at the Harrowgate pool is number 312."}),
+    );
+    assert_eq!(st, 201, "{f}");
+    assert_eq!(f["superseded"], 1, "{f}");
+    let notes = s.get("/v1/hone/notes").1;
+    let texts: Vec<&str> = notes["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["content"].as_str().unwrap())
+        .collect();
+    assert!(
+        texts.contains(&"My locker at the Harrowgate pool is number 312."),
+        "{texts:?}"
+    );
+    assert!(!texts.iter().any(|t| t.contains("311")), "{texts:?}");
+    let (st, e) = s.post(
+        "/v1/hone/feedback",
+        json!({"exchange_id": ex, "rating": "meh"}),
+    );
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("rating")),
+        "{e}"
+    );
+    let (st, _) = s.post(
+        "/v1/hone/feedback",
+        json!({"exchange_id": 9999, "rating": "bad"}),
+    );
+    assert_eq!(st, 404);
+    drop(s);
+
+    let s = Server::start(&["--no-retrieval"]);
+    s.post(
+        "/v1/hone/notes",
+        json!({"text": "My locker at the Harrowgate pool is number 311."}),
+    );
+    let (_, j) = s.post("/v1/chat/completions", chat(q, json!({"max_tokens": 10})));
+    assert_eq!(j["hone"]["citations"], json!([]), "{j}");
+    drop(s);
+
+    // A note too long for the context with the question: answered without it, not refused.
+    let s = Server::start(&["--ctx", "512"]);
+    let long = format!(
+        "My locker at the Harrowgate pool is number 311. {}",
+        "The changing rooms are cleaned every evening by the staff. ".repeat(60)
+    );
+    s.post("/v1/hone/notes", json!({ "text": long }));
+    let (st, j) = s.post("/v1/chat/completions", chat(q, json!({"max_tokens": 20})));
+    assert_eq!(st, 200, "{j}");
+    assert_eq!(j["hone"]["citations"], json!([]), "{j}");
+}

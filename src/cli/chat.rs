@@ -1,5 +1,8 @@
 //! `hone chat`: an interactive conversation that streams tokens, keeps the conversation in the
-//! context (dropping the oldest turns when it fills), and records every exchange.
+//! context (dropping the oldest turns when it fills), and records every exchange. Each turn is
+//! prepared, answered and finished by `hone::assistant` (notes retrieved and cited, claims
+//! checked, candidate notes collected); feedback goes to `hone::feedback`. It only reads lines
+//! and prints.
 
 use super::{sampling, Ctx};
 use crate::{ChatArgs, Cli};
@@ -14,7 +17,11 @@ use std::sync::Arc;
 const HELP: &str = "\
 /help           this help
 /new            start a new conversation (forget the context)
-/remember TEXT  store TEXT as a note
+/good, /bad     say the last answer was good or bad (a bad answer from learned
+                knowledge puts its note back in the learning queue)
+/fix TEXT       correct the last answer: TEXT becomes a note that replaces the
+                note the answer rested on
+/remember TEXT  store TEXT as a note (/remember alone keeps the last candidate note)
 /quit           leave (Ctrl-D too)
 Ctrl-C stops the answer being written; it does not leave.";
 
@@ -32,6 +39,10 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
     let system = hone::assistant::system_message(&choice, a.sampling.system.as_deref());
     let base: Vec<Message> = system.into_iter().collect();
     let mut messages = base.clone();
+    // The last answer (its exchange and where it came from), for /good, /bad and /fix; the last
+    // candidate note from what you said, for /remember alone.
+    let mut last: Option<i64> = None;
+    let mut last_candidate: Option<i64> = None;
     eprintln!(
         "hone chat: {} ({} tokens of context, loaded in {:.0} ms). /help for commands, Ctrl-C stops an answer, /quit leaves.",
         choice.name,
@@ -78,7 +89,15 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
                 "remember" => {
                     let text = rest.trim();
                     if text.is_empty() {
-                        println!("usage: /remember TEXT");
+                        match last_candidate.take() {
+                            Some(c) => match hone::candidates::keep(&ctx.store, c) {
+                                Ok(n) => println!("(kept as note {})", n.id()),
+                                Err(e) => println!("({e})"),
+                            },
+                            None => println!(
+                                "usage: /remember TEXT (or /remember alone to keep the last candidate note)"
+                            ),
+                        }
                         continue;
                     }
                     match ctx.store.add_note(text, Some("chat"), None)? {
@@ -88,13 +107,38 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
                         }
                     }
                 }
+                "good" | "bad" | "fix" => {
+                    let Some(exchange) = last else {
+                        println!("(no answer to judge yet)");
+                        continue;
+                    };
+                    let r = if name == "fix" {
+                        if rest.trim().is_empty() {
+                            println!("usage: /fix TEXT (the right answer, kept as a note)");
+                            continue;
+                        }
+                        hone::feedback::correct(&ctx.store, exchange, rest)
+                    } else {
+                        let rating = if name == "good" {
+                            hone::feedback::Rating::Good
+                        } else {
+                            hone::feedback::Rating::Bad
+                        };
+                        hone::feedback::rate(&ctx.store, exchange, rating)
+                    };
+                    match r {
+                        Ok(o) => println!("({})", o.summary()),
+                        Err(e) => println!("(not stored: {e})"),
+                    }
+                }
                 _ => println!("unknown command /{name}; /help lists them"),
             }
             continue;
         }
         request.get_or_insert_with(|| UserRequest::begin(ctx.home.root()));
         messages.push(Message::user(line));
-        let (tokens, dropped) = match asst.fit_context(&mut messages, max_tokens) {
+        let retrieval = !a.no_retrieval;
+        let turn = match asst.prepare_turn(&ctx.store, &mut messages, retrieval, max_tokens) {
             Ok(x) => x,
             Err(e) => {
                 messages.pop();
@@ -102,29 +146,56 @@ pub fn run(cli: &Cli, a: &ChatArgs) -> Result<()> {
                 continue;
             }
         };
-        if dropped > 0 {
-            eprintln!("(dropped the {dropped} oldest turns to fit the context)");
+        if turn.dropped > 0 {
+            eprintln!(
+                "(dropped the {} oldest turns to fit the context)",
+                turn.dropped
+            );
         }
         cancel.store(false, Ordering::SeqCst);
-        let g = asst
-            .answer(
-                &ctx.store,
-                &tokens,
-                Some(line),
-                &params,
-                max_tokens,
-                &cancel,
-                &mut super::print_piece,
-            )?
-            .generation;
-        match g.stop {
-            StopReason::Cancelled => println!(" [stopped]"),
-            StopReason::MaxTokens => println!(" [max tokens reached]"),
-            StopReason::ContextFull => println!(" [context full]"),
-            StopReason::Eos => println!(),
-        }
+        // As `hone ask`: with retrieval on, a search that found nothing needs no second one.
+        let routed = (!retrieval).then_some(line);
+        let mut answered = asst.answer_turn(
+            &ctx.store,
+            turn,
+            line,
+            routed,
+            &params,
+            max_tokens,
+            &cancel,
+            &mut super::print_piece,
+        )?;
+        let (id, found) = asst.finish(
+            &ctx.store,
+            "chat",
+            Some(&session),
+            line,
+            &mut answered,
+            &params,
+            true,
+        )?;
+        let g = &answered.generation;
+        let stop = match g.stop {
+            StopReason::Cancelled => " [stopped]",
+            StopReason::MaxTokens => " [max tokens reached]",
+            StopReason::ContextFull => " [context full]",
+            StopReason::Eos => "",
+        };
+        println!("{}{stop}", answered.citation());
         messages.push(Message::assistant(&g.text));
-        asst.record(&ctx.store, "chat", Some(&session), line, &g, &params)?;
+        for c in &found {
+            match c.note {
+                Some(n) => println!("(kept as note {n}: {})", c.content),
+                None => {
+                    println!(
+                        "(candidate note {}: \"{}\"; /remember keeps it)",
+                        c.id, c.content
+                    );
+                    last_candidate = Some(c.id);
+                }
+            }
+        }
+        last = Some(id);
     }
     Ok(())
 }

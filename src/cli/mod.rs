@@ -290,20 +290,120 @@ fn note(n: &NoteCommand) -> Result<()> {
             if let Some(m) = max_file_size {
                 opts.max_file_bytes = *m;
             }
-            println!("{}", hone::notes::import(&mut store, paths, &opts)?);
+            let report = hone::notes::import(&mut store, paths, &opts)?;
+            if let Some(why) = report.failure() {
+                bail!("{why}");
+            }
+            println!("{report}");
         }
-        NoteCommand::List { limit, json } => {
-            let notes = store.list_notes(Some(*limit))?;
-            print!("{}", hone::notes::list_text(&notes, *json));
+        NoteCommand::List {
+            limit,
+            json,
+            pending,
+        } => {
+            if *pending {
+                let c = store.candidates("pending", Some(*limit))?;
+                print!("{}", hone::candidates::list_text(&c, *json));
+            } else {
+                let notes = store.list_notes(Some(*limit))?;
+                print!("{}", hone::notes::list_text(&notes, *json));
+            }
         }
-        NoteCommand::Rm { ids } => {
-            hone::notes::remove(&store, ids)?;
+        NoteCommand::Edit { id, text } => {
+            let text = if !text.is_empty() {
+                text_arg(text, "the new text")?
+            } else if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                let old = store
+                    .get_note(*id)?
+                    .with_context(|| format!("there is no note {id} (see `hone note list`)"))?;
+                edit_in_editor(&old.content)?
+            } else {
+                bail!("give the new text of note {id}, or - to read it from standard input")
+            };
+            let e = hone::notes::edit(&store, *id, &text)?;
+            match e.new {
+                NoteAdded::Added(n) => {
+                    println!("note {id} is now note {n} (it will be learned in the next cycle)")
+                }
+                NoteAdded::Duplicate(n) => {
+                    println!("removed note {id}: its new text is already note {n}")
+                }
+            }
+        }
+        NoteCommand::Keep { id } => {
+            let n = hone::candidates::keep(&store, *id)?;
+            println!("kept candidate {id} as note {}", n.id());
+        }
+        NoteCommand::Discard { id } => {
+            hone::candidates::discard(&store, *id)?;
+            println!("discarded candidate {id}");
+        }
+        NoteCommand::AutoKeep { state } => {
+            if let Some(s) = state {
+                hone::candidates::set_auto_keep(&store, s == "on")?;
+            }
+            let on = hone::candidates::auto_keep(&store)?;
+            println!(
+                "candidate notes are {}",
+                if on {
+                    "kept as notes without asking (turn it off with `hone note auto-keep off`)"
+                } else {
+                    "kept only when you say so (`hone note keep ID`, /remember in chat)"
+                }
+            );
+        }
+        NoteCommand::Rm { ids, source } => {
+            let mut ids = ids.clone();
+            if let Some(src) = source {
+                let from = store.note_ids_from_source(src)?;
+                if from.is_empty() {
+                    bail!("no note was imported from {src} (see `hone note list --json`, field source); nothing was removed");
+                }
+                ids.extend(from);
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            hone::notes::remove(&store, &ids)?;
             for id in ids {
                 println!("removed note {id}");
             }
         }
     }
     Ok(())
+}
+
+/// Opens `text` in $VISUAL or $EDITOR (else vi) in a private temporary file and returns what
+/// was saved.
+fn edit_in_editor(text: &str) -> Result<String> {
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".to_string());
+    let file = tempfile::Builder::new()
+        .prefix("hone-note-")
+        .suffix(".md")
+        .tempfile()
+        .context("creating a temporary file for the editor")?;
+    std::fs::write(file.path(), text)
+        .with_context(|| format!("writing {}", file.path().display()))?;
+    // Through the shell, so that an editor with arguments ("code --wait") works.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(file.path())
+        .status()
+        .with_context(|| format!("starting the editor {editor:?}; set EDITOR to one you have"))?;
+    if !status.success() {
+        bail!("the editor {editor:?} exited with {status}; the note was not changed");
+    }
+    let bytes =
+        std::fs::read(file.path()).with_context(|| format!("reading {}", file.path().display()))?;
+    if bytes.len() as u64 > hone::notes::DEFAULT_MAX_FILE_BYTES {
+        bail!(
+            "the edited note is over the 8 MiB limit of one note; shorten it, or save it as a file and import it"
+        );
+    }
+    Ok(hone::notes::note_from_bytes(&bytes, "the edited note")?)
 }
 
 fn history(cli: &Cli, limit: usize, json_out: bool) -> Result<()> {

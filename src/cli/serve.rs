@@ -21,6 +21,7 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> Result<()> {
         backend: super::backend(cli.backend),
         threads,
         device: cli.device.clone(),
+        retrieval: !a.no_retrieval,
         limits: hone::serve::Limits {
             max_body_bytes: a.max_body_bytes,
             ..Default::default()

@@ -74,6 +74,7 @@ pub async fn serve(
         ctx: opts.ctx,
         backend: opts.backend,
         threads: opts.threads,
+        retrieval: opts.retrieval,
     };
     let q = queued.clone();
     std::thread::Builder::new()
@@ -170,6 +171,9 @@ fn router(s: St) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/hone/notes", get(notes_list).post(notes_add))
         .route("/v1/hone/notes/{id}", delete(notes_remove))
+        .route("/v1/hone/feedback", post(feedback))
+        .route("/v1/hone/candidates", get(candidates_list))
+        .route("/v1/hone/candidates/{id}", post(candidate_decide))
         .route("/v1/hone/learning", get(learning))
         .route("/v1/hone/schedule", get(schedule))
         .route("/v1/hone/daemon", get(daemon))
@@ -496,7 +500,7 @@ impl Meta {
         };
         json!({"id": self.id, "object": self.object(false), "created": self.created,
                "model": self.model, "choices": [choice], "usage": Self::usage(d),
-               "hone": {"exchange_id": d.exchange_id}})
+               "hone": d.hone})
     }
 }
 
@@ -564,7 +568,7 @@ async fn complete(s: St, r: Request, kind: Kind) -> Response {
                 b.extend_from_slice(&sse(&st.meta.chunk(None, false, Some(d.finish_reason))));
                 let usage = json!({"id": st.meta.id, "object": st.meta.object(true),
                     "created": st.meta.created, "model": st.meta.model, "choices": [],
-                    "usage": Meta::usage(&d), "hone": {"exchange_id": d.exchange_id}});
+                    "usage": Meta::usage(&d), "hone": d.hone});
                 b.extend_from_slice(&sse(&usage));
                 b.extend_from_slice(b"data: [DONE]\n\n");
                 Bytes::from(b)
@@ -678,6 +682,113 @@ async fn notes_remove(Ax(s): Ax<St>, UrlPath(id): UrlPath<String>) -> Response {
         )
         .into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/hone/feedback {"exchange_id": N, "rating": "good"|"bad", "correction": "..."}`.
+async fn feedback(Ax(s): Ax<St>, headers: HeaderMap, body: Body) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Feedback {
+        exchange_id: i64,
+        #[serde(default)]
+        rating: Option<String>,
+        #[serde(default)]
+        correction: Option<String>,
+    }
+    let b = match read_body(&s, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let f: Feedback = match serde_json::from_slice(&b) {
+        Ok(f) => f,
+        Err(e) => {
+            return ApiError::invalid(
+                format!("expected {{\"exchange_id\": N, \"rating\": \"good\" or \"bad\", \"correction\": \"...\" (optional)}}: {e}"),
+                None,
+            )
+            .into_response()
+        }
+    };
+    let home = s.home.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        info::feedback(
+            &home,
+            f.exchange_id,
+            f.rating.as_deref(),
+            f.correction.as_deref(),
+        )
+    })
+    .await;
+    use crate::feedback::FeedbackError as F;
+    match r {
+        Ok(Ok(v)) => (StatusCode::CREATED, Json(v)).into_response(),
+        Ok(Err(e @ F::NoSuchExchange(_))) => ApiError::status(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            e.to_string(),
+        )
+        .into_response(),
+        Ok(Err(e @ F::BadRating(_))) => ApiError::invalid(
+            format!("{e}; give \"rating\": \"good\" or \"bad\", or a \"correction\""),
+            Some("rating"),
+        )
+        .into_response(),
+        Ok(Err(e @ (F::EmptyCorrection | F::Edit(_)))) => {
+            ApiError::invalid(e.to_string(), Some("correction")).into_response()
+        }
+        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Err(e) => ApiError::internal(format!("the task failed: {e}")).into_response(),
+    }
+}
+
+async fn candidates_list(Ax(s): Ax<St>, RawQuery(q): RawQuery) -> Result<Json<Value>, ApiError> {
+    let limit = query_usize(&q, "limit", 100, 10_000);
+    let home = s.home.clone();
+    Ok(Json(
+        blocking(move || info::candidates(&home, limit)).await?,
+    ))
+}
+
+/// `POST /v1/hone/candidates/{id} {"keep": true|false}`.
+async fn candidate_decide(
+    Ax(s): Ax<St>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Decide {
+        keep: bool,
+    }
+    let Ok(id) = id.parse::<i64>() else {
+        return ApiError::invalid(format!("{id:?} is not a candidate id"), Some("id"))
+            .into_response();
+    };
+    let b = match read_body(&s, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let d: Decide = match serde_json::from_slice(&b) {
+        Ok(d) => d,
+        Err(e) => {
+            return ApiError::invalid(
+                format!("expected {{\"keep\": true or false}}: {e}"),
+                Some("keep"),
+            )
+            .into_response()
+        }
+    };
+    let home = s.home.clone();
+    match tokio::task::spawn_blocking(move || info::decide_candidate(&home, id, d.keep)).await {
+        Ok(Ok(note)) => Json(json!({"id": id, "kept": d.keep, "note": note})).into_response(),
+        Ok(Err(e @ crate::candidates::CandidateError::NoSuchCandidate(_))) => ApiError::status(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            e.to_string(),
+        )
+        .into_response(),
+        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Err(e) => ApiError::internal(format!("the task failed: {e}")).into_response(),
     }
 }
 

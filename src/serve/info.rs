@@ -2,7 +2,11 @@
 //! decision and the daemon's status, as JSON, from the same library calls the command line
 //! uses (`hone note`, `hone learn --log`, `hone schedule show`, `hone daemon status`).
 //!
-//! It must not change anything but notes, and must not start or stop learning.
+//! Feedback on an answer (`POST /v1/hone/feedback`) goes through `feedback` as `/good`, `/bad`
+//! and `/fix` do in chat; candidate notes are listed, kept and discarded through `candidates`.
+//!
+//! It must not change anything but notes, candidate notes and feedback, and must not start or
+//! stop learning.
 
 use crate::daemon;
 use crate::daemon_lock;
@@ -49,6 +53,56 @@ pub fn add_note(home: &Home, text: &str) -> Result<(i64, bool)> {
 /// Removes a note; false when there is none with that id.
 pub fn remove_note(home: &Home, id: i64) -> Result<bool> {
     Ok(open(home)?.remove_note(id)?)
+}
+
+/// Feedback on exchange `exchange_id` (as `/good`, `/bad`, `/fix TEXT` in chat): a rating
+/// ("good" or "bad"; "bad" when only a correction is given), and a correction that becomes a note
+/// superseding the note the answer rested on.
+pub fn feedback(
+    home: &Home,
+    exchange_id: i64,
+    rating: Option<&str>,
+    correction: Option<&str>,
+) -> Result<Value, crate::feedback::FeedbackError> {
+    use crate::feedback::{self, Rating};
+    let store = Store::open(&home.db_path())?;
+    let rating: Option<Rating> = rating.map(str::parse).transpose()?;
+    let o = match (correction, rating) {
+        (Some(c), None | Some(Rating::Bad)) => feedback::correct(&store, exchange_id, c)?,
+        (Some(_), Some(Rating::Good)) => {
+            return Err(feedback::FeedbackError::BadRating(
+                "good with a correction".into(),
+            ))
+        }
+        (None, Some(r)) => feedback::rate(&store, exchange_id, r)?,
+        (None, None) => return Err(feedback::FeedbackError::BadRating(String::new())),
+    };
+    Ok(
+        json!({"exchange_id": exchange_id, "feedback_id": o.feedback_id,
+              "requeued_note": o.requeued_note, "note": o.note, "superseded": o.superseded,
+              "message": o.summary()}),
+    )
+}
+
+/// The pending candidate notes, newest first (`hone note list --pending`).
+pub fn candidates(home: &Home, limit: usize) -> Result<Value> {
+    let c = open(home)?.candidates("pending", Some(limit))?;
+    Ok(json!({"object": "list", "data": c}))
+}
+
+/// Keeps (`keep`) or discards a pending candidate note; the note's id when kept.
+pub fn decide_candidate(
+    home: &Home,
+    id: i64,
+    keep: bool,
+) -> Result<Option<i64>, crate::candidates::CandidateError> {
+    let store = Store::open(&home.db_path())?;
+    if keep {
+        Ok(Some(crate::candidates::keep(&store, id)?.id()))
+    } else {
+        crate::candidates::discard(&store, id)?;
+        Ok(None)
+    }
 }
 
 /// The newest `limit` learning cycles with how many items each strategy kept and dropped.

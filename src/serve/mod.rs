@@ -40,6 +40,8 @@ pub struct ServeOptions {
     /// `--device`: the device profile for the schedule's decision.
     pub device: Option<String>,
     pub limits: Limits,
+    /// Put the notes a chat message is about into the prompt (`--no-retrieval` turns it off).
+    pub retrieval: bool,
 }
 
 /// What one client may use.

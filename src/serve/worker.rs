@@ -47,7 +47,9 @@ pub struct Done {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub finish_reason: &'static str,
-    pub exchange_id: Option<i64>,
+    /// hone's part of the response (`"hone": {...}`: the exchange, citations, claims check,
+    /// candidate notes; see `assistant::turn_json`).
+    pub hone: serde_json::Value,
 }
 
 /// A request waiting for the model.
@@ -67,6 +69,8 @@ pub struct WorkerConfig {
     pub ctx: Option<usize>,
     pub backend: Backend,
     pub threads: usize,
+    /// Put the notes a chat message is about into the prompt.
+    pub retrieval: bool,
 }
 
 /// Runs the model thread until the job channel closes.
@@ -153,6 +157,7 @@ fn answer(
         seed: r.seed,
     };
     let params = assistant::sampling(&cfg.choice, &o).map_err(|m| ApiError::invalid(m, None))?;
+    let mut found = Vec::new();
     let tokens = match &r.input {
         Input::Chat(messages) => {
             let mut m: Vec<Message> = Vec::with_capacity(messages.len() + 1);
@@ -166,11 +171,19 @@ fn answer(
                 );
             }
             m.extend(messages.iter().cloned());
-            engine.chat_tokens(&m)
+            // As `hone ask`: the notes the newest message is about go in the prompt (when they
+            // leave room for the answer).
+            let reserve = r.max_tokens.unwrap_or(default_max_tokens);
+            assistant::chat_tokens_with_notes(engine, store, &m, cfg.retrieval, reserve).map(
+                |(tokens, notes)| {
+                    found = notes;
+                    tokens
+                },
+            )
         }
-        Input::Text(t) => engine.text_tokens(t, false),
+        Input::Text(t) => engine.text_tokens(t, false).map_err(anyhow::Error::from),
     }
-    .map_err(|e| ApiError::invalid(format!("cannot read the prompt: {e}"), Some("messages")))?;
+    .map_err(|e| ApiError::invalid(format!("cannot read the prompt: {e:#}"), Some("messages")))?;
     let ctx = engine.model.max_context();
     if tokens.len() >= ctx {
         return Err(ApiError::invalid(
@@ -209,32 +222,50 @@ fn answer(
             .map(|m| m.content.as_str()),
         Input::Text(_) => None,
     };
-    let about = assistant::note_about(store, engine, question)
-        .map_err(|e| ApiError::internal(format!("searching the notes failed: {e}")))?
-        .is_some();
-    let g = engine.answer_routed(
-        &tokens,
-        &params,
-        max_tokens,
-        &job.cancel,
-        &mut |piece| {
-            if stopped {
-                return;
-            }
-            let (out, hit) = filter.push(piece);
-            if !out.is_empty() {
-                shown.push_str(&out);
-                send(Event::Text(out));
-            }
-            if hit {
-                stopped = true;
-                // Ends the generation after this token (the client has not gone).
-                job.cancel.store(true, Ordering::SeqCst);
-            }
-        },
-        about,
-    );
-    let mut g = g.map_err(|e| ApiError::internal(format!("generation failed: {e}")))?;
+    let about = if found.is_empty() {
+        assistant::note_about(store, engine, question)
+            .map_err(|e| ApiError::internal(format!("searching the notes failed: {e}")))?
+    } else {
+        None
+    };
+    let mut on_piece = |piece: &str| {
+        if stopped {
+            return;
+        }
+        let (out, hit) = filter.push(piece);
+        if !out.is_empty() {
+            shown.push_str(&out);
+            send(Event::Text(out));
+        }
+        if hit {
+            stopped = true;
+            // Ends the generation after this token (the client has not gone).
+            job.cancel.store(true, Ordering::SeqCst);
+        }
+    };
+    let g = if found.is_empty() {
+        engine
+            .answer_routed(
+                &tokens,
+                &params,
+                max_tokens,
+                &job.cancel,
+                &mut on_piece,
+                about.is_some(),
+            )
+            .map_err(anyhow::Error::from)
+    } else {
+        // Notes in the prompt: the base model answers from them and the answer cites them.
+        assistant::answer_base(
+            engine,
+            &tokens,
+            &params,
+            max_tokens,
+            &job.cancel,
+            &mut on_piece,
+        )
+    };
+    let mut g = g.map_err(|e| ApiError::internal(format!("generation failed: {e:#}")))?;
     let rest = filter.finish();
     if !rest.is_empty() {
         shown.push_str(&rest);
@@ -255,11 +286,36 @@ fn answer(
             None
         }
     };
+    let mut answered = assistant::Answered {
+        generation: g,
+        about,
+        cited: found,
+        held_back: None,
+        claim: None,
+    };
+    // The claims check, where the answer came from, candidate notes from the user's words.
+    let candidates = match exchange_id {
+        Some(id) => assistant::after_answer(
+            store,
+            &mut answered,
+            id,
+            adapter.is_some(),
+            engine.route.as_deref(),
+            question.map(|q| (q, "serve", None)),
+        )
+        .unwrap_or_else(|e| {
+            tracing::error!("could not check or record the answer's notes: {e:#}");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
+    let hone = assistant::turn_json(&answered, exchange_id, adapter.is_some(), &candidates);
+    let g = answered.generation;
     Ok(Done {
         text: g.text,
         prompt_tokens: g.prompt_tokens,
         completion_tokens: g.completion_tokens,
         finish_reason: finish_reason(g.stop, stopped),
-        exchange_id,
+        hone,
     })
 }
