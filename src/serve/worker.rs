@@ -685,3 +685,167 @@ impl Slots<'_> {
         Ok((tokens, params, max_tokens, about))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::LoadOptions;
+    use crate::lora::{LoraConfig, LoraWeights, Target};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    fn job(home: &Home, text: &str, max_tokens: usize) -> (Job, UnboundedReceiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = Request {
+            input: Input::Text(text.into()),
+            prompt_record: text.into(),
+            model: None,
+            temperature: Some(0.0),
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            repeat_penalty: None,
+            max_tokens: Some(max_tokens),
+            stop: Vec::new(),
+            seed: Some(1),
+            stream: false,
+        };
+        let job = Job {
+            request,
+            cancel: Arc::new(AtomicBool::new(false)),
+            events: tx,
+            presence: UserRequest::begin(home.root()),
+        };
+        (job, rx)
+    }
+
+    fn done(rx: &mut UnboundedReceiver<Event>) -> Done {
+        let mut text = String::new();
+        loop {
+            match rx.try_recv() {
+                Ok(Event::Started) => {}
+                Ok(Event::Text(t)) => text.push_str(&t),
+                Ok(Event::Done(d)) => {
+                    assert_eq!(d.text, text, "the streamed pieces make the answer");
+                    return d;
+                }
+                Ok(Event::Error(e)) => panic!("{e}"),
+                Err(e) => panic!("no answer: {e}"),
+            }
+        }
+    }
+
+    /// With an adapter and a route, answers decoded together in slots are routed as
+    /// `Engine::answer` routes them one at a time (the held opening kept, refused for the base
+    /// model, forced when likely enough), token for token, in batches that mix rows with and
+    /// without the adapter.
+    #[test]
+    fn slots_route_as_the_engine_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let home = Home::at(dir.path().join("home"));
+        home.ensure().unwrap();
+        let store = Store::open(&home.db_path()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
+        let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for p in w.pairs.values_mut() {
+            let b: Vec<f32> = (0..p.b.elem_count())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
+        }
+        let w = Arc::new(w.prepare().unwrap());
+        let wc = WorkerConfig {
+            home: home.clone(),
+            choice: ModelChoice {
+                name: "tiny".into(),
+                path: path.clone(),
+                manifest: None,
+            },
+            ctx: None,
+            backend: Backend::Cpu,
+            threads: 1,
+            parallel: 3,
+            largest_batch: Arc::new(AtomicUsize::new(0)),
+        };
+        let prompts = ["hello there", "a b c d", "zebra stripes and more"];
+        let n = 12;
+        // The adapter's own greedy opening of the first prompt: that one keeps the adapter.
+        e.attach(Some((w.clone(), None)));
+        let o = SamplingOverrides {
+            temperature: Some(0.0),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let params = assistant::sampling(&wc.choice, &o).unwrap();
+        let cancel = AtomicBool::new(false);
+        let tokens0 = e.text_tokens(prompts[0], false).unwrap();
+        e.reset();
+        let adapted = e
+            .generate(&tokens0, &params, n, &cancel, &mut |_| {})
+            .unwrap();
+        let opening: String = adapted.text.chars().take(3).collect();
+        let mut kinds = std::collections::BTreeSet::new();
+        for (route, min_p) in [
+            (opening.clone(), crate::engine::ROUTE_MIN_P),
+            ("zebra".to_string(), 0.0),
+            ("\u{1}never said".to_string(), crate::engine::ROUTE_MIN_P),
+        ] {
+            e.attach(Some((w.clone(), Some(route.clone()))));
+            e.route_min_p = min_p;
+            // One at a time, through the engine.
+            let want: Vec<Generation> = prompts
+                .iter()
+                .map(|p| {
+                    let t = e.text_tokens(p, false).unwrap();
+                    e.reset();
+                    e.answer(&t, &params, n, &cancel, &mut |_| {}).unwrap()
+                })
+                .collect();
+            // Together, in slots.
+            let mut slots = Slots {
+                cfg: &wc,
+                store: &store,
+                engine: &e,
+                adapter: Some("1".into()),
+                default_max_tokens: n,
+                active: Vec::new(),
+                free: Vec::new(),
+            };
+            let mut rxs = Vec::new();
+            for p in prompts {
+                let (j, rx) = job(&home, p, n);
+                slots.admit(j);
+                rxs.push(rx);
+            }
+            let mut steps = 0;
+            while !slots.active.is_empty() {
+                slots.step();
+                steps += 1;
+                assert!(steps < 200, "the slots never finished");
+            }
+            for ((g, rx), p) in want.iter().zip(&mut rxs).zip(prompts) {
+                let d = done(rx);
+                assert_eq!(d.text, g.text, "route {route:?}, prompt {p:?}");
+                assert_eq!(d.completion_tokens, g.completion_tokens, "{route:?} {p:?}");
+                kinds.insert((g.by_base, g.route_p.is_some()));
+            }
+        }
+        // Every way through the routing was taken: kept as held (no probability asked),
+        // forced (probability, adapter) and refused (probability, base).
+        assert_eq!(
+            kinds,
+            [(false, false), (false, true), (true, true)]
+                .into_iter()
+                .collect(),
+            "{kinds:?}"
+        );
+        assert!(wc.largest_batch.load(Ordering::Relaxed) >= 2);
+        // Every answer was recorded.
+        assert_eq!(store.recent_exchanges(100).unwrap().len(), 9);
+    }
+}
