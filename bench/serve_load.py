@@ -2,7 +2,7 @@
 """Load on OpenAI-compatible servers: `hone serve` against llama.cpp's `llama-server`.
 
 C concurrent clients each send R streamed chat requests (four fixed prompts, max_tokens 64,
-temperature 0) and the script reports time to first token (p50/p95), aggregate decode
+temperature 0, `ignore_eos` so every answer is 64 tokens on both servers) and the script reports time to first token (p50/p95), aggregate decode
 tokens/s (completion tokens of all requests over the wall time), each stream's own decode
 rate (tokens after the first over the time after the first), failures, the server's peak RSS
 and, for hone, how many exchanges its database recorded. Standard library only.
@@ -47,7 +47,7 @@ def one(url, prompt, max_tokens):
     u = urllib.parse.urlparse(url)
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
     body = json.dumps({"model": "any", "stream": True, "temperature": 0, "max_tokens": max_tokens,
-                       "stream_options": {"include_usage": True},
+                       "stream_options": {"include_usage": True}, "ignore_eos": True,
                        "messages": [{"role": "user", "content": prompt}]})
     t0 = time.monotonic()
     c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})

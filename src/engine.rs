@@ -210,6 +210,7 @@ pub struct Decoder<'a> {
     max_tokens: usize,
     hold: Option<Hold<'a>>,
     refused: bool,
+    ignore_eos: bool,
 }
 
 impl<'a> Decoder<'a> {
@@ -231,7 +232,14 @@ impl<'a> Decoder<'a> {
             max_tokens,
             hold,
             refused: false,
+            ignore_eos: false,
         }
+    }
+
+    /// Never picks a stop token: the answer runs to `max_tokens` (llama-server's `ignore_eos`).
+    pub fn ignoring_eos(mut self, ignore: bool) -> Self {
+        self.ignore_eos = ignore;
+        self
     }
 
     /// Tokens generated so far (a stop token included).
@@ -256,7 +264,17 @@ impl<'a> Decoder<'a> {
         if self.generated >= self.max_tokens {
             return Ok(Step::Stop(StopReason::MaxTokens));
         }
-        let tok = self.sampler.sample(logits, &self.history);
+        let tok = if self.ignore_eos {
+            let mut l = logits.to_vec();
+            for &t in &tokenizer.stop_tokens {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            self.sampler.sample(&l, &self.history)
+        } else {
+            self.sampler.sample(logits, &self.history)
+        };
         self.generated += 1;
         if tokenizer.is_stop(tok) {
             return Ok(Step::Stop(StopReason::Eos));

@@ -834,12 +834,22 @@ fn batched_answers_are_the_answers_given_alone() {
         );
     }
     eprintln!("largest batch {largest}");
+    // llama-server's ignore_eos: the answer that ended by itself runs to max_tokens.
+    let short = alone[0]["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(short < 40 && alone[0]["choices"][0]["finish_reason"] == "stop");
+    let (status, j) = s.post(
+        "/v1/chat/completions",
+        chat(Q, json!({"max_tokens": 40, "ignore_eos": true})),
+    );
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["usage"]["completion_tokens"], 40, "{j}");
+    assert_eq!(j["choices"][0]["finish_reason"], "length");
     // Every exchange is recorded.
     let served = history(s.home.path())
         .into_iter()
         .filter(|e| e["kind"] == "serve")
         .count();
-    assert_eq!(served, 2 * questions.len());
+    assert_eq!(served, 2 * questions.len() + 1);
 }
 
 /// A client that stops reading is cut off after the write timeout: it cannot hold its

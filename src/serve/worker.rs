@@ -300,7 +300,8 @@ impl Slots<'_> {
                     }
                     _ => (Phase::Plain, adapter, None),
                 };
-                let decoder = Decoder::new(&prompt, &params, max_tokens, hold);
+                let decoder = Decoder::new(&prompt, &params, max_tokens, hold)
+                    .ignoring_eos(job.request.ignore_eos);
                 let cache = self.cache_for(&prompt, lora);
                 let reused = cache.tokens.len();
                 let pending = prompt[reused..].to_vec();
@@ -468,7 +469,8 @@ impl Slots<'_> {
             let mut full = s.prompt.clone();
             full.extend_from_slice(&ids);
             let rest = s.max_tokens.saturating_sub(ids.len());
-            s.decoder = Decoder::new(&full, &s.params, rest, None);
+            s.decoder =
+                Decoder::new(&full, &s.params, rest, None).ignoring_eos(s.job.request.ignore_eos);
             s.pending = ids[ids.len() - 1..].to_vec();
             s.opening = Some((route, ids));
         } else {
@@ -476,7 +478,8 @@ impl Slots<'_> {
             s.cache.kv.clear();
             s.cache.tokens.clear();
             s.cache.lora = false;
-            s.decoder = Decoder::new(&s.prompt, &s.params, s.max_tokens, None);
+            s.decoder = Decoder::new(&s.prompt, &s.params, s.max_tokens, None)
+                .ignoring_eos(s.job.request.ignore_eos);
             s.pending = s.prompt.clone();
         }
         Ok(())
@@ -710,6 +713,7 @@ mod tests {
             stop: Vec::new(),
             seed: Some(1),
             stream: false,
+            ignore_eos: false,
         };
         let job = Job {
             request,
