@@ -613,7 +613,7 @@ impl Model {
                 let l = sq.pos + s;
                 // Heads that share a kv head are stacked as rows: no copy of K or V per head.
                 let q = q.reshape((1, nkv, n_rep * s, hd))?;
-                let att = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
+                let att = (q.matmul(&k.t()?)? * scale)?;
                 let att = match &sq.mask {
                     Some(m) => att
                         .reshape((1, nkv, n_rep, s, l))?
@@ -622,7 +622,7 @@ impl Model {
                     None => att,
                 };
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att.matmul(&v.contiguous()?)?;
+                let y = att.matmul(&v)?;
                 ys.push(
                     y.reshape((1, nh, s, hd))?
                         .transpose(1, 2)?
