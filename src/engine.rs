@@ -2,13 +2,15 @@
 //! conversation into a streamed answer, and scores text (perplexity).
 //!
 //! It keeps the KV cache of the last prompt and reuses its longest common prefix, so a chat
-//! turn only processes the new tokens. It must not touch the database or the terminal: callers
+//! turn only processes the new tokens. Generation is step-wise ([`Decoder`]: logits in, a
+//! token and its text out), so `hone serve` can decode many answers in one batch with the same
+//! sampling, stop and streaming rules. It must not touch the database or the terminal: callers
 //! get text pieces through a callback and record what they want.
 
 use crate::codec::{Codec, SoftTargets};
 use crate::gguf::{GgufError, GgufFile};
 use crate::lora::LoraWeights;
-use crate::model::{Logits, Model, ModelError};
+use crate::model::{KvCache, Logits, Model, ModelError};
 use crate::sample::{Sampler, SamplingParams};
 use crate::template::{ChatTemplate, Message, TemplateError};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
@@ -184,7 +186,170 @@ pub const ROUTE_MIN_P: f64 = 0.2;
 
 /// Hold the text of the first `n` tokens back until the check has seen it (see
 /// [`Engine::answer`]).
-type Hold<'a> = (usize, &'a dyn Fn(&str) -> bool);
+pub type Hold<'a> = (usize, Box<dyn Fn(&str) -> bool + 'a>);
+
+/// What [`Decoder::step`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Run this token through the model and call `step` again with its logits.
+    Feed(u32),
+    /// The answer is over.
+    Stop(StopReason),
+}
+
+/// One answer being generated, a token at a time: sampling, stop tokens, `max_tokens`, the
+/// streamed detokenisation and the held opening of a routed answer. It never runs the model:
+/// its caller feeds it logits ([`Engine::generate`] one sequence, `hone serve` a batch).
+pub struct Decoder<'a> {
+    sampler: Sampler,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    stream: TextStream,
+    text: String,
+    generated: usize,
+    max_tokens: usize,
+    hold: Option<Hold<'a>>,
+    refused: bool,
+    ignore_eos: bool,
+}
+
+impl<'a> Decoder<'a> {
+    /// An answer to `prompt` of at most `max_tokens` tokens; with `hold`, the text of the first
+    /// `n` tokens is held back until `keep` has seen it.
+    pub fn new(
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        hold: Option<Hold<'a>>,
+    ) -> Self {
+        Self {
+            sampler: Sampler::new(sampling.clone()),
+            history: prompt.to_vec(),
+            tokens: Vec::new(),
+            stream: TextStream::new(),
+            text: String::new(),
+            generated: 0,
+            max_tokens,
+            hold,
+            refused: false,
+            ignore_eos: false,
+        }
+    }
+
+    /// Never picks a stop token: the answer runs to `max_tokens` (llama-server's `ignore_eos`).
+    pub fn ignoring_eos(mut self, ignore: bool) -> Self {
+        self.ignore_eos = ignore;
+        self
+    }
+
+    /// Tokens generated so far (a stop token included).
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    /// Takes the logits after the last token run and picks the next token; `room` says
+    /// whether the KV cache can take one more. Text is given to `on_text` as it decodes
+    /// (unless held).
+    pub fn step(
+        &mut self,
+        tokenizer: &Tokenizer,
+        logits: &[f32],
+        cancel: &AtomicBool,
+        room: bool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Step> {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(Step::Stop(StopReason::Cancelled));
+        }
+        if self.generated >= self.max_tokens {
+            return Ok(Step::Stop(StopReason::MaxTokens));
+        }
+        let tok = if self.ignore_eos {
+            let mut l = logits.to_vec();
+            for &t in &tokenizer.stop_tokens {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            self.sampler.sample(&l, &self.history)
+        } else {
+            self.sampler.sample(logits, &self.history)
+        };
+        self.generated += 1;
+        if tokenizer.is_stop(tok) {
+            return Ok(Step::Stop(StopReason::Eos));
+        }
+        self.history.push(tok);
+        self.tokens.push(tok);
+        if let Some(piece) = self.stream.push(tokenizer, tok)? {
+            if self.hold.is_none() {
+                on_text(&piece);
+            }
+            self.text.push_str(&piece);
+        }
+        if self
+            .hold
+            .as_ref()
+            .is_some_and(|(n, _)| self.generated >= *n)
+            && !self.release(on_text)
+        {
+            self.refused = true;
+            return Ok(Step::Stop(StopReason::Cancelled));
+        }
+        if !room {
+            return Ok(Step::Stop(StopReason::ContextFull));
+        }
+        // Do not run the model for a token nobody will read.
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(Step::Stop(StopReason::Cancelled));
+        }
+        if self.generated >= self.max_tokens {
+            return Ok(Step::Stop(StopReason::MaxTokens));
+        }
+        Ok(Step::Feed(tok))
+    }
+
+    /// Decides on the held text; shows it when kept.
+    fn release(&mut self, on_text: &mut dyn FnMut(&str)) -> bool {
+        match self.hold.take() {
+            Some((_, keep)) if !keep(&self.text) => false,
+            _ => {
+                on_text(&self.text);
+                true
+            }
+        }
+    }
+
+    /// The end of the answer: the rest of the text, and (text, tokens, tokens generated), or
+    /// None when the held opening was refused (nothing was shown).
+    pub fn finish(
+        mut self,
+        tokenizer: &Tokenizer,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<(String, Vec<u32>, usize)>> {
+        if self.refused {
+            return Ok(None);
+        }
+        if let Some(piece) = self.stream.flush(tokenizer)? {
+            if self.hold.is_none() {
+                on_text(&piece);
+            }
+            self.text.push_str(&piece);
+        }
+        if self.hold.is_some() && !self.release(on_text) {
+            return Ok(None);
+        }
+        Ok(Some((self.text, self.tokens, self.generated)))
+    }
+}
+
+/// The log-probability of token `t` under the logits `row`.
+fn log_p(row: &[f32], t: u32) -> f64 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row.iter().map(|v| (*v as f64 - m).exp()).sum();
+    row.get(t as usize)
+        .map_or(f64::NEG_INFINITY, |v| *v as f64 - m - z.ln())
+}
 
 /// A loaded model ready to answer.
 pub struct Engine {
@@ -329,7 +494,7 @@ impl Engine {
         max_tokens: usize,
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
-        mut hold: Option<Hold<'_>>,
+        hold: Option<Hold<'_>>,
     ) -> Result<Option<Generation>> {
         let max_ctx = self.model.max_context();
         self.room_for(prompt.len())?;
@@ -337,84 +502,53 @@ impl Engine {
         let (mut logits, reused) = self.prefill(prompt)?;
         let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let t1 = Instant::now();
-        let mut sampler = Sampler::new(sampling.clone());
-        let mut history: Vec<u32> = prompt.to_vec();
-        let mut tokens = Vec::new();
-        let mut stream = TextStream::new();
-        let mut text = String::new();
-        let mut generated = 0usize;
-        let mut refused = false;
-        // Decides on the held text; shows it when kept.
-        let release =
-            |hold: &mut Option<Hold<'_>>, text: &str, on_text: &mut dyn FnMut(&str)| match hold
-                .take()
-            {
-                Some((_, keep)) if !keep(text) => false,
-                _ => {
-                    on_text(text);
-                    true
-                }
-            };
+        let mut d = Decoder::new(prompt, sampling, max_tokens, hold);
         let stop = loop {
-            if cancel.load(Ordering::Relaxed) {
-                break StopReason::Cancelled;
-            }
-            if generated >= max_tokens {
-                break StopReason::MaxTokens;
-            }
-            let tok = sampler.sample(&logits, &history);
-            generated += 1;
-            if self.tokenizer.is_stop(tok) {
-                break StopReason::Eos;
-            }
-            history.push(tok);
-            tokens.push(tok);
-            if let Some(piece) = stream.push(&self.tokenizer, tok)? {
-                if hold.is_none() {
-                    on_text(&piece);
+            let room = self.model.cached_len() < max_ctx;
+            match d.step(&self.tokenizer, &logits, cancel, room, on_text)? {
+                Step::Stop(r) => break r,
+                Step::Feed(tok) => {
+                    logits = self.model.forward(&[tok], Logits::Last)?.to_vec1::<f32>()?;
+                    self.cache_tokens.push(tok);
                 }
-                text.push_str(&piece);
             }
-            if hold.is_some_and(|(n, _)| generated >= n) && !release(&mut hold, &text, on_text) {
-                refused = true;
-                break StopReason::Cancelled;
-            }
-            if self.model.cached_len() + 1 > max_ctx {
-                break StopReason::ContextFull;
-            }
-            if generated >= max_tokens || cancel.load(Ordering::Relaxed) {
-                // Do not run the model for a token nobody will read.
-                continue;
-            }
-            logits = self.model.forward(&[tok], Logits::Last)?.to_vec1::<f32>()?;
-            self.cache_tokens.push(tok);
         };
         // Keep the cache consistent with what it holds (the last sampled token never ran).
         self.cache_tokens.truncate(self.model.cached_len());
-        if refused {
-            return Ok(None);
+        Ok(d.finish(&self.tokenizer, on_text)?
+            .map(|(text, tokens, generated)| Generation {
+                text,
+                tokens,
+                by_base: false,
+                route_p: None,
+                prompt_tokens: prompt.len(),
+                reused_tokens: reused,
+                completion_tokens: generated,
+                prompt_ms,
+                generate_ms: t1.elapsed().as_secs_f64() * 1000.0,
+                stop,
+            }))
+    }
+
+    /// Appends `prompt` to `cache` in chunks of the engine's prompt batch, with the adapter
+    /// when `use_lora`; returns the logits of its last position. The counterpart of
+    /// `generate`'s prefill for callers that keep one cache per sequence.
+    pub fn prefill_into(
+        &self,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        use_lora: bool,
+    ) -> Result<Vec<f32>> {
+        self.room_for(cache.len() + prompt.len())?;
+        let mut logits = None;
+        for chunk in prompt.chunks(self.batch) {
+            logits = Some(
+                self.model
+                    .forward_cached(cache, chunk, Logits::Last, use_lora)?,
+            );
         }
-        if let Some(piece) = stream.flush(&self.tokenizer)? {
-            if hold.is_none() {
-                on_text(&piece);
-            }
-            text.push_str(&piece);
-        }
-        if hold.is_some() && !release(&mut hold, &text, on_text) {
-            return Ok(None);
-        }
-        Ok(Some(Generation {
-            text,
-            tokens,
-            by_base: false,
-            route_p: None,
-            prompt_tokens: prompt.len(),
-            reused_tokens: reused,
-            completion_tokens: generated,
-            prompt_ms,
-            generate_ms: t1.elapsed().as_secs_f64() * 1000.0,
-            stop,
-        }))
+        let logits = logits.ok_or_else(|| EngineError::Other("empty prompt".into()))?;
+        Ok(logits.to_vec1::<f32>()?)
     }
 
     /// Attaches an adapter together with the route its learning cycle trained (None: the base
@@ -464,7 +598,7 @@ impl Engine {
         if !about_notes {
             let n = self.tokenizer.encode(&route, false)?.len() + 1;
             let opens = |t: &str| t.trim_start().starts_with(route.trim());
-            let hold: Option<Hold<'_>> = Some((n, &opens));
+            let hold: Option<Hold<'_>> = Some((n, Box::new(opens)));
             if let Some(g) =
                 self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)?
             {
@@ -527,6 +661,33 @@ impl Engine {
         Ok(())
     }
 
+    /// The probability that the model with its adapter continues `cache` (whose last
+    /// position gave `logits`) with the tokens `opening`; all but the last opening token are
+    /// appended to the cache. [`Engine::answer_routed`]'s decision, for one cache of many.
+    pub fn opening_probability_after(
+        &self,
+        cache: &mut KvCache,
+        logits: &[f32],
+        opening: &[u32],
+    ) -> Result<f64> {
+        let Some((&first, rest)) = opening.split_first() else {
+            return Ok(0.0);
+        };
+        self.room_for(cache.len() + opening.len())?;
+        let mut lp = log_p(logits, first);
+        if !rest.is_empty() {
+            let fed = &opening[..opening.len() - 1];
+            let rows = self
+                .model
+                .forward_cached(cache, fed, Logits::All, true)?
+                .to_vec2::<f32>()?;
+            for (row, t) in rows.iter().zip(rest) {
+                lp += log_p(row, *t);
+            }
+        }
+        Ok(lp.exp())
+    }
+
     /// The probability that the model (with its adapter) opens its answer to `prompt` with the
     /// tokens `opening`, and how many prompt tokens came from the cache; leaves the prompt and
     /// all but the last opening token in the cache.
@@ -536,12 +697,6 @@ impl Engine {
             return Ok((0.0, 0));
         };
         let (logits, reused) = self.prefill(prompt)?;
-        let log_p = |row: &[f32], t: u32| -> f64 {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let z: f64 = row.iter().map(|v| (*v as f64 - m).exp()).sum();
-            row.get(t as usize)
-                .map_or(f64::NEG_INFINITY, |v| *v as f64 - m - z.ln())
-        };
         let mut lp = log_p(&logits, first);
         if !rest.is_empty() {
             let fed = &opening[..opening.len() - 1];

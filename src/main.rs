@@ -346,6 +346,12 @@ pub struct ServeArgs {
     /// Clients must send `Authorization: Bearer KEY`
     #[arg(long, env = "HONE_API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Answers generated together, in one batch (as llama-server's -np); more requests wait
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
+    /// Seconds a client may leave the server's writes unread before its connection is closed
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600), value_name = "SECS")]
+    pub write_timeout: u64,
     /// Largest request body in bytes
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub max_body_bytes: usize,

@@ -1,7 +1,10 @@
 //! The transformer forward pass for the GGUF architectures hone runs (`llama`, as in SmolLM2,
 //! and `qwen2`), in one readable file in the manner of candle's examples: quantised weights
-//! (`QMatMul`), RMSNorm, rotary embeddings, grouped-query attention over a preallocated KV cache
-//! that is appended in place, and a SwiGLU MLP.
+//! (`QMatMul`), RMSNorm, rotary embeddings, grouped-query attention over a KV cache that is
+//! appended in place, and a SwiGLU MLP. The model keeps one cache of its own for `forward`; a
+//! caller that runs several sequences keeps a [`KvCache`] per sequence, and `forward_batch`
+//! decodes one token of each at once: the projections see the sequences' rows stacked (one
+//! pass over the weights for all), attention and rotary embeddings stay per sequence.
 //!
 //! It must not tokenize, sample or touch the database; it maps token ids to logits.
 
@@ -205,8 +208,51 @@ pub(crate) struct Layer {
     pub(crate) gate: QLinear,
     pub(crate) up: QLinear,
     pub(crate) down: QLinear,
-    k_cache: KvBuffer,
-    v_cache: KvBuffer,
+}
+
+/// The keys and values one sequence has seen, every layer's: [`Model::forward`] uses the
+/// model's own, [`Model::forward_batch`] one per sequence (the slots of `hone serve`).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(KvBuffer, KvBuffer)>,
+    /// Tokens held.
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `model` (its buffers grow as tokens are appended).
+    pub fn new(model: &Model) -> Self {
+        Self::with_layers(model.cfg.n_layers)
+    }
+
+    fn with_layers(n: usize) -> Self {
+        Self {
+            layers: (0..n).map(|_| Default::default()).collect(),
+            len: 0,
+        }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets positions from `len` on (the buffers are kept for reuse).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for (k, v) in &mut self.layers {
+            k.len = self.len;
+            v.len = self.len;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
 }
 
 /// Which positions to return logits for.
@@ -230,8 +276,8 @@ pub struct Model {
     /// LoRA adapters applied next to the base projections (not merged), if any.
     lora: Option<Arc<crate::lora::LoraWeights>>,
     max_ctx: usize,
-    /// Tokens held in the KV cache.
-    cached: usize,
+    /// The KV cache `forward` uses.
+    cache: KvCache,
     device: Device,
 }
 
@@ -267,8 +313,6 @@ impl Model {
                 gate: QLinear::load(file, &format!("{p}.ffn_gate.weight"), dev)?,
                 up: QLinear::load(file, &format!("{p}.ffn_up.weight"), dev)?,
                 down: QLinear::load(file, &format!("{p}.ffn_down.weight"), dev)?,
-                k_cache: KvBuffer::default(),
-                v_cache: KvBuffer::default(),
             });
         }
         let norm = file.tensor_f32("output_norm.weight", dev)?;
@@ -282,6 +326,7 @@ impl Model {
             .to_dtype(DType::F32)?
             .reshape((max_ctx, 1))?;
         let freqs = t.broadcast_mul(&inv)?;
+        let cfg_layers = cfg.n_layers;
         Ok(Self {
             cos: freqs.cos()?,
             sin: freqs.sin()?,
@@ -291,7 +336,7 @@ impl Model {
             norm,
             output,
             max_ctx,
-            cached: 0,
+            cache: KvCache::with_layers(cfg_layers),
             device: dev.clone(),
             lora: None,
         })
@@ -304,16 +349,12 @@ impl Model {
 
     /// Tokens currently in the KV cache.
     pub fn cached_len(&self) -> usize {
-        self.cached
+        self.cache.len
     }
 
     /// Forgets cached positions from `len` on (keeping a common prefix of a conversation).
     pub fn truncate_cache(&mut self, len: usize) {
-        self.cached = self.cached.min(len);
-        for l in &mut self.layers {
-            l.k_cache.len = self.cached;
-            l.v_cache.len = self.cached;
-        }
+        self.cache.truncate(len);
     }
 
     pub fn clear_cache(&mut self) {
@@ -343,8 +384,6 @@ impl Model {
                     gate: l.gate.clone(),
                     up: l.up.clone(),
                     down: l.down.clone(),
-                    k_cache: KvBuffer::default(),
-                    v_cache: KvBuffer::default(),
                 })
                 .collect(),
             norm: self.norm.clone(),
@@ -353,7 +392,7 @@ impl Model {
             sin: self.sin.clone(),
             lora: None,
             max_ctx: self.max_ctx,
-            cached: 0,
+            cache: KvCache::with_layers(self.layers.len()),
             device: self.device.clone(),
         }
     }
@@ -371,85 +410,230 @@ impl Model {
     /// Runs `tokens` at positions `cached_len()..` and returns logits, shape (vocab) for
     /// `Logits::Last` or (tokens, vocab) for `Logits::All`.
     pub fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+        let mut cache = std::mem::take(&mut self.cache);
+        let use_lora = self.lora.is_some();
+        let r = self.forward_cached(&mut cache, tokens, logits, use_lora);
+        self.cache = cache;
+        r
+    }
+
+    /// [`Model::forward`] over `cache` instead of the model's own, with the adapter when
+    /// `use_lora` (and one is set).
+    pub fn forward_cached(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        logits: Logits,
+        use_lora: bool,
+    ) -> Result<Tensor> {
         let s = tokens.len();
-        let pos = self.cached;
         if s == 0 {
             return Err(candle_core::Error::Msg("forward on no tokens".into()).into());
         }
-        if pos + s > self.max_ctx {
+        self.check_cache(cache, s)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let x = self.embed.embedding(&ids)?;
+        let mut caches = [cache];
+        let x = self.layers_forward(x, &mut caches, &[s], &[use_lora])?;
+        let x = match logits {
+            Logits::Last => x.narrow(0, s - 1, 1)?,
+            Logits::All => x,
+        };
+        let out = self.head(&x)?;
+        Ok(match logits {
+            Logits::Last => out.squeeze(0)?,
+            Logits::All => out,
+        })
+    }
+
+    /// One decoding step for several sequences at once: `tokens[i]` is appended to
+    /// `caches[i]` at that cache's own position, and row i of the result (n, vocab) is the
+    /// next-token logits of sequence i. Every projection runs once over the n rows stacked
+    /// (one pass over the weights for all of them); attention and rotary embeddings are per
+    /// sequence. `lora[i]` says whether row i uses the adapter (when one is set).
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[u32],
+        lora: &[bool],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n || lora.len() != n {
+            return Err(candle_core::Error::Msg(format!(
+                "forward_batch: {n} tokens, {} caches, {} adapter flags",
+                caches.len(),
+                lora.len()
+            ))
+            .into());
+        }
+        for c in caches.iter() {
+            self.check_cache(c, 1)?;
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let x = self.embed.embedding(&ids)?;
+        let x = self.layers_forward(x, caches, &vec![1; n], lora)?;
+        self.head(&x)
+    }
+
+    fn check_cache(&self, cache: &KvCache, s: usize) -> Result<()> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "a KV cache of {} layers for a model of {}",
+                cache.layers.len(),
+                self.layers.len()
+            ))
+            .into());
+        }
+        if cache.len + s > self.max_ctx {
             return Err(ModelError::ContextFull {
-                needed: pos + s,
+                needed: cache.len + s,
                 max: self.max_ctx,
                 trained: self.cfg.trained_ctx,
             });
         }
+        Ok(())
+    }
+
+    /// The final norm and the output projection: (rows, dim) to (rows, vocab) logits.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.eps as f32)?;
+        Ok(self
+            .output
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
+    }
+
+    /// The transformer layers over `x` (rows, dim): the rows are the sequences' tokens one
+    /// after another, `lens[i]` of them for sequence i, which continues `caches[i]`.
+    fn layers_forward(
+        &self,
+        mut x: Tensor,
+        caches: &mut [&mut KvCache],
+        lens: &[usize],
+        lora_rows: &[bool],
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed.embedding(&ids)?;
-        let mask = if s > 1 {
-            let l = pos + s;
-            let m: Vec<f32> = (0..s)
-                .flat_map(|i| {
-                    (0..l).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (s, l), &self.device)?)
-        } else {
-            None
-        };
-        let cos = self.cos.narrow(0, pos, s)?;
-        let sin = self.sin.narrow(0, pos, s)?;
+        let rows: usize = lens.iter().sum();
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let n_rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
+        // Per sequence: its first row, position, causal mask (prompts) and rotary rows.
+        struct Seq {
+            row: usize,
+            s: usize,
+            pos: usize,
+            mask: Option<Tensor>,
+            cos: Tensor,
+            sin: Tensor,
+        }
+        let mut seqs = Vec::with_capacity(lens.len());
+        let mut row = 0;
+        for (c, &s) in caches.iter().zip(lens) {
+            let pos = c.len;
+            let mask = if s > 1 {
+                let l = pos + s;
+                let m: Vec<f32> = (0..s)
+                    .flat_map(|i| {
+                        (0..l).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, (s, l), &self.device)?)
+            } else {
+                None
+            };
+            seqs.push(Seq {
+                row,
+                s,
+                pos,
+                mask,
+                cos: self.cos.narrow(0, pos, s)?,
+                sin: self.sin.narrow(0, pos, s)?,
+            });
+            row += s;
+        }
+        // Which rows take the adapter's delta: all, none, or a 0/1 column to scale it by.
+        let lora = match &self.lora {
+            Some(l) if lora_rows.iter().any(|&u| u) => Some(l),
+            _ => None,
+        };
+        let row_mask = if lora_rows.iter().all(|&u| u) {
+            None
+        } else {
+            let m: Vec<f32> = lens
+                .iter()
+                .zip(lora_rows)
+                .flat_map(|(&s, &u)| std::iter::repeat_n(if u { 1.0 } else { 0.0 }, s))
+                .collect();
+            Some(Tensor::from_vec(m, (rows, 1), &self.device)?)
+        };
         use crate::lora::Target as T;
-        let lora = self.lora.clone();
         let ad = |i: usize, t: T, x: &Tensor, y: Tensor| -> Result<Tensor> {
-            match &lora {
-                Some(l) => l.apply(i, t, x, y).map_err(|e| match e {
-                    crate::lora::LoraError::Candle(c) => ModelError::Candle(c),
-                    e => ModelError::Candle(candle_core::Error::Msg(e.to_string())),
-                }),
-                None => Ok(y),
+            let Some(l) = lora else { return Ok(y) };
+            let map = |e| match e {
+                crate::lora::LoraError::Candle(c) => ModelError::Candle(c),
+                e => ModelError::Candle(candle_core::Error::Msg(e.to_string())),
+            };
+            match &row_mask {
+                None => l.apply(i, t, x, y).map_err(map),
+                Some(m) => {
+                    // The delta alone, scaled to zero on the rows that do not use it.
+                    let d = l.apply(i, t, x, y.zeros_like()?).map_err(map)?;
+                    Ok((y + d.broadcast_mul(m)?)?)
+                }
             }
         };
-        for (li, layer) in self.layers.iter_mut().enumerate() {
+        for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps as f32)?;
             let q = ad(li, T::Q, &h, layer.q.forward(&h)?)?;
             let k = ad(li, T::K, &h, layer.k.forward(&h)?)?;
             let v = ad(li, T::V, &h, layer.v.forward(&h)?)?;
-            let q = q.reshape((1, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let (q, k) = match cfg.arch {
-                Arch::Llama => (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-                ),
-                Arch::Qwen2 => (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-                ),
+            let mut ys = Vec::with_capacity(seqs.len());
+            for (sq, cache) in seqs.iter().zip(caches.iter_mut()) {
+                let s = sq.s;
+                let q = q.narrow(0, sq.row, s)?;
+                let k = k.narrow(0, sq.row, s)?;
+                let v = v.narrow(0, sq.row, s)?;
+                let q = q.reshape((1, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
+                let k = k.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+                let v = v.reshape((1, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+                let (q, k) = match cfg.arch {
+                    Arch::Llama => (
+                        candle_nn::rotary_emb::rope_i(&q, &sq.cos, &sq.sin)?,
+                        candle_nn::rotary_emb::rope_i(&k, &sq.cos, &sq.sin)?,
+                    ),
+                    Arch::Qwen2 => (
+                        candle_nn::rotary_emb::rope(&q, &sq.cos, &sq.sin)?,
+                        candle_nn::rotary_emb::rope(&k, &sq.cos, &sq.sin)?,
+                    ),
+                };
+                let (kc, vc) = &mut cache.layers[li];
+                let k = kc.append(&k, self.max_ctx)?;
+                let v = vc.append(&v, self.max_ctx)?;
+                let l = sq.pos + s;
+                // Heads that share a kv head are stacked as rows: no copy of K or V per head.
+                let q = q.reshape((1, nkv, n_rep * s, hd))?;
+                let att = (q.matmul(&k.t()?)? * scale)?;
+                let att = match &sq.mask {
+                    Some(m) => att
+                        .reshape((1, nkv, n_rep, s, l))?
+                        .broadcast_add(m)?
+                        .reshape((1, nkv, n_rep * s, l))?,
+                    None => att,
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let y = att.matmul(&v)?;
+                ys.push(
+                    y.reshape((1, nh, s, hd))?
+                        .transpose(1, 2)?
+                        .reshape((s, nh * hd))?,
+                );
+            }
+            let y = if ys.len() == 1 {
+                ys.swap_remove(0)
+            } else {
+                Tensor::cat(&ys, 0)?
             };
-            let k = layer.k_cache.append(&k, self.max_ctx)?;
-            let v = layer.v_cache.append(&v, self.max_ctx)?;
-            let l = pos + s;
-            // Heads that share a kv head are stacked as rows: no copy of K or V per head.
-            let q = q.reshape((1, nkv, n_rep * s, hd))?;
-            let att = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att
-                    .reshape((1, nkv, n_rep, s, l))?
-                    .broadcast_add(m)?
-                    .reshape((1, nkv, n_rep * s, l))?,
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v.contiguous()?)?;
-            let y = y
-                .reshape((1, nh, s, hd))?
-                .transpose(1, 2)?
-                .reshape((1, s, nh * hd))?;
             x = (x + ad(li, T::O, &y, layer.o.forward(&y)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps as f32)?;
             let g = candle_nn::ops::silu(&ad(li, T::Gate, &h, layer.gate.forward(&h)?)?)?;
@@ -457,19 +641,10 @@ impl Model {
             let gu = (g * u)?;
             x = (x + ad(li, T::Down, &gu, layer.down.forward(&gu)?)?)?;
         }
-        self.cached = pos + s;
-        let x = match logits {
-            Logits::Last => x.narrow(1, s - 1, 1)?,
-            Logits::All => x,
-        };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.eps as f32)?;
-        let out = self.output.forward(&x)?.squeeze(0)?;
-        Ok(match logits {
-            Logits::Last => out.squeeze(0)?,
-            Logits::All => out,
+        for (c, sq) in caches.iter_mut().zip(&seqs) {
+            c.len = sq.pos + sq.s;
         }
-        .to_dtype(DType::F32)?
-        .contiguous()?)
+        Ok(x)
     }
 
     /// Log-softmax over the last dimension (for scoring).
@@ -550,6 +725,106 @@ mod tests {
     #[test]
     fn qwen2_cache_matches_full_pass() {
         cache_matches_full_pass("qwen2");
+    }
+
+    /// Several sequences decoded together, each from its own prompt at its own position, give
+    /// the logits each gives decoded alone; with an adapter, the rows that ask for it get its
+    /// delta and the others the base model's logits.
+    fn batch_matches_one_at_a_time(arch: &str) {
+        use crate::lora::{LoraConfig, LoraWeights, Target};
+        use rand::{Rng, SeedableRng};
+        let spec = TinySpec {
+            arch: arch.into(),
+            ..Default::default()
+        };
+        let (_d, mut m) = load(&spec);
+        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
+        let mut w = LoraWeights::init(&cfg, &m.cfg, 3).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for p in w.pairs.values_mut() {
+            let b: Vec<f32> = (0..p.b.elem_count())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
+        }
+        let w = Arc::new(w.prepare().unwrap());
+        let prompts: [&[u32]; 3] = [&[1, 40, 77], &[5, 9, 250, 33, 12], &[80]];
+        let steps: [[u32; 4]; 3] = [[3, 4, 5, 6], [200, 201, 7, 8], [9, 9, 9, 10]];
+        for adapter in [false, true] {
+            let use_lora = [false, adapter, true];
+            m.set_adapter(adapter.then(|| w.clone()));
+            // Alone, through the model's own cache.
+            let mut want: Vec<Vec<Vec<f32>>> = Vec::new();
+            for (i, (p, st)) in prompts.iter().zip(&steps).enumerate() {
+                let mut c = KvCache::new(&m);
+                m.forward_cached(&mut c, p, Logits::Last, use_lora[i])
+                    .unwrap();
+                let rows = st
+                    .iter()
+                    .map(|t| {
+                        m.forward_cached(&mut c, &[*t], Logits::Last, use_lora[i])
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    })
+                    .collect();
+                want.push(rows);
+            }
+            // Together.
+            let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&m)).collect();
+            for (i, (c, p)) in caches.iter_mut().zip(prompts).enumerate() {
+                m.forward_cached(c, p, Logits::Last, use_lora[i]).unwrap();
+            }
+            for k in 0..4 {
+                let toks: Vec<u32> = steps.iter().map(|s| s[k]).collect();
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let out: Vec<Vec<f32>> = m
+                    .forward_batch(&mut refs, &toks, &use_lora)
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                for (i, row) in out.iter().enumerate() {
+                    let d = max_rel_diff(row, &want[i][k]);
+                    assert!(
+                        d < 1e-4,
+                        "{arch} adapter {adapter}: seq {i} step {k} differs by {d}"
+                    );
+                }
+            }
+            for (c, p) in caches.iter().zip(prompts) {
+                assert_eq!(c.len(), p.len() + 4);
+            }
+            if adapter {
+                // The adapter changes the rows that use it (so the check above means something).
+                let mut c = KvCache::new(&m);
+                let base = m
+                    .forward_cached(&mut c, prompts[2], Logits::Last, false)
+                    .unwrap();
+                let base: Vec<f32> = base.to_vec1().unwrap();
+                let mut c = KvCache::new(&m);
+                let with: Vec<f32> = m
+                    .forward_cached(&mut c, prompts[2], Logits::Last, true)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(max_rel_diff(&with, &base) > 1e-3);
+            }
+        }
+        // A batch whose caches do not match its tokens is refused, not half-run.
+        let mut c = KvCache::new(&m);
+        assert!(m
+            .forward_batch(&mut [&mut c], &[1, 2], &[false, false])
+            .is_err());
+    }
+
+    #[test]
+    fn llama_batch_matches_one_at_a_time() {
+        batch_matches_one_at_a_time("llama");
+    }
+
+    #[test]
+    fn qwen2_batch_matches_one_at_a_time() {
+        batch_matches_one_at_a_time("qwen2");
     }
 
     #[test]

@@ -897,3 +897,128 @@ fn notes_are_retrieved_cited_judged_and_collected_over_http() {
     assert_eq!(st, 200, "{j}");
     assert_eq!(j["hone"]["citations"], json!([]), "{j}");
 }
+
+/// Answers decoded together in one batch are the answers each gets alone (greedy, the real
+/// default model), and they were decoded together (`/health` tells the largest batch).
+#[test]
+fn batched_answers_are_the_answers_given_alone() {
+    let s = Server::start(&["--parallel", "4"]);
+    let (_, h) = s.get("/health");
+    assert_eq!(h["parallel"], 4, "{h}");
+    let questions = [
+        Q,
+        "Name three colours of the rainbow.",
+        "What is two plus two?",
+        STORY,
+    ];
+    let body = |q: &str| chat(q, json!({"max_tokens": 40}));
+    let alone: Vec<Value> = questions
+        .iter()
+        .map(|q| {
+            let (status, j) = s.post("/v1/chat/completions", body(q));
+            assert_eq!(status, 200, "{j}");
+            j
+        })
+        .collect();
+    let (_, h) = s.get("/health");
+    assert_eq!(h["largest_batch"], 1, "one at a time: {h}");
+    // Together: started at once, so their decoding overlaps.
+    let barrier = std::sync::Barrier::new(questions.len());
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let (s, barrier) = (&s, &barrier);
+                sc.spawn(move || {
+                    barrier.wait();
+                    let (status, j) = s.post("/v1/chat/completions", body(q));
+                    assert_eq!(status, 200, "{j}");
+                    j
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (_, h) = s.get("/health");
+    let largest = h["largest_batch"].as_u64().unwrap();
+    assert!(largest >= 2, "the answers were not decoded together: {h}");
+    for (a, t) in alone.iter().zip(&together) {
+        let msg = |j: &Value| {
+            j["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(msg(a), msg(t), "batched answer differs");
+        assert_eq!(a["usage"], t["usage"]);
+        assert_eq!(
+            a["choices"][0]["finish_reason"],
+            t["choices"][0]["finish_reason"]
+        );
+    }
+    eprintln!("largest batch {largest}");
+    // llama-server's ignore_eos: the answer that ended by itself runs to max_tokens.
+    let short = alone[0]["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(short < 40 && alone[0]["choices"][0]["finish_reason"] == "stop");
+    let (status, j) = s.post(
+        "/v1/chat/completions",
+        chat(Q, json!({"max_tokens": 40, "ignore_eos": true})),
+    );
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["usage"]["completion_tokens"], 40, "{j}");
+    assert_eq!(j["choices"][0]["finish_reason"], "length");
+    // Every exchange is recorded.
+    let served = history(s.home.path())
+        .into_iter()
+        .filter(|e| e["kind"] == "serve")
+        .count();
+    assert_eq!(served, 2 * questions.len() + 1);
+}
+
+/// A client that stops reading is cut off after the write timeout: it cannot hold its
+/// connection (here, by pipelining requests for the page and reading none of the answers).
+#[test]
+fn a_client_that_stops_reading_is_cut_off() {
+    let s = Server::start(&["--write-timeout", "2"]);
+    let mut conn = TcpStream::connect(&s.addr).expect("connect");
+    // Thousands of pipelined requests: far more answer than the socket buffers hold.
+    let one = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let n = 4000;
+    let req = one.repeat(n);
+    conn.set_write_timeout(Some(Duration::from_secs(30))).ok();
+    // The server stops reading requests once its answers back up; write what it takes.
+    let writer = {
+        let mut c = conn.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let _ = c.write_all(req.as_bytes());
+        })
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    // Now read: the server gave up on the connection, so the stream ends well before all
+    // the answers (each about 10 kB).
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let t0 = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("reading: {e} after {got} bytes"),
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+    };
+    let page = s.request("GET", "/", &[], None).2.len();
+    assert!(ended, "the connection was not closed");
+    assert!(
+        got < page * n / 2,
+        "{got} bytes came: the server kept writing to a client that did not read"
+    );
+    eprintln!("cut off after {got} bytes of {} asked", page * n);
+    drop(conn);
+    let _ = writer.join();
+    assert_eq!(s.get("/health").0, 200, "the server goes on serving");
+}

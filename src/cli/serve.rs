@@ -20,10 +20,12 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> Result<()> {
         ctx: cli.ctx,
         backend: super::backend(cli.backend),
         threads,
+        parallel: usize::from(a.parallel),
         device: cli.device.clone(),
         retrieval: !a.no_retrieval,
         limits: hone::serve::Limits {
             max_body_bytes: a.max_body_bytes,
+            write_timeout: std::time::Duration::from_secs(a.write_timeout),
             ..Default::default()
         },
     };

@@ -142,6 +142,9 @@ struct Common {
     stream: Option<bool>,
     #[serde(default)]
     n: Option<i64>,
+    /// llama-server's addition: never end the answer at an end-of-turn token.
+    #[serde(default)]
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +198,9 @@ pub struct Request {
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub stream: bool,
+    /// Generate up to `max_tokens` whatever the model says (its end-of-turn tokens are never
+    /// picked), as llama-server's `ignore_eos`: for load tests.
+    pub ignore_eos: bool,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -313,6 +319,7 @@ fn checked(c: Common, input: Input, prompt_record: String) -> Result<Request, Ap
         // OpenAI's seed is a signed integer; every value is a distinct seed here.
         seed: c.seed.map(|s| s as u64),
         stream: c.stream.unwrap_or(false),
+        ignore_eos: c.ignore_eos.unwrap_or(false),
     })
 }
 

@@ -40,6 +40,9 @@ struct Shared {
     state: watch::Receiver<State>,
     jobs: Mutex<mpsc::Sender<Job>>,
     queued: Arc<AtomicUsize>,
+    /// Answers decoded together at most, and the most so far.
+    parallel: usize,
+    largest_batch: Arc<AtomicUsize>,
     next_id: AtomicU64,
     started: u64,
 }
@@ -68,6 +71,7 @@ pub async fn serve(
     let (state_tx, state_rx) = watch::channel(State::Loading);
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let queued = Arc::new(AtomicUsize::new(0));
+    let largest_batch = Arc::new(AtomicUsize::new(0));
     let cfg = WorkerConfig {
         home: home.clone(),
         choice: choice.clone(),
@@ -75,6 +79,8 @@ pub async fn serve(
         backend: opts.backend,
         threads: opts.threads,
         retrieval: opts.retrieval,
+        parallel: opts.parallel,
+        largest_batch: largest_batch.clone(),
     };
     let q = queued.clone();
     std::thread::Builder::new()
@@ -91,6 +97,8 @@ pub async fn serve(
         state: state_rx.clone(),
         jobs: Mutex::new(job_tx),
         queued,
+        parallel: opts.parallel.max(1),
+        largest_batch,
         next_id: AtomicU64::new(1),
         started: now_secs(),
     });
@@ -121,8 +129,9 @@ pub async fn serve(
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let header_timeout = opts.limits.header_timeout;
+        let write_timeout = opts.limits.write_timeout;
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
+            let io = hyper_util::rt::TokioIo::new(StallLimit::new(stream, write_timeout));
             let r = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -134,6 +143,115 @@ pub async fn serve(
             }
             drop(permit);
         });
+    }
+}
+
+/// A connection whose writes fail once the client has left them unread (its socket buffer
+/// full, no progress) for `limit`: hyper then closes the connection, which drops the response
+/// and so cancels an answer being streamed to it.
+struct StallLimit<S> {
+    inner: S,
+    limit: std::time::Duration,
+    /// Running while writes wait: when it ends, the client has stalled too long.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> StallLimit<S> {
+    fn new(inner: S, limit: std::time::Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Called when a write could not go on: fails it once the wait has lasted `limit`.
+    fn waiting<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                tracing::info!(
+                    "a client left the answer unread for {} s: connection closed",
+                    limit.as_secs()
+                );
+                std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client stopped reading",
+                )))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// A write's outcome: progress restarts the clock.
+    fn outcome<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        p: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match p {
+            std::task::Poll::Pending => self.waiting(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallLimit<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallLimit<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.outcome(cx, p)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.outcome(cx, p)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.outcome(cx, p)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -307,7 +425,8 @@ async fn health(Ax(s): Ax<St>) -> Response {
     let st = s.state.borrow().clone();
     match st {
         State::Ready { adapter, .. } => Json(json!({"status": "ok", "model": s.model,
-                                                    "adapter": adapter}))
+            "adapter": adapter, "parallel": s.parallel,
+            "largest_batch": s.largest_batch.load(Ordering::Relaxed)}))
         .into_response(),
         State::Loading => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -837,6 +956,8 @@ mod tests {
             state: rx,
             jobs: Mutex::new(jobs),
             queued: Arc::new(AtomicUsize::new(0)),
+            parallel: 1,
+            largest_batch: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
             started: 0,
         };

@@ -1,14 +1,17 @@
 //! `hone serve`: an OpenAI-compatible HTTP server on this machine, and a page to talk to it.
 //!
 //! One model is loaded on one dedicated thread ([`worker`]) with the active adapter and its
-//! route, and answers exactly as `hone ask` does (`assistant`, `engine::Engine::answer`);
-//! HTTP handlers ([`http`]) check requests ([`api`]) and queue them over a FIFO channel, and
-//! every exchange is recorded in SQLite. hone's own data (notes, the learning log, the
+//! route, and answers as `hone ask` does (`assistant`, the routing of
+//! `engine::Engine::answer_routed`), up to `--parallel` answers at once decoded in one batch
+//! (`model::Model::forward_batch`, `engine::Decoder`); HTTP handlers ([`http`]) check
+//! requests ([`api`]) and queue them over a FIFO channel, and every exchange is recorded in
+//! SQLite. hone's own data (notes, the learning log, the
 //! schedule's decision, the daemon's status) is under `/v1/hone/...` ([`info`]).
 //!
 //! It must NOT listen beyond this machine unless asked, and never without an API key there;
 //! it must not accept unbounded input (body size, `max_tokens`, header and body read times are
-//! capped), send a CORS wildcard, or load a second model. It does not learn: the daemon does,
+//! capped), let a client that stops reading hold its connection (the write timeout), send a
+//! CORS wildcard, or load a second model. It does not learn: the daemon does,
 //! and pauses while requests run (`presence`).
 
 pub mod api;
@@ -37,6 +40,8 @@ pub struct ServeOptions {
     pub backend: Backend,
     /// Compute threads of the model thread's pool.
     pub threads: usize,
+    /// Answers decoded together in one batch (llama-server's `-np`); more wait their turn.
+    pub parallel: usize,
     /// `--device`: the device profile for the schedule's decision.
     pub device: Option<String>,
     pub limits: Limits,
@@ -53,6 +58,10 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Time a client has to send its request body (408 after it).
     pub body_timeout: Duration,
+    /// Time a write to a client may wait for it to read (a full socket buffer) before the
+    /// connection is closed: a client that stops reading cannot hold a connection, or an
+    /// answer's slot, for longer.
+    pub write_timeout: Duration,
     /// Requests waiting for the model beyond this are refused with 503.
     pub max_queue: usize,
     /// Connections served at once; more wait to be accepted.
@@ -65,6 +74,7 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
             max_queue: 64,
             max_connections: 64,
         }

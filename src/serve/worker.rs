@@ -1,20 +1,32 @@
 //! The model thread of `hone serve`: it loads the model and the active adapter, then answers
-//! the queued requests one at a time, in the order they came (a FIFO channel), as `hone ask`
-//! answers, streaming pieces back to the HTTP side and recording every exchange.
+//! up to `parallel` requests at once in slots, as llama-server's parallel slots do. Every step
+//! runs one new request's prompt (the oldest waiting, so arrivals are served in order) and
+//! then one decoding pass for all the answers under way together: their next tokens are
+//! stacked into one batch, so the weights are read once per step for all of them
+//! (`Model::forward_batch`), while each keeps its own KV cache, position, sampler, stop
+//! sequences and adapter choice (`engine::Decoder`). Each answer is routed as `hone ask`
+//! routes it (a question about a learned note to the adapter, the held opening otherwise),
+//! streams its pieces back to the HTTP side, stops when its client leaves, and is recorded.
+//! A finished slot keeps its KV cache, and the next prompt starts from the cache that shares
+//! the longest prefix with it (a conversation's next turn, a common system message).
 //!
 //! It must not speak HTTP. The engine is not `Sync` and runs its parallel work on rayon's
 //! pool with this thread as worker 0 (`sys::adopt_compute_pool`), so nothing else touches it.
 
 use super::api::{finish_reason, ApiError, Input, Request, StopFilter};
 use crate::assistant::{self, Recorded, SamplingOverrides};
-use crate::engine::{Backend, Engine};
+use crate::engine::{Backend, Decoder, Engine, EngineError, Generation, Step, StopReason};
 use crate::home::Home;
+use crate::model::KvCache;
 use crate::presence::UserRequest;
 use crate::registry::ModelChoice;
+use crate::retrieve::NoteMatch;
+use crate::sample::SamplingParams;
 use crate::store::Store;
 use crate::template::Message;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 use tokio::sync::{mpsc::UnboundedSender, watch};
 
 /// What the model thread says about itself.
@@ -71,9 +83,13 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Put the notes a chat message is about into the prompt.
     pub retrieval: bool,
+    /// Answers decoded together (`--parallel`).
+    pub parallel: usize,
+    /// The most answers one decoding pass has served so far (`/health` shows it).
+    pub largest_batch: Arc<AtomicUsize>,
 }
 
-/// Runs the model thread until the job channel closes.
+/// Runs the model thread until the job channel closes and the last answer is done.
 pub fn run(
     cfg: WorkerConfig,
     jobs: mpsc::Receiver<Job>,
@@ -91,7 +107,7 @@ pub fn run(
         }
         Ok((store, engine, adapter))
     })();
-    let (store, mut engine, adapter) = match loaded {
+    let (store, engine, adapter) = match loaded {
         Ok(x) => x,
         Err(e) => {
             let _ = state.send(State::Failed(format!("{e:#}")));
@@ -105,217 +121,833 @@ pub fn run(
         max_tokens,
     });
     tracing::info!(
-        "model {} loaded in {:.0} ms",
+        "model {} loaded in {:.0} ms; {} parallel slots",
         cfg.choice.name,
-        engine.load_time.as_secs_f64() * 1000.0
+        engine.load_time.as_secs_f64() * 1000.0,
+        cfg.parallel.max(1)
     );
-    let adapter = adapter.map(|v| v.to_string());
-    while let Ok(job) = jobs.recv() {
-        queued.fetch_sub(1, Ordering::SeqCst);
-        if job.cancel.load(Ordering::SeqCst) {
-            continue; // the client left while it waited
-        }
-        let events = job.events.clone();
-        let r = answer(
-            &cfg,
-            &store,
-            &mut engine,
-            adapter.as_deref(),
-            max_tokens,
-            &job,
-        );
-        match r {
-            Ok(done) => {
-                let _ = events.send(Event::Done(done));
+    let mut w = Slots {
+        cfg: &cfg,
+        store: &store,
+        engine: &engine,
+        adapter: adapter.map(|v| v.to_string()),
+        default_max_tokens: max_tokens,
+        active: Vec::new(),
+        free: Vec::new(),
+    };
+    let parallel = cfg.parallel.max(1);
+    let mut open = true;
+    loop {
+        // Take new requests while a slot is free; wait for one only when nothing runs.
+        while open && w.active.len() < parallel {
+            let job = if w.active.is_empty() {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            queued.fetch_sub(1, Ordering::SeqCst);
+            if job.cancel.load(Ordering::SeqCst) {
+                continue; // the client left while it waited
             }
-            Err(e) => {
-                tracing::warn!("request failed: {e}");
-                let _ = events.send(Event::Error(e));
-            }
+            w.admit(job);
         }
-        // The request is over: background learning may resume (after its idle time).
-        let Job { presence, .. } = job;
-        drop(presence);
+        if w.active.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+        w.step();
     }
 }
 
-fn answer(
-    cfg: &WorkerConfig,
-    store: &Store,
-    engine: &mut Engine,
-    adapter: Option<&str>,
-    default_max_tokens: usize,
-    job: &Job,
-) -> Result<Done, ApiError> {
-    let r = &job.request;
-    let o = SamplingOverrides {
-        temperature: r.temperature,
-        top_k: r.top_k,
-        top_p: r.top_p,
-        min_p: r.min_p,
-        repeat_penalty: r.repeat_penalty,
-        seed: r.seed,
-    };
-    let params = assistant::sampling(&cfg.choice, &o).map_err(|m| ApiError::invalid(m, None))?;
-    let mut found = Vec::new();
-    let tokens = match &r.input {
-        Input::Chat(messages) => {
-            let mut m: Vec<Message> = Vec::with_capacity(messages.len() + 1);
-            if !messages.iter().any(|m| m.role == "system") {
-                // The model's default system message, as `hone ask` uses it.
-                m.extend(
-                    cfg.choice
-                        .chat_defaults()
-                        .system
-                        .map(|s| Message::system(&s)),
-                );
-            }
-            m.extend(messages.iter().cloned());
-            // As `hone ask`: the notes the newest message is about go in the prompt (when they
-            // leave room for the answer).
-            let reserve = r.max_tokens.unwrap_or(default_max_tokens);
-            assistant::chat_tokens_with_notes(engine, store, &m, cfg.retrieval, reserve).map(
-                |(tokens, notes)| {
-                    found = notes;
-                    tokens
-                },
-            )
+/// What a request's answer shows its client: the stop-sequence filter in front of the events.
+struct Out {
+    events: UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    filter: StopFilter,
+    shown: String,
+    /// A stop sequence was met.
+    stopped: bool,
+}
+
+impl Out {
+    fn send(&self, ev: Event) {
+        if self.events.send(ev).is_err() {
+            self.cancel.store(true, Ordering::SeqCst);
         }
-        Input::Text(t) => engine.text_tokens(t, false).map_err(anyhow::Error::from),
     }
-    .map_err(|e| ApiError::invalid(format!("cannot read the prompt: {e:#}"), Some("messages")))?;
-    let ctx = engine.model.max_context();
-    if tokens.len() >= ctx {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt has {} tokens; the model was loaded with a context of {ctx} tokens",
-                tokens.len()
-            ),
-            Some("messages"),
-        )
-        .with_code("context_length_exceeded"));
-    }
-    let asked = r.max_tokens.unwrap_or(default_max_tokens);
-    if asked > ctx {
-        return Err(ApiError::invalid(
-            format!("max_tokens is {asked}; the model was loaded with a context of {ctx} tokens"),
-            Some("max_tokens"),
-        ));
-    }
-    // Prompt and answer share the context: the answer gets what the prompt leaves.
-    let max_tokens = asked.min(ctx - tokens.len());
-    let send = |ev: Event| {
-        if job.events.send(ev).is_err() {
-            job.cancel.store(true, Ordering::SeqCst);
-        }
-    };
-    send(Event::Started);
-    let mut filter = StopFilter::new(r.stop.clone());
-    let mut shown = String::new();
-    let mut stopped = false;
-    // As `hone ask`: a question about a learned note is answered by the adapter from its weights.
-    let question = match &r.input {
-        Input::Chat(messages) => messages
-            .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .map(|m| m.content.as_str()),
-        Input::Text(_) => None,
-    };
-    let about = if found.is_empty() {
-        assistant::note_about(store, engine, question)
-            .map_err(|e| ApiError::internal(format!("searching the notes failed: {e}")))?
-    } else {
-        None
-    };
-    let mut on_piece = |piece: &str| {
-        if stopped {
+
+    fn piece(&mut self, piece: &str) {
+        if self.stopped {
             return;
         }
-        let (out, hit) = filter.push(piece);
+        let (out, hit) = self.filter.push(piece);
         if !out.is_empty() {
-            shown.push_str(&out);
-            send(Event::Text(out));
+            self.shown.push_str(&out);
+            self.send(Event::Text(out));
         }
         if hit {
-            stopped = true;
+            self.stopped = true;
             // Ends the generation after this token (the client has not gone).
-            job.cancel.store(true, Ordering::SeqCst);
+            self.cancel.store(true, Ordering::SeqCst);
         }
-    };
-    let g = if found.is_empty() {
-        engine
-            .answer_routed(
-                &tokens,
-                &params,
-                max_tokens,
-                &job.cancel,
-                &mut on_piece,
-                about.is_some(),
-            )
-            .map_err(anyhow::Error::from)
-    } else {
-        // Notes in the prompt: the base model answers from them and the answer cites them.
-        assistant::answer_base(
-            engine,
-            &tokens,
-            &params,
-            max_tokens,
-            &job.cancel,
-            &mut on_piece,
-        )
-    };
-    let mut g = g.map_err(|e| ApiError::internal(format!("generation failed: {e:#}")))?;
-    let rest = filter.finish();
-    if !rest.is_empty() {
-        shown.push_str(&rest);
-        send(Event::Text(rest));
     }
-    g.text = shown;
-    let turn = Recorded {
-        kind: "serve",
-        session: None,
-        prompt: &r.prompt_record,
-        model: &cfg.choice.name,
-        adapter: adapter.map(str::to_string),
-    };
-    let exchange_id = match assistant::record(store, &turn, &g, engine, &params) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            tracing::error!("could not record the exchange: {e:#}");
-            None
+}
+
+/// Where an answer is in `hone ask`'s routing (`Engine::answer_routed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Generating; the answer is what it generates.
+    Plain,
+    /// The adapter answers with its opening held back until it shows whether it opens with
+    /// the route; if not, `Opening` decides.
+    Held,
+    /// After the prompt has run with the adapter: the probability of the route's opening
+    /// decides between the adapter (forced opening) and the base model.
+    Opening { about_notes: bool },
+}
+
+/// A KV cache and the tokens it holds.
+struct Cache {
+    kv: KvCache,
+    tokens: Vec<u32>,
+    /// The tokens ran with the adapter.
+    lora: bool,
+}
+
+/// One answer under way in a slot.
+struct Seq {
+    job: Job,
+    out: Out,
+    params: SamplingParams,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    cache: Cache,
+    decoder: Decoder<'static>,
+    phase: Phase,
+    /// Tokens to run (the prompt, or the part the cache lacks) before the next sample.
+    pending: Vec<u32>,
+    /// Logits waiting to be sampled.
+    logits: Option<Vec<f32>>,
+    /// The route's opening shown ahead of the generated text, and its tokens.
+    opening: Option<(String, Vec<u32>)>,
+    by_base: bool,
+    route_p: Option<f64>,
+    reused: usize,
+    started: Instant,
+    prompt_ms: Option<f64>,
+    /// What the prompt rests on: the notes retrieval put in it, the learned note it is about,
+    /// the removed note it is held back from, and the user's newest words.
+    notes: Notes,
+}
+
+/// What a request's answer rests on (see [`Slots::prepare`]).
+#[derive(Default)]
+struct Notes {
+    found: Vec<NoteMatch>,
+    about: Option<NoteMatch>,
+    held_back: Option<i64>,
+    question: Option<String>,
+}
+
+/// A checked request: its prompt, sampling, answer length and notes.
+struct Prepared {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: usize,
+    notes: Notes,
+}
+
+impl Seq {
+    fn room(&self, ctx: usize) -> bool {
+        self.cache.kv.len() < ctx
+    }
+}
+
+struct Slots<'a> {
+    cfg: &'a WorkerConfig,
+    store: &'a Store,
+    engine: &'a Engine,
+    adapter: Option<String>,
+    default_max_tokens: usize,
+    active: Vec<Seq>,
+    /// Caches of finished answers, kept for the prefixes they hold.
+    free: Vec<Cache>,
+}
+
+impl Slots<'_> {
+    /// Checks a request, tells its client the model started on it and gives it a slot (or
+    /// answers its error).
+    fn admit(&mut self, job: Job) {
+        match self.prepare(&job) {
+            Ok(Prepared {
+                prompt,
+                params,
+                max_tokens,
+                notes,
+            }) => {
+                let out = Out {
+                    events: job.events.clone(),
+                    cancel: job.cancel.clone(),
+                    filter: StopFilter::new(job.request.stop.clone()),
+                    shown: String::new(),
+                    stopped: false,
+                };
+                out.send(Event::Started);
+                let e = self.engine;
+                let (route, adapter) = (e.route.clone(), e.model.adapter().is_some());
+                // Notes in the prompt, or a removed note the adapter still holds: the base
+                // model answers (as `hone ask`).
+                let base = !notes.found.is_empty() || notes.held_back.is_some();
+                let about_notes = notes.about.is_some();
+                let (phase, lora, hold) = match route {
+                    _ if base => (Phase::Plain, false, None),
+                    Some(route) if adapter => {
+                        if about_notes {
+                            (Phase::Opening { about_notes: true }, true, None)
+                        } else {
+                            let n = match e.tokenizer.encode(&route, false) {
+                                Ok(t) => t.len() + 1,
+                                Err(err) => {
+                                    let m = format!("generation failed: {err}");
+                                    out.send(Event::Error(ApiError::internal(m)));
+                                    return;
+                                }
+                            };
+                            let opens: Box<dyn Fn(&str) -> bool> =
+                                Box::new(move |t: &str| t.trim_start().starts_with(route.trim()));
+                            (Phase::Held, true, Some((n, opens)))
+                        }
+                    }
+                    _ => (Phase::Plain, adapter, None),
+                };
+                let decoder = Decoder::new(&prompt, &params, max_tokens, hold)
+                    .ignoring_eos(job.request.ignore_eos);
+                let cache = self.cache_for(&prompt, lora);
+                let reused = cache.tokens.len();
+                let pending = prompt[reused..].to_vec();
+                self.active.push(Seq {
+                    job,
+                    out,
+                    params,
+                    prompt,
+                    max_tokens,
+                    cache,
+                    decoder,
+                    phase,
+                    pending,
+                    logits: None,
+                    opening: None,
+                    by_base: false,
+                    route_p: None,
+                    reused,
+                    started: Instant::now(),
+                    prompt_ms: None,
+                    notes,
+                });
+            }
+            Err(e) => {
+                let _ = job.events.send(Event::Error(e));
+            }
         }
-    };
-    let mut answered = assistant::Answered {
-        generation: g,
-        about,
-        cited: found,
-        held_back: None,
-        claim: None,
-    };
-    // The claims check, where the answer came from, candidate notes from the user's words.
-    let candidates = match exchange_id {
-        Some(id) => assistant::after_answer(
-            store,
-            &mut answered,
-            id,
-            adapter.is_some(),
-            engine.route.as_deref(),
-            question.map(|q| (q, "serve", None)),
-        )
-        .unwrap_or_else(|e| {
-            tracing::error!("could not check or record the answer's notes: {e:#}");
-            Vec::new()
-        }),
-        None => Vec::new(),
-    };
-    let hone = assistant::turn_json(&answered, exchange_id, adapter.is_some(), &candidates);
-    let g = answered.generation;
-    Ok(Done {
-        text: g.text,
-        prompt_tokens: g.prompt_tokens,
-        completion_tokens: g.completion_tokens,
-        finish_reason: finish_reason(g.stop, stopped),
-        hone,
-    })
+    }
+
+    /// The free cache sharing the longest prefix with `prompt` (computed with the same
+    /// adapter choice), cut to that prefix; at least one prompt token is left to run.
+    fn cache_for(&mut self, prompt: &[u32], lora: bool) -> Cache {
+        let common = |c: &Cache| {
+            if c.lora != lora {
+                return 0;
+            }
+            let n = c
+                .tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            n.min(c.kv.len()).min(prompt.len().saturating_sub(1))
+        };
+        let best = (0..self.free.len()).max_by_key(|&i| common(&self.free[i]));
+        let mut c = match best {
+            Some(i) => {
+                let n = common(&self.free[i]);
+                let mut c = self.free.swap_remove(i);
+                c.kv.truncate(n);
+                c.tokens.truncate(n);
+                c
+            }
+            None => Cache {
+                kv: KvCache::new(&self.engine.model),
+                tokens: Vec::new(),
+                lora,
+            },
+        };
+        c.lora = lora;
+        c
+    }
+
+    /// One step: the oldest waiting prompt runs, then every answer with logits samples its
+    /// next token, and the tokens to continue run together in one batch.
+    fn step(&mut self) {
+        if let Some(i) = self.active.iter().position(|s| !s.pending.is_empty()) {
+            if let Err(e) = self.prefill(i) {
+                let s = self.active.remove(i);
+                self.fail(s, e);
+            }
+        }
+        let ctx = self.engine.model.max_context();
+        let tk = &self.engine.tokenizer;
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        let mut ended: Vec<(usize, StopReason)> = Vec::new();
+        for (i, s) in self.active.iter_mut().enumerate() {
+            let Some(logits) = s.logits.take() else {
+                continue;
+            };
+            let room = s.room(ctx);
+            let Seq {
+                decoder, out, job, ..
+            } = s;
+            let cancel = job.cancel.clone();
+            let r = decoder.step(tk, &logits, &cancel, room, &mut |p| out.piece(p));
+            match r {
+                Ok(Step::Feed(t)) => feed.push((i, t)),
+                Ok(Step::Stop(r)) => ended.push((i, r)),
+                Err(e) => {
+                    let m = format!("generation failed: {e}");
+                    out.send(Event::Error(ApiError::internal(m)));
+                    ended.push((i, StopReason::Cancelled));
+                    job.cancel.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        if !feed.is_empty() {
+            if let Err(e) = self.decode(&feed) {
+                tracing::warn!("a batched step failed: {e}");
+                for &(i, _) in &feed {
+                    let s = &self.active[i];
+                    let m = format!("generation failed: {e}");
+                    s.out.send(Event::Error(ApiError::internal(m)));
+                    s.job.cancel.store(true, Ordering::SeqCst);
+                    ended.push((i, StopReason::Cancelled));
+                }
+            }
+        }
+        // Highest index first, so the others stay where they are.
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        ended.dedup_by_key(|e| e.0);
+        for (i, r) in ended {
+            let s = self.active.remove(i);
+            if let Some(s) = self.end(s, r) {
+                // Routed elsewhere: it runs again from its new prompt.
+                self.active.insert(i, s);
+            }
+        }
+    }
+
+    /// Runs the answer's pending tokens into its cache and leaves the logits to sample (or,
+    /// in the opening phase, decides the route).
+    fn prefill(&mut self, i: usize) -> Result<(), EngineError> {
+        let e = self.engine;
+        let s = &mut self.active[i];
+        let pending = std::mem::take(&mut s.pending);
+        let logits = e.prefill_into(&mut s.cache.kv, &pending, s.cache.lora)?;
+        s.cache.tokens.extend_from_slice(&pending);
+        if s.prompt_ms.is_none() {
+            s.prompt_ms = Some(s.started.elapsed().as_secs_f64() * 1000.0);
+        }
+        match s.phase {
+            Phase::Opening { about_notes } => Self::route(e, s, logits, about_notes),
+            _ => {
+                s.logits = Some(logits);
+                Ok(())
+            }
+        }
+    }
+
+    /// `Engine::answer_routed` after the adapter's prompt: with the route's opening likely
+    /// enough (or a question about the notes) the adapter answers, starting with the opening;
+    /// otherwise the base model answers from a fresh cache.
+    fn route(
+        e: &Engine,
+        s: &mut Seq,
+        logits: Vec<f32>,
+        about_notes: bool,
+    ) -> Result<(), EngineError> {
+        let route = e.route.clone().unwrap_or_default().trim().to_string();
+        let ids = e.tokenizer.encode(&route, false)?;
+        let ctx = e.model.max_context();
+        let fits = !ids.is_empty() && s.prompt.len() + ids.len() < ctx;
+        let p = if fits {
+            e.opening_probability_after(&mut s.cache.kv, &logits, &ids)?
+        } else {
+            0.0
+        };
+        s.route_p = Some(p);
+        s.phase = Phase::Plain;
+        if fits && (about_notes || p >= e.route_min_p) {
+            // The opening is shown as it is; the cache holds all of it but its last token.
+            s.cache.tokens.extend_from_slice(&ids[..ids.len() - 1]);
+            s.out.piece(&route);
+            let mut full = s.prompt.clone();
+            full.extend_from_slice(&ids);
+            let rest = s.max_tokens.saturating_sub(ids.len());
+            s.decoder =
+                Decoder::new(&full, &s.params, rest, None).ignoring_eos(s.job.request.ignore_eos);
+            s.pending = ids[ids.len() - 1..].to_vec();
+            s.opening = Some((route, ids));
+        } else {
+            s.by_base = true;
+            s.cache.kv.clear();
+            s.cache.tokens.clear();
+            s.cache.lora = false;
+            s.decoder = Decoder::new(&s.prompt, &s.params, s.max_tokens, None)
+                .ignoring_eos(s.job.request.ignore_eos);
+            s.pending = s.prompt.clone();
+        }
+        Ok(())
+    }
+
+    /// One pass of the model for every answer that goes on, its token at its own position.
+    fn decode(&mut self, feed: &[(usize, u32)]) -> Result<(), EngineError> {
+        let toks: Vec<u32> = feed.iter().map(|f| f.1).collect();
+        self.cfg
+            .largest_batch
+            .fetch_max(toks.len(), Ordering::Relaxed);
+        let mut lora = Vec::with_capacity(feed.len());
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(feed.len());
+        let mut next = feed.iter().peekable();
+        for (i, s) in self.active.iter_mut().enumerate() {
+            if next.peek().is_some_and(|f| f.0 == i) {
+                next.next();
+                lora.push(s.cache.lora);
+                caches.push(&mut s.cache.kv);
+            }
+        }
+        let rows = self
+            .engine
+            .model
+            .forward_batch(&mut caches, &toks, &lora)?
+            .to_vec2::<f32>()?;
+        for (&(i, t), row) in feed.iter().zip(rows) {
+            let s = &mut self.active[i];
+            s.cache.tokens.push(t);
+            s.logits = Some(row);
+        }
+        Ok(())
+    }
+
+    /// The answer stopped: a refused held opening goes on to the routing decision (returned
+    /// to run again); anything else is finished, recorded and answered.
+    fn end(&mut self, mut s: Seq, reason: StopReason) -> Option<Seq> {
+        let tk = &self.engine.tokenizer;
+        let decoder = std::mem::replace(&mut s.decoder, Decoder::new(&[], &s.params, 0, None));
+        let Seq { out, .. } = &mut s;
+        let finished = decoder.finish(tk, &mut |p| out.piece(p));
+        // What the client saw is `out.shown` (stop sequences cut), not the decoded text.
+        let (_, tokens, generated) = match finished {
+            Ok(Some(x)) => x,
+            Ok(None) if s.phase == Phase::Held && !s.job.cancel.load(Ordering::SeqCst) => {
+                // Not the adapter's opening: decide from its probability, after the prompt
+                // runs again up to its last token (as the engine's cache reuse does).
+                let keep = s.prompt.len() - 1;
+                s.cache.kv.truncate(keep);
+                s.cache.tokens.truncate(keep);
+                s.pending = s.prompt[keep..].to_vec();
+                s.phase = Phase::Opening { about_notes: false };
+                return Some(s);
+            }
+            Ok(None) => (String::new(), Vec::new(), 0),
+            Err(e) => {
+                let m = format!("generation failed: {e}");
+                s.out.send(Event::Error(ApiError::internal(m)));
+                self.release(s);
+                return None;
+            }
+        };
+        let rest = s.out.filter.finish();
+        if !rest.is_empty() {
+            s.out.shown.push_str(&rest);
+            s.out.send(Event::Text(rest));
+        }
+        let prompt_ms = s.prompt_ms.unwrap_or(0.0);
+        let total_ms = s.started.elapsed().as_secs_f64() * 1000.0;
+        let (mut all_tokens, extra) = match &s.opening {
+            Some((_, ids)) => (ids.clone(), ids.len()),
+            None => (Vec::new(), 0),
+        };
+        all_tokens.extend(tokens);
+        let g = Generation {
+            text: std::mem::take(&mut s.out.shown),
+            tokens: all_tokens,
+            by_base: s.by_base,
+            route_p: s.route_p,
+            prompt_tokens: s.prompt.len(),
+            reused_tokens: s.reused,
+            completion_tokens: generated + extra,
+            prompt_ms,
+            generate_ms: (total_ms - prompt_ms).max(0.0),
+            stop: reason,
+        };
+        let turn = Recorded {
+            kind: "serve",
+            session: None,
+            prompt: &s.job.request.prompt_record,
+            model: &self.cfg.choice.name,
+            adapter: self.adapter.clone(),
+        };
+        let exchange_id = match assistant::record(self.store, &turn, &g, self.engine, &s.params) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::error!("could not record the exchange: {e:#}");
+                None
+            }
+        };
+        let notes = std::mem::take(&mut s.notes);
+        let mut answered = assistant::Answered {
+            generation: g,
+            about: notes.about,
+            cited: notes.found,
+            held_back: notes.held_back,
+            claim: None,
+        };
+        let attached = self.adapter.is_some();
+        // The claims check, where the answer came from, candidate notes from the user's words.
+        let candidates = match exchange_id {
+            Some(id) => assistant::after_answer(
+                self.store,
+                &mut answered,
+                id,
+                attached,
+                self.engine.route.as_deref(),
+                notes.question.as_deref().map(|q| (q, "serve", None)),
+            )
+            .unwrap_or_else(|e| {
+                tracing::error!("could not check or record the answer's notes: {e:#}");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let hone = assistant::turn_json(&answered, exchange_id, attached, &candidates);
+        let g = answered.generation;
+        s.out.send(Event::Done(Done {
+            text: g.text,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.completion_tokens,
+            finish_reason: finish_reason(g.stop, s.out.stopped),
+            hone,
+        }));
+        self.release(s);
+        None
+    }
+
+    /// Keeps the answer's cache for a later prompt; the request is over, so background
+    /// learning may resume (after its idle time).
+    fn release(&mut self, s: Seq) {
+        let Seq { job, mut cache, .. } = s;
+        cache.tokens.truncate(cache.kv.len());
+        self.free.push(cache);
+        // At most as many caches as slots are kept (the emptiest go first).
+        let keep = self.cfg.parallel.max(1);
+        if self.free.len() > keep {
+            self.free.sort_by_key(|c| std::cmp::Reverse(c.kv.len()));
+            self.free.truncate(keep);
+        }
+        let Job { presence, .. } = job;
+        drop(presence);
+    }
+
+    fn fail(&mut self, s: Seq, e: EngineError) {
+        tracing::warn!("request failed: {e}");
+        s.out.send(Event::Error(ApiError::internal(format!(
+            "generation failed: {e}"
+        ))));
+        self.release(s);
+    }
+
+    /// The prompt tokens (with the notes the newest message is about, when retrieval is on),
+    /// sampling, answer length and the notes it rests on, or the request's error.
+    fn prepare(&self, job: &Job) -> Result<Prepared, ApiError> {
+        let (cfg, engine, store) = (self.cfg, self.engine, self.store);
+        let r = &job.request;
+        let o = SamplingOverrides {
+            temperature: r.temperature,
+            top_k: r.top_k,
+            top_p: r.top_p,
+            min_p: r.min_p,
+            repeat_penalty: r.repeat_penalty,
+            seed: r.seed,
+        };
+        let params =
+            assistant::sampling(&cfg.choice, &o).map_err(|m| ApiError::invalid(m, None))?;
+        let mut found = Vec::new();
+        let tokens = match &r.input {
+            Input::Chat(messages) => {
+                let mut m: Vec<Message> = Vec::with_capacity(messages.len() + 1);
+                if !messages.iter().any(|m| m.role == "system") {
+                    // The model's default system message, as `hone ask` uses it.
+                    m.extend(
+                        cfg.choice
+                            .chat_defaults()
+                            .system
+                            .map(|s| Message::system(&s)),
+                    );
+                }
+                m.extend(messages.iter().cloned());
+                // As `hone ask`: the notes the newest message is about go in the prompt (when
+                // they leave room for the answer).
+                let reserve = r.max_tokens.unwrap_or(self.default_max_tokens);
+                assistant::chat_tokens_with_notes(engine, store, &m, cfg.retrieval, reserve).map(
+                    |(tokens, notes)| {
+                        found = notes;
+                        tokens
+                    },
+                )
+            }
+            Input::Text(t) => engine.text_tokens(t, false).map_err(anyhow::Error::from),
+        }
+        .map_err(|e| {
+            ApiError::invalid(format!("cannot read the prompt: {e:#}"), Some("messages"))
+        })?;
+        let ctx = engine.model.max_context();
+        if tokens.is_empty() {
+            return Err(ApiError::invalid("the prompt is empty", Some("messages")));
+        }
+        if tokens.len() >= ctx {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt has {} tokens; the model was loaded with a context of {ctx} tokens",
+                    tokens.len()
+                ),
+                Some("messages"),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let asked = r.max_tokens.unwrap_or(self.default_max_tokens);
+        if asked > ctx {
+            return Err(ApiError::invalid(
+                format!(
+                    "max_tokens is {asked}; the model was loaded with a context of {ctx} tokens"
+                ),
+                Some("max_tokens"),
+            ));
+        }
+        // Prompt and answer share the context: the answer gets what the prompt leaves.
+        let max_tokens = asked.min(ctx - tokens.len());
+        // As `hone ask`: a question about a learned note is answered by the adapter from its
+        // weights.
+        let question = match &r.input {
+            Input::Chat(messages) => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.content.as_str()),
+            Input::Text(_) => None,
+        };
+        let searching =
+            |e: anyhow::Error| ApiError::internal(format!("searching the notes failed: {e:#}"));
+        let (about, held_back) = match (found.is_empty(), question) {
+            (true, Some(q)) if engine.model.adapter().is_some() => {
+                // A removed note the adapter still holds is held back, as `hone ask` does.
+                match crate::retrieve::forgotten_about(store, q).map_err(searching)? {
+                    Some(gone) => (None, Some(gone.id)),
+                    None => (
+                        assistant::note_about(store, engine, Some(q)).map_err(searching)?,
+                        None,
+                    ),
+                }
+            }
+            _ => (None, None),
+        };
+        Ok(Prepared {
+            prompt: tokens,
+            params,
+            max_tokens,
+            notes: Notes {
+                found,
+                about,
+                held_back,
+                question: question.map(str::to_string),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::LoadOptions;
+    use crate::lora::{LoraConfig, LoraWeights, Target};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    fn job(home: &Home, text: &str, max_tokens: usize) -> (Job, UnboundedReceiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = Request {
+            input: Input::Text(text.into()),
+            prompt_record: text.into(),
+            model: None,
+            temperature: Some(0.0),
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            repeat_penalty: None,
+            max_tokens: Some(max_tokens),
+            stop: Vec::new(),
+            seed: Some(1),
+            stream: false,
+            ignore_eos: false,
+        };
+        let job = Job {
+            request,
+            cancel: Arc::new(AtomicBool::new(false)),
+            events: tx,
+            presence: UserRequest::begin(home.root()),
+        };
+        (job, rx)
+    }
+
+    fn done(rx: &mut UnboundedReceiver<Event>) -> Done {
+        let mut text = String::new();
+        loop {
+            match rx.try_recv() {
+                Ok(Event::Started) => {}
+                Ok(Event::Text(t)) => text.push_str(&t),
+                Ok(Event::Done(d)) => {
+                    assert_eq!(d.text, text, "the streamed pieces make the answer");
+                    return d;
+                }
+                Ok(Event::Error(e)) => panic!("{e}"),
+                Err(e) => panic!("no answer: {e}"),
+            }
+        }
+    }
+
+    /// With an adapter and a route, answers decoded together in slots are routed as
+    /// `Engine::answer` routes them one at a time (the held opening kept, refused for the base
+    /// model, forced when likely enough), token for token, in batches that mix rows with and
+    /// without the adapter.
+    #[test]
+    fn slots_route_as_the_engine_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let home = Home::at(dir.path().join("home"));
+        home.ensure().unwrap();
+        let store = Store::open(&home.db_path()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
+        let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for p in w.pairs.values_mut() {
+            let b: Vec<f32> = (0..p.b.elem_count())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
+        }
+        let w = Arc::new(w.prepare().unwrap());
+        let wc = WorkerConfig {
+            home: home.clone(),
+            choice: ModelChoice {
+                name: "tiny".into(),
+                path: path.clone(),
+                manifest: None,
+            },
+            ctx: None,
+            backend: Backend::Cpu,
+            threads: 1,
+            retrieval: true,
+            parallel: 3,
+            largest_batch: Arc::new(AtomicUsize::new(0)),
+        };
+        let prompts = ["hello there", "a b c d", "zebra stripes and more"];
+        let n = 12;
+        // The adapter's own greedy opening of the first prompt: that one keeps the adapter.
+        e.attach(Some((w.clone(), None)));
+        let o = SamplingOverrides {
+            temperature: Some(0.0),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let params = assistant::sampling(&wc.choice, &o).unwrap();
+        let cancel = AtomicBool::new(false);
+        let tokens0 = e.text_tokens(prompts[0], false).unwrap();
+        e.reset();
+        let adapted = e
+            .generate(&tokens0, &params, n, &cancel, &mut |_| {})
+            .unwrap();
+        let opening: String = adapted.text.chars().take(3).collect();
+        let mut kinds = std::collections::BTreeSet::new();
+        for (route, min_p) in [
+            (opening.clone(), crate::engine::ROUTE_MIN_P),
+            ("zebra".to_string(), 0.0),
+            ("\u{1}never said".to_string(), crate::engine::ROUTE_MIN_P),
+        ] {
+            e.attach(Some((w.clone(), Some(route.clone()))));
+            e.route_min_p = min_p;
+            // One at a time, through the engine.
+            let want: Vec<Generation> = prompts
+                .iter()
+                .map(|p| {
+                    let t = e.text_tokens(p, false).unwrap();
+                    e.reset();
+                    e.answer(&t, &params, n, &cancel, &mut |_| {}).unwrap()
+                })
+                .collect();
+            // Together, in slots.
+            let mut slots = Slots {
+                cfg: &wc,
+                store: &store,
+                engine: &e,
+                adapter: Some("1".into()),
+                default_max_tokens: n,
+                active: Vec::new(),
+                free: Vec::new(),
+            };
+            let mut rxs = Vec::new();
+            for p in prompts {
+                let (j, rx) = job(&home, p, n);
+                slots.admit(j);
+                rxs.push(rx);
+            }
+            let mut steps = 0;
+            while !slots.active.is_empty() {
+                slots.step();
+                steps += 1;
+                assert!(steps < 200, "the slots never finished");
+            }
+            for ((g, rx), p) in want.iter().zip(&mut rxs).zip(prompts) {
+                let d = done(rx);
+                assert_eq!(d.text, g.text, "route {route:?}, prompt {p:?}");
+                assert_eq!(d.completion_tokens, g.completion_tokens, "{route:?} {p:?}");
+                kinds.insert((g.by_base, g.route_p.is_some()));
+            }
+        }
+        // Every way through the routing was taken: kept as held (no probability asked),
+        // forced (probability, adapter) and refused (probability, base).
+        assert_eq!(
+            kinds,
+            [(false, false), (false, true), (true, true)]
+                .into_iter()
+                .collect(),
+            "{kinds:?}"
+        );
+        assert!(wc.largest_batch.load(Ordering::Relaxed) >= 2);
+        // Every answer was recorded.
+        assert_eq!(store.recent_exchanges(100).unwrap().len(), 9);
+    }
 }
