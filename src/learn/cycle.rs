@@ -192,7 +192,7 @@ fn run_one(
     let Some((g, activated, reason)) = gate(&mut run, &cycle, opts, &set, &trained)? else {
         return Ok(interrupted);
     };
-    let out = finish(
+    let mut out = finish(
         &mut run,
         &cycle,
         g,
@@ -201,34 +201,22 @@ fn run_one(
         trained.candidate,
         t0,
     )?;
-    match (opts.rebuild_from, out) {
-        (
-            Some(from),
-            CycleOutcome::Done {
-                cycle: id,
-                activated,
-                reason,
-                gate,
-                train_tokens,
-                seconds,
-            },
-        ) => {
-            let sha = run.l.id.sha256.clone();
-            let said =
-                forget::complete(run.home, run.store, &sha, &cycle, from, activated.is_some())?;
-            let reason = format!("{said} ({reason})");
-            records::set_reason(run.store, id, &reason)?;
-            Ok(CycleOutcome::Done {
-                cycle: id,
-                activated,
-                reason,
-                gate,
-                train_tokens,
-                seconds,
-            })
-        }
-        (_, out) => Ok(out),
+    if let (
+        Some(from),
+        CycleOutcome::Done {
+            cycle: id,
+            activated,
+            reason,
+            ..
+        },
+    ) = (opts.rebuild_from, &mut out)
+    {
+        let sha = run.l.id.sha256.clone();
+        let said = forget::complete(run.home, run.store, &sha, &cycle, from, activated.is_some())?;
+        *reason = format!("{said} ({reason})");
+        records::set_reason(run.store, *id, reason)?;
     }
+    Ok(out)
 }
 
 /// Step 1: the unfinished cycle, or a new one over the oldest unlearned notes (or `only`).
