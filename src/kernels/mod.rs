@@ -97,14 +97,16 @@ pub fn train_kernels() -> TrainKernels {
             .filter(|k| from > 0 || *k != TrainKernels::Avx512Bf16 || full_rate_bf16())
             .find(|k| k.available())
             .unwrap_or(TrainKernels::F32);
-        if pick != order[from] {
-            {
-                tracing::warn!(
-                    "training kernels {} are not available on this CPU; using {}",
-                    order[from].name(),
-                    pick.name()
-                );
-            }
+        // Only a path the user asked for is worth a warning: left to itself, hone takes the
+        // fastest path this CPU has, and most CPUs have no AMX.
+        if from > 0 && pick != order[from] {
+            tracing::warn!(
+                "training kernels {} are not available on this CPU; using {}",
+                order[from].name(),
+                pick.name()
+            );
+        } else {
+            tracing::debug!("training kernels: {}", pick.name());
         }
         pick
     })

@@ -480,7 +480,12 @@ impl<'m> Trainer<'m> {
             kept.push((input, (!self.cfg.checkpointing).then_some(saved)));
         }
         let xv = Var::from_tensor(&x)?;
-        let loss = forward::head_loss(model, xv.as_tensor(), &batch, norm)?;
+        let loss = match qmatmul::with_cancel(cancel, || {
+            forward::head_loss(model, xv.as_tensor(), &batch, norm)
+        }) {
+            Err(_) if cancel.load(Ordering::Relaxed) => return Ok(None),
+            r => r?,
+        };
         let loss_val = loss.to_scalar::<f32>()?;
         let store = loss.backward()?;
         let mut g = store

@@ -15,6 +15,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::kernels::{self, QMatrix, QType};
@@ -296,6 +297,39 @@ impl HeadCrossEntropy {
     }
 }
 
+thread_local! {
+    /// The cancel flag of the training step running on this thread, if any (see [`with_cancel`]).
+    static HEAD_CANCEL: std::cell::Cell<*const AtomicBool> =
+        const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// What the head's forward fails with when [`with_cancel`]'s flag was set during it.
+pub const HEAD_CANCELLED: &str = "the output head was cancelled";
+
+/// Runs `f` (a step's head and loss) with `cancel` looked at between the head's vocabulary
+/// tiles on this thread: the head is the longest stretch of a step without a layer boundary
+/// (a sixth of a step on the default model), and a request to pause must not wait for it.
+pub fn with_cancel<T>(cancel: &AtomicBool, f: impl FnOnce() -> T) -> T {
+    struct Restore(*const AtomicBool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HEAD_CANCEL.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(HEAD_CANCEL.with(|c| c.replace(cancel as *const AtomicBool)));
+    f()
+}
+
+/// Whether the flag set by [`with_cancel`] on this thread asks to stop.
+fn head_cancelled() -> bool {
+    HEAD_CANCEL.with(|c| {
+        let p = c.get();
+        // SAFETY: `with_cancel` sets the pointer from a live reference and restores the previous
+        // one before that reference's borrow ends, so a non-null pointer points at a live flag.
+        !p.is_null() && unsafe { (*p).load(Ordering::Relaxed) }
+    })
+}
+
 /// Rows of the vocabulary per tile in the head (bounded so a logits tile stays small).
 fn head_tile(vocab: usize, k: usize) -> usize {
     tile_rows(vocab, k).min(8192)
@@ -345,6 +379,9 @@ impl CustomOp1 for HeadCrossEntropy {
         let t = head_tile(vocab, k);
         let mut r = 0;
         while r < vocab {
+            if head_cancelled() {
+                candle_core::bail!("{HEAD_CANCELLED}");
+            }
             let e = (r + t).min(vocab);
             let mut part = match rows_wt(&xv, m, &self.w, r, e)? {
                 Some(p) => p,
@@ -540,6 +577,21 @@ mod tests {
     #[test]
     fn head_gradient_across_tiles_matches_dense() {
         head_matches_dense(20_000, vec![3, 19_999, 8_200, 17_000], 4.0);
+    }
+
+    /// A step's head stops between vocabulary tiles once its cancel flag is set, and only
+    /// inside `with_cancel`: the flag is restored afterwards.
+    #[test]
+    fn head_stops_when_its_step_is_cancelled() {
+        let (_, q) = rand_q(100, 32, GgmlDType::Q8_0, 3);
+        let x = Tensor::randn(0f32, 1., (2, 32), &Device::Cpu).unwrap();
+        let set = AtomicBool::new(true);
+        let e = with_cancel(&set, || head_cross_entropy(&x, &q, vec![1, 2])).unwrap_err();
+        assert!(e.to_string().contains(HEAD_CANCELLED), "{e}");
+        let clear = AtomicBool::new(false);
+        assert!(with_cancel(&clear, || head_cross_entropy(&x, &q, vec![1, 2])).is_ok());
+        // Outside `with_cancel` no flag is looked at.
+        assert!(head_cross_entropy(&x, &q, vec![1, 2]).is_ok());
     }
 
     fn head_matches_dense(vocab: usize, targets: Vec<u32>, spread: f64) {
