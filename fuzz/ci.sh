@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The short fuzzing run of CI (issue 22): installs cargo-afl when it is missing, builds the four
+# The short fuzzing run of CI (issue 22): installs cargo-afl when it is missing, builds the five
 # targets with AFL++'s instrumentation, fuzzes them all at once for SECONDS each from the seeds
 # in seeds/, and fails when any target found a crash or a hang, printing each input's path and
 # how to replay it. The long campaigns and their figures are in README.md.
 #
-# usage: fuzz/ci.sh [SECONDS]     (default 60; the four targets run side by side)
+# usage: fuzz/ci.sh [SECONDS]     (default 60; the five targets run side by side)
 # Output goes to fuzz/out/ci/<target>/ (kept after the run, for the CI log's paths).
 set -euo pipefail
 cd "$(dirname "$0")"
 SECS=${1:-60}
-TARGETS=(gguf adapter notes train_data)
+TARGETS=(gguf adapter notes train_data serve_request)
 # The version whose runtime the targets are built and run with; 0.18.2 built and ran here.
 CARGO_AFL_VERSION=0.18.2
 
