@@ -30,7 +30,10 @@ fn run(data: &[u8]) {
         if !hit {
             shown.push_str(&filter.finish());
         }
-        assert!(text.starts_with(&shown), "the filter showed text that was not given");
+        assert!(
+            text.starts_with(&shown),
+            "the filter showed text that was not given"
+        );
         let occurs = req.stop.iter().any(|s| text.contains(s.as_str()));
         assert_eq!(hit, occurs, "a stop sequence was missed or made up");
         if hit {
