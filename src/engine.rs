@@ -855,9 +855,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::{LoraConfig, LoraWeights, Target};
-    use candle_core::Tensor;
-    use rand::{Rng, SeedableRng};
+    use crate::lora::LoraWeights;
     use std::sync::Arc;
 
     /// A tiny random model with an adapter that changes its answers: `answer` gives the
@@ -871,16 +869,11 @@ mod tests {
         let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
         // Several random adapters: the texts differ, multi-byte pieces included.
         for seed in 0..4u64 {
-            let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
-            let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            for p in w.pairs.values_mut() {
-                let b: Vec<f32> = (0..p.b.elem_count())
-                    .map(|_| rng.random_range(-1.0..1.0))
-                    .collect();
-                p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
-            }
-            let w = Arc::new(w.prepare().unwrap());
+            let w = Arc::new(
+                LoraWeights::random_for_tests(&e.model.cfg, seed)
+                    .prepare()
+                    .unwrap(),
+            );
             let prompt = e.text_tokens("hello there", false).unwrap();
             let greedy = SamplingParams::greedy();
             let cancel = AtomicBool::new(false);

@@ -595,6 +595,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A tiny model's adapter on its top two layers with B uniform in ±1 from `seed`, so that it
+/// changes the model's answers: for tests of adapted inference.
+#[cfg(test)]
+impl LoraWeights {
+    pub(crate) fn random_for_tests(model: &Config, seed: u64) -> Self {
+        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
+        let mut w = LoraWeights::init(&cfg, model, 3).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for p in w.pairs.values_mut() {
+            let b: Vec<f32> = (0..p.b.elem_count())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
+        }
+        w
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -731,23 +731,13 @@ mod tests {
     /// the logits each gives decoded alone; with an adapter, the rows that ask for it get its
     /// delta and the others the base model's logits.
     fn batch_matches_one_at_a_time(arch: &str) {
-        use crate::lora::{LoraConfig, LoraWeights, Target};
-        use rand::{Rng, SeedableRng};
+        use crate::lora::LoraWeights;
         let spec = TinySpec {
             arch: arch.into(),
             ..Default::default()
         };
         let (_d, mut m) = load(&spec);
-        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
-        let mut w = LoraWeights::init(&cfg, &m.cfg, 3).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for p in w.pairs.values_mut() {
-            let b: Vec<f32> = (0..p.b.elem_count())
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
-        }
-        let w = Arc::new(w.prepare().unwrap());
+        let w = Arc::new(LoraWeights::random_for_tests(&m.cfg, 7).prepare().unwrap());
         let prompts: [&[u32]; 3] = [&[1, 40, 77], &[5, 9, 250, 33, 12], &[80]];
         let steps: [[u32; 4]; 3] = [[3, 4, 5, 6], [200, 201, 7, 8], [9, 9, 9, 10]];
         for adapter in [false, true] {

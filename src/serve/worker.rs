@@ -790,9 +790,7 @@ impl Slots<'_> {
 mod tests {
     use super::*;
     use crate::engine::LoadOptions;
-    use crate::lora::{LoraConfig, LoraWeights, Target};
-    use candle_core::{Device, Tensor};
-    use rand::{Rng, SeedableRng};
+    use crate::lora::LoraWeights;
     use tokio::sync::mpsc::UnboundedReceiver;
 
     fn job(home: &Home, text: &str, max_tokens: usize) -> (Job, UnboundedReceiver<Event>) {
@@ -850,16 +848,11 @@ mod tests {
         home.ensure().unwrap();
         let store = Store::open(&home.db_path()).unwrap();
         let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
-        let cfg = LoraConfig::top_layers(8, 16.0, Target::ALL.to_vec(), 2, 2).unwrap();
-        let mut w = LoraWeights::init(&cfg, &e.model.cfg, 3).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for p in w.pairs.values_mut() {
-            let b: Vec<f32> = (0..p.b.elem_count())
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            p.b = Tensor::from_vec(b, p.b.shape(), &Device::Cpu).unwrap();
-        }
-        let w = Arc::new(w.prepare().unwrap());
+        let w = Arc::new(
+            LoraWeights::random_for_tests(&e.model.cfg, 1)
+                .prepare()
+                .unwrap(),
+        );
         let wc = WorkerConfig {
             home: home.clone(),
             choice: ModelChoice {
