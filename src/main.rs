@@ -349,6 +349,10 @@ pub struct ServeArgs {
     /// Answers generated together, in one batch (as llama-server's -np); more requests wait
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
+    /// Memory for the KV caches of earlier prompts (beyond one per slot), so that a repeated
+    /// prompt or a continued conversation does not run again; 0 turns it off
+    #[arg(long, default_value = "64MiB", value_name = "SIZE", value_parser = cli::args::bytes)]
+    pub prompt_cache: u64,
     /// Seconds a client may leave the server's writes unread before its connection is closed
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600), value_name = "SECS")]
     pub write_timeout: u64,

@@ -195,6 +195,30 @@ impl KvBuffer {
         self.len = needed;
         Ok(buf.narrow(2, 0, self.len)?)
     }
+
+    /// A new buffer holding this one's first `n` positions, with room for `cap` in all.
+    fn prefix_copy(&self, n: usize, cap: usize) -> Result<KvBuffer> {
+        let n = n.min(self.len);
+        let Some(t) = &self.buf else {
+            return Ok(KvBuffer::default());
+        };
+        let (b, h, _, d) = t.dims4()?;
+        let fresh = Tensor::zeros((b, h, cap.max(n).max(1), d), t.dtype(), t.device())?;
+        if n > 0 {
+            fresh.slice_set(&t.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+        }
+        Ok(KvBuffer {
+            buf: Some(fresh),
+            len: n,
+        })
+    }
+
+    /// Bytes allocated (the whole capacity, not just the positions held).
+    fn bytes(&self) -> usize {
+        self.buf
+            .as_ref()
+            .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+    }
 }
 
 #[derive(Debug)]
@@ -252,6 +276,23 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.truncate(0);
+    }
+
+    /// A copy of the first `n` positions (all of them if fewer), in new buffers with room for
+    /// `cap` positions, so that this cache stays as it is.
+    pub fn prefix_copy(&self, n: usize, cap: usize) -> Result<KvCache> {
+        let n = n.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.prefix_copy(n, cap)?, v.prefix_copy(n, cap)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers, len: n })
+    }
+
+    /// Bytes the buffers take (their capacity, which is at least what they hold).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
     }
 }
 

@@ -21,6 +21,7 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> Result<()> {
         backend: super::backend(cli.backend),
         threads,
         parallel: usize::from(a.parallel),
+        prompt_cache_bytes: usize::try_from(a.prompt_cache).unwrap_or(usize::MAX),
         device: cli.device.clone(),
         retrieval: !a.no_retrieval,
         limits: hone::serve::Limits {

@@ -80,6 +80,7 @@ pub async fn serve(
         threads: opts.threads,
         retrieval: opts.retrieval,
         parallel: opts.parallel,
+        prompt_cache_bytes: opts.prompt_cache_bytes,
         largest_batch: largest_batch.clone(),
     };
     let q = queued.clone();

@@ -42,6 +42,10 @@ pub struct ServeOptions {
     pub threads: usize,
     /// Answers decoded together in one batch (llama-server's `-np`); more wait their turn.
     pub parallel: usize,
+    /// Bytes of KV cache kept from finished answers beyond one per slot (`--prompt-cache`,
+    /// as llama-server's `--cache-ram`): a repeated prompt or a continued conversation
+    /// starts where it left off. 0 keeps one per slot only.
+    pub prompt_cache_bytes: usize,
     /// `--device`: the device profile for the schedule's decision.
     pub device: Option<String>,
     pub limits: Limits,

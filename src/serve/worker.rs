@@ -85,6 +85,9 @@ pub struct WorkerConfig {
     pub retrieval: bool,
     /// Answers decoded together (`--parallel`).
     pub parallel: usize,
+    /// Bytes the KV caches of finished answers may keep beyond one per slot (`--prompt-cache`),
+    /// so that a prompt seen before, or a conversation going on, starts where it left off.
+    pub prompt_cache_bytes: usize,
     /// The most answers one decoding pass has served so far (`/health` shows it).
     pub largest_batch: Arc<AtomicUsize>,
 }
@@ -134,6 +137,7 @@ pub fn run(
         default_max_tokens: max_tokens,
         active: Vec::new(),
         free: Vec::new(),
+        tick: 0,
     };
     let parallel = cfg.parallel.max(1);
     let mut open = true;
@@ -227,6 +231,10 @@ struct Cache {
     tokens: Vec<u32>,
     /// The tokens ran with the adapter.
     lora: bool,
+    /// When it was last used (the least recently used leaves the prompt cache first).
+    used: u64,
+    /// How many of `tokens` were the prompt (the rest is its answer).
+    prompt_len: usize,
 }
 
 /// One answer under way in a slot.
@@ -285,15 +293,20 @@ struct Slots<'a> {
     adapter: Option<String>,
     default_max_tokens: usize,
     active: Vec<Seq>,
-    /// Caches of finished answers, kept for the prefixes they hold.
+    /// Caches of finished answers, kept for the prefixes they hold (the prompt cache).
     free: Vec<Cache>,
+    /// Counts uses of the caches, for `Cache::used`.
+    tick: u64,
 }
 
 impl Slots<'_> {
     /// Checks a request, tells its client the model started on it and gives it a slot (or
     /// answers its error).
     fn admit(&mut self, job: Job) {
-        match self.prepare(&job) {
+        let t0 = Instant::now();
+        let prepared = self.prepare(&job);
+        tracing::debug!("prepared in {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
+        match prepared {
             Ok(Prepared {
                 prompt,
                 params,
@@ -366,9 +379,13 @@ impl Slots<'_> {
         }
     }
 
-    /// The free cache sharing the longest prefix with `prompt` (computed with the same
-    /// adapter choice), cut to that prefix; at least one prompt token is left to run.
+    /// A cache for `prompt` that already holds as much of it as a kept cache shares (computed
+    /// with the same adapter choice); at least one prompt token is left to run. A kept cache
+    /// whose prompt `prompt` contains (the same prompt again, or a conversation going on) is
+    /// taken; one that shares only the start of its prompt (a system message) is copied up to
+    /// there, so that it stays for a request that repeats its prompt.
     fn cache_for(&mut self, prompt: &[u32], lora: bool) -> Cache {
+        self.tick += 1;
         let common = |c: &Cache| {
             if c.lora != lora {
                 return 0;
@@ -381,22 +398,48 @@ impl Slots<'_> {
                 .count();
             n.min(c.kv.len()).min(prompt.len().saturating_sub(1))
         };
-        let best = (0..self.free.len()).max_by_key(|&i| common(&self.free[i]));
+        let best = (0..self.free.len())
+            .map(|i| (common(&self.free[i]), i))
+            .filter(|&(n, _)| n > 0)
+            .max();
+        let fresh = |engine: &Engine| Cache {
+            kv: KvCache::new(&engine.model),
+            tokens: Vec::new(),
+            lora,
+            used: 0,
+            prompt_len: 0,
+        };
         let mut c = match best {
-            Some(i) => {
-                let n = common(&self.free[i]);
+            Some((n, i)) if n + 1 < self.free[i].prompt_len && self.cfg.prompt_cache_bytes > 0 => {
+                let kept = &mut self.free[i];
+                kept.used = self.tick;
+                // Room for the prompt and a short answer before the buffers grow.
+                let cap = prompt.len() + 64;
+                match kept.kv.prefix_copy(n, cap) {
+                    Ok(kv) => Cache {
+                        kv,
+                        tokens: kept.tokens[..n].to_vec(),
+                        lora,
+                        used: 0,
+                        prompt_len: 0,
+                    },
+                    Err(e) => {
+                        tracing::warn!("could not copy a cached prompt: {e}");
+                        fresh(self.engine)
+                    }
+                }
+            }
+            Some((n, i)) => {
                 let mut c = self.free.swap_remove(i);
                 c.kv.truncate(n);
                 c.tokens.truncate(n);
                 c
             }
-            None => Cache {
-                kv: KvCache::new(&self.engine.model),
-                tokens: Vec::new(),
-                lora,
-            },
+            None => fresh(self.engine),
         };
         c.lora = lora;
+        c.used = self.tick;
+        c.prompt_len = prompt.len();
         c
     }
 
@@ -464,7 +507,14 @@ impl Slots<'_> {
         let e = self.engine;
         let s = &mut self.active[i];
         let pending = std::mem::take(&mut s.pending);
+        let t0 = Instant::now();
         let logits = e.prefill_into(&mut s.cache.kv, &pending, s.cache.lora)?;
+        tracing::debug!(
+            "prefill of {} tokens after {} reused: {:.1} ms",
+            pending.len(),
+            s.cache.tokens.len(),
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
         s.cache.tokens.extend_from_slice(&pending);
         if s.prompt_ms.is_none() {
             s.prompt_ms = Some(s.started.elapsed().as_secs_f64() * 1000.0);
@@ -659,13 +709,25 @@ impl Slots<'_> {
     fn release(&mut self, s: Seq) {
         let Seq { job, mut cache, .. } = s;
         cache.tokens.truncate(cache.kv.len());
+        self.tick += 1;
+        cache.used = self.tick;
         self.free.push(cache);
-        // At most as many caches as slots are kept (the emptiest go first).
+        // One cache per slot is always kept; more while they fit in the prompt cache's bytes.
+        // The least recently used go first.
+        self.free.sort_by_key(|c| std::cmp::Reverse(c.used));
         let keep = self.cfg.parallel.max(1);
-        if self.free.len() > keep {
-            self.free.sort_by_key(|c| std::cmp::Reverse(c.kv.len()));
-            self.free.truncate(keep);
+        let mut bytes = 0;
+        let mut n = 0;
+        for c in &self.free {
+            if n >= keep {
+                bytes += c.kv.bytes();
+                if bytes > self.cfg.prompt_cache_bytes {
+                    break;
+                }
+            }
+            n += 1;
         }
+        self.free.truncate(n);
         let Job { presence, .. } = job;
         drop(presence);
     }
@@ -865,6 +927,7 @@ mod tests {
             threads: 1,
             retrieval: true,
             parallel: 3,
+            prompt_cache_bytes: 64 << 20,
             largest_batch: Arc::new(AtomicUsize::new(0)),
         };
         let prompts = ["hello there", "a b c d", "zebra stripes and more"];
@@ -910,6 +973,7 @@ mod tests {
                 default_max_tokens: n,
                 active: Vec::new(),
                 free: Vec::new(),
+                tick: 0,
             };
             let mut rxs = Vec::new();
             for p in prompts {
@@ -942,5 +1006,99 @@ mod tests {
         assert!(wc.largest_batch.load(Ordering::Relaxed) >= 2);
         // Every answer was recorded.
         assert_eq!(store.recent_exchanges(100).unwrap().len(), 9);
+    }
+
+    /// A prompt seen before starts where its cache left off (the prompt cache), one that shares
+    /// only its start with a kept prompt copies that start and leaves the kept one whole, and
+    /// the answers are those of a fresh cache.
+    #[test]
+    fn a_prompt_seen_before_starts_from_the_prompt_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let home = Home::at(dir.path().join("home"));
+        home.ensure().unwrap();
+        let store = Store::open(&home.db_path()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let prompts = [
+            "the same start of a prompt, then one end",
+            "the same start of a prompt, then another",
+            "the same start of a prompt, then one end",
+        ];
+        let toks: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| e.text_tokens(p, false).unwrap())
+            .collect();
+        let shared = toks[0]
+            .iter()
+            .zip(&toks[1])
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert!(shared > 0 && shared + 1 < toks[0].len(), "{toks:?}");
+        let n = 8;
+        let o = SamplingOverrides {
+            temperature: Some(0.0),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let choice = ModelChoice {
+            name: "tiny".into(),
+            path: path.clone(),
+            manifest: None,
+        };
+        let params = assistant::sampling(&choice, &o).unwrap();
+        let cancel = AtomicBool::new(false);
+        let want: Vec<String> = toks
+            .iter()
+            .map(|t| {
+                e.reset();
+                e.generate(t, &params, n, &cancel, &mut |_| {})
+                    .unwrap()
+                    .text
+            })
+            .collect();
+        for (budget, third) in [(64usize << 20, toks[0].len() - 1), (0, shared)] {
+            let wc = WorkerConfig {
+                home: home.clone(),
+                choice: choice.clone(),
+                ctx: None,
+                backend: Backend::Cpu,
+                threads: 1,
+                retrieval: false,
+                parallel: 1,
+                prompt_cache_bytes: budget,
+                largest_batch: Arc::new(AtomicUsize::new(0)),
+            };
+            let mut slots = Slots {
+                cfg: &wc,
+                store: &store,
+                engine: &e,
+                adapter: None,
+                default_max_tokens: n,
+                active: Vec::new(),
+                free: Vec::new(),
+                tick: 0,
+            };
+            let mut reused = Vec::new();
+            for (p, want) in prompts.iter().zip(&want) {
+                let (j, mut rx) = job(&home, p, n);
+                slots.admit(j);
+                reused.push(slots.active[0].reused);
+                while !slots.active.is_empty() {
+                    slots.step();
+                }
+                assert_eq!(&done(&mut rx).text, want, "budget {budget}, prompt {p:?}");
+            }
+            assert_eq!(reused, [0, shared, third], "budget {budget}");
+            if budget == 0 {
+                assert_eq!(
+                    slots.free.len(),
+                    1,
+                    "one cache per slot without a prompt cache"
+                );
+            } else {
+                assert_eq!(slots.free.len(), 2, "both prompts kept");
+            }
+        }
     }
 }
