@@ -19,6 +19,7 @@ env = dict(os.environ, HONE_HOME=home)
 env.pop("HONE_MODEL", None)
 notes = [json.loads(l) for l in open(a.notes) if l.strip()]
 if not os.path.exists(home):
+    os.makedirs(a.work, exist_ok=True)
     with open(os.path.join(a.work, "notes.txt"), "w") as f:
         pass
     for n in notes:

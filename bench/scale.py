@@ -9,8 +9,9 @@ Only K of them (default min(N, 100), spread evenly) carry questions, so a 2,000-
 as many questions as a 100-note one: the other notes are there to be searched past. Notes are
 built from templates over made-up names, places and numbers, and many share a shape and its
 words (dozens of lockers, appointments, passwords), so a keyword that names the kind of note
-does not find the note: the question has to match its particulars. Every run with the same
-N and seed writes the same bytes.
+does not find the note: the question has to match its particulars. No two notes answer the
+same question (a question names one note's subject). Every run with the same N and seed
+writes the same bytes.
 """
 import argparse
 import json
@@ -122,15 +123,18 @@ def main():
     r = random.Random(a.seed)
     step = a.n / asked if asked else a.n + 1
     with_q = {int(j * step) for j in range(asked)}
-    seen = set()
+    # A note whose question another note would answer too (two door codes for the bike cellar
+    # at the same flat, two policies with the same agent) makes that question ambiguous: both
+    # answers are the notes' truth. Each question's subject is used once, asked or not.
+    subjects = set()
     i = 0
     out = []
     while len(out) < a.n:
         text, qs = note(r, i)
         i += 1
-        if text in seen:
+        if any(q in subjects for q, _ in qs):
             continue
-        seen.add(text)
+        subjects.update(q for q, _ in qs)
         j = len(out)
         questions = [{"q": q, "a": al} for q, al in qs] if j in with_q else []
         out.append({"id": f"scale-{j + 1}", "note": text, "questions": questions})
