@@ -20,11 +20,14 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let home = temp_home();
+        Self::start_with(&default_model(), temp_home(), extra)
+    }
+
+    fn start_with(model: &std::path::Path, home: tempfile::TempDir, extra: &[&str]) -> Server {
         let mut child = hone(home.path())
             .env_remove("HONE_API_KEY")
             .arg("--model")
-            .arg(default_model())
+            .arg(model)
             .args(["serve", "--port", "0"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -1021,4 +1024,71 @@ fn a_client_that_stops_reading_is_cut_off() {
     drop(conn);
     let _ = writer.join();
     assert_eq!(s.get("/health").0, 200, "the server goes on serving");
+}
+
+/// A server left running while `hone train` (or a learning cycle, or `hone adapters use`)
+/// activates another adapter answers with it from the next request on, without a restart, and
+/// goes back to the base model when the adapters are rolled back. On a tiny model the test
+/// writes (the answers do not matter here, only which weights gave them).
+#[test]
+fn a_newly_activated_adapter_answers_from_the_next_request() {
+    let home = temp_home();
+    let model = home.path().join("tiny.gguf");
+    hone::tiny::write_tiny_model(&model, &hone::tiny::TinySpec::default()).unwrap();
+    let data = home.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"The heron waits in the shallow water until a fish comes near.\"}\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&model, home, &[]);
+    let ask = || {
+        let (status, v) = s.post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}),
+        );
+        assert_eq!(status, 200, "{v}");
+    };
+    let last_adapter = || {
+        let h = history(s.home.path());
+        h.first().expect("an exchange")["adapter"]
+            .to_string()
+            .trim_matches('"')
+            .to_string()
+    };
+    ask();
+    assert_eq!(last_adapter(), "null");
+    assert_eq!(s.get("/health").1["adapter"], Value::Null);
+
+    let o = hone(s.home.path())
+        .arg("--model")
+        .arg(&model)
+        .args(["train", "--data"])
+        .arg(&data)
+        .args(["--max-steps", "2", "--seq-len", "32"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    ask();
+    assert_eq!(
+        last_adapter(),
+        "1",
+        "the exchange names the adapter that answered"
+    );
+    assert_eq!(s.get("/health").1["adapter"], json!(1));
+
+    let o = hone(s.home.path())
+        .arg("--model")
+        .arg(&model)
+        .args(["adapters", "rollback"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    ask();
+    assert_eq!(
+        last_adapter(),
+        "null",
+        "rolled back: the base model answers"
+    );
+    assert_eq!(s.get("/health").1["adapter"], Value::Null);
 }

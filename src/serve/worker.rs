@@ -110,7 +110,7 @@ pub fn run(
         }
         Ok((store, engine, adapter))
     })();
-    let (store, engine, adapter) = match loaded {
+    let (store, mut engine, adapter) = match loaded {
         Ok(x) => x,
         Err(e) => {
             let _ = state.send(State::Failed(format!("{e:#}")));
@@ -118,8 +118,9 @@ pub fn run(
         }
     };
     let max_tokens = cfg.choice.chat_defaults().max_tokens;
+    let ctx = engine.model.max_context();
     let _ = state.send(State::Ready {
-        ctx: engine.model.max_context(),
+        ctx,
         adapter,
         max_tokens,
     });
@@ -129,52 +130,99 @@ pub fn run(
         engine.load_time.as_secs_f64() * 1000.0,
         cfg.parallel.max(1)
     );
-    let mut w = Slots {
-        cfg: &cfg,
-        store: &store,
-        engine: &engine,
-        adapter: adapter.map(|v| v.to_string()),
-        default_max_tokens: max_tokens,
-        active: Vec::new(),
-        free: Vec::new(),
-        tick: 0,
+    // Which adapter is active is looked up before each batch of requests: a learning cycle
+    // (the daemon's, or `hone learn`), `hone train` or `hone adapters use` may change it while
+    // the server runs, and the server answers with it from the next request on.
+    let model_sha = crate::adapters::model_id(&store, &cfg.choice, &engine.model.cfg.arch_name)
+        .map(|m| m.sha256)
+        .map_err(|e| tracing::warn!("adapters activated later will not be picked up: {e}"))
+        .ok();
+    let active = |store: &Store| -> Option<i64> {
+        let sha = model_sha.as_deref()?;
+        store.active_adapter(sha).ok().flatten().map(|r| r.version)
     };
+    let mut seen = active(&store);
+    let mut attached = adapter;
+    let mut free: Vec<Cache> = Vec::new();
+    let mut tick = 0u64;
     let parallel = cfg.parallel.max(1);
-    let mut open = true;
     loop {
-        // Take new requests while a slot is free; wait for one only when nothing runs.
-        while open && w.active.len() < parallel {
-            let job = if w.active.is_empty() {
-                match jobs.recv() {
-                    Ok(j) => j,
-                    Err(_) => {
-                        open = false;
-                        break;
+        // Nothing runs: wait for a request.
+        let Ok(first) = jobs.recv() else {
+            return;
+        };
+        let now = active(&store);
+        if now != seen {
+            seen = now;
+            match assistant::attach_active_adapter(&cfg.home, &store, &cfg.choice, &mut engine) {
+                Ok((v, warning)) => {
+                    if let Some(w) = warning {
+                        tracing::warn!("{w}");
+                    }
+                    if v.is_none() {
+                        engine.attach(None);
+                    }
+                    if v != attached {
+                        tracing::info!(
+                            "answering with adapter {} from now on (was {})",
+                            v.map_or("none".to_string(), |v| format!("v{v}")),
+                            attached.map_or("none".to_string(), |v| format!("v{v}"))
+                        );
+                        attached = v;
+                        // What was computed with the old adapter would answer with it.
+                        free.retain(|c| !c.lora);
+                        let _ = state.send(State::Ready {
+                            ctx,
+                            adapter: attached,
+                            max_tokens,
+                        });
                     }
                 }
-            } else {
-                match jobs.try_recv() {
+                Err(e) => tracing::warn!(
+                    "the active adapter changed, but it could not be loaded ({e:#}); answering with {} as before",
+                    attached.map_or("the base model".to_string(), |v| format!("v{v}"))
+                ),
+            }
+        }
+        let mut w = Slots {
+            cfg: &cfg,
+            store: &store,
+            engine: &engine,
+            adapter: attached.map(|v| v.to_string()),
+            default_max_tokens: max_tokens,
+            active: Vec::new(),
+            free: std::mem::take(&mut free),
+            tick,
+        };
+        let mut open = true;
+        let mut next = Some(first);
+        loop {
+            // Take new requests while a slot is free.
+            while open && w.active.len() < parallel {
+                let job = match next.take().map(Ok).unwrap_or_else(|| jobs.try_recv()) {
                     Ok(j) => j,
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         open = false;
                         break;
                     }
+                };
+                queued.fetch_sub(1, Ordering::SeqCst);
+                if job.cancel.load(Ordering::SeqCst) {
+                    continue; // the client left while it waited
                 }
-            };
-            queued.fetch_sub(1, Ordering::SeqCst);
-            if job.cancel.load(Ordering::SeqCst) {
-                continue; // the client left while it waited
+                w.admit(job);
             }
-            w.admit(job);
+            if w.active.is_empty() {
+                break;
+            }
+            w.step();
         }
-        if w.active.is_empty() {
-            if open {
-                continue;
-            }
+        free = std::mem::take(&mut w.free);
+        tick = w.tick;
+        if !open {
             return;
         }
-        w.step();
     }
 }
 
