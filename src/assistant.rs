@@ -321,7 +321,7 @@ pub enum NotesInPrompt {
     /// The notes the question is about (full-text search), when some are; else none and the
     /// adapter answers from its weights.
     Found,
-    /// The 50 most recent notes (`--with-notes`).
+    /// The most recent notes that fit in the context beside the answer (`--with-notes`).
     Recent,
     /// None (`--no-retrieval`): the weights alone.
     Off,
@@ -548,7 +548,9 @@ impl Assistant {
             _ => Vec::new(),
         };
         let content = match notes {
-            NotesInPrompt::Recent => with_recent_notes(store, question)?,
+            NotesInPrompt::Recent => {
+                with_recent_notes(&self.engine, store, messages.first(), question, max_tokens)?
+            }
             _ if !found.is_empty() => {
                 let texts: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
                 notes_prompt(&texts, question)
@@ -675,13 +677,51 @@ pub fn system_message(choice: &ModelChoice, flag: Option<&str>) -> Option<Messag
         .map(|s| Message::system(&s))
 }
 
-/// `question` with the 50 most recent notes before it, oldest first (`hone ask --with-notes`:
-/// an answer from context, not from memory).
-pub fn with_recent_notes(store: &Store, question: &str) -> Result<String> {
-    let notes = store.list_notes(Some(50))?;
-    let texts: Vec<&str> = notes.iter().rev().map(|n| n.content.as_str()).collect();
+/// `question` with the most recent notes before it, oldest first, as many as fit in the model's
+/// context beside the system message and `reserve` tokens of answer (`hone ask --with-notes`:
+/// an answer from context, not from memory; with thousands of notes, the newest that fit).
+pub fn with_recent_notes(
+    engine: &Engine,
+    store: &Store,
+    system: Option<&Message>,
+    question: &str,
+    reserve: usize,
+) -> Result<String> {
+    // Rendered with no notes, the prompt's own tokens; each note then costs its tokens and
+    // the "- " and newline around it (counted generously).
+    let bare = {
+        let mut m: Vec<Message> = system.cloned().into_iter().collect();
+        m.push(Message::user(&notes_prompt::<&str>(&[], question)));
+        engine.chat_tokens(&m)?.len()
+    };
+    let room = engine
+        .model
+        .max_context()
+        .saturating_sub(reserve)
+        .saturating_sub(bare);
+    let mut used = 0;
+    let mut texts: Vec<String> = Vec::new();
+    // Pages of the newest notes, newest first, until one does not fit.
+    'pages: for page in 0.. {
+        let notes = store.list_notes_page(RECENT_PAGE, page * RECENT_PAGE)?;
+        if notes.is_empty() {
+            break;
+        }
+        for n in notes {
+            let cost = engine.tokenizer.encode(n.content.trim(), false)?.len() + 3;
+            if used + cost > room {
+                break 'pages;
+            }
+            used += cost;
+            texts.push(n.content);
+        }
+    }
+    texts.reverse();
     Ok(notes_prompt(&texts, question))
 }
+
+/// Notes read at a time by [`with_recent_notes`].
+const RECENT_PAGE: usize = 64;
 
 /// What is shown after an answer whose claim of the user's notes no current note supports.
 pub const UNSUPPORTED: &str = "(no current note supports this)";
@@ -956,5 +996,55 @@ mod tests {
         // The newest message is not the user's: nothing is retrieved.
         let (_, none) = with_retrieved_notes(&store, &msgs[..3]).unwrap();
         assert!(none.is_empty());
+    }
+
+    /// `--with-notes` puts the newest notes that fit beside the answer, oldest of them first,
+    /// however many notes there are (it used to take the 50 newest and fail when they did not fit).
+    #[test]
+    fn with_notes_takes_the_newest_notes_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let engine = Engine::load("tiny", &path, &crate::engine::LoadOptions::default()).unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        let note = |i: usize| format!("Note number {i}: the spare key {i} is under stone {i}.");
+        for i in 0..3 {
+            store.add_note(&note(i), None, None).unwrap();
+        }
+        let system = Message::system("Be brief.");
+        let reserve = 48;
+        let max = engine.model.max_context();
+        let tokens = |content: &str| {
+            engine
+                .chat_tokens(&[system.clone(), Message::user(content)])
+                .unwrap()
+                .len()
+        };
+        // Few notes: all of them, oldest first.
+        let p = with_recent_notes(&engine, &store, Some(&system), "Where is the key?", reserve)
+            .unwrap();
+        assert!(p.find(&note(0)).unwrap() < p.find(&note(2)).unwrap(), "{p}");
+        // Many more than fit: the newest, up to the context less the answer's room.
+        for i in 3..400 {
+            store.add_note(&note(i), None, None).unwrap();
+        }
+        let p = with_recent_notes(&engine, &store, Some(&system), "Where is the key?", reserve)
+            .unwrap();
+        assert!(
+            tokens(&p) + reserve <= max,
+            "{} + {reserve} > {max}",
+            tokens(&p)
+        );
+        assert!(p.contains(&note(399)), "the newest note is in");
+        assert!(!p.contains(&note(0)), "the oldest is not");
+        assert!(p.find(&note(398)).unwrap() < p.find(&note(399)).unwrap());
+        assert!(p.ends_with("Where is the key?"));
+        // Filled: adding the next older note would not have fitted in a much larger budget.
+        let kept = (0..400).filter(|&i| p.contains(&note(i))).count();
+        assert!(
+            kept > 5 && tokens(&p) + reserve > max - 40,
+            "{kept} notes, {} tokens",
+            tokens(&p)
+        );
     }
 }

@@ -1045,6 +1045,16 @@ impl Store {
         self.query_all(&sql, [sql_limit(limit)], note_from_row)
     }
 
+    /// `limit` notes, newest first, after skipping the `offset` newest.
+    pub fn list_notes_page(&self, limit: usize, offset: usize) -> Result<Vec<Note>, StoreError> {
+        let sql = format!("SELECT {NOTE_COLUMNS} FROM notes ORDER BY id DESC LIMIT ?1 OFFSET ?2");
+        self.query_all(
+            &sql,
+            [sql_limit(Some(limit)), sql_limit(Some(offset))],
+            note_from_row,
+        )
+    }
+
     /// The note with this id, if any.
     pub fn get_note(&self, id: i64) -> Result<Option<Note>, StoreError> {
         let sql = format!("SELECT {NOTE_COLUMNS} FROM notes WHERE id = ?1");

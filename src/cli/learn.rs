@@ -130,8 +130,9 @@ pub struct EvalArgs {
     /// General questions ({"q","a":[...]} per line) asked before and after learning
     #[arg(long)]
     pub retention: Option<PathBuf>,
-    /// base, in-context, passage, learn, retrieval (notes stored, found per question), hybrid
-    /// (learned, and retrieval), all (the first four) or ablation (each strategy alone and combined)
+    /// base, in-context, passage, learn, retrieval (notes stored, found per question), newest
+    /// (notes stored, the newest that fit in the prompt, as `ask --with-notes`), hybrid (learned,
+    /// and retrieval), all (the first four) or ablation (each strategy alone and combined)
     #[arg(long, default_value = "all")]
     pub mode: String,
     /// Learn the notes in K batches, one cycle after another, and report what each batch keeps

@@ -43,10 +43,12 @@ pub fn mode_list(mode: &str, sequential: Option<usize>, retention: bool) -> Resu
             "teacher-qa",
             "combined",
         ],
-        m @ ("base" | "in-context" | "passage" | "learn" | "retrieval" | "hybrid") => vec![m],
+        m @ ("base" | "in-context" | "passage" | "learn" | "retrieval" | "newest" | "hybrid") => {
+            vec![m]
+        }
         // One strategy alone (no gate), as in the ablation: `only-writer`, `only-cloze`, ...
         m if m.strip_prefix("only-").is_some_and(|s| Strategy::parse(s).is_ok()) => vec![m],
-        m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, retrieval, hybrid, all or ablation"),
+        m => bail!("unknown --mode {m:?}: use base, in-context, passage, learn, retrieval, newest, hybrid, all or ablation"),
     };
     let mut v: Vec<String> = v.into_iter().map(str::to_string).collect();
     if let Some(k) = sequential {
@@ -72,6 +74,7 @@ pub fn pipeline(mode: &str, base: &LearnOptions, token_budget: Option<u64>) -> R
         "in-context" => Pipeline::InContext,
         "learn" => Pipeline::Learn(base.clone()),
         "retrieval" => Pipeline::Retrieval,
+        "newest" => Pipeline::Newest,
         "hybrid" => Pipeline::Hybrid(base.clone()),
         "passage" => {
             // The notes alone with the same training budget: no self-edits, no anchors.

@@ -163,6 +163,9 @@ pub enum Pipeline {
     Learn(LearnOptions),
     /// The notes stored, not learned; each question answered with the notes retrieval finds.
     Retrieval,
+    /// The notes stored, not learned; each question answered with the newest notes that fit
+    /// in the prompt (`hone ask --with-notes`), found or not.
+    Newest,
     /// One learning cycle, then retrieval: found notes in the prompt, else the adapter's
     /// weights (routed as `learn`).
     Hybrid(LearnOptions),
@@ -289,6 +292,39 @@ pub fn run(
             import(&mut store, &notes)?;
             let mut engine = load_with_active(home, &store, choice)?;
             r.answers = ask(&mut engine, &store, &all_q(&notes, false))?;
+        }
+        Pipeline::Newest => {
+            import(&mut store, &notes)?;
+            let mut engine = load_with_active(home, &store, choice)?;
+            let system = sys.map(Message::system);
+            for (q, _) in all_q(&notes, false) {
+                let content = crate::assistant::with_recent_notes(
+                    &engine,
+                    &store,
+                    system.as_ref(),
+                    &q.q,
+                    48,
+                )?;
+                let mut msgs: Vec<Message> = system.clone().into_iter().collect();
+                msgs.push(Message::user(&content));
+                let toks = engine.chat_tokens(&msgs)?;
+                let g = crate::assistant::answer_base(
+                    &mut engine,
+                    &toks,
+                    &Default::default(),
+                    48,
+                    cancel,
+                    &mut |_| {},
+                )?;
+                let answer = g.text.trim().to_string();
+                let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));
+                r.answers.push(Answered {
+                    q: q.q.clone(),
+                    answer,
+                    correct,
+                    cited: Vec::new(),
+                });
+            }
         }
         Pipeline::Learn(opts) | Pipeline::Hybrid(opts) => {
             import(&mut store, &notes)?;
