@@ -189,7 +189,8 @@ for k in $(seq 1 "$KILLS"); do
   read -r running _ < <(daemon_json) || fail "daemon status after a kill"
   [[ $running == false ]] || fail "daemon status says a killed daemon still runs"
 done
-# A daemon after the kills takes the lock, finishes a cycle and learns every pending note.
+# A daemon after the kills takes the lock, finishes a cycle and learns every pending note (or,
+# when the last killed daemon finished its cycle before the kill landed, finds none pending).
 "${H[@]}" "${DAEMON[@]}" >/dev/null 2>"$WORK/daemon.err" &
 pid=$!
 status_says() {
@@ -204,7 +205,12 @@ for _ in $(seq 1 600); do   # 2 minutes at most
   sleep 0.2
   kill -0 "$pid" 2>/dev/null || break
   read -r spid sphase outcome < <(status_says) || continue
-  if [[ $spid == "$pid" && $sphase == nothing_to_learn && $outcome == done ]]; then done_cycle=1; break; fi
+  # Done: it finished a cycle, or (when a killed daemon had finished the last cycle just
+  # before its kill landed) it found nothing left to learn; `pending` is checked below.
+  if [[ $spid == "$pid" && $sphase == nothing_to_learn && ( $outcome == done || $outcome == none ) ]]; then
+    done_cycle=1
+    break
+  fi
 done
 read -r running pending < <(daemon_json) || fail "daemon status with the last daemon running"
 [[ $running == true ]] || fail "daemon status does not see the daemon after the kills"
