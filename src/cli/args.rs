@@ -98,9 +98,6 @@ pub fn strip_backtrace(s: &str) -> String {
 
 /// A size in bytes: `64MiB`, `1.5GiB`, `0` (as `--max-memory` takes them).
 pub fn bytes(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" {
-        return Ok(0);
-    }
     hone::units::parse_bytes(s).map_err(|e| e.to_string())
 }
 

@@ -903,6 +903,18 @@ mod tests {
     use crate::lora::LoraWeights;
     use tokio::sync::mpsc::UnboundedReceiver;
 
+    /// A tiny model the test writes, a data directory beside it, its store and the engine.
+    fn tiny() -> (tempfile::TempDir, std::path::PathBuf, Home, Store, Engine) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let home = Home::at(dir.path().join("home"));
+        home.ensure().unwrap();
+        let store = Store::open(&home.db_path()).unwrap();
+        let e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        (dir, path, home, store, e)
+    }
+
     fn job(home: &Home, text: &str, max_tokens: usize) -> (Job, UnboundedReceiver<Event>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let request = Request {
@@ -951,13 +963,7 @@ mod tests {
     /// without the adapter.
     #[test]
     fn slots_route_as_the_engine_does() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
-        let home = Home::at(dir.path().join("home"));
-        home.ensure().unwrap();
-        let store = Store::open(&home.db_path()).unwrap();
-        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let (_dir, path, home, store, mut e) = tiny();
         let w = Arc::new(
             LoraWeights::random_for_tests(&e.model.cfg, 1)
                 .prepare()
@@ -1061,13 +1067,7 @@ mod tests {
     /// the answers are those of a fresh cache.
     #[test]
     fn a_prompt_seen_before_starts_from_the_prompt_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
-        let home = Home::at(dir.path().join("home"));
-        home.ensure().unwrap();
-        let store = Store::open(&home.db_path()).unwrap();
-        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let (_dir, path, home, store, mut e) = tiny();
         let prompts = [
             "the same start of a prompt, then one end",
             "the same start of a prompt, then another",
