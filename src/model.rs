@@ -16,6 +16,8 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, D};
 use std::sync::Arc;
 
+mod step;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
@@ -320,6 +322,9 @@ pub struct Model {
     /// The KV cache `forward` uses.
     cache: KvCache,
     device: Device,
+    /// What the one-token CPU path (`step`) needs, made at its first use; None inside when
+    /// this model's weights need candle.
+    step_weights: std::sync::OnceLock<Option<Arc<step::StepWeights>>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -380,6 +385,7 @@ impl Model {
             cache: KvCache::with_layers(cfg_layers),
             device: dev.clone(),
             lora: None,
+            step_weights: Default::default(),
         })
     }
 
@@ -435,6 +441,7 @@ impl Model {
             max_ctx: self.max_ctx,
             cache: KvCache::with_layers(self.layers.len()),
             device: self.device.clone(),
+            step_weights: self.step_weights.clone(),
         }
     }
 
@@ -471,6 +478,15 @@ impl Model {
         if s == 0 {
             return Err(candle_core::Error::Msg("forward on no tokens".into()).into());
         }
+        if let [t] = tokens {
+            if let Some(l) = self.step(cache, *t, use_lora)? {
+                let vocab = l.len();
+                return Ok(match logits {
+                    Logits::Last => Tensor::from_vec(l, vocab, &self.device)?,
+                    Logits::All => Tensor::from_vec(l, (1, vocab), &self.device)?,
+                });
+            }
+        }
         self.check_cache(cache, s)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let x = self.embed.embedding(&ids)?;
@@ -506,6 +522,12 @@ impl Model {
                 lora.len()
             ))
             .into());
+        }
+        if let ([c], [t], [l]) = (&mut *caches, tokens, lora) {
+            if let Some(l) = self.step(c, *t, *l)? {
+                let vocab = l.len();
+                return Ok(Tensor::from_vec(l, (1, vocab), &self.device)?);
+            }
         }
         for c in caches.iter() {
             self.check_cache(c, 1)?;
@@ -846,6 +868,58 @@ mod tests {
         assert!(m
             .forward_batch(&mut [&mut c], &[1, 2], &[false, false])
             .is_err());
+    }
+
+    /// The one-token CPU path (`step`) runs (it is not silently skipped) and gives the logits
+    /// of the tensor path, with and without an adapter, over a growing cache.
+    fn step_matches_the_tensor_path(arch: &str) {
+        use crate::lora::LoraWeights;
+        let spec = TinySpec {
+            arch: arch.into(),
+            ..Default::default()
+        };
+        let (_d, mut m) = load(&spec);
+        let w = Arc::new(LoraWeights::random_for_tests(&m.cfg, 11).prepare().unwrap());
+        for adapter in [false, true] {
+            m.set_adapter(adapter.then(|| w.clone()));
+            let mut alone = KvCache::new(&m);
+            // Two copies of one sequence decode as a batch, which runs on candle's tensors.
+            let mut pair: Vec<KvCache> = (0..2).map(|_| KvCache::new(&m)).collect();
+            let prompt = [1u32, 40, 77, 100];
+            m.forward_cached(&mut alone, &prompt, Logits::Last, adapter)
+                .unwrap();
+            for c in pair.iter_mut() {
+                m.forward_cached(c, &prompt, Logits::Last, adapter).unwrap();
+            }
+            for (i, t) in [5u32, 9, 250, 33, 12, 80, 3].into_iter().enumerate() {
+                let fast = m
+                    .step(&mut alone, t, adapter)
+                    .unwrap()
+                    .expect("the tiny model's weights run on the one-token path");
+                let mut refs: Vec<&mut KvCache> = pair.iter_mut().collect();
+                let slow: Vec<Vec<f32>> = m
+                    .forward_batch(&mut refs, &[t, t], &[adapter, adapter])
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                let d = max_rel_diff(&fast, &slow[0]);
+                assert!(
+                    d < 1e-4,
+                    "{arch} adapter {adapter}: step {i} differs by {d}"
+                );
+                assert_eq!(alone.len(), pair[0].len());
+            }
+        }
+    }
+
+    #[test]
+    fn llama_step_matches_the_tensor_path() {
+        step_matches_the_tensor_path("llama");
+    }
+
+    #[test]
+    fn qwen2_step_matches_the_tensor_path() {
+        step_matches_the_tensor_path("qwen2");
     }
 
     #[test]

@@ -313,8 +313,9 @@ fn ask_retrieves_the_note_a_question_is_about_and_cites_it() {
     );
 }
 
-/// The fast paths (SIMD dot kernels for decoding, the tiled GEMM for prompts) give the same
-/// greedy answers as the scalar reference kernels (`HONE_KERNELS=scalar`) on fixed prompts.
+/// The fast paths (SIMD dot kernels for decoding, the tiled GEMM for prompts, the one-token
+/// decode step) give the same greedy answers as the scalar reference kernels
+/// (`HONE_KERNELS=scalar`) and as candle's tensor operations (`HONE_DECODE=candle`).
 #[test]
 fn greedy_answers_match_the_scalar_kernels() {
     let home = temp_home();
@@ -326,10 +327,14 @@ fn greedy_answers_match_the_scalar_kernels() {
     ];
     for p in prompts {
         let mut answers = Vec::new();
-        for scalar in [false, true] {
+        for env in [
+            None,
+            Some(("HONE_KERNELS", "scalar")),
+            Some(("HONE_DECODE", "candle")),
+        ] {
             let mut c = hone(home.path());
-            if scalar {
-                c.env("HONE_KERNELS", "scalar");
+            if let Some((k, v)) = env {
+                c.env(k, v);
             }
             let o = run(
                 c.arg("--model").arg(model_arg()).args([
@@ -349,6 +354,10 @@ fn greedy_answers_match_the_scalar_kernels() {
         assert_eq!(
             answers[0], answers[1],
             "{p}: fast and scalar paths disagree"
+        );
+        assert_eq!(
+            answers[0], answers[2],
+            "{p}: the one-token decode step and candle's tensor path disagree"
         );
     }
 }

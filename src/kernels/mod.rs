@@ -474,6 +474,64 @@ fn run(
     Ok(())
 }
 
+/// `outs[j] = W_j x` for one activation row `x` and several matrices that read it (a layer's
+/// q, k and v, or its gate and up), in one parallel pass: the pool's threads meet once
+/// instead of once per matrix, which at one row is a good part of the time.
+pub fn matvec_many(ws: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]) -> Result<(), KernelError> {
+    if ws.len() != outs.len() {
+        return Err(KernelError::Shape(format!(
+            "matvec_many: {} matrices, {} outputs",
+            ws.len(),
+            outs.len()
+        )));
+    }
+    let mut rbs = Vec::with_capacity(ws.len());
+    for (w, o) in ws.iter().zip(outs.iter()) {
+        rbs.push(check_sizes(w, x, 1, o)?);
+    }
+    let scalar = forced_scalar();
+    let kernels: Vec<KernelSet> = ws
+        .iter()
+        .map(|w| {
+            if scalar {
+                scalar::kernels(w.dtype)
+            } else {
+                simd_kernels(w.dtype)
+            }
+        })
+        .collect();
+    let threads = rayon::current_num_threads().max(1);
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    let chunk = total
+        .div_ceil(threads * 4)
+        .max(MIN_ROWS_PER_TASK)
+        .next_multiple_of(4);
+    let mut tasks: Vec<(usize, Task)> = Vec::new();
+    for (j, o) in outs.iter_mut().enumerate() {
+        if ws[j].k == 0 {
+            o.fill(0.0);
+            continue;
+        }
+        for (c, piece) in o.chunks_mut(chunk).enumerate() {
+            tasks.push((
+                j,
+                Task {
+                    r0: c * chunk,
+                    i0: 0,
+                    outs: vec![piece],
+                },
+            ));
+        }
+    }
+    let work = |(j, t): (usize, Task)| run_tile(ws[j], rbs[j], x, t, &kernels[j]);
+    if tasks.len() == 1 || threads == 1 {
+        tasks.into_iter().for_each(work);
+    } else {
+        tasks.into_par_iter().for_each(work);
+    }
+    Ok(())
+}
+
 /// Serial work on one task. For `m > 4` the weight rows are walked in tiles
 /// of about `TILE_BYTES`, each tile serving every group of four activation
 /// rows while it is still in cache.

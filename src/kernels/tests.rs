@@ -396,6 +396,53 @@ fn parallel_split_matches_serial() {
     }
 }
 
+/// Several matrices of different types and sizes in one pass give, bit for bit, what each
+/// gives alone, on any number of threads; mismatched outputs are errors.
+#[test]
+fn matvec_many_matches_one_matrix_at_a_time() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let k = 256;
+    let shapes = [
+        (QType::Q4_1, 576usize),
+        (QType::Q8_0, 70),
+        (QType::Q6K, 5),
+        (QType::F32, 130),
+    ];
+    let datas: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(t, n)| random_matrix(t, n, k, &mut rng))
+        .collect();
+    let ws: Vec<QMatrix> = shapes
+        .iter()
+        .zip(&datas)
+        .map(|(&(dtype, n), data)| QMatrix { dtype, n, k, data })
+        .collect();
+    let x = random_x(k, &mut rng);
+    let want: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| {
+            let mut o = vec![0f32; w.n];
+            matmul(w, &x, 1, &mut o).unwrap();
+            o
+        })
+        .collect();
+    let refs: Vec<&QMatrix> = ws.iter().collect();
+    for threads in [1usize, 2, 5] {
+        let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; w.n]).collect();
+        let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|o| &mut o[..]).collect();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| matvec_many(&refs, &x, &mut outs))
+            .unwrap();
+        assert_eq!(got, want, "threads={threads}");
+    }
+    let mut short = [0f32; 3];
+    assert!(matvec_many(&refs[..1], &x, &mut [&mut short[..]]).is_err());
+    assert!(matvec_many(&refs[..2], &x, &mut [&mut short[..]]).is_err());
+}
+
 #[test]
 fn bad_sizes_are_errors() {
     let (n, k) = (4usize, 64usize);
