@@ -143,15 +143,10 @@ fn lora_add(l: &LoraWeights, layer: usize, t: Target, x: &[f32], y: &mut [f32]) 
     Ok(())
 }
 
-/// Whether the adapter can be applied here: every pair prepared as contiguous CPU f32.
+/// Whether the adapter can be applied here: [`LoraWeights::prepare`] made its factors
+/// (contiguous CPU f32, one pair each). An adapter in training has none.
 fn lora_ready(l: &LoraWeights) -> bool {
-    l.pairs.keys().all(|k| {
-        l.prepared.get(k).is_some_and(|(a, b)| {
-            [a, b]
-                .iter()
-                .all(|t| matches!(t.device(), Device::Cpu) && t.is_contiguous() && t.rank() == 2)
-        })
-    })
+    l.prepared.len() == l.pairs.len()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
