@@ -102,6 +102,7 @@ fn check(
         steps: 1,
         seed: 11,
         checkpointing,
+        skip_learned: 0.0,
     };
     let data = dataset(vocab, 9, 2);
     let batch = hone::train::data::stack(&[&data.seqs[0], &data.seqs[1]]);

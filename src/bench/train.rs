@@ -137,6 +137,7 @@ fn config(
         steps: steps + 1,
         seed: 0,
         checkpointing: p.checkpointing,
+        skip_learned: 0.0,
     };
     Ok((cfg, p))
 }

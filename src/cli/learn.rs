@@ -42,6 +42,11 @@ pub struct LearnFlags {
     /// notes' held-out probes pass and the training loss has flattened
     #[arg(long)]
     pub fixed_steps: bool,
+    /// Spend less on what is learned: a packed sequence whose training loss was below this
+    /// (nats per answer token) is skipped up to twice in a row, then trained again; 0 trains
+    /// everything every pass
+    #[arg(long, default_value_t = 0.05, value_name = "NATS")]
+    pub skip_learned: f32,
     /// LoRA rank: the size of the small matrices trained beside each weight; higher learns
     /// more and costs more memory and time
     #[arg(long, default_value_t = 16, value_parser = super::args::at_least_one)]
@@ -183,6 +188,7 @@ fn options(ctx: &Ctx, f: &LearnFlags) -> Result<LearnOptions> {
         attribute_answers: !f.no_attribute,
         min_steps: f.min_steps,
         adaptive: !f.fixed_steps,
+        skip_learned: f.skip_learned.max(0.0),
         max_memory: hone::units::parse_budget(f.max_memory.as_deref())?,
         seed: f.seed,
         ..LearnOptions::default()

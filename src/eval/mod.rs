@@ -197,6 +197,10 @@ pub struct ModeResult {
     pub unrouted_answers: Vec<Answered>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub unrouted_retention_answers: Vec<Answered>,
+    /// Hybrid: the same questions answered by the weights alone after the same cycle (retrieval
+    /// off, routed as `learn`), so one cycle measures both and their difference is retrieval's.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub weights_answers: Vec<Answered>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -345,6 +349,13 @@ pub fn run(
             r.cycle_s = tc.elapsed().as_secs_f64();
             let mut engine = load_with_active(home, &store, choice)?;
             r.answers = ask(&mut engine, &store, &all_q(&notes, false))?;
+            if retrieval {
+                let qs = all_q(&notes, false);
+                let v: Vec<(&Question, Option<&str>)> =
+                    qs.iter().map(|(q, c)| (q, c.as_deref())).collect();
+                r.weights_answers =
+                    ask_all_with(&mut engine, sys, &v, Some(&store), false, cancel)?;
+            }
         }
         Pipeline::Sequential(opts, k) => {
             let k = (*k).clamp(1, notes.len());

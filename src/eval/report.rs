@@ -84,6 +84,15 @@ pub fn table(model: &str, results: &[(String, ModeResult)], json_out: bool) -> S
             o["unrouted"] = json!({"correct": correct, "total": r.unrouted_answers.len(),
                 "retention_lost": lost});
         }
+        if !r.weights_answers.is_empty() {
+            let correct = r.weights_answers.iter().filter(|a| a.correct).count();
+            let _ = writeln!(
+                s,
+                "    the same cycle's weights alone (no retrieval, as `learn`): {correct}/{} correct",
+                r.weights_answers.len()
+            );
+            o["weights_alone"] = json!({"correct": correct, "total": r.weights_answers.len()});
+        }
         modes.insert(m.clone(), o);
         for (i, b) in r.batches.iter().enumerate() {
             let _ = writeln!(

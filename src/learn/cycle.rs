@@ -67,6 +67,7 @@ struct Trained {
     candidate: i64,
     steps_planned: usize,
     steps_trained: usize,
+    seqs_skipped: u64,
     checks: Vec<adaptive::Check>,
 }
 
@@ -492,6 +493,7 @@ fn train_candidate(
             candidate,
             steps_planned,
             steps_trained: 0,
+            seqs_skipped: 0,
             checks: Vec::new(),
         }));
     }
@@ -532,6 +534,7 @@ fn train_candidate(
         return Ok(None);
     };
     let steps_trained = job.trainer.step;
+    let seqs_skipped = job.trainer.skipped;
     let description = format!(
         "learning cycle {}: {} notes, {}",
         cycle.id,
@@ -552,6 +555,7 @@ fn train_candidate(
         candidate: done.version,
         steps_planned,
         steps_trained,
+        seqs_skipped,
         checks,
     }))
 }
@@ -663,6 +667,7 @@ fn gate(
         skipped: opts.no_gate,
         steps_planned: trained.steps_planned,
         steps_trained: trained.steps_trained,
+        seqs_skipped: trained.seqs_skipped,
         checks: trained.checks.clone(),
         ..GateReport::default()
     };

@@ -63,7 +63,13 @@ fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, usize)>>
                 .and_then(|g| serde_json::from_str::<GateReport>(&g).ok())
         })
         .filter(|g| g.steps_planned > 0 && g.steps_trained > 0 && !g.checks.is_empty())
-        .map(|g| g.steps_trained as f64 / g.steps_planned as f64)
+        // A step whose sequence was skipped as learned cost nothing (one sequence per step).
+        .map(|g| {
+            g.steps_trained
+                .saturating_sub(g.seqs_skipped as usize)
+                .max(1) as f64
+                / g.steps_planned as f64
+        })
         .collect();
     if shares.is_empty() {
         return Ok(None);

@@ -162,6 +162,11 @@ pub struct LearnOptions {
     /// false: always the planned steps.
     #[serde(default = "yes")]
     pub adaptive: bool,
+    /// Spend less on what is learned: a packed sequence whose loss was below this (nats per
+    /// answer token) when last trained is skipped up to twice in a row
+    /// (`train::TrainConfig::skip_learned`); 0 trains every sequence every pass.
+    #[serde(default = "default_skip_learned")]
+    pub skip_learned: f32,
     pub gate: GateThresholds,
     /// Skip the gate (activate the candidate); for ablations that measure training alone.
     pub no_gate: bool,
@@ -177,6 +182,10 @@ pub struct LearnOptions {
 
 fn default_replay_ratio() -> f64 {
     2.0
+}
+
+fn default_skip_learned() -> f32 {
+    0.05
 }
 
 fn yes() -> bool {
@@ -220,6 +229,7 @@ impl Default for LearnOptions {
             min_steps: 100,
             token_budget: None,
             adaptive: true,
+            skip_learned: default_skip_learned(),
             gate: GateThresholds::default(),
             no_gate: false,
             seed: 0,
@@ -282,6 +292,10 @@ pub struct GateReport {
     pub steps_planned: usize,
     #[serde(default)]
     pub steps_trained: usize,
+    /// Of the sequences those steps came to, how many were skipped as already learned
+    /// (`LearnOptions::skip_learned`): one per step in a cycle, so the steps that cost nothing.
+    #[serde(default)]
+    pub seqs_skipped: u64,
     #[serde(default)]
     pub checks: Vec<adaptive::Check>,
 }
@@ -688,6 +702,7 @@ fn plan_training(
         steps: 1,
         seed: opts.seed ^ cycle as u64,
         checkpointing: p.checkpointing,
+        skip_learned: opts.skip_learned,
     };
     cfg.steps = match opts.token_budget {
         Some(t) => (t as usize)

@@ -120,9 +120,17 @@ pub fn outcome_text(out: &CycleOutcome) -> String {
             } else {
                 String::new()
             };
+            let skipped = if gate.seqs_skipped > 0 {
+                format!(
+                    ", {} passes over sequences already learned skipped",
+                    gate.seqs_skipped
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "cycle {cycle} ({seconds:.0} s, {train_tokens} tokens trained{steps}): {}{reason}",
+                "cycle {cycle} ({seconds:.0} s, {train_tokens} tokens trained{steps}{skipped}): {}{reason}",
                 activated
                     .map(|v| format!("adapter v{v} is active; "))
                     .unwrap_or_default()

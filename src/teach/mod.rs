@@ -916,6 +916,7 @@ fn train_writer(
         steps: 1,
         seed: opts.seed ^ round as u64,
         checkpointing: packed.plan.checkpointing,
+        skip_learned: 0.0,
     };
     cfg.steps = cfg.steps_for_epochs(packed.data.seqs.len(), opts.writer_epochs.max(1));
     cfg.warmup = (cfg.steps / 10).min(10);

@@ -116,6 +116,7 @@ pub fn score_update(
             steps: inner.steps.max(1),
             seed,
             checkpointing: false,
+            skip_learned: 0.0,
         };
         let mut tr = Trainer::new(model, cfg, ds, model_sha256)?;
         tr.cache_limit = 64 << 20;

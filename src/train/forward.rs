@@ -203,6 +203,17 @@ pub fn layer_forward(
 /// The weighted loss `Σ w_i · CE_i` of the final hidden states `x` (b, s, dim); only positions
 /// with a non-zero weight go through the output head.
 pub fn head_loss(model: &Model, x: &Tensor, batch: &Batch, norm: f32) -> Result<Tensor> {
+    Ok(head_loss_rows(model, x, batch, norm)?.0)
+}
+
+/// [`head_loss`], and for each of the batch's rows its mean loss per unit of weight (nats per
+/// target position; `None` for a row with no weight), read from the same cross-entropies.
+pub fn head_loss_rows(
+    model: &Model,
+    x: &Tensor,
+    batch: &Batch,
+    norm: f32,
+) -> Result<(Tensor, Vec<Option<f32>>)> {
     let (b, s, d) = x.dims3()?;
     let x = x.reshape((b * s, d))?;
     // (row, target, weight): one per position with a weight, or one per candidate of a
@@ -212,6 +223,8 @@ pub fn head_loss(model: &Model, x: &Tensor, batch: &Batch, norm: f32) -> Result<
     let mut idx = Vec::new();
     let mut targets = Vec::new();
     let mut w = Vec::new();
+    // Per entry: its batch row and its weight without `norm`.
+    let mut raw = Vec::new();
     for i in 0..b * s {
         let wi = batch.weights[i];
         if wi <= 0.0 {
@@ -223,25 +236,37 @@ pub fn head_loss(model: &Model, x: &Tensor, batch: &Batch, norm: f32) -> Result<
                     idx.push(i as u32);
                     targets.push(t);
                     w.push(wi * p * norm);
+                    raw.push((i / s, wi * p));
                 }
             }
             None => {
                 idx.push(i as u32);
                 targets.push(batch.targets[i]);
                 w.push(wi * norm);
+                raw.push((i / s, wi));
             }
         }
     }
     if idx.is_empty() {
-        return (x.sum_all()? * 0.0)?.affine(1.0, 0.0);
+        return Ok(((x.sum_all()? * 0.0)?.affine(1.0, 0.0)?, vec![None; b]));
     }
     let n = idx.len();
     let idx = Tensor::from_vec(idx, n, &Device::Cpu)?;
     let rows = x.index_select(&idx, 0)?;
     let h = rms_norm(&rows, &model.norm, model.cfg.eps as f32)?;
     let losses = head_cross_entropy(&h, &model.output.q, targets)?;
+    let values = losses.flatten_all()?.to_vec1::<f32>()?;
+    let mut sums = vec![(0f64, 0f64); b];
+    for (&(row, wr), &l) in raw.iter().zip(&values) {
+        sums[row].0 += (l * wr) as f64;
+        sums[row].1 += wr as f64;
+    }
+    let per_row = sums
+        .iter()
+        .map(|&(l, w)| (w > 0.0).then(|| (l / w) as f32))
+        .collect();
     let w = Tensor::from_vec(w, n, &Device::Cpu)?;
-    (losses * w)?.sum_all()
+    Ok(((losses * w)?.sum_all()?, per_row))
 }
 
 /// The whole forward pass to the loss, with one graph (for gradient checks and small models).

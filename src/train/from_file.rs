@@ -141,6 +141,7 @@ pub fn prepare<'m>(
         steps: 1,
         seed: o.seed,
         checkpointing: p.checkpointing,
+        skip_learned: 0.0,
     };
     cfg.steps = match (o.max_steps, o.epochs) {
         (Some(s), _) => s.max(1),

@@ -75,7 +75,16 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     pub checkpointing: bool,
+    /// Spend less on what is learned: a sequence whose loss, the last time it was trained, was
+    /// below this (nats per target position) is skipped when it next comes up, at most
+    /// [`MAX_SKIPS`] times in a row, then trained (and measured) again. 0 = train everything.
+    #[serde(default)]
+    pub skip_learned: f32,
 }
+
+/// How many times in a row a learned sequence may be skipped before it is trained again, so an
+/// item the later updates make it forget is seen (and measured) at least every third pass.
+pub const MAX_SKIPS: u8 = 2;
 
 /// AdamW hyper-parameters, comparable (for the resume check).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +152,15 @@ pub struct RunState {
     pub seconds: f64,
     pub data_sha256: String,
     pub model_sha256: String,
+    /// Per sequence: its loss the last time it was trained (negative: not yet), and how many
+    /// times in a row it has been skipped since ([`TrainConfig::skip_learned`]).
+    #[serde(default)]
+    pub seq_loss: Vec<f32>,
+    #[serde(default)]
+    pub seq_skips: Vec<u8>,
+    /// Sequences skipped as learned so far.
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 pub struct Trainer<'m> {
@@ -158,6 +176,11 @@ pub struct Trainer<'m> {
     pub seconds: f64,
     pub model_sha256: String,
     perm: Option<(usize, Vec<usize>)>,
+    /// Per sequence: its loss when last trained (negative: never) and its skips in a row.
+    seq_loss: Vec<f32>,
+    seq_skips: Vec<u8>,
+    /// Sequences skipped as learned so far ([`TrainConfig::skip_learned`]).
+    pub skipped: u64,
     cache: HashMap<usize, Tensor>,
     cache_bytes: u64,
     /// Bytes of frozen-layer outputs the trainer may keep (0 = recompute every time).
@@ -218,6 +241,7 @@ impl<'m> Trainer<'m> {
             },
             &sizes,
         );
+        let n_seqs = data.seqs.len();
         Ok(Self {
             model,
             lora: LoraWeights {
@@ -235,6 +259,9 @@ impl<'m> Trainer<'m> {
             seconds: 0.0,
             model_sha256: model_sha256.to_string(),
             perm: None,
+            seq_loss: vec![-1.0; n_seqs],
+            seq_skips: vec![0; n_seqs],
+            skipped: 0,
             cache: HashMap::new(),
             cache_bytes: 0,
             cache_limit: 0,
@@ -287,7 +314,8 @@ impl<'m> Trainer<'m> {
         for mb in seq_ids.chunks(self.cfg.micro_batch.max(1)) {
             loss += self
                 .fwd_bwd(mb, norm, &mut grads, &never)?
-                .ok_or_else(|| TrainError::Checkpoint("cancelled".into()))?;
+                .ok_or_else(|| TrainError::Checkpoint("cancelled".into()))?
+                .0;
         }
         Ok((loss, grads))
     }
@@ -365,25 +393,59 @@ impl<'m> Trainer<'m> {
     pub fn train_step(&mut self, cancel: &AtomicBool) -> Result<Option<(f32, f64, f64, usize)>> {
         let per = self.cfg.seqs_per_step();
         let start = self.step * per;
-        let ids: Vec<usize> = (start..start + per).map(|k| self.seq_at(k)).collect();
-        let total_w: f32 = ids
-            .iter()
-            .map(|&i| self.data.seqs[i].weights.iter().sum::<f32>())
-            .sum();
+        let all: Vec<usize> = (start..start + per).map(|k| self.seq_at(k)).collect();
+        let weight = |tr: &Self, i: usize| tr.data.seqs[i].weights.iter().sum::<f32>();
+        let total_w: f32 = all.iter().map(|&i| weight(self, i)).sum();
+        // The step's normaliser counts the skipped sequences too, so a trained one weighs what
+        // it would weigh in the full step: skipping drops only the (small) gradients of what is
+        // already learned.
         let norm = 1.0 / total_w.max(1.0);
+        let (skip, ids): (Vec<usize>, Vec<usize>) = all.iter().partition(|&&i| self.is_learned(i));
+        // What the skipped sequences would add to the step's loss, at their last measured loss.
+        let mut loss: f32 = skip
+            .iter()
+            .map(|&i| self.seq_loss[i] * weight(self, i) * norm)
+            .sum();
         let mut grads: Vec<Vec<f32>> = self
             .vars
             .iter()
             .flat_map(|(_, a, b)| [vec![0f32; a.elem_count()], vec![0f32; b.elem_count()]])
             .collect();
-        let mut loss = 0f32;
         let mut tokens = 0usize;
+        let mut measured = Vec::with_capacity(ids.len());
         for mb in ids.chunks(self.cfg.micro_batch.max(1)) {
             match self.fwd_bwd(mb, norm, &mut grads, cancel)? {
-                Some(l) => loss += l,
+                Some((l, rows)) => {
+                    loss += l;
+                    measured.extend(mb.iter().copied().zip(rows));
+                }
                 None => return Ok(None),
             }
             tokens += mb.len() * self.cfg.seq_len;
+        }
+        // The step completes from here on (or fails): its bookkeeping can be applied.
+        for &i in &skip {
+            self.seq_skips[i] = self.seq_skips[i].saturating_add(1);
+        }
+        self.skipped += skip.len() as u64;
+        for (i, l) in measured {
+            self.seq_skips[i] = 0;
+            // A sequence with no target positions has nothing to learn: it counts as learned.
+            self.seq_loss[i] = l.unwrap_or(0.0);
+        }
+        if ids.is_empty() {
+            // Everything in this step was learned: no update, the schedule moves on.
+            let lr = optim::lr_at(
+                self.cfg.lr,
+                self.cfg.min_lr_ratio,
+                self.cfg.warmup,
+                self.cfg.steps,
+                self.cfg.decay,
+                self.step,
+            );
+            self.step += 1;
+            self.losses.push(loss);
+            return Ok(Some((loss, 0.0, lr, 0)));
         }
         let gnorm = optim::clip_global_norm(&mut grads, self.cfg.clip);
         if !loss.is_finite() || !gnorm.is_finite() {
@@ -427,6 +489,15 @@ impl<'m> Trainer<'m> {
         Ok(Some((loss, gnorm, lr, tokens)))
     }
 
+    /// Whether sequence `i` is skipped when it next comes up ([`TrainConfig::skip_learned`]).
+    fn is_learned(&self, i: usize) -> bool {
+        let l = self.seq_loss[i];
+        self.cfg.skip_learned > 0.0
+            && l >= 0.0
+            && l < self.cfg.skip_learned
+            && self.seq_skips[i] < MAX_SKIPS
+    }
+
     /// The input of the lowest adapted layer for these sequences (frozen layers below it run
     /// once per sequence when the cache has room).
     fn frozen_input(&mut self, ids: &[usize], batch: &Batch, aux: &Aux) -> Result<Tensor> {
@@ -452,14 +523,16 @@ impl<'m> Trainer<'m> {
     }
 
     /// Forward and backward of one micro-batch; adds its gradients (scaled by `norm`) to
-    /// `grads` and returns its share of the loss. None when cancelled.
+    /// `grads` and returns its share of the loss and each sequence's mean loss (None: no target
+    /// positions). None when cancelled.
+    #[allow(clippy::type_complexity)]
     fn fwd_bwd(
         &mut self,
         ids: &[usize],
         norm: f32,
         grads: &mut [Vec<f32>],
         cancel: &AtomicBool,
-    ) -> Result<Option<f32>> {
+    ) -> Result<Option<(f32, Vec<Option<f32>>)>> {
         let seqs: Vec<&Batch> = ids.iter().map(|&i| &self.data.seqs[i]).collect();
         let batch = data::stack(&seqs);
         let model = self.model;
@@ -480,8 +553,8 @@ impl<'m> Trainer<'m> {
             kept.push((input, (!self.cfg.checkpointing).then_some(saved)));
         }
         let xv = Var::from_tensor(&x)?;
-        let loss = match qmatmul::with_cancel(cancel, || {
-            forward::head_loss(model, xv.as_tensor(), &batch, norm)
+        let (loss, rows) = match qmatmul::with_cancel(cancel, || {
+            forward::head_loss_rows(model, xv.as_tensor(), &batch, norm)
         }) {
             Err(_) if cancel.load(Ordering::Relaxed) => return Ok(None),
             r => r?,
@@ -510,7 +583,7 @@ impl<'m> Trainer<'m> {
             };
             g = backward::layer_bwd(model, li, Some(lora), &aux, &saved, &g, &mut sink)?;
         }
-        Ok(Some(loss_val))
+        Ok(Some((loss_val, rows)))
     }
 
     /// Saves the run (adapters, AdamW moments, step, losses) as one safetensors file,
@@ -543,6 +616,9 @@ impl<'m> Trainer<'m> {
             seconds: self.seconds,
             data_sha256: self.data.sha256.clone(),
             model_sha256: self.model_sha256.clone(),
+            seq_loss: self.seq_loss.clone(),
+            seq_skips: self.seq_skips.clone(),
+            skipped: self.skipped,
         };
         let mut meta = BTreeMap::new();
         meta.insert(
@@ -615,6 +691,13 @@ impl<'m> Trainer<'m> {
         tr.losses = state.losses;
         tr.tokens_done = state.tokens_done;
         tr.seconds = state.seconds;
+        // A checkpoint from before skipping was recorded has none: every sequence unmeasured.
+        let n = tr.data.seqs.len();
+        if state.seq_loss.len() == n && state.seq_skips.len() == n {
+            tr.seq_loss = state.seq_loss;
+            tr.seq_skips = state.seq_skips;
+            tr.skipped = state.skipped;
+        }
         Ok(tr)
     }
 }
