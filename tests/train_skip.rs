@@ -185,3 +185,50 @@ fn what_was_skipped_survives_a_checkpoint() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "resumed weights differ by {worst}");
 }
+
+#[test]
+fn each_rows_loss_is_its_own_mean_loss_per_target_position() {
+    use hone::train::forward::{self, Aux};
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let mut data = dataset(m.cfg.vocab);
+    // Unequal weights and a soft target, so a mean over the wrong positions would show.
+    data.seqs[0].weights[3] = 0.0;
+    data.seqs[1].weights[4] = 2.5;
+    data.seqs[1].soft = vec![(5, vec![(1, 0.7), (2, 0.3)])];
+    data.seqs[2].weights = vec![0.0; 12];
+    let hidden = |b: &Batch| {
+        let aux = Aux::new(&m, b).unwrap();
+        let mut x = forward::embed(&m, b).unwrap();
+        for li in 0..m.cfg.n_layers {
+            x = forward::layer_forward(&m, li, &x, None, &aux).unwrap();
+        }
+        x
+    };
+    let seqs: Vec<&Batch> = data.seqs.iter().collect();
+    let batch = hone::train::data::stack(&seqs);
+    let norm = 0.25;
+    let (total, rows) = forward::head_loss_rows(&m, &hidden(&batch), &batch, norm).unwrap();
+    assert_eq!(rows.len(), SEQS);
+    assert_eq!(rows[2], None, "a row with no weight has no loss");
+    let mut sum = 0f32;
+    for (k, s) in data.seqs.iter().enumerate().take(2) {
+        let alone = forward::head_loss(&m, &hidden(s), s, 1.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let w: f32 = s.weights.iter().sum();
+        let row = rows[k].unwrap();
+        assert!(
+            (row - alone / w).abs() < 1e-4 * (1.0 + row.abs()),
+            "row {k}: {row} against {}",
+            alone / w
+        );
+        sum += alone * norm;
+    }
+    let total = total.to_scalar::<f32>().unwrap();
+    assert!(
+        (total - sum).abs() < 1e-4 * (1.0 + sum.abs()),
+        "{total} against {sum}"
+    );
+}
