@@ -232,3 +232,30 @@ fn each_rows_loss_is_its_own_mean_loss_per_target_position() {
         "{total} against {sum}"
     );
 }
+
+#[test]
+fn an_anchor_is_skipped_while_its_loss_holds_where_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let mut data = dataset(m.cfg.vocab);
+    // Sequences 0 and 1 learn distributions at every weighted position (as the base model's
+    // anchoring answers do): their loss has a floor far above the threshold. Sequence 2 learns
+    // single tokens, and a random model is far from them.
+    for s in data.seqs.iter_mut().take(2) {
+        s.soft = (0..12)
+            .map(|p| (p, vec![(s.targets[p], 0.6), ((s.targets[p] + 1) % 7, 0.4)]))
+            .collect();
+    }
+    // With no learning rate nothing moves: every loss stays exactly where it started.
+    let mut cfg = config(0.05);
+    cfg.lr = 0.0;
+    let mut tr = Trainer::new(&m, cfg, data, "sha").unwrap();
+    let steps = run(&mut tr, SEQS * EPOCHS);
+    // Each anchor: trained, skipped twice, trained, skipped (3 of 5 passes); the other never.
+    assert_eq!(tr.skipped, 2 * 3);
+    let trained_per_epoch: Vec<usize> = steps
+        .chunks(SEQS)
+        .map(|e| e.iter().filter(|s| s.0 > 0).count())
+        .collect();
+    assert_eq!(trained_per_epoch, [3, 1, 1, 3, 1]);
+}

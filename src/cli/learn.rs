@@ -43,8 +43,9 @@ pub struct LearnFlags {
     #[arg(long)]
     pub fixed_steps: bool,
     /// Spend less on what is learned: a packed sequence whose training loss was below this
-    /// (nats per answer token) is skipped up to twice in a row, then trained again; 0 trains
-    /// everything every pass
+    /// (nats per answer token), or an anchoring one whose loss is within this of where it
+    /// started, is skipped up to twice in a row, then trained again; 0 trains everything every
+    /// pass
     #[arg(long, default_value_t = 0.05, value_name = "NATS")]
     pub skip_learned: f32,
     /// LoRA rank: the size of the small matrices trained beside each weight; higher learns

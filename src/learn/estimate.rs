@@ -21,6 +21,11 @@ const TIMED_STEPS: usize = 3;
 /// gained at every check; BENCHMARKS.md, issue 19).
 pub const DEFAULT_STEP_SHARE: f64 = 1.0;
 
+/// Until then, the share of the planned steps whose sequence is trained rather than skipped as
+/// learned (`LearnOptions::skip_learned` at its default): 437 of 630 in the 20 dev notes' cycle
+/// (BENCHMARKS.md, issue 19, "Spending less on what is learned").
+pub const DEFAULT_TRAINED_SHARE: f64 = 0.69;
+
 /// The estimate and what it rests on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Estimate {
@@ -39,6 +44,9 @@ pub struct Estimate {
     /// `steps_planned` times the share of planned steps earlier cycles trained.
     pub steps_expected: usize,
     pub step_share: f64,
+    /// Of `steps_expected`, the steps expected to train their sequence (the others skip one
+    /// already learned and cost nothing).
+    pub steps_trained: usize,
     /// Where `step_share` comes from.
     pub step_share_from: String,
     pub seconds_per_step: f64,
@@ -52,10 +60,11 @@ pub struct Estimate {
     pub measured_in: f64,
 }
 
-/// The share of planned steps that this model's finished cycles trained (median), if any
-/// stopped early or ran to the end under the adaptive rule.
-fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, usize)>> {
-    let mut shares: Vec<f64> = records::recent(store, 50)?
+/// Of this model's finished cycles under the adaptive rule (medians, and how many): the share
+/// of planned steps reached, and the share whose sequence was trained rather than skipped as
+/// learned (one sequence per step, so a skipped step cost nothing).
+fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, f64, usize)>> {
+    let reports: Vec<GateReport> = records::recent(store, 50)?
         .into_iter()
         .filter(|c| c.model_sha256 == model_sha256)
         .filter_map(|c| {
@@ -63,7 +72,20 @@ fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, usize)>>
                 .and_then(|g| serde_json::from_str::<GateReport>(&g).ok())
         })
         .filter(|g| g.steps_planned > 0 && g.steps_trained > 0 && !g.checks.is_empty())
-        // A step whose sequence was skipped as learned cost nothing (one sequence per step).
+        .collect();
+    if reports.is_empty() {
+        return Ok(None);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let reached = reports
+        .iter()
+        .map(|g| g.steps_trained as f64 / g.steps_planned as f64)
+        .collect();
+    let trained = reports
+        .iter()
         .map(|g| {
             g.steps_trained
                 .saturating_sub(g.seqs_skipped as usize)
@@ -71,11 +93,7 @@ fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, usize)>>
                 / g.steps_planned as f64
         })
         .collect();
-    if shares.is_empty() {
-        return Ok(None);
-    }
-    shares.sort_by(|a, b| a.total_cmp(b));
-    Ok(Some((shares[shares.len() / 2], shares.len())))
+    Ok(Some((median(reached), median(trained), reports.len())))
 }
 
 /// Estimates the next cycle of `choice`'s model with `opts`; None when no note is pending.
@@ -135,15 +153,24 @@ pub fn estimate(
         tp.elapsed().as_secs_f64() / sample.len() as f64
     };
     let planned = t.cfg.steps;
-    let (share, from) = match (opts.adaptive, step_share(store, &l.id.sha256)?) {
-        (false, _) => (1.0, "--fixed-steps".to_string()),
-        (true, Some((s, n))) => (s, format!("median of {n} earlier cycles of this model")),
+    let history = step_share(store, &l.id.sha256)?;
+    let (share, trained_share, from) = match (opts.adaptive, history) {
+        (false, _) => (1.0, DEFAULT_TRAINED_SHARE, "--fixed-steps".to_string()),
+        (true, Some((s, t, n))) => (s, t, format!("median of {n} earlier cycles of this model")),
         (true, None) => (
             DEFAULT_STEP_SHARE,
+            DEFAULT_TRAINED_SHARE,
             "no earlier cycle of this model yet: the dev notes' share".to_string(),
         ),
     };
+    // Without skipping, every step reached trains its sequence.
+    let trained_share = if opts.skip_learned > 0.0 {
+        trained_share.min(share)
+    } else {
+        share
+    };
     let expected = ((planned as f64 * share).round() as usize).clamp(1, planned);
+    let trained = ((planned as f64 * trained_share).round() as usize).clamp(1, expected);
     let stopper = adaptive::EarlyStop::new(t.ds.seqs.len(), planned, new_probes.len(), 0.5);
     let checks = if opts.adaptive {
         (1..=expected).filter(|s| stopper.due(*s)).count()
@@ -165,7 +192,7 @@ pub fn estimate(
             "anchors".to_string(),
             set.anchors_missing as f64 * 2.0 * per_probe,
         ),
-        ("training".to_string(), expected as f64 * per_step),
+        ("training".to_string(), trained as f64 * per_step),
         (
             "checks".to_string(),
             checks as f64 * new_probes.len() as f64 * per_probe,
@@ -185,6 +212,7 @@ pub fn estimate(
         steps_planned: planned,
         steps_expected: expected,
         step_share: share,
+        steps_trained: trained,
         step_share_from: from,
         seconds_per_step: per_step,
         seconds_per_probe: per_probe,

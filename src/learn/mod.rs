@@ -163,8 +163,9 @@ pub struct LearnOptions {
     #[serde(default = "yes")]
     pub adaptive: bool,
     /// Spend less on what is learned: a packed sequence whose loss was below this (nats per
-    /// answer token) when last trained is skipped up to twice in a row
-    /// (`train::TrainConfig::skip_learned`); 0 trains every sequence every pass.
+    /// answer token) when last trained, or an anchoring one whose loss is within this of where
+    /// it started, is skipped up to twice in a row (`train::TrainConfig::skip_learned`); 0
+    /// trains every sequence every pass.
     #[serde(default = "default_skip_learned")]
     pub skip_learned: f32,
     pub gate: GateThresholds,

@@ -160,7 +160,7 @@ pub fn estimate_text(e: &Estimate) -> String {
     }
     let _ = writeln!(
         s,
-        "  {} items + {} replayed + {} anchors -> {} sequences of {}; {} of {} planned steps expected ({:.0}%: {}) at {:.2} s/step; {} new and {} earlier probes at {:.2} s each",
+        "  {} items + {} replayed + {} anchors -> {} sequences of {}; {} of {} planned steps expected ({:.0}%: {}), {} of them training a sequence not yet learned, at {:.2} s/step; {} new and {} earlier probes at {:.2} s each",
         e.train_items,
         e.replay_items,
         e.anchors,
@@ -170,6 +170,7 @@ pub fn estimate_text(e: &Estimate) -> String {
         e.steps_planned,
         e.step_share * 100.0,
         e.step_share_from,
+        e.steps_trained,
         e.seconds_per_step,
         e.new_probes,
         e.old_probes,

@@ -77,7 +77,11 @@ pub struct TrainConfig {
     pub checkpointing: bool,
     /// Spend less on what is learned: a sequence whose loss, the last time it was trained, was
     /// below this (nats per target position) is skipped when it next comes up, at most
-    /// [`MAX_SKIPS`] times in a row, then trained (and measured) again. 0 = train everything.
+    /// [`MAX_SKIPS`] times in a row, then trained (and measured) again. A sequence whose every
+    /// target is a distribution (the base model's own answers that anchor general behaviour)
+    /// cannot go below that distribution's entropy: it counts as learned while its loss stays
+    /// within this of the loss it had the first time it was trained in the run (it is holding;
+    /// what it guards against is a rise). 0 = train everything.
     #[serde(default)]
     pub skip_learned: f32,
 }
@@ -152,10 +156,12 @@ pub struct RunState {
     pub seconds: f64,
     pub data_sha256: String,
     pub model_sha256: String,
-    /// Per sequence: its loss the last time it was trained (negative: not yet), and how many
-    /// times in a row it has been skipped since ([`TrainConfig::skip_learned`]).
+    /// Per sequence: its loss the last time it was trained (negative: not yet), the first time,
+    /// and how many times in a row it has been skipped since ([`TrainConfig::skip_learned`]).
     #[serde(default)]
     pub seq_loss: Vec<f32>,
+    #[serde(default)]
+    pub seq_first: Vec<f32>,
     #[serde(default)]
     pub seq_skips: Vec<u8>,
     /// Sequences skipped as learned so far.
@@ -176,9 +182,12 @@ pub struct Trainer<'m> {
     pub seconds: f64,
     pub model_sha256: String,
     perm: Option<(usize, Vec<usize>)>,
-    /// Per sequence: its loss when last trained (negative: never) and its skips in a row.
+    /// Per sequence: its loss when last trained and when first trained (negative: never), its
+    /// skips in a row, and whether every one of its targets is a distribution (an anchor).
     seq_loss: Vec<f32>,
+    seq_first: Vec<f32>,
     seq_skips: Vec<u8>,
+    seq_soft: Vec<bool>,
     /// Sequences skipped as learned so far ([`TrainConfig::skip_learned`]).
     pub skipped: u64,
     cache: HashMap<usize, Tensor>,
@@ -242,6 +251,14 @@ impl<'m> Trainer<'m> {
             &sizes,
         );
         let n_seqs = data.seqs.len();
+        let seq_soft = data
+            .seqs
+            .iter()
+            .map(|b| {
+                let weighted = b.weights.iter().filter(|w| **w > 0.0).count();
+                weighted > 0 && b.soft.len() >= weighted
+            })
+            .collect();
         Ok(Self {
             model,
             lora: LoraWeights {
@@ -260,7 +277,9 @@ impl<'m> Trainer<'m> {
             model_sha256: model_sha256.to_string(),
             perm: None,
             seq_loss: vec![-1.0; n_seqs],
+            seq_first: vec![-1.0; n_seqs],
             seq_skips: vec![0; n_seqs],
+            seq_soft,
             skipped: 0,
             cache: HashMap::new(),
             cache_bytes: 0,
@@ -432,6 +451,9 @@ impl<'m> Trainer<'m> {
             self.seq_skips[i] = 0;
             // A sequence with no target positions has nothing to learn: it counts as learned.
             self.seq_loss[i] = l.unwrap_or(0.0);
+            if self.seq_first[i] < 0.0 {
+                self.seq_first[i] = self.seq_loss[i];
+            }
         }
         if ids.is_empty() {
             // Everything in this step was learned: no update, the schedule moves on.
@@ -491,11 +513,14 @@ impl<'m> Trainer<'m> {
 
     /// Whether sequence `i` is skipped when it next comes up ([`TrainConfig::skip_learned`]).
     fn is_learned(&self, i: usize) -> bool {
-        let l = self.seq_loss[i];
-        self.cfg.skip_learned > 0.0
-            && l >= 0.0
-            && l < self.cfg.skip_learned
-            && self.seq_skips[i] < MAX_SKIPS
+        let (l, t) = (self.seq_loss[i], self.cfg.skip_learned);
+        let learned = if self.seq_soft[i] {
+            // An anchor: holding where it started.
+            l <= self.seq_first[i] + t
+        } else {
+            l < t
+        };
+        t > 0.0 && l >= 0.0 && learned && self.seq_skips[i] < MAX_SKIPS
     }
 
     /// The input of the lowest adapted layer for these sequences (frozen layers below it run
@@ -617,6 +642,7 @@ impl<'m> Trainer<'m> {
             data_sha256: self.data.sha256.clone(),
             model_sha256: self.model_sha256.clone(),
             seq_loss: self.seq_loss.clone(),
+            seq_first: self.seq_first.clone(),
             seq_skips: self.seq_skips.clone(),
             skipped: self.skipped,
         };
@@ -693,8 +719,13 @@ impl<'m> Trainer<'m> {
         tr.seconds = state.seconds;
         // A checkpoint from before skipping was recorded has none: every sequence unmeasured.
         let n = tr.data.seqs.len();
-        if state.seq_loss.len() == n && state.seq_skips.len() == n {
+        if [&state.seq_loss, &state.seq_first]
+            .iter()
+            .all(|v| v.len() == n)
+            && state.seq_skips.len() == n
+        {
             tr.seq_loss = state.seq_loss;
+            tr.seq_first = state.seq_first;
             tr.seq_skips = state.seq_skips;
             tr.skipped = state.skipped;
         }
