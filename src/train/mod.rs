@@ -455,16 +455,16 @@ impl<'m> Trainer<'m> {
                 self.seq_first[i] = self.seq_loss[i];
             }
         }
+        let lr = optim::lr_at(
+            self.cfg.lr,
+            self.cfg.min_lr_ratio,
+            self.cfg.warmup,
+            self.cfg.steps,
+            self.cfg.decay,
+            self.step,
+        );
         if ids.is_empty() {
             // Everything in this step was learned: no update, the schedule moves on.
-            let lr = optim::lr_at(
-                self.cfg.lr,
-                self.cfg.min_lr_ratio,
-                self.cfg.warmup,
-                self.cfg.steps,
-                self.cfg.decay,
-                self.step,
-            );
             self.step += 1;
             self.losses.push(loss);
             return Ok(Some((loss, 0.0, lr, 0)));
@@ -476,14 +476,6 @@ impl<'m> Trainer<'m> {
                 self.step + 1
             )));
         }
-        let lr = optim::lr_at(
-            self.cfg.lr,
-            self.cfg.min_lr_ratio,
-            self.cfg.warmup,
-            self.cfg.steps,
-            self.cfg.decay,
-            self.step,
-        );
         let mut params: Vec<Vec<f32>> = Vec::with_capacity(grads.len());
         for (_, a, b) in &self.vars {
             params.push(a.flatten_all()?.to_vec1::<f32>()?);
