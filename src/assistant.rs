@@ -74,7 +74,7 @@ pub fn note_about(
     question: Option<&str>,
 ) -> Result<Option<crate::retrieve::NoteMatch>> {
     match (&engine.route, question) {
-        (Some(_), Some(q)) => crate::retrieve::learned_note_about(store, q),
+        (Some(_), Some(q)) => crate::retrieve::learned_note_about(store, q, &engine.tokenizer),
         _ => Ok(None),
     }
 }
@@ -192,7 +192,9 @@ pub fn check_claim(
         return Ok(None);
     };
     Ok(Some(
-        match crate::retrieve::supporting_note(store, &words)? {
+        // A claim is held to the two-word rule alone: an answer may repeat a note's name and get
+        // the rest wrong, so a shared name is not support.
+        match crate::retrieve::supporting_note(store, &words, &crate::retrieve::Common)? {
             Some(m) => Claim::Supported(m),
             None => Claim::Unsupported,
         },
@@ -206,12 +208,13 @@ pub fn check_claim(
 pub fn with_retrieved_notes(
     store: &Store,
     messages: &[Message],
+    lex: &dyn crate::retrieve::Lexicon,
 ) -> Result<(Vec<Message>, Vec<crate::retrieve::NoteMatch>)> {
     let mut out = messages.to_vec();
     let Some(last) = out.last_mut().filter(|m| m.role == "user") else {
         return Ok((out, Vec::new()));
     };
-    let found = crate::retrieve::relevant(store, &last.content, 3)?;
+    let found = crate::retrieve::relevant(store, &last.content, 3, lex)?;
     if !found.is_empty() {
         let texts: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
         *last = Message::user(&notes_prompt(&texts, &last.content));
@@ -231,7 +234,7 @@ pub fn chat_tokens_with_notes(
     reserve: usize,
 ) -> Result<(Vec<u32>, Vec<crate::retrieve::NoteMatch>)> {
     if retrieval {
-        let (with, found) = with_retrieved_notes(store, messages)?;
+        let (with, found) = with_retrieved_notes(store, messages, &engine.tokenizer)?;
         if !found.is_empty() {
             let tokens = engine.chat_tokens(&with)?;
             if tokens.len() + reserve <= engine.model.max_context() {
@@ -363,7 +366,7 @@ impl Assistant {
         reserve: usize,
     ) -> Result<PreparedTurn> {
         let (mut shown, mut cited) = if retrieval {
-            with_retrieved_notes(store, messages)?
+            with_retrieved_notes(store, messages, &self.engine.tokenizer)?
         } else {
             (messages.clone(), Vec::new())
         };
@@ -521,7 +524,12 @@ impl Assistant {
     /// base model must answer), if any.
     fn held_back(&self, store: &Store, question: Option<&str>) -> Result<Option<i64>> {
         match (self.engine.model.adapter(), question) {
-            (Some(_), Some(q)) => Ok(crate::retrieve::forgotten_about(store, q)?.map(|m| m.id)),
+            (Some(_), Some(q)) => {
+                Ok(
+                    crate::retrieve::forgotten_about(store, q, &self.engine.tokenizer)?
+                        .map(|m| m.id),
+                )
+            }
             _ => Ok(None),
         }
     }
@@ -544,7 +552,9 @@ impl Assistant {
     ) -> Result<(Answered, i64)> {
         let mut messages: Vec<Message> = system.into_iter().collect();
         let found = match notes {
-            NotesInPrompt::Found => crate::retrieve::relevant(store, question, 3)?,
+            NotesInPrompt::Found => {
+                crate::retrieve::relevant(store, question, 3, &self.engine.tokenizer)?
+            }
             _ => Vec::new(),
         };
         let content = match notes {
@@ -980,7 +990,7 @@ mod tests {
             Message::assistant("Hi"),
             Message::user(q),
         ];
-        let (with, found) = with_retrieved_notes(&store, &msgs).unwrap();
+        let (with, found) = with_retrieved_notes(&store, &msgs, &crate::retrieve::Common).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(with.len(), 4);
         assert_eq!(&with[..3], &msgs[..3]);
@@ -988,13 +998,16 @@ mod tests {
             with[3].content,
             format!("My notes:\n- My locker at the Harrowgate pool is number 311.\n{q}")
         );
-        let (same, none) =
-            with_retrieved_notes(&store, &[Message::user("What is the capital of France?")])
-                .unwrap();
+        let (same, none) = with_retrieved_notes(
+            &store,
+            &[Message::user("What is the capital of France?")],
+            &crate::retrieve::Common,
+        )
+        .unwrap();
         assert!(none.is_empty());
         assert_eq!(same[0].content, "What is the capital of France?");
         // The newest message is not the user's: nothing is retrieved.
-        let (_, none) = with_retrieved_notes(&store, &msgs[..3]).unwrap();
+        let (_, none) = with_retrieved_notes(&store, &msgs[..3], &crate::retrieve::Common).unwrap();
         assert!(none.is_empty());
     }
 

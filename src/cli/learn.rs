@@ -147,6 +147,11 @@ pub struct EvalArgs {
     /// Keep each mode's data directory (printed), with every answer in its result.json
     #[arg(long)]
     pub keep: bool,
+    /// Answer the questions with the notes and adapter of DIR, a data directory `--keep` kept
+    /// from a learn or hybrid mode (copied; nothing is learned again): to score a change in how
+    /// hone answers against the same learning cycle. Only with --mode learn or hybrid
+    #[arg(long, value_name = "DIR")]
+    pub answer_in: Option<std::path::PathBuf>,
     /// Print the results as one JSON object, for scripts
     #[arg(long)]
     pub json: bool,
@@ -314,6 +319,9 @@ pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
         None => None,
     };
     let modes = harness::mode_list(&a.mode, a.sequential, a.retention.is_some())?;
+    if let Some(dir) = &a.answer_in {
+        harness::check_answer_in(dir, &modes)?;
+    }
     let setup = Setup {
         options: options(&ctx, &a.flags)?,
         model: choice,
@@ -321,6 +329,7 @@ pub fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
         qa,
         retention,
         keep: a.keep,
+        answer_in: a.answer_in.clone(),
     };
     // A child is this program's hidden `eval --run-one JOB` (`--qa` only because it is required).
     let child = |job: &str| -> Result<std::process::Command> {

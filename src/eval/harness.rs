@@ -122,6 +122,10 @@ pub struct Job {
     pub options: LearnOptions,
     /// The passage mode's training budget: the tokens the learn mode trained.
     pub token_budget: Option<u64>,
+    /// The data directory already holds the learned notes and adapter (`--answer-in`): answer
+    /// only.
+    #[serde(default)]
+    pub answer_only: bool,
 }
 
 impl Job {
@@ -158,6 +162,7 @@ pub fn run_job(
         &p,
         &qa,
         retention.as_deref(),
+        job.answer_only,
         cancel,
         progress,
     )
@@ -180,6 +185,50 @@ pub struct Setup {
     pub retention: Option<PathBuf>,
     /// Keep each mode's data directory, with the child's result in `result.json`.
     pub keep: bool,
+    /// A kept learn or hybrid data directory whose notes and adapter the learn and hybrid modes
+    /// answer with (a copy of it), instead of learning.
+    pub answer_in: Option<PathBuf>,
+}
+
+/// Refuses `--answer-in DIR` unless DIR is a data directory an eval mode kept (a database and
+/// its result) and every mode that learns is one that can answer in it.
+pub fn check_answer_in(dir: &Path, modes: &[String]) -> Result<()> {
+    for f in ["hone.db", "result.json"] {
+        if !dir.join(f).is_file() {
+            bail!(
+                "{} has no {f}: --answer-in takes a directory `hone eval --keep` printed",
+                dir.display()
+            );
+        }
+    }
+    if let Some(m) = modes
+        .iter()
+        .find(|m| !matches!(m.as_str(), "base" | "learn" | "hybrid"))
+    {
+        bail!("--answer-in answers with a learned cycle: use --mode learn or hybrid, not {m}");
+    }
+    Ok(())
+}
+
+/// Copies the kept data directory `from` into the fresh `to`, all but its models (linked anew)
+/// and its result.
+fn copy_kept(from: &Path, to: &Path) -> Result<()> {
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        if name == "models" || name == "result.json" {
+            continue;
+        }
+        let (src, dst) = (e.path(), to.join(&name));
+        if e.file_type()?.is_dir() {
+            std::fs::create_dir_all(&dst)?;
+            copy_kept(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
 }
 
 impl Setup {
@@ -249,9 +298,14 @@ fn run_child(
         .prefix(&format!("hone-eval-{mode}-"))
         .tempdir()
         .context("creating a temporary data directory")?;
+    let answer_only = matches!(mode, "learn" | "hybrid") && setup.answer_in.is_some();
+    if let (true, Some(from)) = (answer_only, &setup.answer_in) {
+        copy_kept(from, dir.path())?;
+    }
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models)?;
     let job = Job {
+        answer_only,
         mode: mode.to_string(),
         model: link(&setup.model, &models)?,
         teacher: setup
@@ -308,6 +362,36 @@ fn link(c: &ModelChoice, models: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answer_in_takes_a_kept_directory_and_copies_all_but_its_models() {
+        let kept = tempfile::tempdir().unwrap();
+        let modes = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let err = check_answer_in(kept.path(), &modes(&["learn"])).unwrap_err();
+        assert!(format!("{err:#}").contains("hone.db"), "{err:#}");
+        for f in ["hone.db", "result.json"] {
+            std::fs::write(kept.path().join(f), f).unwrap();
+        }
+        std::fs::create_dir_all(kept.path().join("adapters/smol")).unwrap();
+        std::fs::write(kept.path().join("adapters/smol/v1.gguf"), "lora").unwrap();
+        std::fs::create_dir_all(kept.path().join("models")).unwrap();
+        std::fs::write(kept.path().join("models/m.gguf"), "model").unwrap();
+        check_answer_in(kept.path(), &modes(&["base", "hybrid"])).unwrap();
+        let err = check_answer_in(kept.path(), &modes(&["retrieval"])).unwrap_err();
+        assert!(format!("{err:#}").contains("retrieval"), "{err:#}");
+        let to = tempfile::tempdir().unwrap();
+        copy_kept(kept.path(), to.path()).unwrap();
+        assert_eq!(
+            std::fs::read(to.path().join("hone.db")).unwrap(),
+            b"hone.db"
+        );
+        assert_eq!(
+            std::fs::read(to.path().join("adapters/smol/v1.gguf")).unwrap(),
+            b"lora"
+        );
+        assert!(!to.path().join("models").exists());
+        assert!(!to.path().join("result.json").exists());
+    }
 
     #[test]
     fn modes_put_base_first_when_retention_is_measured() {

@@ -112,7 +112,7 @@ pub fn ask_all_with(
     let mut out = Vec::new();
     for (q, ctx) in items {
         let found = match (store, ctx, retrieval) {
-            (Some(s), None, true) => crate::retrieve::relevant(s, &q.q, 3)?,
+            (Some(s), None, true) => crate::retrieve::relevant(s, &q.q, 3, &engine.tokenizer)?,
             _ => Vec::new(),
         };
         let content = match ctx {
@@ -251,13 +251,16 @@ fn import(store: &mut Store, notes: &[&QaNote]) -> Result<()> {
     Ok(())
 }
 
-/// Runs one pipeline in `home` (which should be fresh) and scores it.
+/// Runs one pipeline in `home` (which should be fresh, or with `answer_only` a copy of a kept
+/// learn or hybrid run, whose notes are not learned again) and scores it.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     home: &Home,
     choice: &ModelChoice,
     pipeline: &Pipeline,
     qa: &[QaNote],
     retention: Option<&[Question]>,
+    answer_only: bool,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ModeResult> {
@@ -331,22 +334,26 @@ pub fn run(
             }
         }
         Pipeline::Learn(opts) | Pipeline::Hybrid(opts) => {
-            import(&mut store, &notes)?;
-            let mut o = opts.clone();
-            o.max_notes = notes.len();
-            let tc = Instant::now();
-            match learn::run_cycle(home, &mut store, choice, &o, cancel, progress)? {
-                CycleOutcome::Done {
-                    train_tokens,
-                    reason,
-                    ..
-                } => {
-                    r.train_tokens = train_tokens;
-                    r.gate = Some(reason);
+            // With `answer_only`, `home` is a copy of a kept learn or hybrid run: its notes are
+            // learned already.
+            if !answer_only {
+                import(&mut store, &notes)?;
+                let mut o = opts.clone();
+                o.max_notes = notes.len();
+                let tc = Instant::now();
+                match learn::run_cycle(home, &mut store, choice, &o, cancel, progress)? {
+                    CycleOutcome::Done {
+                        train_tokens,
+                        reason,
+                        ..
+                    } => {
+                        r.train_tokens = train_tokens;
+                        r.gate = Some(reason);
+                    }
+                    other => bail!("the learning cycle did not finish: {other:?}"),
                 }
-                other => bail!("the learning cycle did not finish: {other:?}"),
+                r.cycle_s = tc.elapsed().as_secs_f64();
             }
-            r.cycle_s = tc.elapsed().as_secs_f64();
             let mut engine = load_with_active(home, &store, choice)?;
             r.answers = ask(&mut engine, &store, &all_q(&notes, false))?;
             if retrieval {

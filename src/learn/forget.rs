@@ -298,7 +298,7 @@ fn note_list(ids: &[i64]) -> String {
 mod tests {
     use super::*;
     use crate::learn::records::{add_items, cycle_items, finish, learned_items, NewItem};
-    use crate::retrieve::forgotten_about;
+    use crate::retrieve::{forgotten_about, Common};
 
     fn item(text: &str) -> NewItem {
         NewItem {
@@ -349,16 +349,16 @@ mod tests {
         assert!(plan(&store, "sha").unwrap().is_none());
 
         let q = "Which locker at the climbing gym is mine?";
-        assert!(forgotten_about(&store, q).unwrap().is_none());
+        assert!(forgotten_about(&store, q, &Common).unwrap().is_none());
         assert!(store.remove_note(ids[1]).unwrap());
         assert_eq!(pending_count(&store).unwrap(), 1);
         assert_eq!(
-            forgotten_about(&store, q).unwrap().map(|m| m.id),
+            forgotten_about(&store, q, &Common).unwrap().map(|m| m.id),
             Some(ids[1])
         );
         // Questions about the other notes are not held back.
         let other = "When does the bakery on Linden Street close?";
-        assert!(forgotten_about(&store, other).unwrap().is_none());
+        assert!(forgotten_about(&store, other, &Common).unwrap().is_none());
 
         let p = plan(&store, "sha").unwrap().unwrap();
         assert_eq!(
@@ -380,7 +380,7 @@ mod tests {
         assert!(said.contains("rebuilt without note"), "{said}");
 
         assert_eq!(pending_count(&store).unwrap(), 0);
-        assert!(forgotten_about(&store, q).unwrap().is_none());
+        assert!(forgotten_about(&store, q, &Common).unwrap().is_none());
         // Replay holds note 1 and the rebuild's copy of note 3, once each; nothing of note 2.
         let pool = learned_items(&store, "sha", i64::MAX).unwrap();
         let notes: Vec<i64> = pool.iter().map(|i| i.note_id).collect();

@@ -872,7 +872,9 @@ impl Slots<'_> {
         let (about, held_back) = match (found.is_empty(), question) {
             (true, Some(q)) if engine.model.adapter().is_some() => {
                 // A removed note the adapter still holds is held back, as `hone ask` does.
-                match crate::retrieve::forgotten_about(store, q).map_err(searching)? {
+                match crate::retrieve::forgotten_about(store, q, &engine.tokenizer)
+                    .map_err(searching)?
+                {
                     Some(gone) => (None, Some(gone.id)),
                     None => (
                         assistant::note_about(store, engine, Some(q)).map_err(searching)?,
