@@ -148,8 +148,9 @@ pub struct EvalArgs {
     #[arg(long)]
     pub keep: bool,
     /// Answer the questions with the notes and adapter of DIR, a data directory `--keep` kept
-    /// from a learn or hybrid mode (copied; nothing is learned again): to score a change in how
-    /// hone answers against the same learning cycle. Only with --mode learn or hybrid
+    /// from a learn or hybrid mode, or a HONE_HOME whose notes `hone learn` learned (copied;
+    /// nothing is learned again): to score a change in how hone answers against the same
+    /// learning cycle. Only with --mode learn or hybrid
     #[arg(long, value_name = "DIR")]
     pub answer_in: Option<std::path::PathBuf>,
     /// Print the results as one JSON object, for scripts

@@ -190,16 +190,16 @@ pub struct Setup {
     pub answer_in: Option<PathBuf>,
 }
 
-/// Refuses `--answer-in DIR` unless DIR is a data directory an eval mode kept (a database and
-/// its result) and every mode that learns is one that can answer in it.
+/// Refuses `--answer-in DIR` unless DIR is a data directory (one `hone eval --keep` printed, or
+/// a `HONE_HOME` whose notes `hone learn` learned) and every mode that learns is one that can
+/// answer in it.
 pub fn check_answer_in(dir: &Path, modes: &[String]) -> Result<()> {
-    for f in ["hone.db", "result.json"] {
-        if !dir.join(f).is_file() {
-            bail!(
-                "{} has no {f}: --answer-in takes a directory `hone eval --keep` printed",
-                dir.display()
-            );
-        }
+    if !dir.join("hone.db").is_file() {
+        bail!(
+            "{} has no hone.db: --answer-in takes a data directory (one `hone eval --keep` \
+             printed, or a HONE_HOME whose notes were learned)",
+            dir.display()
+        );
     }
     if let Some(m) = modes
         .iter()
@@ -369,9 +369,8 @@ mod tests {
         let modes = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let err = check_answer_in(kept.path(), &modes(&["learn"])).unwrap_err();
         assert!(format!("{err:#}").contains("hone.db"), "{err:#}");
-        for f in ["hone.db", "result.json"] {
-            std::fs::write(kept.path().join(f), f).unwrap();
-        }
+        std::fs::write(kept.path().join("hone.db"), "hone.db").unwrap();
+        std::fs::write(kept.path().join("result.json"), "{}").unwrap();
         std::fs::create_dir_all(kept.path().join("adapters/smol")).unwrap();
         std::fs::write(kept.path().join("adapters/smol/v1.gguf"), "lora").unwrap();
         std::fs::create_dir_all(kept.path().join("models")).unwrap();
