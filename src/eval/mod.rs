@@ -138,7 +138,15 @@ pub fn ask_all_with(
             };
             engine.answer_routed(&toks, &params, 48, cancel, &mut |_| {}, about)?
         } else {
-            crate::assistant::answer_base(engine, &toks, &params, 48, cancel, &mut |_| {})?
+            crate::assistant::answer_with_notes(
+                engine,
+                &found,
+                &toks,
+                &params,
+                48,
+                cancel,
+                &mut |_| {},
+            )?
         };
         let answer = g.text.trim().to_string();
         let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));

@@ -371,12 +371,15 @@ impl Slots<'_> {
                 out.send(Event::Started);
                 let e = self.engine;
                 let (route, adapter) = (e.route.clone(), e.model.adapter().is_some());
-                // Notes in the prompt, or a removed note the adapter still holds: the base
-                // model answers (as `hone ask`).
-                let base = !notes.found.is_empty() || notes.held_back.is_some();
+                // Notes in the prompt: the adapter reads the ones it learned, the base model
+                // the others; a removed note the adapter still holds: the base model answers
+                // (as `hone ask`).
+                let reads = assistant::adapter_reads(&notes.found);
+                let base = (!notes.found.is_empty() && !reads) || notes.held_back.is_some();
                 let about_notes = notes.about.is_some();
                 let (phase, lora, hold) = match route {
                     _ if base => (Phase::Plain, false, None),
+                    _ if reads => (Phase::Plain, adapter, None),
                     Some(route) if adapter => {
                         if about_notes {
                             (Phase::Opening { about_notes: true }, true, None)
