@@ -53,22 +53,58 @@ pub fn adapter_reads(found: &[crate::retrieve::NoteMatch]) -> bool {
     !found.is_empty() && found.iter().all(|m| m.learned)
 }
 
-/// Answers `tokens`, a prompt holding the notes `found`: with the attached adapter when it
-/// learned them all ([`adapter_reads`]), else with the base model ([`answer_base`]).
+/// Whether every number in `answer` (each run of digits) is one the notes in the prompt or the
+/// question hold. An answer read from notes that names a number they do not hold misread them:
+/// on the held-out notes the adapter, reading notes it learned, wrote a ceremony's time, a test's
+/// date and a folder's label that its note does not say (BENCHMARKS.md).
+pub fn numbers_supported(answer: &str, sources: &[&str]) -> bool {
+    let numbers = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter(|w| !w.is_empty())
+            .map(|w| w.trim_start_matches('0').to_string())
+            .collect()
+    };
+    let known: std::collections::HashSet<String> =
+        sources.iter().flat_map(|s| numbers(s)).collect();
+    numbers(answer).iter().all(|n| known.contains(n))
+}
+
+/// Answers `tokens`, a prompt holding the notes `found` and `question`. Notes the attached
+/// adapter has not all learned are read by the base model ([`answer_base`]). Notes it learned
+/// ([`adapter_reads`]) are read by the adapter, its answer held back until whole and shown only
+/// when every number in it is in the notes or the question ([`numbers_supported`]); if not, the
+/// base model reads them (`by_base` is set), checked the same way; if its answer fails too, None
+/// and nothing was shown: the notes do not hold what was asked, and the caller answers the
+/// question without them (the adapter's weights hold the learned notes).
+#[allow(clippy::too_many_arguments)]
 pub fn answer_with_notes(
     engine: &mut Engine,
     found: &[crate::retrieve::NoteMatch],
+    question: &str,
     tokens: &[u32],
     params: &SamplingParams,
     max_tokens: usize,
     cancel: &std::sync::atomic::AtomicBool,
     on_text: &mut dyn FnMut(&str),
-) -> Result<Generation> {
-    if adapter_reads(found) {
-        Ok(engine.generate(tokens, params, max_tokens, cancel, on_text)?)
-    } else {
-        answer_base(engine, tokens, params, max_tokens, cancel, on_text)
+) -> Result<Option<Generation>> {
+    let adapter = match engine.model.adapter() {
+        Some(a) if adapter_reads(found) => a.clone(),
+        _ => return answer_base(engine, tokens, params, max_tokens, cancel, on_text).map(Some),
+    };
+    let mut sources: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
+    sources.push(question);
+    let sources = &sources;
+    let keep = || Box::new(move |t: &str| numbers_supported(t, sources));
+    let read = engine.generate_checked(tokens, params, max_tokens, cancel, on_text, keep())?;
+    if read.is_some() {
+        return Ok(read);
     }
+    engine.model.set_adapter(None);
+    engine.reset();
+    let g = engine.generate_checked(tokens, params, max_tokens, cancel, on_text, keep());
+    engine.model.set_adapter(Some(adapter));
+    engine.reset();
+    Ok(g?.map(|g| Generation { by_base: true, ..g }))
 }
 
 /// Answers `tokens` with the base model: the adapter is set aside and put back (notes the
@@ -340,6 +376,8 @@ pub fn turn_json(
 /// A chat turn ready to answer: its tokens and the notes retrieval put in it.
 pub struct PreparedTurn {
     pub tokens: Vec<u32>,
+    /// The same turn without the notes (empty when there are none).
+    pub plain: Vec<u32>,
     pub cited: Vec<crate::retrieve::NoteMatch>,
     /// How many of the oldest turns were dropped from the conversation to fit the context.
     pub dropped: usize,
@@ -416,18 +454,26 @@ impl Assistant {
                 .unwrap_or(messages.len());
             messages.drain(first..first + gone);
         }
+        // The same turn without its notes, for a question the notes turn out not to hold.
+        let plain = match cited.is_empty() {
+            true => Vec::new(),
+            false => self.engine.chat_tokens(messages)?,
+        };
         Ok(PreparedTurn {
             tokens,
+            plain,
             cited,
             dropped,
         })
     }
 
-    /// Answers a prepared turn of `question`: with notes in it, the base model answers and cites
-    /// them; otherwise as [`Assistant::answer`] (`routed`: the question, so that a question
-    /// about a learned note routes to the adapter; None when retrieval already searched and
-    /// found nothing, when only a removed note the adapter still holds is looked for, to hold
-    /// the adapter's answer back).
+    /// Answers a prepared turn of `question`: with notes in it, the reader
+    /// [`answer_with_notes`] picks answers and cites them (when neither reader's answer is
+    /// supported by the notes, the question is answered from `turn.plain`, without notes and
+    /// without routing it as a question about them); otherwise as [`Assistant::answer`] (`routed`: the question, so that a
+    /// question about a learned note routes to the adapter; None when retrieval already searched
+    /// and found nothing, when only a removed note the adapter still holds is looked for, to
+    /// hold the adapter's answer back).
     #[allow(clippy::too_many_arguments)]
     pub fn answer_turn(
         &mut self,
@@ -440,25 +486,44 @@ impl Assistant {
         cancel: &std::sync::atomic::AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answered> {
-        let held_back = match (turn.cited.is_empty(), routed) {
-            (true, None) => self.held_back(store, Some(question))?,
-            _ => None,
+        let (tokens, routed) = match turn.cited.is_empty() {
+            true => (turn.tokens, routed),
+            false => {
+                let read = answer_with_notes(
+                    &mut self.engine,
+                    &turn.cited,
+                    question,
+                    &turn.tokens,
+                    params,
+                    max_tokens,
+                    cancel,
+                    on_text,
+                )?;
+                if let Some(generation) = read {
+                    return Ok(Answered {
+                        generation,
+                        about: None,
+                        cited: turn.cited,
+                        held_back: None,
+                        claim: None,
+                    });
+                }
+                // The notes found do not hold what was asked, so the question is not about
+                // them: answered without notes, and not routed to the adapter as a question
+                // about a learned note (the route's opening decides, as for any question).
+                (turn.plain, None)
+            }
         };
-        if turn.cited.is_empty() && held_back.is_none() {
-            return self.answer(
-                store,
-                &turn.tokens,
-                routed,
-                params,
-                max_tokens,
-                cancel,
-                on_text,
-            );
+        let held_back = match routed {
+            None => self.held_back(store, Some(question))?,
+            Some(_) => None,
+        };
+        if held_back.is_none() {
+            return self.answer(store, &tokens, routed, params, max_tokens, cancel, on_text);
         }
-        let g = answer_with_notes(
+        let g = answer_base(
             &mut self.engine,
-            &turn.cited,
-            &turn.tokens,
+            &tokens,
             params,
             max_tokens,
             cancel,
@@ -467,7 +532,7 @@ impl Assistant {
         Ok(Answered {
             generation: g,
             about: None,
-            cited: turn.cited,
+            cited: Vec::new(),
             held_back,
             claim: None,
         })
@@ -595,6 +660,14 @@ impl Assistant {
             }
             _ => question.to_string(),
         };
+        let plain = match found.is_empty() {
+            true => Vec::new(),
+            false => {
+                let mut m = messages.clone();
+                m.push(Message::user(question));
+                self.engine.chat_tokens(&m)?
+            }
+        };
         messages.push(Message::user(&content));
         let tokens = self.engine.chat_tokens(&messages)?;
         let cancel = std::sync::atomic::AtomicBool::new(false);
@@ -604,6 +677,7 @@ impl Assistant {
         let asked = (notes == NotesInPrompt::Off).then_some(question);
         let turn = PreparedTurn {
             tokens,
+            plain,
             cited: found,
             dropped: 0,
         };
@@ -1018,6 +1092,31 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_read_from_notes_holds_only_their_numbers() {
+        let note = "Bashir's driving test is on 23 October; he has had 34 lessons (€1,470 so far).";
+        let q = "When is Bashir's driving test?";
+        let ok = |a: &str| numbers_supported(a, &[note, q]);
+        assert!(ok(
+            "Your notes say: Bashir's driving test is on 23 October."
+        ));
+        assert!(ok("It is on the 23rd; 34 lessons, €1,470."));
+        assert!(ok("On 023 October"), "leading zeros are the same number");
+        assert!(ok("No numbers at all."));
+        assert!(!ok("Bashir's driving test is on 26 October."));
+        assert!(
+            !ok("On 23 October at 13:50."),
+            "one number not in the note is enough"
+        );
+        assert!(!ok("€1470"), "digits split differently are another number");
+        // The question's numbers count too.
+        assert!(numbers_supported(
+            "In 3 weeks",
+            &[note, "Which day is it in 3 weeks?"]
+        ));
+        assert!(!numbers_supported("7 days", &["six days"]));
+    }
+
+    #[test]
     fn the_newest_user_message_gets_the_notes_it_is_about() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("hone.db")).unwrap();
@@ -1104,5 +1203,103 @@ mod tests {
             "{kept} notes, {} tokens",
             tokens(&p)
         );
+    }
+}
+
+#[cfg(test)]
+mod reading_tests {
+    use super::*;
+    use crate::engine::LoadOptions;
+    use crate::lora::LoraWeights;
+    use crate::retrieve::NoteMatch;
+    use std::sync::atomic::AtomicBool;
+
+    fn note(content: &str) -> NoteMatch {
+        NoteMatch {
+            id: 1,
+            content: content.into(),
+            learned: true,
+            matched: 2,
+            terms: 2,
+            rare: 0,
+        }
+    }
+
+    /// A tiny random model with random adapters: the adapter's reading is kept when the notes
+    /// hold its numbers; else the base model's, when they hold its numbers; else nothing is
+    /// shown and None says the notes do not hold the answer.
+    #[test]
+    fn a_reading_of_learned_notes_is_kept_only_when_they_hold_its_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let greedy = SamplingParams::greedy();
+        let cancel = AtomicBool::new(false);
+        let (mut refused, mut fell_back) = (0, 0);
+        for seed in 0..12u64 {
+            let w = Arc::new(
+                LoraWeights::random_for_tests(&e.model.cfg, seed)
+                    .prepare()
+                    .unwrap(),
+            );
+            let prompt = e
+                .text_tokens(&format!("note {seed}: 1 2 3"), false)
+                .unwrap();
+            e.model.set_adapter(None);
+            e.reset();
+            let base = e
+                .generate(&prompt, &greedy, 16, &cancel, &mut |_| {})
+                .unwrap();
+            e.model.set_adapter(Some(w));
+            e.reset();
+            let adapted = e
+                .generate(&prompt, &greedy, 16, &cancel, &mut |_| {})
+                .unwrap();
+            let mut read = |content: &str, shown: &mut String| {
+                answer_with_notes(
+                    &mut e,
+                    &[note(content)],
+                    "",
+                    &prompt,
+                    &greedy,
+                    16,
+                    &cancel,
+                    &mut |t| shown.push_str(t),
+                )
+                .unwrap()
+            };
+            // Notes holding the adapter's numbers: its answer, shown whole.
+            let mut shown = String::new();
+            let g = read(&adapted.text, &mut shown).expect("the adapter's numbers are there");
+            assert_eq!((g.tokens, g.by_base), (adapted.tokens.clone(), false));
+            assert_eq!(shown, adapted.text);
+            // Notes holding only the base model's numbers.
+            let mut shown = String::new();
+            let g = read(&base.text, &mut shown);
+            if numbers_supported(&adapted.text, &[&base.text]) {
+                assert_eq!(g.unwrap().tokens, adapted.tokens);
+            } else {
+                let g = g.expect("the base model's numbers are there");
+                assert!(g.by_base && g.tokens == base.tokens);
+                assert_eq!(shown, base.text);
+                fell_back += 1;
+            }
+            // Notes holding no number.
+            let mut shown = String::new();
+            let g = read("no numbers here", &mut shown);
+            let none =
+                !numbers_supported(&adapted.text, &[]) && !numbers_supported(&base.text, &[]);
+            assert_eq!(g.is_none(), none, "{:?} / {:?}", adapted.text, base.text);
+            if none {
+                assert!(shown.is_empty(), "{shown:?}");
+                refused += 1;
+            }
+            assert!(
+                e.model.adapter().is_some(),
+                "the adapter is back afterwards"
+            );
+        }
+        assert!(fell_back > 0 && refused > 0, "{fell_back} {refused}");
     }
 }

@@ -485,6 +485,22 @@ impl Engine {
         g.ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))
     }
 
+    /// [`Engine::generate`] with the whole answer held back until `keep` has seen it: None when
+    /// `keep` refuses it (nothing was shown). For an answer that must pass a check before anyone
+    /// reads it (`assistant::answer_with_notes`).
+    pub fn generate_checked(
+        &mut self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+        keep: Box<dyn Fn(&str) -> bool + '_>,
+    ) -> Result<Option<Generation>> {
+        let hold: Option<Hold<'_>> = Some((usize::MAX, keep));
+        self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)
+    }
+
     /// [`Engine::generate`], optionally holding the text of the first `n` tokens back until
     /// `keep` has seen it: None when `keep` refuses it (nothing was shown).
     fn generate_held(
@@ -956,6 +972,38 @@ mod tests {
             assert!(g.text.starts_with("zebra"), "{:?}", g.text);
             assert_eq!(g.completion_tokens, ids.len() + cont.completion_tokens);
             e.route_min_p = ROUTE_MIN_P;
+
+            // A checked answer is shown whole once the check keeps it, and not at all when it
+            // refuses it.
+            e.model.set_adapter(None);
+            let mut shown = String::new();
+            e.reset();
+            let kept = e
+                .generate_checked(
+                    &prompt,
+                    &greedy,
+                    12,
+                    &cancel,
+                    &mut |t| shown.push_str(t),
+                    Box::new(|t: &str| t == base.text),
+                )
+                .unwrap()
+                .expect("the check keeps the answer it sees");
+            assert_eq!(kept.tokens, base.tokens);
+            assert_eq!(shown, base.text);
+            let mut shown = String::new();
+            e.reset();
+            let refused = e
+                .generate_checked(
+                    &prompt,
+                    &greedy,
+                    12,
+                    &cancel,
+                    &mut |t| shown.push_str(t),
+                    Box::new(|_: &str| false),
+                )
+                .unwrap();
+            assert!(refused.is_none() && shown.is_empty(), "{shown:?}");
         }
     }
 }

@@ -127,26 +127,44 @@ pub fn ask_all_with(
         msgs.push(Message::user(&content));
         let toks = engine.chat_tokens(&msgs)?;
         let params = Default::default();
-        let g = if found.is_empty() {
-            // As `hone ask` answers: a question about a learned note goes to the adapter.
-            // With retrieval, nothing found means no note is about the question: no second search.
-            let about = match (store, ctx) {
-                (Some(s), None) if !retrieval => {
-                    crate::assistant::note_about(s, engine, Some(&q.q))?.is_some()
-                }
-                _ => false,
-            };
-            engine.answer_routed(&toks, &params, 48, cancel, &mut |_| {}, about)?
-        } else {
-            crate::assistant::answer_with_notes(
+        // As `hone ask` answers: with notes in the prompt, the reader `answer_with_notes`
+        // picks; when the notes do not hold the answer (None), as if none were found.
+        let read = match found.is_empty() {
+            true => None,
+            false => crate::assistant::answer_with_notes(
                 engine,
                 &found,
+                &q.q,
                 &toks,
                 &params,
                 48,
                 cancel,
                 &mut |_| {},
-            )?
+            )?,
+        };
+        let (g, found) = match read {
+            Some(g) => (g, found),
+            None => {
+                // A question about a learned note goes to the adapter. With retrieval, nothing
+                // found means no note is about the question: no second search.
+                let plain = match found.is_empty() {
+                    true => toks,
+                    false => {
+                        let mut m: Vec<Message> = system.map(Message::system).into_iter().collect();
+                        m.push(Message::user(&q.q));
+                        engine.chat_tokens(&m)?
+                    }
+                };
+                // Notes found that do not hold the answer: not routed as a question about them.
+                let about = match (store, ctx) {
+                    (Some(s), None) if !retrieval && found.is_empty() => {
+                        crate::assistant::note_about(s, engine, Some(&q.q))?.is_some()
+                    }
+                    _ => false,
+                };
+                let g = engine.answer_routed(&plain, &params, 48, cancel, &mut |_| {}, about)?;
+                (g, Vec::new())
+            }
         };
         let answer = g.text.trim().to_string();
         let correct = q.a.iter().any(|a| learn::contains_answer(&answer, a));

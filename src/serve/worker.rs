@@ -271,6 +271,11 @@ enum Phase {
     /// After the prompt has run with the adapter: the probability of the route's opening
     /// decides between the adapter (forced opening) and the base model.
     Opening { about_notes: bool },
+    /// A reader of notes in the prompt that the adapter learned (`assistant::answer_with_notes`),
+    /// its whole answer held back until the numbers in it are found in the notes or the
+    /// question. If not: after the adapter, the base model reads them; after the base model,
+    /// the request runs again without notes.
+    Checked,
 }
 
 /// A KV cache and the tokens it holds.
@@ -320,6 +325,26 @@ struct Notes {
     question: Option<String>,
 }
 
+/// The check of an answer read from the notes in the prompt (None without notes): every number
+/// in it is in the notes or the question (`assistant::numbers_supported`).
+fn notes_check(notes: &Notes) -> Option<crate::engine::Hold<'static>> {
+    if notes.found.is_empty() {
+        return None;
+    }
+    let mut sources: Vec<String> = notes.found.iter().map(|m| m.content.clone()).collect();
+    sources.extend(notes.question.clone());
+    let keep: Box<dyn Fn(&str) -> bool> = Box::new(move |t: &str| {
+        let s: Vec<&str> = sources.iter().map(String::as_str).collect();
+        assistant::numbers_supported(t, &s)
+    });
+    Some((usize::MAX, keep))
+}
+
+/// Whether the answer's client has gone or its request was cancelled.
+fn cancelled(s: &Seq) -> bool {
+    s.job.cancel.load(Ordering::SeqCst)
+}
+
 /// A checked request: its prompt, sampling, answer length and notes.
 struct Prepared {
     prompt: Vec<u32>,
@@ -351,8 +376,16 @@ impl Slots<'_> {
     /// Checks a request, tells its client the model started on it and gives it a slot (or
     /// answers its error).
     fn admit(&mut self, job: Job) {
+        self.admit_with(job, self.cfg.retrieval, Instant::now());
+    }
+
+    /// [`Slots::admit`], with retrieval on or off, its answer timed from `started`. Off also for
+    /// a request whose notes did not hold the answer: it runs again without them and is not
+    /// routed as a question about a learned note (as `hone ask`).
+    fn admit_with(&mut self, job: Job, retrieval: bool, started: Instant) {
         let t0 = Instant::now();
-        let prepared = self.prepare(&job);
+        let routes = retrieval || !self.cfg.retrieval;
+        let prepared = self.prepare(&job, retrieval, routes);
         tracing::debug!("prepared in {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
         match prepared {
             Ok(Prepared {
@@ -374,12 +407,13 @@ impl Slots<'_> {
                 // Notes in the prompt: the adapter reads the ones it learned, the base model
                 // the others; a removed note the adapter still holds: the base model answers
                 // (as `hone ask`).
-                let reads = assistant::adapter_reads(&notes.found);
+                let reads = assistant::adapter_reads(&notes.found) && adapter;
+                let checked = if reads { notes_check(&notes) } else { None };
                 let base = (!notes.found.is_empty() && !reads) || notes.held_back.is_some();
                 let about_notes = notes.about.is_some();
                 let (phase, lora, hold) = match route {
                     _ if base => (Phase::Plain, false, None),
-                    _ if reads => (Phase::Plain, adapter, None),
+                    _ if reads => (Phase::Checked, true, checked),
                     Some(route) if adapter => {
                         if about_notes {
                             (Phase::Opening { about_notes: true }, true, None)
@@ -419,7 +453,7 @@ impl Slots<'_> {
                     by_base: false,
                     route_p: None,
                     reused,
-                    started: Instant::now(),
+                    started,
                     prompt_ms: None,
                     notes,
                 });
@@ -671,6 +705,35 @@ impl Slots<'_> {
                 s.phase = Phase::Opening { about_notes: false };
                 return Some(s);
             }
+            Ok(None) if s.phase == Phase::Checked && cancelled(&s) => {
+                (String::new(), Vec::new(), 0)
+            }
+            Ok(None) if s.phase == Phase::Checked && s.cache.lora => {
+                // The adapter misread the notes: the base model reads them, from a fresh cache.
+                s.by_base = true;
+                s.cache.kv.clear();
+                s.cache.tokens.clear();
+                s.cache.lora = false;
+                s.decoder = Decoder::new(&s.prompt, &s.params, s.max_tokens, notes_check(&s.notes))
+                    .ignoring_eos(s.job.request.ignore_eos);
+                s.pending = s.prompt.clone();
+                return Some(s);
+            }
+            Ok(None) if s.phase == Phase::Checked => {
+                // Neither reader found its answer in the notes: they do not hold what was
+                // asked, and the request runs again without them.
+                let Seq {
+                    job,
+                    mut cache,
+                    started,
+                    ..
+                } = s;
+                cache.kv.clear();
+                cache.tokens.clear();
+                self.free.push(cache);
+                self.admit_with(job, false, started);
+                return None;
+            }
             Ok(None) => (String::new(), Vec::new(), 0),
             Err(e) => {
                 let m = format!("generation failed: {e}");
@@ -793,7 +856,7 @@ impl Slots<'_> {
 
     /// The prompt tokens (with the notes the newest message is about, when retrieval is on),
     /// sampling, answer length and the notes it rests on, or the request's error.
-    fn prepare(&self, job: &Job) -> Result<Prepared, ApiError> {
+    fn prepare(&self, job: &Job, retrieval: bool, routes: bool) -> Result<Prepared, ApiError> {
         let (cfg, engine, store) = (self.cfg, self.engine, self.store);
         let r = &job.request;
         let o = SamplingOverrides {
@@ -823,7 +886,7 @@ impl Slots<'_> {
                 // As `hone ask`: the notes the newest message is about go in the prompt (when
                 // they leave room for the answer).
                 let reserve = r.max_tokens.unwrap_or(self.default_max_tokens);
-                assistant::chat_tokens_with_notes(engine, store, &m, cfg.retrieval, reserve).map(
+                assistant::chat_tokens_with_notes(engine, store, &m, retrieval, reserve).map(
                     |(tokens, notes)| {
                         found = notes;
                         tokens
@@ -879,10 +942,11 @@ impl Slots<'_> {
                     .map_err(searching)?
                 {
                     Some(gone) => (None, Some(gone.id)),
-                    None => (
+                    None if routes => (
                         assistant::note_about(store, engine, Some(q)).map_err(searching)?,
                         None,
                     ),
+                    None => (None, None),
                 }
             }
             _ => (None, None),
@@ -1065,6 +1129,126 @@ mod tests {
         assert!(wc.largest_batch.load(Ordering::Relaxed) >= 2);
         // Every answer was recorded.
         assert_eq!(store.recent_exchanges(100).unwrap().len(), 9);
+    }
+
+    /// A chat request about a learned note is answered as `hone ask` answers it
+    /// (`assistant::answer_with_notes`), token for token: the adapter's reading when the note
+    /// holds its numbers, else the base model's (else the request again without the note).
+    #[test]
+    fn slots_check_readings_of_learned_notes_as_ask_does() {
+        let (_dir, path, home, store, mut e) = tiny();
+        store
+            .add_note("the harbour pool locker is by the blue door", None, None)
+            .unwrap();
+        store
+            .conn()
+            .execute("UPDATE notes SET learned_at = 'x', learn_attempts = 1", [])
+            .unwrap();
+        let wc = WorkerConfig {
+            home: home.clone(),
+            choice: ModelChoice {
+                name: "tiny".into(),
+                path: path.clone(),
+                manifest: None,
+            },
+            ctx: None,
+            backend: Backend::Cpu,
+            threads: 1,
+            retrieval: true,
+            parallel: 2,
+            prompt_cache_bytes: 64 << 20,
+            largest_batch: Arc::new(AtomicUsize::new(0)),
+        };
+        // A repeat penalty keeps the tiny base model from answering only line breaks.
+        let o = SamplingOverrides {
+            temperature: Some(0.0),
+            seed: Some(1),
+            repeat_penalty: Some(3.0),
+            ..Default::default()
+        };
+        let params = assistant::sampling(&wc.choice, &o).unwrap();
+        let cancel = AtomicBool::new(false);
+        let n = 16;
+        let mut ways = std::collections::BTreeSet::new();
+        let words = "where which what tell say find show give name recall list check".split(' ');
+        for (seed, word) in words.enumerate() {
+            let question = format!("{word} harbour pool locker");
+            let question = question.as_str();
+            // Numbers neither the note nor the question holds, for the answers to pick up.
+            let system = format!("{} 17 {} 29 {}", seed * 7 + 3, seed * 11 + 5, 41 + seed);
+            let messages = vec![Message::system(&system), Message::user(question)];
+            let w = Arc::new(
+                LoraWeights::random_for_tests(&e.model.cfg, seed as u64)
+                    .prepare()
+                    .unwrap(),
+            );
+            e.attach(Some((w, None)));
+            // One at a time, as `hone ask` answers.
+            let (tokens, found) =
+                assistant::chat_tokens_with_notes(&e, &store, &messages, true, n).unwrap();
+            assert_eq!(found.len(), 1, "the note is found");
+            e.reset();
+            let want = match assistant::answer_with_notes(
+                &mut e,
+                &found,
+                question,
+                &tokens,
+                &params,
+                n,
+                &cancel,
+                &mut |_| {},
+            )
+            .unwrap()
+            {
+                Some(g) => g,
+                None => {
+                    let plain = e.chat_tokens(&messages).unwrap();
+                    e.reset();
+                    let mut g = e
+                        .generate(&plain, &params, n, &cancel, &mut |_| {})
+                        .unwrap();
+                    g.route_p = Some(-1.0); // marks the way taken
+                    g
+                }
+            };
+            ways.insert((want.by_base, want.route_p.is_some()));
+            let mut slots = Slots {
+                cfg: &wc,
+                store: &store,
+                engine: &e,
+                adapter: Some("1".into()),
+                default_max_tokens: n,
+                active: Vec::new(),
+                free: Vec::new(),
+                tick: 0,
+            };
+            let (mut j, mut rx) = job(&home, question, n);
+            j.request.input = Input::Chat(messages.clone());
+            j.request.repeat_penalty = Some(3.0);
+            slots.admit(j);
+            let mut steps = 0;
+            while !slots.active.is_empty() {
+                slots.step();
+                steps += 1;
+                assert!(steps < 200, "the slots never finished");
+            }
+            let d = done(&mut rx);
+            assert_eq!(d.text, want.text, "seed {seed}");
+            let cites = d.hone["citations"].as_array().map_or(0, |c| c.len());
+            assert_eq!(
+                cites,
+                usize::from(want.route_p.is_none()),
+                "seed {seed}: {}",
+                d.hone
+            );
+        }
+        // Kept, and read by the base model. (The tiny base model's chat answers hold no digits,
+        // so the third way, the request again without the note, is not reached here; the
+        // assistant's `reading_tests` reach it through `answer_with_notes`.)
+        assert!(
+            ways.contains(&(false, false)) && ways.contains(&(true, false)),
+            "{ways:?}"
+        );
     }
 
     /// A prompt seen before starts where its cache left off (the prompt cache), one that shares
