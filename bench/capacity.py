@@ -50,9 +50,9 @@ def plot(data, png):
     for b in range(len(rows[-1]["per_batch"])):
         pts = [(r["notes_learned"], r["per_batch"][b]) for r in rows if len(r["per_batch"]) > b]
         ax.plot([p[0] for p in pts], [100 * p[1][0] / p[1][1] for p in pts], marker="o",
-                lw=1, alpha=0.8, label=f"notes {b * cycle + 1}-{(b + 1) * cycle}")
-    ax.plot(xs, [100 * r["correct"] / r["total"] for r in rows], color="black", lw=2.5,
-            marker="s", label="all notes learned so far")
+                ms=9, lw=1.5, zorder=3, alpha=0.85, label=f"notes {b * cycle + 1}-{(b + 1) * cycle}")
+    ax.plot(xs, [100 * r["correct"] / r["total"] for r in rows], color="black", lw=1.5,
+            ls=":", marker="s", ms=4, zorder=4, label="all notes learned so far")
     ax.plot(xs, [100 * r["retention_after"] for r in rows], color="grey", ls="--",
             label="general questions")
     ax.set_xlabel("notes learned (cycles of %d)" % cycle)
