@@ -467,13 +467,13 @@ impl Assistant {
         })
     }
 
-    /// Answers a prepared turn of `question`: with notes in it, the reader
-    /// [`answer_with_notes`] picks answers and cites them (when neither reader's answer is
-    /// supported by the notes, the question is answered from `turn.plain`, without notes and
-    /// without routing it as a question about them); otherwise as [`Assistant::answer`] (`routed`: the question, so that a
-    /// question about a learned note routes to the adapter; None when retrieval already searched
-    /// and found nothing, when only a removed note the adapter still holds is looked for, to
-    /// hold the adapter's answer back).
+    /// Answers a prepared turn of `question`. With notes in it, [`answer_with_notes`] reads them
+    /// and the answer cites them; when neither reader's answer is supported by the notes, the
+    /// question is answered from `turn.plain`, without notes and without routing it as a
+    /// question about them. Otherwise as [`Assistant::answer`] (`routed`: the question, so that
+    /// a question about a learned note routes to the adapter; None when retrieval already
+    /// searched and found nothing, when only a removed note the adapter still holds is looked
+    /// for, to hold the adapter's answer back).
     #[allow(clippy::too_many_arguments)]
     pub fn answer_turn(
         &mut self,
