@@ -376,8 +376,9 @@ pub fn turn_json(
 /// A chat turn ready to answer: its tokens and the notes retrieval put in it.
 pub struct PreparedTurn {
     pub tokens: Vec<u32>,
-    /// The same turn without the notes (empty when there are none).
-    pub plain: Vec<u32>,
+    /// The same conversation without the notes (empty when there are none), rendered only if
+    /// the notes turn out not to hold the answer.
+    pub plain: Vec<Message>,
     pub cited: Vec<crate::retrieve::NoteMatch>,
     /// How many of the oldest turns were dropped from the conversation to fit the context.
     pub dropped: usize,
@@ -457,7 +458,7 @@ impl Assistant {
         // The same turn without its notes, for a question the notes turn out not to hold.
         let plain = match cited.is_empty() {
             true => Vec::new(),
-            false => self.engine.chat_tokens(messages)?,
+            false => messages.clone(),
         };
         Ok(PreparedTurn {
             tokens,
@@ -511,7 +512,7 @@ impl Assistant {
                 // The notes found do not hold what was asked, so the question is not about
                 // them: answered without notes, and not routed to the adapter as a question
                 // about a learned note (the route's opening decides, as for any question).
-                (turn.plain, None)
+                (self.engine.chat_tokens(&turn.plain)?, None)
             }
         };
         let held_back = match routed {
@@ -665,7 +666,7 @@ impl Assistant {
             false => {
                 let mut m = messages.clone();
                 m.push(Message::user(question));
-                self.engine.chat_tokens(&m)?
+                m
             }
         };
         messages.push(Message::user(&content));

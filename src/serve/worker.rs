@@ -984,6 +984,36 @@ mod tests {
         (dir, path, home, store, e)
     }
 
+    /// The tiny model as the chosen model.
+    fn tiny_choice(path: &std::path::Path) -> ModelChoice {
+        ModelChoice {
+            name: "tiny".into(),
+            path: path.to_path_buf(),
+            manifest: None,
+        }
+    }
+
+    /// A one-thread CPU worker's settings.
+    fn config(
+        home: &Home,
+        choice: ModelChoice,
+        retrieval: bool,
+        parallel: usize,
+        prompt_cache_bytes: usize,
+    ) -> WorkerConfig {
+        WorkerConfig {
+            home: home.clone(),
+            choice,
+            ctx: None,
+            backend: Backend::Cpu,
+            threads: 1,
+            retrieval,
+            parallel,
+            prompt_cache_bytes,
+            largest_batch: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
     fn job(home: &Home, text: &str, max_tokens: usize) -> (Job, UnboundedReceiver<Event>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let request = Request {
@@ -1038,21 +1068,7 @@ mod tests {
                 .prepare()
                 .unwrap(),
         );
-        let wc = WorkerConfig {
-            home: home.clone(),
-            choice: ModelChoice {
-                name: "tiny".into(),
-                path: path.clone(),
-                manifest: None,
-            },
-            ctx: None,
-            backend: Backend::Cpu,
-            threads: 1,
-            retrieval: true,
-            parallel: 3,
-            prompt_cache_bytes: 64 << 20,
-            largest_batch: Arc::new(AtomicUsize::new(0)),
-        };
+        let wc = config(&home, tiny_choice(&path), true, 3, 64 << 20);
         let prompts = ["hello there", "a b c d", "zebra stripes and more"];
         let n = 12;
         // The adapter's own greedy opening of the first prompt: that one keeps the adapter.
@@ -1144,21 +1160,7 @@ mod tests {
             .conn()
             .execute("UPDATE notes SET learned_at = 'x', learn_attempts = 1", [])
             .unwrap();
-        let wc = WorkerConfig {
-            home: home.clone(),
-            choice: ModelChoice {
-                name: "tiny".into(),
-                path: path.clone(),
-                manifest: None,
-            },
-            ctx: None,
-            backend: Backend::Cpu,
-            threads: 1,
-            retrieval: true,
-            parallel: 2,
-            prompt_cache_bytes: 64 << 20,
-            largest_batch: Arc::new(AtomicUsize::new(0)),
-        };
+        let wc = config(&home, tiny_choice(&path), true, 2, 64 << 20);
         // A repeat penalty keeps the tiny base model from answering only line breaks.
         let o = SamplingOverrides {
             temperature: Some(0.0),
@@ -1278,11 +1280,7 @@ mod tests {
             seed: Some(1),
             ..Default::default()
         };
-        let choice = ModelChoice {
-            name: "tiny".into(),
-            path: path.clone(),
-            manifest: None,
-        };
+        let choice = tiny_choice(&path);
         let params = assistant::sampling(&choice, &o).unwrap();
         let cancel = AtomicBool::new(false);
         let want: Vec<String> = toks
@@ -1295,17 +1293,7 @@ mod tests {
             })
             .collect();
         for (budget, third) in [(64usize << 20, toks[0].len() - 1), (0, shared)] {
-            let wc = WorkerConfig {
-                home: home.clone(),
-                choice: choice.clone(),
-                ctx: None,
-                backend: Backend::Cpu,
-                threads: 1,
-                retrieval: false,
-                parallel: 1,
-                prompt_cache_bytes: budget,
-                largest_batch: Arc::new(AtomicUsize::new(0)),
-            };
+            let wc = config(&home, choice.clone(), false, 1, budget);
             let mut slots = Slots {
                 cfg: &wc,
                 store: &store,
