@@ -731,18 +731,21 @@ impl Engine {
     pub fn scored_nll(&mut self, tokens: &[u32], scored: &[bool]) -> Result<f64> {
         let lsm = self.next_token_log_probs(tokens, scored)?;
         let (mut nll, mut n) = (0.0f64, 0usize);
-        for i in 1..tokens.len() {
-            if scored[i] {
-                nll -= lsm[i - 1][tokens[i] as usize] as f64;
-                n += 1;
-            }
+        for (i, row) in &lsm {
+            nll -= row[tokens[*i] as usize] as f64;
+            n += 1;
         }
         Ok(if n == 0 { 0.0 } else { nll / n as f64 })
     }
 
-    /// Log-probabilities of the next token after every prefix of `tokens` (row i: after
-    /// `tokens[..=i]`), for scoring the positions marked in `scored` (same length).
-    fn next_token_log_probs(&mut self, tokens: &[u32], scored: &[bool]) -> Result<Vec<Vec<f32>>> {
+    /// Log-probabilities of the next token at each position `i` marked in `scored` (same
+    /// length as `tokens`): row `i - 1` of the logits, after `tokens[..i]`, as `(i, row)` in
+    /// increasing `i`. Only those rows go through the output head.
+    fn next_token_log_probs(
+        &mut self,
+        tokens: &[u32],
+        scored: &[bool],
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
         if tokens.len() < 2
             || tokens.len() != scored.len()
             || tokens.len() > self.model.max_context()
@@ -754,13 +757,23 @@ impl Engine {
             )));
         }
         self.reset();
-        let mut rows = Vec::new();
-        for part in tokens.chunks(self.batch) {
-            rows.push(self.model.forward(part, Logits::All)?);
+        let mut out = Vec::new();
+        for (c, part) in tokens.chunks(self.batch).enumerate() {
+            let start = c * self.batch;
+            // Position p of the chunk predicts token start + p + 1.
+            let rows: Vec<u32> = (0..part.len())
+                .filter(|&p| scored.get(start + p + 1).copied().unwrap_or(false))
+                .map(|p| p as u32)
+                .collect();
+            let logits = self.model.forward_rows(part, &rows)?;
+            if rows.is_empty() {
+                continue;
+            }
+            let lsm = Model::log_softmax(&logits)?.to_vec2::<f32>()?;
+            out.extend(rows.iter().map(|&p| start + p as usize + 1).zip(lsm));
         }
         self.reset();
-        let logits = candle_core::Tensor::cat(&rows, 0)?;
-        Ok(Model::log_softmax(&logits)?.to_vec2::<f32>()?)
+        Ok(out)
     }
 
     /// The model's `k` most likely next tokens and their probabilities (renormalised over
@@ -774,11 +787,8 @@ impl Engine {
     ) -> Result<SoftTargets> {
         let lsm = self.next_token_log_probs(tokens, scored)?;
         let mut out = Vec::new();
-        for i in 1..tokens.len() {
-            if !scored[i] {
-                continue;
-            }
-            let row = &lsm[i - 1];
+        for (i, row) in &lsm {
+            let (i, row) = (*i, row.as_slice());
             let mut idx: Vec<u32> = (0..row.len() as u32).collect();
             let k = k.clamp(1, row.len());
             idx.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));

@@ -213,6 +213,11 @@ pub struct ModeResult {
     pub wall_s: f64,
     pub peak_rss_mb: f64,
     pub gate: Option<String>,
+    /// The learning cycle's steps (planned, trained) and where its time went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<(usize, usize)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<learn::PhaseTimes>,
     pub answers: Vec<Answered>,
     pub retention_answers: Vec<Answered>,
     /// Sequential: per batch, accuracy right after its own cycle and after the last.
@@ -371,10 +376,13 @@ pub fn run(
                     CycleOutcome::Done {
                         train_tokens,
                         reason,
+                        gate,
                         ..
                     } => {
                         r.train_tokens = train_tokens;
                         r.gate = Some(reason);
+                        r.steps = Some((gate.steps_planned, gate.steps_trained));
+                        r.phases = gate.phases;
                     }
                     other => bail!("the learning cycle did not finish: {other:?}"),
                 }

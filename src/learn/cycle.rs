@@ -177,22 +177,34 @@ fn run_one(
     };
     let interrupted = CycleOutcome::Interrupted { cycle: cycle.id };
     let opts = &resumed_options(&cycle, opts);
+    let mut phases = PhaseTimes::default();
+    let mut lap = Instant::now();
+    let mut next_lap = || {
+        std::mem::replace(&mut lap, Instant::now())
+            .elapsed()
+            .as_secs_f64()
+    };
     if !write_self_edits(&mut run, &cycle, opts)? {
         return Ok(interrupted);
     }
     let mut set = training_set(&mut run, &cycle, opts)?;
+    phases.self_edits_s = next_lap();
     if !add_anchors(&mut run, &cycle, opts, &mut set)? {
         return Ok(interrupted);
     }
+    phases.anchors_s = next_lap();
     if set.examples.is_empty() {
         return nothing_to_train(&mut run, &cycle, t0);
     }
     let Some(trained) = train_candidate(&mut run, &cycle, opts, &mut set)? else {
         return Ok(interrupted);
     };
-    let Some((g, activated, reason)) = gate(&mut run, &cycle, opts, &set, &trained)? else {
+    phases.training_s = next_lap();
+    let Some((mut g, activated, reason)) = gate(&mut run, &cycle, opts, &set, &trained)? else {
         return Ok(interrupted);
     };
+    phases.gate_s = next_lap();
+    g.phases = Some(phases);
     let mut out = finish(
         &mut run,
         &cycle,

@@ -299,6 +299,20 @@ pub struct GateReport {
     pub seqs_skipped: u64,
     #[serde(default)]
     pub checks: Vec<adaptive::Check>,
+    /// Where this run of the cycle spent its time (a resumed cycle: only what it redid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<PhaseTimes>,
+}
+
+/// Seconds a cycle spent on each step: writing its self-edits and building the training set,
+/// the base model's anchoring answers (only those not stored from earlier cycles), training
+/// (with its probe checks), and the gate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    pub self_edits_s: f64,
+    pub anchors_s: f64,
+    pub training_s: f64,
+    pub gate_s: f64,
 }
 
 /// How a cycle ended.

@@ -135,6 +135,13 @@ pub fn outcome_text(out: &CycleOutcome) -> String {
                     .map(|v| format!("adapter v{v} is active; "))
                     .unwrap_or_default()
             );
+            if let Some(p) = &gate.phases {
+                let _ = writeln!(
+                    s,
+                    "  time: self-edits {:.0} s, anchors {:.0} s, training {:.0} s, gate {:.0} s",
+                    p.self_edits_s, p.anchors_s, p.training_s, p.gate_s
+                );
+            }
         }
     }
     s

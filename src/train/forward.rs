@@ -216,11 +216,13 @@ pub fn head_loss_rows(
 ) -> Result<(Tensor, Vec<Option<f32>>)> {
     let (b, s, d) = x.dims3()?;
     let x = x.reshape((b * s, d))?;
-    // (row, target, weight): one per position with a weight, or one per candidate of a
-    // position with soft targets (the same row selected several times; its gradients add up).
+    // Each position with a weight goes through the head once; its entries (row, target,
+    // weight) are one, or one per candidate of a position with soft targets (their gradients
+    // add up in the head's backward).
     let soft: std::collections::HashMap<usize, &Vec<(u32, f32)>> =
         batch.soft.iter().map(|(p, dist)| (*p, dist)).collect();
     let mut idx = Vec::new();
+    let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut w = Vec::new();
     // Per entry: its batch row and its weight without `norm`.
@@ -230,17 +232,23 @@ pub fn head_loss_rows(
         if wi <= 0.0 {
             continue;
         }
-        match soft.get(&i) {
+        let dist = soft.get(&i);
+        if dist.is_some_and(|d| d.is_empty()) {
+            continue;
+        }
+        let row = idx.len() as u32;
+        idx.push(i as u32);
+        match dist {
             Some(dist) => {
                 for &(t, p) in dist.iter() {
-                    idx.push(i as u32);
+                    rows.push(row);
                     targets.push(t);
                     w.push(wi * p * norm);
                     raw.push((i / s, wi * p));
                 }
             }
             None => {
-                idx.push(i as u32);
+                rows.push(row);
                 targets.push(batch.targets[i]);
                 w.push(wi * norm);
                 raw.push((i / s, wi));
@@ -250,11 +258,12 @@ pub fn head_loss_rows(
     if idx.is_empty() {
         return Ok(((x.sum_all()? * 0.0)?.affine(1.0, 0.0)?, vec![None; b]));
     }
-    let n = idx.len();
-    let idx = Tensor::from_vec(idx, n, &Device::Cpu)?;
-    let rows = x.index_select(&idx, 0)?;
-    let h = rms_norm(&rows, &model.norm, model.cfg.eps as f32)?;
-    let losses = head_cross_entropy(&h, &model.output.q, targets)?;
+    let n = targets.len();
+    let picked = idx.len();
+    let idx = Tensor::from_vec(idx, picked, &Device::Cpu)?;
+    let h_rows = x.index_select(&idx, 0)?;
+    let h = rms_norm(&h_rows, &model.norm, model.cfg.eps as f32)?;
+    let losses = head_cross_entropy(&h, &model.output.q, rows, targets)?;
     let values = losses.flatten_all()?.to_vec1::<f32>()?;
     let mut sums = vec![(0f64, 0f64); b];
     for (&(row, wr), &l) in raw.iter().zip(&values) {

@@ -274,26 +274,62 @@ pub fn qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(QMatMulGrad { w: w.clone() })
 }
 
-/// The output head and the cross-entropy, fused: input `h` (n, d) after the final norm, output
-/// the per-row loss `-log softmax(h·Wᵀ)[target]` (n). The logits are computed tile by tile of
-/// the vocabulary and never stored whole. The same pass also accumulates each row's gradient
-/// `(softmax − onehot)·W` with an online softmax (the flash-attention rescaling: a row's sum is
-/// kept relative to its running maximum and rescaled when the maximum grows), so the backward
-/// only scales it: two products with W in all, where computing the logits again in the backward
-/// took three. The gradient is n × d floats, the size of the input.
+/// The output head and the cross-entropy, fused: input `h` (m, d) after the final norm, output
+/// one loss `-log softmax(h_r·Wᵀ)[t]` per entry `(r, t)` (n entries, grouped by row in
+/// increasing `r`; a row may have several, as a distilled position has one per candidate
+/// token, and then its logits are computed once, not once per candidate). The logits are
+/// computed tile by tile of the vocabulary and never stored whole. The same pass also
+/// accumulates each row's `softmax·W` with an online softmax (the flash-attention rescaling: a
+/// row's sum is kept relative to its running maximum and rescaled when the maximum grows), so
+/// the backward only combines it with the targets' rows: two products with W in all, where
+/// computing the logits again in the backward took three. That state is m × d floats, the size
+/// of the input.
 pub struct HeadCrossEntropy {
     pub w: Arc<QTensor>,
+    /// Per entry: its row of the input.
+    pub rows: Vec<u32>,
+    /// Per entry: its target token.
     pub targets: Vec<u32>,
-    grad: Mutex<Option<Vec<f32>>>,
+    softmax_w: Mutex<Option<Vec<f32>>>,
 }
 
 impl HeadCrossEntropy {
-    pub fn new(w: Arc<QTensor>, targets: Vec<u32>) -> Self {
+    pub fn new(w: Arc<QTensor>, rows: Vec<u32>, targets: Vec<u32>) -> Self {
         Self {
             w,
+            rows,
             targets,
-            grad: Mutex::new(None),
+            softmax_w: Mutex::new(None),
         }
+    }
+
+    /// Where each row's entries start in `rows`/`targets` (`m + 1` offsets), or an error when
+    /// the entries are not grouped by increasing row or name a row past `m`.
+    fn groups(&self, m: usize) -> Result<Vec<usize>> {
+        if self.rows.len() != self.targets.len() {
+            candle_core::bail!(
+                "{} entry rows but {} targets",
+                self.rows.len(),
+                self.targets.len()
+            );
+        }
+        let mut starts = Vec::with_capacity(m + 1);
+        let mut next = 0usize;
+        for (e, &r) in self.rows.iter().enumerate() {
+            let r = r as usize;
+            if r >= m || r + 1 < next {
+                candle_core::bail!("head entries must name rows below {m} in increasing order");
+            }
+            while next <= r {
+                starts.push(e);
+                next += 1;
+            }
+        }
+        while next <= m {
+            starts.push(self.rows.len());
+            next += 1;
+        }
+        Ok(starts)
     }
 }
 
@@ -339,13 +375,12 @@ fn head_tile(vocab: usize, k: usize) -> usize {
 /// subnormal floats they slow the products 50-fold.
 const FLUSH: f32 = 1e-20;
 
-/// One row's running state in the head: maximum logit, sum of `exp(logit − max)` (f64), the
-/// target's logit, and the factor the row's gradient accumulator is rescaled by in this tile.
+/// One row's running state in the head: maximum logit, sum of `exp(logit − max)` (f64), and
+/// the factor the row's gradient accumulator is rescaled by in this tile.
 #[derive(Clone, Copy)]
 struct RowState {
     max: f32,
     sum: f64,
-    target: f32,
     rescale: f32,
 }
 
@@ -358,9 +393,7 @@ impl CustomOp1 for HeadCrossEntropy {
         let (vocab, k) = self.w.shape().dims2()?;
         let x = input_2d(storage, layout, k)?;
         let m = x.dim(0)?;
-        if m != self.targets.len() {
-            candle_core::bail!("{m} rows but {} targets", self.targets.len());
-        }
+        let starts = self.groups(m)?;
         if let Some(t) = self.targets.iter().find(|t| **t as usize >= vocab) {
             candle_core::bail!("target token {t} is outside the vocabulary of {vocab}");
         }
@@ -369,11 +402,19 @@ impl CustomOp1 for HeadCrossEntropy {
             RowState {
                 max: f32::NEG_INFINITY,
                 sum: 0.0,
-                target: 0.0,
                 rescale: 1.0,
             };
             m
         ];
+        // Per row: its entries' targets and their logits, filled in by the tile holding each.
+        let mut picks: Vec<Vec<(u32, f32)>> = (0..m)
+            .map(|r| {
+                self.targets[starts[r]..starts[r + 1]]
+                    .iter()
+                    .map(|&t| (t, 0.0))
+                    .collect()
+            })
+            .collect();
         // Σ_v exp(logit_v − max)·W_v per row, in the units of the row's current maximum.
         let mut acc: Option<Vec<f32>> = None;
         let t = head_tile(vocab, k);
@@ -393,11 +434,13 @@ impl CustomOp1 for HeadCrossEntropy {
             let w = e - r;
             part.par_chunks_mut(w)
                 .zip(st.par_iter_mut())
-                .zip(self.targets.par_iter())
-                .for_each(|((row, s), &target)| {
-                    let tu = target as usize;
-                    if tu >= r && tu < e {
-                        s.target = row[tu - r];
+                .zip(picks.par_iter_mut())
+                .for_each(|((row, s), picks)| {
+                    for (target, logit) in picks.iter_mut() {
+                        let tu = *target as usize;
+                        if tu >= r && tu < e {
+                            *logit = row[tu - r];
+                        }
                     }
                     let tm = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let nm = s.max.max(tm);
@@ -459,57 +502,81 @@ impl CustomOp1 for HeadCrossEntropy {
             }
             r = e;
         }
-        let mut grad = acc.ok_or_else(|| candle_core::Error::Msg("empty head".into()))?;
-        // softmax·W = acc / sum, minus the target's row of W.
-        grad.par_chunks_mut(k)
+        let mut softmax_w = acc.ok_or_else(|| candle_core::Error::Msg("empty head".into()))?;
+        softmax_w
+            .par_chunks_mut(k)
             .zip(st.par_iter())
-            .zip(self.targets.par_iter())
-            .try_for_each(|((g, s), &target)| {
+            .for_each(|(g, s)| {
                 let inv = (1.0 / s.sum) as f32;
-                let wt = dequantize_rows(&self.w, target as usize, target as usize + 1)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                g.iter_mut().zip(&wt).for_each(|(g, w)| *g = *g * inv - w);
-                Ok::<_, candle_core::Error>(())
-            })?;
+                g.iter_mut().for_each(|g| *g *= inv);
+            });
         let losses: Vec<f32> = st
             .iter()
-            .map(|s| (s.max as f64 + s.sum.ln()) as f32 - s.target)
+            .zip(&picks)
+            .flat_map(|(s, picks)| {
+                let lse = s.max as f64 + s.sum.ln();
+                picks
+                    .iter()
+                    .map(move |&(_, logit)| (lse - logit as f64) as f32)
+            })
             .collect();
-        if let Ok(mut g) = self.grad.lock() {
-            *g = Some(grad);
+        if let Ok(mut g) = self.softmax_w.lock() {
+            *g = Some(softmax_w);
         }
-        Ok((CpuStorage::F32(losses), Shape::from(m)))
+        let n = losses.len();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
+    /// `grad_h_r = (Σ_c g_c)·softmax_r·W − Σ_c g_c·W[t_c]` over row r's entries c.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (_, k) = self.w.shape().dims2()?;
         let mut grad = self
-            .grad
+            .softmax_w
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned head state".into()))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg("head backward before forward".into()))?;
+        let m = grad.len() / k.max(1);
+        let starts = self.groups(m)?;
         let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
-        if grad.len() != g.len() * k {
+        if g.len() != self.targets.len() {
             candle_core::bail!(
-                "head backward for {} rows, forward had {}",
+                "head backward for {} entries, forward had {}",
                 g.len(),
-                grad.len() / k.max(1)
+                self.targets.len()
             );
         }
         grad.par_chunks_mut(k)
-            .zip(g.par_iter())
-            .for_each(|(row, &gi)| row.iter_mut().for_each(|v| *v *= gi));
-        let gx = Tensor::from_vec(grad, (g.len(), k), &Device::Cpu)?;
+            .enumerate()
+            .try_for_each(|(r, row)| {
+                let entries = starts[r]..starts[r + 1];
+                let total: f32 = g[entries.clone()].iter().sum();
+                row.iter_mut().for_each(|v| *v *= total);
+                for e in entries {
+                    let t = self.targets[e] as usize;
+                    let wt = dequantize_rows(&self.w, t, t + 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let ge = g[e];
+                    row.iter_mut().zip(&wt).for_each(|(v, w)| *v -= ge * w);
+                }
+                Ok::<_, candle_core::Error>(())
+            })?;
+        let gx = Tensor::from_vec(grad, (m, k), &Device::Cpu)?;
         Ok(Some(gx.reshape(arg.shape())?))
     }
 }
 
-/// Per-row cross-entropy of `h·Wᵀ` against `targets`, differentiable with respect to `h`.
-pub fn head_cross_entropy(h: &Tensor, w: &Arc<QTensor>, targets: Vec<u32>) -> Result<Tensor> {
+/// Per-entry cross-entropy of `h·Wᵀ` (entry `e` scores row `rows[e]` against `targets[e]`,
+/// entries grouped by increasing row), differentiable with respect to `h`.
+pub fn head_cross_entropy(
+    h: &Tensor,
+    w: &Arc<QTensor>,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+) -> Result<Tensor> {
     h.contiguous()?
-        .apply_op1(HeadCrossEntropy::new(w.clone(), targets))
+        .apply_op1(HeadCrossEntropy::new(w.clone(), rows, targets))
 }
 
 #[cfg(test)]
@@ -586,21 +653,56 @@ mod tests {
         let (_, q) = rand_q(100, 32, GgmlDType::Q8_0, 3);
         let x = Tensor::randn(0f32, 1., (2, 32), &Device::Cpu).unwrap();
         let set = AtomicBool::new(true);
-        let e = with_cancel(&set, || head_cross_entropy(&x, &q, vec![1, 2])).unwrap_err();
+        let e =
+            with_cancel(&set, || head_cross_entropy(&x, &q, vec![0, 1], vec![1, 2])).unwrap_err();
         assert!(e.to_string().contains(HEAD_CANCELLED), "{e}");
         let clear = AtomicBool::new(false);
-        assert!(with_cancel(&clear, || head_cross_entropy(&x, &q, vec![1, 2])).is_ok());
+        assert!(with_cancel(&clear, || head_cross_entropy(
+            &x,
+            &q,
+            vec![0, 1],
+            vec![1, 2]
+        ))
+        .is_ok());
         // Outside `with_cancel` no flag is looked at.
-        assert!(head_cross_entropy(&x, &q, vec![1, 2]).is_ok());
+        assert!(head_cross_entropy(&x, &q, vec![0, 1], vec![1, 2]).is_ok());
+    }
+
+    /// Entries that share a row (a distilled position's candidates) get the losses and the
+    /// summed gradients of the same rows scored once per entry.
+    #[test]
+    fn head_entries_sharing_a_row_match_dense() {
+        head_matches_dense_entries(
+            20_000,
+            vec![0, 0, 0, 1, 2, 2, 3],
+            vec![3, 7, 19_999, 8_200, 17_000, 5, 11],
+            4.0,
+        );
+    }
+
+    #[test]
+    fn head_refuses_entries_out_of_order() {
+        let (_, q) = rand_q(100, 32, GgmlDType::Q8_0, 3);
+        let x = Tensor::randn(0f32, 1., (2, 32), &Device::Cpu).unwrap();
+        assert!(head_cross_entropy(&x, &q, vec![1, 0], vec![1, 2]).is_err());
+        assert!(head_cross_entropy(&x, &q, vec![0, 2], vec![1, 2]).is_err());
+        assert!(head_cross_entropy(&x, &q, vec![0], vec![1, 2]).is_err());
     }
 
     fn head_matches_dense(vocab: usize, targets: Vec<u32>, spread: f64) {
+        head_matches_dense_entries(vocab, (0..targets.len() as u32).collect(), targets, spread)
+    }
+
+    fn head_matches_dense_entries(vocab: usize, rows: Vec<u32>, targets: Vec<u32>, spread: f64) {
         assert!(vocab <= 50 || vocab > 2 * head_tile(vocab, 32));
         let (d, q) = rand_q(vocab, 32, GgmlDType::Q8_0, 9);
         let x = Tensor::randn(0f32, 1., (4, 32), &Device::Cpu).unwrap();
         let x = Var::from_tensor(&(x * spread).unwrap()).unwrap();
-        let l = head_cross_entropy(x.as_tensor(), &q, targets.clone()).unwrap();
-        let logits = x.as_tensor().matmul(&d.t().unwrap()).unwrap();
+        let l = head_cross_entropy(x.as_tensor(), &q, rows.clone(), targets.clone()).unwrap();
+        // The dense reference scores each entry's row, selected again for every entry.
+        let ridx = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+        let picked = x.as_tensor().index_select(&ridx, 0).unwrap();
+        let logits = picked.matmul(&d.t().unwrap()).unwrap();
         let lsm = candle_nn::ops::log_softmax(&logits, 1).unwrap();
         let idx = Tensor::new(targets.as_slice(), &Device::Cpu)
             .unwrap()
@@ -615,7 +717,10 @@ mod tests {
             .unwrap();
         let diff = (&l - &want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4 * spread as f32);
-        let w = Tensor::new(&[1f32, 0.5, 0., 2.], &Device::Cpu).unwrap();
+        let wv: Vec<f32> = (0..targets.len())
+            .map(|i| [1f32, 0.5, 0., 2.][i % 4])
+            .collect();
+        let w = Tensor::new(wv.as_slice(), &Device::Cpu).unwrap();
         let g1 = (l * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let diff = (g1.get(&x).unwrap() - g2.get(&x).unwrap())
