@@ -487,11 +487,7 @@ impl Model {
                 });
             }
         }
-        self.check_cache(cache, s)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let x = self.embed.embedding(&ids)?;
-        let mut caches = [cache];
-        let x = self.layers_forward(x, &mut caches, &[s], &[use_lora])?;
+        let x = self.hidden(cache, tokens, use_lora)?;
         let x = match logits {
             Logits::Last => x.narrow(0, s - 1, 1)?,
             Logits::All => x,
@@ -516,21 +512,25 @@ impl Model {
             .into());
         }
         let mut cache = std::mem::take(&mut self.cache);
-        let use_lora = self.lora.is_some();
-        let r = (|| {
-            self.check_cache(&cache, s)?;
-            let ids = Tensor::new(tokens, &self.device)?;
-            let x = self.embed.embedding(&ids)?;
-            let mut caches = [&mut cache];
-            let x = self.layers_forward(x, &mut caches, &[s], &[use_lora])?;
-            if rows.is_empty() {
-                return Ok(self.head(&x.narrow(0, 0, 1)?)?.narrow(0, 0, 0)?);
-            }
-            let idx = Tensor::new(rows, &self.device)?;
-            self.head(&x.index_select(&idx, 0)?)
-        })();
+        let x = self.hidden(&mut cache, tokens, self.lora.is_some());
         self.cache = cache;
-        r
+        let x = x?;
+        if rows.is_empty() {
+            let (vocab, _) = self.output.q.shape().dims2()?;
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
+        }
+        let idx = Tensor::new(rows, &self.device)?;
+        self.head(&x.index_select(&idx, 0)?)
+    }
+
+    /// The final hidden states (tokens, dim) of `tokens` run at `cache`'s positions, appended
+    /// to it: what [`Model::forward_cached`] and [`Model::forward_rows`] put through the head.
+    fn hidden(&self, cache: &mut KvCache, tokens: &[u32], use_lora: bool) -> Result<Tensor> {
+        let s = tokens.len();
+        self.check_cache(cache, s)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let x = self.embed.embedding(&ids)?;
+        self.layers_forward(x, &mut [cache], &[s], &[use_lora])
     }
 
     /// One decoding step for several sequences at once: `tokens[i]` is appended to

@@ -110,11 +110,7 @@ pub fn table(model: &str, results: &[(String, ModeResult)], json_out: bool) -> S
             let _ = writeln!(s, "    gate: {g}");
         }
         if let (Some((planned, trained)), Some(p)) = (r.steps, r.phases) {
-            let _ = writeln!(
-                s,
-                "    cycle: {trained} of {planned} steps; self-edits {:.0} s, anchors {:.0} s, training {:.0} s, gate {:.0} s",
-                p.self_edits_s, p.anchors_s, p.training_s, p.gate_s
-            );
+            let _ = writeln!(s, "    cycle: {trained} of {planned} steps; {p}");
         }
     }
     let acc = |m: &str| {

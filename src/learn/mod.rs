@@ -315,6 +315,16 @@ pub struct PhaseTimes {
     pub gate_s: f64,
 }
 
+impl std::fmt::Display for PhaseTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "self-edits {:.0} s, anchors {:.0} s, training {:.0} s, gate {:.0} s",
+            self.self_edits_s, self.anchors_s, self.training_s, self.gate_s
+        )
+    }
+}
+
 /// How a cycle ended.
 #[derive(Debug, Clone)]
 pub enum CycleOutcome {

@@ -136,11 +136,7 @@ pub fn outcome_text(out: &CycleOutcome) -> String {
                     .unwrap_or_default()
             );
             if let Some(p) = &gate.phases {
-                let _ = writeln!(
-                    s,
-                    "  time: self-edits {:.0} s, anchors {:.0} s, training {:.0} s, gate {:.0} s",
-                    p.self_edits_s, p.anchors_s, p.training_s, p.gate_s
-                );
+                let _ = writeln!(s, "  time: {p}");
             }
         }
     }
