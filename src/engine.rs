@@ -16,6 +16,7 @@ use crate::template::{ChatTemplate, Message, TemplateError};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 use candle_core::Device;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -242,6 +243,11 @@ impl<'a> Decoder<'a> {
         self
     }
 
+    /// The last token picked that is part of the answer (never a stop token).
+    pub fn last_token(&self) -> Option<&u32> {
+        self.tokens.last()
+    }
+
     /// Tokens generated so far (a stop token included).
     pub fn generated(&self) -> usize {
         self.generated
@@ -349,6 +355,35 @@ fn log_p(row: &[f32], t: u32) -> f64 {
     let z: f64 = row.iter().map(|v| (*v as f64 - m).exp()).sum();
     row.get(t as usize)
         .map_or(f64::NEG_INFINITY, |v| *v as f64 - m - z.ln())
+}
+
+/// Shown the logits of each position a generation runs, with the index of the token they predict.
+type Observer<'a> = &'a mut dyn FnMut(usize, &[f32]);
+
+/// The `k` most likely tokens under the logits (or log-probabilities) `row`, most likely first,
+/// with their probabilities renormalised over those `k`.
+fn top_k_probs(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.clamp(1, row.len().max(1));
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    if idx.is_empty() {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+    idx.truncate(k);
+    let m = idx
+        .iter()
+        .map(|&t| row[t as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut top: Vec<(u32, f32)> = idx
+        .iter()
+        .map(|&t| (t, (row[t as usize] - m).exp()))
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let z: f32 = top.iter().map(|x| x.1).sum();
+    if z > 0.0 && z.is_finite() {
+        top.iter_mut().for_each(|x| x.1 /= z);
+    }
+    top
 }
 
 /// A loaded model ready to answer.
@@ -481,7 +516,7 @@ impl Engine {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let g = self.generate_held(prompt, sampling, max_tokens, cancel, on_text, None)?;
+        let g = self.generate_held(prompt, sampling, max_tokens, cancel, on_text, None, None)?;
         g.ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))
     }
 
@@ -498,11 +533,109 @@ impl Engine {
         keep: Box<dyn Fn(&str) -> bool + '_>,
     ) -> Result<Option<Generation>> {
         let hold: Option<Hold<'_>> = Some((usize::MAX, keep));
-        self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)
+        self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold, None)
+    }
+
+    /// [`Engine::generate`]'s greedy answer to `prompt`, keeping the model's `k` most likely
+    /// tokens (renormalised over those `k`) at every position it predicted: `(i, top)` for the
+    /// token at index `i` of prompt-and-answer, as [`Engine::top_k_targets`] gives them. When the
+    /// answer stopped at `max_tokens`, the position after its last token is run too, so the end
+    /// of the turn has its distribution. [`Engine::top_k_targets_reusing`] takes them.
+    pub fn generate_top_k(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        k: usize,
+        cancel: &AtomicBool,
+    ) -> Result<(Generation, SoftTargets)> {
+        let mut seen = Vec::new();
+        let g = self.generate_held(
+            prompt,
+            &SamplingParams::default(),
+            max_tokens,
+            cancel,
+            &mut |_| {},
+            None,
+            Some(&mut |i, logits| seen.push((i, top_k_probs(logits, k)))),
+        )?;
+        let g =
+            g.ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))?;
+        Ok((g, seen))
+    }
+
+    /// [`Engine::top_k_targets`] of `tokens`, taking the rows of `known` (from
+    /// [`Engine::generate_top_k`], just before: the cache still holds what they were computed
+    /// on) wherever `tokens` agrees with that cache up to them, and running only the rest, from
+    /// the cached prefix. The same targets as `top_k_targets` without running the answer again.
+    pub fn top_k_targets_reusing(
+        &mut self,
+        tokens: &[u32],
+        scored: &[bool],
+        k: usize,
+        known: &SoftTargets,
+    ) -> Result<SoftTargets> {
+        let common = self
+            .cache_tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(self.model.cached_len());
+        let known: BTreeMap<usize, &Vec<(u32, f32)>> = known
+            .iter()
+            .filter(|(i, _)| *i <= common)
+            .map(|(i, d)| (*i, d))
+            .collect();
+        let wanted: Vec<usize> = (1..tokens.len())
+            .filter(|&i| scored.get(i).copied().unwrap_or(false))
+            .collect();
+        let missing: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|i| !known.contains_key(i))
+            .collect();
+        if missing.first().is_some_and(|&i| i - 1 < common) {
+            // A row inside the cached prefix that nobody kept: run it all again.
+            return self.top_k_targets(tokens, scored, k);
+        }
+        let mut computed: BTreeMap<usize, Vec<(u32, f32)>> = BTreeMap::new();
+        if !missing.is_empty() {
+            self.model.truncate_cache(common);
+            self.cache_tokens.truncate(common);
+            let rest = &tokens[common..];
+            for (c, part) in rest.chunks(self.batch).enumerate() {
+                let start = common + c * self.batch;
+                let rows: Vec<u32> = (0..part.len())
+                    .filter(|&p| missing.binary_search(&(start + p + 1)).is_ok())
+                    .map(|p| p as u32)
+                    .collect();
+                let logits = self.model.forward_rows(part, &rows)?;
+                self.cache_tokens.extend_from_slice(part);
+                if rows.is_empty() {
+                    continue;
+                }
+                for (&p, row) in rows.iter().zip(logits.to_vec2::<f32>()?) {
+                    computed.insert(start + p as usize + 1, top_k_probs(&row, k));
+                }
+            }
+        }
+        Ok(wanted
+            .into_iter()
+            .filter_map(|i| {
+                let d = known
+                    .get(&i)
+                    .map(|d| (*d).clone())
+                    .or_else(|| computed.remove(&i));
+                d.map(|d| (i, d))
+            })
+            .collect())
     }
 
     /// [`Engine::generate`], optionally holding the text of the first `n` tokens back until
-    /// `keep` has seen it: None when `keep` refuses it (nothing was shown).
+    /// `keep` has seen it (None when `keep` refuses it: nothing was shown), and optionally
+    /// showing `observe` the logits of every position run, with the index of the token they
+    /// predict.
+    #[allow(clippy::too_many_arguments)]
     fn generate_held(
         &mut self,
         prompt: &[u32],
@@ -511,6 +644,7 @@ impl Engine {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
         hold: Option<Hold<'_>>,
+        mut observe: Option<Observer<'_>>,
     ) -> Result<Option<Generation>> {
         let max_ctx = self.model.max_context();
         self.room_for(prompt.len())?;
@@ -521,6 +655,9 @@ impl Engine {
         let mut d = Decoder::new(prompt, sampling, max_tokens, hold);
         let stop = loop {
             let room = self.model.cached_len() < max_ctx;
+            if let Some(o) = observe.as_mut() {
+                o(self.model.cached_len(), &logits);
+            }
             match d.step(&self.tokenizer, &logits, cancel, room, on_text)? {
                 Step::Stop(r) => break r,
                 Step::Feed(tok) => {
@@ -529,6 +666,16 @@ impl Engine {
                 }
             }
         };
+        if let (Some(o), StopReason::MaxTokens, Some(&last)) = (observe, stop, d.last_token()) {
+            if self.model.cached_len() + 1 < max_ctx {
+                logits = self
+                    .model
+                    .forward(&[last], Logits::Last)?
+                    .to_vec1::<f32>()?;
+                self.cache_tokens.push(last);
+                o(self.model.cached_len(), &logits);
+            }
+        }
         // Keep the cache consistent with what it holds (the last sampled token never ran).
         self.cache_tokens.truncate(self.model.cached_len());
         Ok(d.finish(&self.tokenizer, on_text)?
@@ -616,7 +763,7 @@ impl Engine {
             let opens = |t: &str| t.trim_start().starts_with(route.trim());
             let hold: Option<Hold<'_>> = Some((n, Box::new(opens)));
             if let Some(g) =
-                self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold)?
+                self.generate_held(prompt, sampling, max_tokens, cancel, on_text, hold, None)?
             {
                 return Ok(g);
             }
@@ -786,23 +933,10 @@ impl Engine {
         k: usize,
     ) -> Result<SoftTargets> {
         let lsm = self.next_token_log_probs(tokens, scored)?;
-        let mut out = Vec::new();
-        for (i, row) in &lsm {
-            let (i, row) = (*i, row.as_slice());
-            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            let k = k.clamp(1, row.len());
-            idx.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));
-            idx.truncate(k);
-            let mut top: Vec<(u32, f32)> =
-                idx.iter().map(|&t| (t, row[t as usize].exp())).collect();
-            top.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let z: f32 = top.iter().map(|x| x.1).sum();
-            if z > 0.0 {
-                top.iter_mut().for_each(|x| x.1 /= z);
-            }
-            out.push((i, top));
-        }
-        Ok(out)
+        Ok(lsm
+            .into_iter()
+            .map(|(i, row)| (i, top_k_probs(&row, k)))
+            .collect())
     }
 
     /// Perplexity of `text` in chunks of `ctx` tokens, scored like llama.cpp's
@@ -883,6 +1017,51 @@ mod tests {
     use super::*;
     use crate::lora::LoraWeights;
     use std::sync::Arc;
+
+    /// The distributions kept while generating are the ones `top_k_targets` computes over the
+    /// prompt-and-answer, whether the answer ends at the token limit, is followed by other
+    /// tokens, or differs from what was generated (then its rows are run again).
+    #[test]
+    fn top_k_kept_while_generating_match_a_fresh_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let cancel = AtomicBool::new(false);
+        let prompt = e.text_tokens("hello there", false).unwrap();
+        let (g, seen) = e.generate_top_k(&prompt, 6, 4, &cancel).unwrap();
+        assert!(!g.tokens.is_empty());
+        assert!(seen.iter().all(|(_, d)| d.len() == 4));
+        let last = g.tokens[g.tokens.len() - 1];
+        let edited = (last + 1) % e.model.cfg.vocab as u32;
+        let variants: Vec<Vec<u32>> = vec![
+            [prompt.clone(), g.tokens.clone()].concat(),
+            [prompt.clone(), g.tokens.clone(), vec![3, 4]].concat(),
+            [
+                prompt.clone(),
+                g.tokens[..g.tokens.len() - 1].to_vec(),
+                vec![edited, 5],
+            ]
+            .concat(),
+        ];
+        for tokens in variants {
+            let scored: Vec<bool> = (0..tokens.len()).map(|i| i >= prompt.len()).collect();
+            e.reset();
+            let (_, seen) = e.generate_top_k(&prompt, 6, 4, &cancel).unwrap();
+            let reused = e.top_k_targets_reusing(&tokens, &scored, 4, &seen).unwrap();
+            let fresh = e.top_k_targets(&tokens, &scored, 4).unwrap();
+            assert_eq!(reused.len(), fresh.len());
+            for ((i, a), (j, b)) in reused.iter().zip(&fresh) {
+                assert_eq!(i, j);
+                let ta: Vec<u32> = a.iter().map(|x| x.0).collect();
+                let tb: Vec<u32> = b.iter().map(|x| x.0).collect();
+                assert_eq!(ta, tb, "position {i}");
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x.1 - y.1).abs() < 1e-3, "position {i}: {x:?} vs {y:?}");
+                }
+            }
+        }
+    }
 
     /// A tiny random model with an adapter that changes its answers: `answer` gives the
     /// adapter's answer when it opens with the route, the base model's otherwise, and leaves

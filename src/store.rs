@@ -286,6 +286,10 @@ pub const MIGRATIONS: &[&str] = &[
         decided_at TEXT
     );
     CREATE INDEX note_candidates_status ON note_candidates(status, id);",
+    // v9: the base model's distribution over each anchoring answer (its top few tokens per
+    // position), kept with the answer so that no later cycle runs the answer again
+    // (`learn::records::soft_blob`; NULL: not kept yet).
+    "ALTER TABLE anchors ADD COLUMN soft BLOB;",
 ];
 
 /// The schema version this build of hone writes.

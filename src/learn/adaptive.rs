@@ -3,8 +3,10 @@
 //! training loss has flattened, and the record of every check it made.
 //!
 //! The cycle trains in stretches of `period` steps (one epoch, at least 20 steps); after each
-//! stretch from the second epoch on, it answers the new probes with the adapter as it is (the
-//! gate's own test) and asks [`EarlyStop::decide`]. The learning-rate schedule stays the planned
+//! stretch from the second epoch on, it asks [`EarlyStop::loss_is_flat`], and only when the loss
+//! has flattened (a cycle never stops while it is still falling) answers the new probes with the
+//! adapter as it is (the gate's own test, the costly part of a check) and asks
+//! [`EarlyStop::decide`]. The learning-rate schedule stays the planned
 //! one, so a cycle that stops early ends at a higher learning rate than a full one.
 //!
 //! Must not: look at the evaluation's questions (only the rule-made probes that the gate uses),
@@ -17,8 +19,9 @@ use serde::{Deserialize, Serialize};
 pub struct Check {
     /// Steps trained when it was made.
     pub step: usize,
-    /// New probes answered correctly, of `probes`.
-    pub correct: usize,
+    /// New probes answered correctly, of `probes`; None: not asked, because the loss was still
+    /// falling (training could not stop there whatever the probes said).
+    pub correct: Option<usize>,
     pub probes: usize,
     /// Mean training loss over the stretch before it, and over the stretch before that.
     pub loss: f32,
@@ -76,19 +79,37 @@ impl EarlyStop {
         step < self.planned && step >= self.first && (step - self.first).is_multiple_of(self.period)
     }
 
-    /// Records the check after `step` (with `correct` new probes answered and the run's losses
-    /// so far) and says whether to stop: the probes pass (all of them, or at least four in five
-    /// and no more than at the check before: nothing gained) and the loss is flat.
-    pub fn decide(&mut self, step: usize, correct: usize, losses: &[f32]) -> bool {
+    /// The mean training loss of the last stretch and of the one before it, and whether it has
+    /// flattened: improved by less than a fifth, or fallen below the floor.
+    fn losses(&self, losses: &[f32]) -> (f32, f32, bool) {
         let mean = |w: &[f32]| w.iter().sum::<f32>() / w.len().max(1) as f32;
         let n = losses.len();
         let p = self.period.min(n / 2).max(1);
         let loss = mean(&losses[n.saturating_sub(p)..]);
         let loss_before = mean(&losses[n.saturating_sub(2 * p)..n.saturating_sub(p)]);
-        let flat = loss < FLOOR || loss > (1.0 - FLAT) * loss_before;
-        let best_before = self.checks.iter().map(|c| c.correct).max();
-        let probes_pass = correct >= self.probes
-            || (correct >= self.need && best_before.is_some_and(|b| correct <= b));
+        (
+            loss,
+            loss_before,
+            loss < FLOOR || loss > (1.0 - FLAT) * loss_before,
+        )
+    }
+
+    /// Whether the loss has flattened, so that a check after these losses could stop training
+    /// and is worth its probe answers.
+    pub fn loss_is_flat(&self, losses: &[f32]) -> bool {
+        self.losses(losses).2
+    }
+
+    /// Records the check after `step` (with `correct` new probes answered, None when they were
+    /// not asked, and the run's losses so far) and says whether to stop: the probes pass (all of
+    /// them, or at least four in five and no more than at the best check before that asked them:
+    /// nothing gained) and the loss is flat.
+    pub fn decide(&mut self, step: usize, correct: Option<usize>, losses: &[f32]) -> bool {
+        let (loss, loss_before, flat) = self.losses(losses);
+        let best_before = self.checks.iter().filter_map(|c| c.correct).max();
+        let probes_pass = correct.is_some_and(|c| {
+            c >= self.probes || (c >= self.need && best_before.is_some_and(|b| c <= b))
+        });
         let stop = flat && probes_pass;
         self.checks.push(Check {
             step,
@@ -124,17 +145,17 @@ mod tests {
         let mut e = EarlyStop::new(10, 100, 10, 0.5);
         // Loss still falling fast: no stop even with every probe right.
         let falling: Vec<f32> = (0..40).map(|i| 2.0 - i as f32 * 0.04).collect();
-        assert!(!EarlyStop::new(10, 100, 10, 0.5).decide(40, 10, &falling));
-        assert!(!e.decide(40, 5, &falling));
+        assert!(!EarlyStop::new(10, 100, 10, 0.5).decide(40, Some(10), &falling));
+        assert!(!e.decide(40, Some(5), &falling));
         // Flat loss, but only 4 of 10 probes: go on.
         let flat: Vec<f32> = (0..60).map(|i| if i < 40 { 1.0 } else { 0.9 }).collect();
-        assert!(!e.decide(60, 4, &flat));
+        assert!(!e.decide(60, Some(4), &flat));
         // Flat, 8 of 10 (four in five) and more than before: still gaining, go on.
         let flat2: Vec<f32> = (0..80).map(|_| 0.9).collect();
-        assert!(!e.decide(80, 8, &flat2));
+        assert!(!e.decide(80, Some(8), &flat2));
         // Flat and no gain over the best check: stop.
         let flat3: Vec<f32> = (0..100).map(|_| 0.9).collect();
-        assert!(e.decide(90, 8, &flat3));
+        assert!(e.decide(90, Some(8), &flat3));
         assert_eq!(e.checks.len(), 4);
         assert!(e.checks[3].stop && !e.checks[2].stop);
         assert!(
@@ -142,12 +163,33 @@ mod tests {
         );
         // Enough for the gate (half) but under four in five, and no gain: go on.
         let mut g = EarlyStop::new(10, 100, 10, 0.5);
-        assert!(!g.decide(40, 7, &flat3[..40]));
-        assert!(!g.decide(60, 7, &flat3[..60]));
+        assert!(!g.decide(40, Some(7), &flat3[..40]));
+        assert!(!g.decide(60, Some(7), &flat3[..60]));
         // Every probe right and the loss at the floor: stop at the first check.
         let mut f = EarlyStop::new(10, 100, 4, 0.5);
         // (four probes: four in five is all of them)
         let low: Vec<f32> = (0..40).map(|i| if i < 20 { 0.5 } else { 0.01 }).collect();
-        assert!(f.decide(40, 4, &low));
+        assert!(f.decide(40, Some(4), &low));
+    }
+
+    #[test]
+    fn a_check_while_the_loss_falls_asks_no_probes_and_never_stops() {
+        let mut e = EarlyStop::new(10, 100, 10, 0.5);
+        let falling: Vec<f32> = (0..40).map(|i| 2.0 - i as f32 * 0.04).collect();
+        assert!(!e.loss_is_flat(&falling));
+        assert!(!e.decide(40, None, &falling));
+        // A later flat check with 8 of 10 compares only with checks that asked the probes:
+        // none did, so it is a gain, and training goes on.
+        let flat: Vec<f32> = (0..60).map(|_| 0.9).collect();
+        assert!(e.loss_is_flat(&flat));
+        assert!(!e.decide(60, Some(8), &flat));
+        assert!(e.decide(80, Some(8), &flat));
+        assert_eq!(e.checks[0].correct, None);
+        // A report written before `correct` could be absent still reads.
+        let old: Check = serde_json::from_str(
+            r#"{"step":3,"correct":2,"probes":4,"loss":0.5,"loss_before":0.6,"stop":false}"#,
+        )
+        .unwrap();
+        assert_eq!(old.correct, Some(2));
     }
 }

@@ -401,8 +401,9 @@ fn training_set(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result<Tra
 }
 
 /// Step 4: general anchoring: the base model's answers (stored once per model) to a rotating
-/// share of the anchoring prompts, plus the held-out ones the gate measures drift on. False:
-/// interrupted.
+/// share of the anchoring prompts, plus the held-out ones the gate measures drift on, and the
+/// base model's top-k distribution over each trained answer (kept with it, and taken while the
+/// answer is generated, so that no answer runs through the model twice). False: interrupted.
 fn add_anchors(
     run: &mut Run,
     cycle: &Cycle,
@@ -411,10 +412,13 @@ fn add_anchors(
 ) -> Result<bool> {
     let prompts = anchor_prompts();
     let (chosen, held) = anchor_choice(&prompts, set.examples.len(), opts, cycle.id);
+    let k = opts.anchor_topk;
     run.l.engine.model.set_adapter(None);
-    let mut have: BTreeMap<String, String> = records::anchors(run.store, &run.l.id.sha256)?
-        .into_iter()
-        .collect();
+    let mut have: BTreeMap<String, (String, Option<Vec<u8>>)> =
+        records::anchors_with_soft(run.store, &run.l.id.sha256)?
+            .into_iter()
+            .map(|(p, a, soft)| (p, (a, soft)))
+            .collect();
     let missing: Vec<&String> = chosen
         .iter()
         .chain(held.iter())
@@ -422,38 +426,73 @@ fn add_anchors(
         .filter(|p| !have.contains_key(*p))
         .collect();
     let system = run.system();
-    for (k, p) in missing.iter().enumerate() {
+    for (n, p) in missing.iter().enumerate() {
         if run.cancelled() {
             return Ok(false);
         }
         run.report(
             Phase::Anchors,
-            k,
+            n,
             missing.len(),
             0.0,
-            format!("base answer {}/{}", k + 1, missing.len()),
+            format!("base answer {}/{}", n + 1, missing.len()),
         );
-        let a = answer(&mut run.l.engine, system.as_deref(), p, 48, run.cancel)?;
+        let is_held = held.contains(p);
+        let (a, soft) = if k > 0 && !is_held {
+            let mut msgs: Vec<Message> =
+                system.as_deref().map(Message::system).into_iter().collect();
+            msgs.push(Message::user(p.as_str()));
+            let toks = run.l.engine.chat_tokens(&msgs)?;
+            let (g, seen) = run.l.engine.generate_top_k(&toks, 48, k, run.cancel)?;
+            if run.cancelled() {
+                return Ok(false);
+            }
+            let a = g.text.trim().to_string();
+            let ex = data::chat_pair(&run.l.engine.codec(), system.as_deref(), p, &a)?;
+            let blob = if !a.is_empty() && ex.tokens.len() >= 2 {
+                let soft = run
+                    .l
+                    .engine
+                    .top_k_targets_reusing(&ex.tokens, &ex.learn, k, &seen)?;
+                Some(records::soft_blob(k, &ex.tokens, &soft))
+            } else {
+                None
+            };
+            (a, blob)
+        } else {
+            let a = answer(&mut run.l.engine, system.as_deref(), p, 48, run.cancel)?;
+            (a, None)
+        };
         if run.cancelled() {
             return Ok(false);
         }
-        records::add_anchor(run.store, &run.l.id.sha256, p, &a)?;
-        have.insert((*p).clone(), a);
+        records::add_anchor(run.store, &run.l.id.sha256, p, &a, soft.as_deref())?;
+        have.insert((*p).clone(), (a, soft));
     }
     let pair = |p: &String| {
         have.get(p)
-            .filter(|a| !a.is_empty())
-            .map(|a| (p.clone(), a.clone()))
+            .filter(|(a, _)| !a.is_empty())
+            .map(|(a, soft)| (p.clone(), a.clone(), soft.clone()))
     };
-    set.anchor_held = held.iter().filter_map(|p| pair(p)).collect();
-    for (p, a) in chosen.iter().filter_map(|p| pair(p)) {
+    set.anchor_held = held
+        .iter()
+        .filter_map(|p| pair(p))
+        .map(|(p, a, _)| (p, a))
+        .collect();
+    for (p, a, blob) in chosen.iter().filter_map(|p| pair(p)) {
         let mut ex = data::chat_pair(&run.l.engine.codec(), system.as_deref(), &p, &a)?;
-        if opts.anchor_topk > 0 && ex.tokens.len() >= 2 {
-            // The base model's own distribution (no adapter is set here).
-            ex.soft = run
-                .l
-                .engine
-                .top_k_targets(&ex.tokens, &ex.learn, opts.anchor_topk)?;
+        if k > 0 && ex.tokens.len() >= 2 {
+            // The base model's own distribution (no adapter is set here), as kept with the
+            // answer, or computed now and kept.
+            ex.soft = match blob.and_then(|b| records::soft_from_blob(&b, k, &ex.tokens)) {
+                Some(soft) => soft,
+                None => {
+                    let soft = run.l.engine.top_k_targets(&ex.tokens, &ex.learn, k)?;
+                    let b = records::soft_blob(k, &ex.tokens, &soft);
+                    records::set_anchor_soft(run.store, &run.l.id.sha256, &p, &b)?;
+                    soft
+                }
+            };
         }
         ex.weights = lead_weights(&ex.learn, opts.anchor_lead, opts.anchor_lead_weight);
         set.examples.push(ex);
@@ -626,26 +665,36 @@ fn train_adaptively(
         if step >= steps || !opts.adaptive || !stopper.due(step) {
             break;
         }
-        run.report(
-            Phase::Training,
-            step,
-            steps,
-            0.0,
-            "checking the new probes".into(),
-        );
-        let adapter = Arc::new(job.trainer.weights()?.prepare()?);
-        run.l.engine.model.set_adapter(Some(adapter));
-        let answered = probe_correct(&mut run.l.engine, system.as_deref(), probes, run.cancel)?;
-        run.l.engine.model.set_adapter(None);
-        let Some(correct) = answered else {
-            job.save_checkpoint()?;
-            return Ok(None);
+        // While the loss still falls, training goes on whatever the probes say: they are not
+        // asked (each check answers every new probe, a few seconds per ten).
+        let correct = if stopper.loss_is_flat(&job.trainer.losses) {
+            run.report(
+                Phase::Training,
+                step,
+                steps,
+                0.0,
+                "checking the new probes".into(),
+            );
+            let adapter = Arc::new(job.trainer.weights()?.prepare()?);
+            run.l.engine.model.set_adapter(Some(adapter));
+            let answered = probe_correct(&mut run.l.engine, system.as_deref(), probes, run.cancel)?;
+            run.l.engine.model.set_adapter(None);
+            let Some(correct) = answered else {
+                job.save_checkpoint()?;
+                return Ok(None);
+            };
+            Some(correct)
+        } else {
+            None
         };
         let stop = stopper.decide(step, correct, &job.trainer.losses);
         tracing::info!(
-            "cycle {}: step {step}/{steps}: {correct}/{} new probes, loss {:.3} (before {:.3}){}",
+            "cycle {}: step {step}/{steps}: {} new probes, loss {:.3} (before {:.3}){}",
             cycle.id,
-            probes.len(),
+            correct.map_or("not asked (loss still falling):".to_string(), |c| format!(
+                "{c}/{}",
+                probes.len()
+            )),
             stopper.checks.last().map_or(0.0, |c| c.loss),
             stopper.checks.last().map_or(0.0, |c| c.loss_before),
             if stop {
@@ -777,7 +826,8 @@ fn finish(
     })
 }
 
-/// Accuracy of `engine` on probe items (answer contains the expected span).
+/// Accuracy of `engine` on probe items (answer contains the expected span). The greedy answer
+/// stops as soon as it contains the span: the rest could not change the verdict.
 pub(super) fn probe_correct(
     engine: &mut Engine,
     system: Option<&str>,
@@ -789,13 +839,17 @@ pub(super) fn probe_correct(
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let a = answer(
+        let a = answer_until(
             engine,
             system,
             p.prompt.as_deref().unwrap_or(""),
             24,
             cancel,
+            &p.completion,
         )?;
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         if contains_answer(&a, &p.completion) {
             n += 1;
         }

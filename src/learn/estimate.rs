@@ -26,6 +26,11 @@ pub const DEFAULT_STEP_SHARE: f64 = 1.0;
 /// (BENCHMARKS.md, issue 19, "Spending less on what is learned").
 pub const DEFAULT_TRAINED_SHARE: f64 = 0.69;
 
+/// Until then, the share of the checks between stretches that ask the probes (the others come
+/// while the loss still falls, and ask nothing): one of three in the 20 dev notes' cycle (the
+/// loss fell by more than a fifth up to step 378 of 630).
+pub const DEFAULT_ASKED_SHARE: f64 = 1.0 / 3.0;
+
 /// The estimate and what it rests on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Estimate {
@@ -61,9 +66,10 @@ pub struct Estimate {
 }
 
 /// Of this model's finished cycles under the adaptive rule (medians, and how many): the share
-/// of planned steps reached, and the share whose sequence was trained rather than skipped as
-/// learned (one sequence per step, so a skipped step cost nothing).
-fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, f64, usize)>> {
+/// of planned steps reached, the share whose sequence was trained rather than skipped as
+/// learned (one sequence per step, so a skipped step cost nothing), and the share of checks
+/// that asked the probes.
+fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, f64, f64, usize)>> {
     let reports: Vec<GateReport> = records::recent(store, 50)?
         .into_iter()
         .filter(|c| c.model_sha256 == model_sha256)
@@ -93,7 +99,18 @@ fn step_share(store: &Store, model_sha256: &str) -> Result<Option<(f64, f64, usi
                 / g.steps_planned as f64
         })
         .collect();
-    Ok(Some((median(reached), median(trained), reports.len())))
+    let asked = reports
+        .iter()
+        .map(|g| {
+            g.checks.iter().filter(|c| c.correct.is_some()).count() as f64 / g.checks.len() as f64
+        })
+        .collect();
+    Ok(Some((
+        median(reached),
+        median(trained),
+        median(asked),
+        reports.len(),
+    )))
 }
 
 /// Estimates the next cycle of `choice`'s model with `opts`; None when no note is pending.
@@ -152,14 +169,30 @@ pub fn estimate(
     } else {
         tp.elapsed().as_secs_f64() / sample.len() as f64
     };
+    // Two general prompts scored, timed (the gate scores each twice: base and candidate).
+    let ts = Instant::now();
+    for ex in &set.held_sample {
+        l.engine.scored_nll(&ex.tokens, &ex.learn)?;
+    }
+    let per_scored = if set.held_sample.is_empty() {
+        0.2 * per_probe
+    } else {
+        ts.elapsed().as_secs_f64() / set.held_sample.len() as f64
+    };
     let planned = t.cfg.steps;
     let history = step_share(store, &l.id.sha256)?;
-    let (share, trained_share, from) = match (opts.adaptive, history) {
-        (false, _) => (1.0, DEFAULT_TRAINED_SHARE, "--fixed-steps".to_string()),
-        (true, Some((s, t, n))) => (s, t, format!("median of {n} earlier cycles of this model")),
+    let (share, trained_share, asked_share, from) = match (opts.adaptive, history) {
+        (false, _) => (1.0, DEFAULT_TRAINED_SHARE, 0.0, "--fixed-steps".to_string()),
+        (true, Some((s, t, a, n))) => (
+            s,
+            t,
+            a,
+            format!("median of {n} earlier cycles of this model"),
+        ),
         (true, None) => (
             DEFAULT_STEP_SHARE,
             DEFAULT_TRAINED_SHARE,
+            DEFAULT_ASKED_SHARE,
             "no earlier cycle of this model yet: the dev notes' share".to_string(),
         ),
     };
@@ -172,30 +205,40 @@ pub fn estimate(
     let expected = ((planned as f64 * share).round() as usize).clamp(1, planned);
     let trained = ((planned as f64 * trained_share).round() as usize).clamp(1, expected);
     let stopper = adaptive::EarlyStop::new(t.ds.seqs.len(), planned, new_probes.len(), 0.5);
-    let checks = if opts.adaptive {
+    // Checks while the loss still falls ask nothing; the last one (a cycle that stops early
+    // stops at a check that asked) always counts.
+    let due = if opts.adaptive {
         (1..=expected).filter(|s| stopper.due(*s)).count()
     } else {
         0
+    };
+    let checks = if due == 0 {
+        0.0
+    } else {
+        (due as f64 * asked_share).max(1.0)
     };
     let gate_s = if opts.no_gate {
         0.0
     } else {
         // New probes once, old probes with the previous and the new adapter, and the general
-        // prompts scored twice (a scored prompt costs about a tenth of an answer).
+        // prompts scored twice.
         per_probe * (new_probes.len() + 2 * set.old_probes) as f64
-            + 0.2 * per_probe * set.held as f64
+            + 2.0 * per_scored * set.held as f64
     };
     let phases = vec![
         ("load".to_string(), load_s),
         ("self-edits".to_string(), selfedit_s),
         (
             "anchors".to_string(),
-            set.anchors_missing as f64 * 2.0 * per_probe,
+            // An anchoring answer (48 tokens at most, its distribution kept as it is generated)
+            // took 1.25-1.55 probe answers in the 20 dev notes' first cycle (BENCHMARKS.md,
+            // issue 19).
+            set.anchors_missing as f64 * 1.5 * per_probe,
         ),
         ("training".to_string(), trained as f64 * per_step),
         (
             "checks".to_string(),
-            checks as f64 * new_probes.len() as f64 * per_probe,
+            checks * new_probes.len() as f64 * per_probe,
         ),
         ("gate".to_string(), gate_s),
     ];
@@ -311,6 +354,8 @@ struct Examples {
     anchors_missing: usize,
     /// Held-out anchoring prompts the gate scores.
     held: usize,
+    /// The first two of them as examples (the stored answer or the stand-in), to time scoring.
+    held_sample: Vec<data::Example>,
 }
 
 /// New items, replay and anchors as examples; anchors without a stored answer get a stand-in
@@ -344,6 +389,11 @@ fn training_examples(
         .chain(held.iter())
         .filter(|p| !have.contains_key(**p))
         .count();
+    let mut held_sample = Vec::new();
+    for p in held.iter().take(2) {
+        let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
+        held_sample.push(data::chat_pair(&l.engine.codec(), sys, p, a)?);
+    }
     for p in &chosen {
         let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
         if a.is_empty() {
@@ -362,6 +412,7 @@ fn training_examples(
         anchors: chosen.len(),
         anchors_missing,
         held: held.len(),
+        held_sample,
     }))
 }
 

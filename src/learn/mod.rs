@@ -386,6 +386,36 @@ pub fn answer(
     Ok(g.text.trim().to_string())
 }
 
+/// [`answer`], stopped as soon as the text so far contains `expected` (greedy decoding: what
+/// follows cannot take it out again), or when `cancel` is set.
+pub fn answer_until(
+    engine: &mut Engine,
+    system: Option<&str>,
+    user: &str,
+    max_tokens: usize,
+    cancel: &AtomicBool,
+    expected: &str,
+) -> Result<String> {
+    let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+    msgs.push(Message::user(user));
+    let toks = engine.chat_tokens(&msgs)?;
+    let enough = AtomicBool::new(false);
+    let mut so_far = String::new();
+    let g = engine.generate(
+        &toks,
+        &SamplingParams::default(),
+        max_tokens,
+        &enough,
+        &mut |piece| {
+            so_far.push_str(piece);
+            if cancel.load(Ordering::Relaxed) || contains_answer(&so_far, expected) {
+                enough.store(true, Ordering::Relaxed);
+            }
+        },
+    )?;
+    Ok(g.text.trim().to_string())
+}
+
 /// Whether `answer` contains `expected` (case-insensitive, whitespace-normalised).
 pub fn contains_answer(answer: &str, expected: &str) -> bool {
     let norm = |s: &str| {
@@ -665,6 +695,9 @@ struct Training {
     cache_limit: u64,
 }
 
+/// The positions of one training sequence of a cycle when its items share nothing.
+const SEQ_ITEMS: usize = 256;
+
 fn plan_training(
     l: &Loaded,
     choice: &ModelChoice,
@@ -676,8 +709,16 @@ fn plan_training(
     let mcfg = l.engine.model.cfg.clone();
     let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(16);
     // Short items are packed several to a sequence (attention never crosses them): 256
-    // positions waste little on padding.
-    let seq_len = (longest.div_ceil(16) * 16).clamp(256, 512);
+    // positions waste little on padding. Their common opening (the chat template's system turn)
+    // is stored once per sequence (`data::pack`), so a sequence holds as many items as 256
+    // unshared positions would, in fewer: each step still learns from the same number of items
+    // (one small update per sequence is what learns a cycle's notes; see `max_micro_batch`).
+    let shared = data::shared_prefix(examples, SEQ_ITEMS).len();
+    let mean = examples.iter().map(|e| e.tokens.len()).sum::<usize>() as f64
+        / examples.len().max(1) as f64;
+    let per_seq = (SEQ_ITEMS as f64 / mean.max(1.0)).max(1.0);
+    let compact = SEQ_ITEMS as f64 - (per_seq - 1.0) * shared as f64;
+    let seq_len = ((compact.ceil() as usize).max(longest).div_ceil(16) * 16).clamp(64, 512);
     let model_bytes = std::fs::metadata(&choice.path)
         .map(|m| m.len())
         .unwrap_or(0);

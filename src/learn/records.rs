@@ -4,10 +4,12 @@
 //!
 //! It must NOT decide anything: it reads and writes rows.
 
+use crate::codec::SoftTargets;
 use crate::store::{now_rfc3339, Store};
 use anyhow::{Context, Result};
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 /// One learning cycle.
 #[derive(Debug, Clone, Serialize)]
@@ -356,21 +358,114 @@ pub fn learned_items(store: &Store, model_sha256: &str, before_cycle: i64) -> Re
 
 /// The base model's stored answers to anchoring prompts.
 pub fn anchors(store: &Store, model_sha256: &str) -> Result<Vec<(String, String)>> {
+    Ok(anchors_with_soft(store, model_sha256)?
+        .into_iter()
+        .map(|(p, a, _)| (p, a))
+        .collect())
+}
+
+/// An anchoring prompt, the base model's answer and the distribution kept over it.
+pub type StoredAnchor = (String, String, Option<Vec<u8>>);
+
+/// The base model's stored answers to anchoring prompts, with the distribution kept over each
+/// (see [`soft_blob`]).
+pub fn anchors_with_soft(store: &Store, model_sha256: &str) -> Result<Vec<StoredAnchor>> {
     let mut st = store
         .conn()
-        .prepare("SELECT prompt, answer FROM anchors WHERE model_sha256 = ?1")?;
+        .prepare("SELECT prompt, answer, soft FROM anchors WHERE model_sha256 = ?1")?;
     let v = st
-        .query_map(params![model_sha256], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![model_sha256], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(v)
 }
 
-pub fn add_anchor(store: &Store, model_sha256: &str, prompt: &str, answer: &str) -> Result<()> {
+pub fn add_anchor(
+    store: &Store,
+    model_sha256: &str,
+    prompt: &str,
+    answer: &str,
+    soft: Option<&[u8]>,
+) -> Result<()> {
     store.conn().execute(
-        "INSERT OR REPLACE INTO anchors (model_sha256, prompt, answer, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![model_sha256, prompt, answer, now_rfc3339()],
+        "INSERT OR REPLACE INTO anchors (model_sha256, prompt, answer, created_at, soft) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![model_sha256, prompt, answer, now_rfc3339(), soft],
     )?;
     Ok(())
+}
+
+/// Keeps the distribution over a stored anchoring answer.
+pub fn set_anchor_soft(store: &Store, model_sha256: &str, prompt: &str, soft: &[u8]) -> Result<()> {
+    store.conn().execute(
+        "UPDATE anchors SET soft = ?3 WHERE model_sha256 = ?1 AND prompt = ?2",
+        params![model_sha256, prompt, soft],
+    )?;
+    Ok(())
+}
+
+const SOFT_MAGIC: &[u8; 4] = b"HSF1";
+
+/// Soft targets as stored: magic, k (u8), the first 8 bytes of the sha256 of the token sequence
+/// they belong to, then per position its index (u32 LE), its count (u8) and (token u32, p f32)
+/// pairs. Tied to `k` and to the exact tokens, so a changed template, system prompt or k is
+/// never served a stale distribution.
+pub fn soft_blob(k: usize, tokens: &[u32], soft: &SoftTargets) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + soft.len() * (5 + 8 * k));
+    out.extend_from_slice(SOFT_MAGIC);
+    out.push(k.min(255) as u8);
+    out.extend_from_slice(&tokens_digest(tokens));
+    for (i, dist) in soft {
+        out.extend_from_slice(&(*i as u32).to_le_bytes());
+        out.push(dist.len().min(255) as u8);
+        for (t, p) in dist.iter().take(255) {
+            out.extend_from_slice(&t.to_le_bytes());
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The soft targets in `blob` when it was written for `k` and these very `tokens`; None
+/// otherwise (or when it is damaged: the caller computes them again).
+pub fn soft_from_blob(blob: &[u8], k: usize, tokens: &[u32]) -> Option<SoftTargets> {
+    let rest = blob.strip_prefix(SOFT_MAGIC)?;
+    let (&bk, rest) = rest.split_first()?;
+    if bk as usize != k.min(255) || rest.len() < 8 || rest[..8] != tokens_digest(tokens) {
+        return None;
+    }
+    let mut rest = &rest[8..];
+    let mut out = Vec::new();
+    let u32_at =
+        |b: &[u8]| -> Option<u32> { Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)) };
+    while !rest.is_empty() {
+        let i = u32_at(rest)? as usize;
+        let n = *rest.get(4)? as usize;
+        rest = &rest[5..];
+        let mut dist = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = u32_at(rest)?;
+            let p = f32::from_le_bytes(rest.get(4..8)?.try_into().ok()?);
+            if !p.is_finite() || i >= tokens.len() {
+                return None;
+            }
+            dist.push((t, p));
+            rest = &rest[8..];
+        }
+        out.push((i, dist));
+    }
+    Some(out)
+}
+
+fn tokens_digest(tokens: &[u32]) -> [u8; 8] {
+    let mut h = Sha256::new();
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    let d = h.finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
 }
 
 #[cfg(test)]
@@ -428,5 +523,30 @@ mod tests {
         let left = learned_items(&store, "sha", c.id + 1).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].note_id, ids[0]);
+    }
+
+    #[test]
+    fn kept_soft_targets_come_back_only_for_their_tokens_and_k() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hone.db")).unwrap();
+        let tokens = [5u32, 6, 7, 8];
+        let soft: SoftTargets = vec![(2, vec![(7, 0.75), (1, 0.25)]), (3, vec![(8, 1.0)])];
+        let blob = soft_blob(2, &tokens, &soft);
+        add_anchor(&store, "m", "What is rain?", "Water falling.", Some(&blob)).unwrap();
+        add_anchor(&store, "m", "Why?", "Because.", None).unwrap();
+        let got = anchors_with_soft(&store, "m").unwrap();
+        let kept = got.iter().find(|a| a.0 == "What is rain?").unwrap();
+        let back = soft_from_blob(kept.2.as_ref().unwrap(), 2, &tokens).unwrap();
+        assert_eq!(back, soft);
+        assert!(got.iter().any(|a| a.0 == "Why?" && a.2.is_none()));
+        // Another k, other tokens, or a damaged blob: computed again, never served.
+        assert!(soft_from_blob(&blob, 4, &tokens).is_none());
+        assert!(soft_from_blob(&blob, 2, &[5, 6, 7, 9]).is_none());
+        assert!(soft_from_blob(&blob[..blob.len() - 3], 2, &tokens).is_none());
+        set_anchor_soft(&store, "m", "Why?", &blob).unwrap();
+        assert!(anchors_with_soft(&store, "m")
+            .unwrap()
+            .iter()
+            .all(|a| a.2.is_some()));
     }
 }

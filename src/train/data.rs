@@ -304,11 +304,40 @@ pub fn read_jsonl(
     Ok((out, sha))
 }
 
+/// The segment of a sequence's shared prefix: every later position of the sequence may attend
+/// to it (see [`pack`]).
+pub const SHARED_SEGMENT: u32 = u32::MAX;
+
+/// A window of an example: its tokens, which of them are learned, the example, where the
+/// window starts in it, and whether it opens with the shared prefix.
+type Piece<'a> = (&'a [u32], &'a [bool], &'a Example, usize, bool);
+
+/// The shortest shared prefix worth sharing, in tokens.
+const MIN_SHARED: usize = 4;
+
 /// Cuts examples longer than `s` tokens into windows overlapping by one token (so every target
 /// is predicted once) and packs them greedily, in order, into sequences of `s` positions.
+///
+/// Examples that open with the same tokens (a chat template's system turn and the user turn's
+/// header: a third of a short question-and-answer) share one copy of them per sequence: the
+/// prefix sits at the start of the sequence in [`SHARED_SEGMENT`], and each example after it
+/// keeps its own positions (counting the prefix) and attends to the prefix and to itself. Every
+/// position then sees exactly what it would see alone, so the loss and its gradients are those
+/// of the unshared packing, on fewer positions.
 pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
+    pack_sharing(examples, s, pad, true)
+}
+
+/// [`pack`], with or without the shared prefix.
+pub fn pack_sharing(examples: &[Example], s: usize, pad: u32, share: bool) -> Vec<Batch> {
     let s = s.max(2);
-    let mut pieces: Vec<(&[u32], &[bool], &Example, usize)> = Vec::new();
+    let prefix = if share {
+        shared_prefix(examples, s)
+    } else {
+        Vec::new()
+    };
+    let n = prefix.len();
+    let mut pieces: Vec<Piece> = Vec::new();
     for ex in examples {
         if ex.tokens.len() < 2 {
             continue;
@@ -316,7 +345,13 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
         let mut start = 0;
         loop {
             let end = (start + s).min(ex.tokens.len());
-            pieces.push((&ex.tokens[start..end], &ex.learn[start..end], ex, start));
+            let (toks, learn) = (&ex.tokens[start..end], &ex.learn[start..end]);
+            let shares = n > 0
+                && start == 0
+                && toks.len() > n + 1
+                && toks[..n] == prefix[..]
+                && !learn[..=n].iter().any(|l| *l);
+            pieces.push((toks, learn, ex, start, shares));
             if end == ex.tokens.len() {
                 break;
             }
@@ -327,34 +362,59 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
     let mut cur = empty_seq(s);
     let mut used = 0usize;
     let mut seg = 0u32;
-    for (toks, learn, ex, start) in pieces {
-        if used + toks.len() > s {
+    let mut has_prefix = false;
+    for (toks, learn, ex, start, shares) in pieces {
+        let shared_here = |used: usize, has_prefix: bool| shares && (has_prefix || used == 0);
+        let cost = |used: usize, has_prefix: bool| match shared_here(used, has_prefix) && has_prefix
+        {
+            true => toks.len() - n,
+            false => toks.len(),
+        };
+        if used + cost(used, has_prefix) > s {
             finish(&mut cur, used, pad, seg);
             seqs.push(std::mem::replace(&mut cur, empty_seq(s)));
             used = 0;
             seg = 0;
+            has_prefix = false;
         }
-        for (i, &t) in toks.iter().enumerate() {
-            let p = used + i;
+        let from = if shared_here(used, has_prefix) {
+            if !has_prefix {
+                for (i, &t) in prefix.iter().enumerate() {
+                    cur.tokens[i] = t;
+                    cur.positions[i] = i as u32;
+                    cur.segments[i] = SHARED_SEGMENT;
+                    cur.targets[i] = toks[i + 1];
+                    cur.weights[i] = 0.0;
+                }
+                used = n;
+                has_prefix = true;
+            }
+            n
+        } else {
+            0
+        };
+        // The piece from its token `from` on: position `from + i`, predicting token `from + i + 1`.
+        for (i, &t) in toks[from..].iter().enumerate() {
+            let (p, k) = (used + i, from + i);
             cur.tokens[p] = t;
-            cur.positions[p] = i as u32;
+            cur.positions[p] = k as u32;
             cur.segments[p] = seg;
-            if i + 1 < toks.len() {
-                cur.targets[p] = toks[i + 1];
-                cur.weights[p] = match learn[i + 1] {
-                    true => ex.weights.get(start + i + 1).copied().unwrap_or(1.0),
+            if k + 1 < toks.len() {
+                cur.targets[p] = toks[k + 1];
+                cur.weights[p] = match learn[k + 1] {
+                    true => ex.weights.get(start + k + 1).copied().unwrap_or(1.0),
                     false => 0.0,
                 };
             }
         }
-        // Soft targets of the tokens this piece predicts (its positions 1..len).
+        // Soft targets of the tokens this piece predicts (its positions from+1..len).
         for (ti, dist) in &ex.soft {
-            if *ti > start && *ti < start + toks.len() && learn[ti - start] {
-                let p = used + ti - start - 1;
+            if *ti > start + from && *ti < start + toks.len() && learn[ti - start] {
+                let p = used + ti - start - from - 1;
                 cur.soft.push((p, dist.clone()));
             }
         }
-        used += toks.len();
+        used += toks.len() - from;
         seg += 1;
     }
     if used > 0 {
@@ -363,6 +423,41 @@ pub fn pack(examples: &[Example], s: usize, pad: u32) -> Vec<Batch> {
     }
     seqs.retain(|q| q.weights.iter().any(|w| *w > 0.0));
     seqs
+}
+
+/// The opening that the examples with a prompt part (no target in their first tokens) have in
+/// common, cut before the first token any of them learns; empty when shorter than
+/// [`MIN_SHARED`] tokens or when no two examples share it.
+pub fn shared_prefix(examples: &[Example], s: usize) -> Vec<u32> {
+    let mut with_prompt = examples
+        .iter()
+        .filter(|e| e.tokens.len() >= 2 && !e.learn.first().copied().unwrap_or(true));
+    let Some(first) = with_prompt.next() else {
+        return Vec::new();
+    };
+    let first_target = |e: &Example| e.learn.iter().position(|l| *l).unwrap_or(e.tokens.len());
+    // The prefix's last position predicts the token after it, which no example may learn.
+    let mut n = first
+        .tokens
+        .len()
+        .min(first_target(first).saturating_sub(1));
+    let mut count = 1;
+    for e in with_prompt {
+        let common = first
+            .tokens
+            .iter()
+            .zip(&e.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        n = n.min(common).min(first_target(e).saturating_sub(1));
+        count += 1;
+    }
+    // Half a sequence at most, so that an example still fits after it.
+    n = n.min(s / 2);
+    if count < 2 || n < MIN_SHARED {
+        return Vec::new();
+    }
+    first.tokens[..n].to_vec()
 }
 
 fn empty_seq(s: usize) -> Batch {

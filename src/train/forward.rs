@@ -1,7 +1,8 @@
 //! The differentiable forward pass used for training: the same transformer as `model`, over a
-//! batch of packed sequences (positions restart and attention stays inside each packed example),
-//! built only from ops that have a backward in candle (basic ops, `rms_norm_slow`, `softmax`,
-//! rotary embeddings written with basic ops) and the quantised ops of `train::qmatmul`.
+//! batch of packed sequences (positions restart and attention stays inside each packed example
+//! and its shared prefix), built only from ops that have a backward in candle (basic ops,
+//! `rms_norm_slow`, `softmax`, rotary embeddings written with basic ops) and the quantised ops of
+//! `train::qmatmul`.
 //!
 //! It must not update weights or keep state between calls; it builds graphs and returns them.
 
@@ -23,7 +24,8 @@ pub struct Batch {
     /// Loss weight of each position (0 where nothing is predicted).
     pub weights: Vec<f32>,
     pub positions: Vec<u32>,
-    /// Packed example of each position; attention never crosses examples.
+    /// Packed example of each position; attention never crosses examples, except into a
+    /// shared prefix ([`super::data::SHARED_SEGMENT`]), which every later position sees.
     pub segments: Vec<u32>,
     /// Positions whose loss is the cross-entropy against a distribution (token, probability)
     /// instead of `targets[p]` alone (distillation); their weight still comes from `weights`.
@@ -58,7 +60,8 @@ impl Aux {
             let seg = &batch.segments[bi * s..(bi + 1) * s];
             for i in 0..s {
                 for j in 0..=i {
-                    allowed[bi * s * s + i * s + j] = seg[i] == seg[j];
+                    allowed[bi * s * s + i * s + j] =
+                        seg[i] == seg[j] || seg[j] == super::data::SHARED_SEGMENT;
                 }
             }
         }
