@@ -28,7 +28,7 @@ pub const DEFAULT_TRAINED_SHARE: f64 = 0.69;
 
 /// Until then, the share of the checks between stretches that ask the probes (the others come
 /// while the loss still falls, and ask nothing): one of three in the 20 dev notes' cycle (the
-/// loss fell by more than a fifth up to step 378 of 630).
+/// loss fell by more than a fifth at each of the first two).
 pub const DEFAULT_ASKED_SHARE: f64 = 1.0 / 3.0;
 
 /// The estimate and what it rests on.

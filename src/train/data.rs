@@ -6,6 +6,7 @@
 //! It must not run the model; it turns a file into token sequences, deterministically.
 
 use super::forward::Batch;
+pub use super::forward::SHARED_SEGMENT;
 use crate::codec::Codec;
 pub use crate::codec::SoftTargets;
 use crate::template::Message;
@@ -303,10 +304,6 @@ pub fn read_jsonl(
     }
     Ok((out, sha))
 }
-
-/// The segment of a sequence's shared prefix: every later position of the sequence may attend
-/// to it (see [`pack`]).
-pub const SHARED_SEGMENT: u32 = u32::MAX;
 
 /// A window of an example: its tokens, which of them are learned, the example, where the
 /// window starts in it, and whether it opens with the shared prefix.

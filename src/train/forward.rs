@@ -25,12 +25,16 @@ pub struct Batch {
     pub weights: Vec<f32>,
     pub positions: Vec<u32>,
     /// Packed example of each position; attention never crosses examples, except into a
-    /// shared prefix ([`super::data::SHARED_SEGMENT`]), which every later position sees.
+    /// shared prefix ([`SHARED_SEGMENT`]), which every later position sees.
     pub segments: Vec<u32>,
     /// Positions whose loss is the cross-entropy against a distribution (token, probability)
     /// instead of `targets[p]` alone (distillation); their weight still comes from `weights`.
     pub soft: crate::codec::SoftTargets,
 }
+
+/// The segment of a sequence's shared prefix: every later position of the sequence may attend
+/// to it (`train::data::pack` puts the opening its examples have in common there).
+pub const SHARED_SEGMENT: u32 = u32::MAX;
 
 /// Rotary tables and the attention mask for a batch: computed once, shared by all layers.
 pub struct Aux {
@@ -60,8 +64,7 @@ impl Aux {
             let seg = &batch.segments[bi * s..(bi + 1) * s];
             for i in 0..s {
                 for j in 0..=i {
-                    allowed[bi * s * s + i * s + j] =
-                        seg[i] == seg[j] || seg[j] == super::data::SHARED_SEGMENT;
+                    allowed[bi * s * s + i * s + j] = seg[i] == seg[j] || seg[j] == SHARED_SEGMENT;
                 }
             }
         }
