@@ -287,9 +287,11 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX note_candidates_status ON note_candidates(status, id);",
     // v9: the base model's distribution over each anchoring answer (its top few tokens per
-    // position), kept with the answer so that no later cycle runs the answer again
-    // (`learn::records::soft_blob`; NULL: not kept yet).
-    "ALTER TABLE anchors ADD COLUMN soft BLOB;",
+    // position), and its mean loss over a held-out one (the gate's drift baseline), kept with
+    // the answer so that no later cycle runs the answer again (`learn::records::soft_blob`,
+    // `learn::records::nll_blob`; NULL: not kept yet).
+    "ALTER TABLE anchors ADD COLUMN soft BLOB;
+    ALTER TABLE anchors ADD COLUMN base_nll BLOB;",
 ];
 
 /// The schema version this build of hone writes.

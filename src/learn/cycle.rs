@@ -749,7 +749,7 @@ fn gate(
     let sys = system.as_deref();
     run.report(Phase::Gate, 0, 3, 0.0, "general drift".into());
     run.l.engine.model.set_adapter(None);
-    let Some(base_nll) = general_nll(&mut run.l.engine, sys, &set.anchor_held, run.cancel)? else {
+    let Some(base_nll) = base_general_nll(run, sys, &set.anchor_held)? else {
         return Ok(None);
     };
     if !old_probes.is_empty() {
@@ -855,6 +855,34 @@ pub(super) fn probe_correct(
         }
     }
     Ok(Some(n))
+}
+
+/// [`general_nll`] of the base model (no adapter may be set), each prompt's loss taken from
+/// the anchors where it is kept and kept there when it is not: it is the same every cycle.
+fn base_general_nll(
+    run: &mut Run,
+    system: Option<&str>,
+    held: &[(String, String)],
+) -> Result<Option<f64>> {
+    let mut sum = 0.0;
+    for (p, a) in held {
+        if run.cancelled() {
+            return Ok(None);
+        }
+        let ex = data::chat_pair(&run.l.engine.codec(), system, p, a)?;
+        let kept = records::anchor_base_nll(run.store, &run.l.id.sha256, p)?
+            .and_then(|b| records::nll_from_blob(&b, &ex.tokens));
+        sum += match kept {
+            Some(nll) => nll,
+            None => {
+                let nll = run.l.engine.scored_nll(&ex.tokens, &ex.learn)?;
+                let b = records::nll_blob(&ex.tokens, nll);
+                records::set_anchor_base_nll(run.store, &run.l.id.sha256, p, &b)?;
+                nll
+            }
+        };
+    }
+    Ok(Some(sum / held.len().max(1) as f64))
 }
 
 /// Mean answer NLL over held-out general prompts (the gate's drift measure).

@@ -169,7 +169,7 @@ pub fn estimate(
     } else {
         tp.elapsed().as_secs_f64() / sample.len() as f64
     };
-    // Two general prompts scored, timed (the gate scores each twice: base and candidate).
+    // Two general prompts scored, timed.
     let ts = Instant::now();
     for ex in &set.held_sample {
         l.engine.scored_nll(&ex.tokens, &ex.learn)?;
@@ -221,9 +221,10 @@ pub fn estimate(
         0.0
     } else {
         // New probes once, old probes with the previous and the new adapter, and the general
-        // prompts scored twice.
+        // prompts scored with the candidate, and with the base model where its loss is not
+        // kept yet.
         per_probe * (new_probes.len() + 2 * set.old_probes) as f64
-            + 2.0 * per_scored * set.held as f64
+            + per_scored * (set.held + set.held_unscored) as f64
     };
     let phases = vec![
         ("load".to_string(), load_s),
@@ -354,6 +355,8 @@ struct Examples {
     anchors_missing: usize,
     /// Held-out anchoring prompts the gate scores.
     held: usize,
+    /// Of them, those whose base-model loss is not kept yet (the gate scores those twice).
+    held_unscored: usize,
     /// The first two of them as examples (the stored answer or the stand-in), to time scoring.
     held_sample: Vec<data::Example>,
 }
@@ -389,6 +392,12 @@ fn training_examples(
         .chain(held.iter())
         .filter(|p| !have.contains_key(**p))
         .count();
+    let mut held_unscored = 0;
+    for p in &held {
+        if records::anchor_base_nll(store, &l.id.sha256, p)?.is_none() {
+            held_unscored += 1;
+        }
+    }
     let mut held_sample = Vec::new();
     for p in held.iter().take(2) {
         let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
@@ -412,6 +421,7 @@ fn training_examples(
         anchors: chosen.len(),
         anchors_missing,
         held: held.len(),
+        held_unscored,
         held_sample,
     }))
 }

@@ -404,6 +404,51 @@ pub fn set_anchor_soft(store: &Store, model_sha256: &str, prompt: &str, soft: &[
     Ok(())
 }
 
+/// The base model's mean loss over a stored anchoring answer, as kept by [`set_anchor_base_nll`]
+/// (None when none is kept).
+pub fn anchor_base_nll(store: &Store, model_sha256: &str, prompt: &str) -> Result<Option<Vec<u8>>> {
+    let v = store
+        .conn()
+        .query_row(
+            "SELECT base_nll FROM anchors WHERE model_sha256 = ?1 AND prompt = ?2",
+            params![model_sha256, prompt],
+            |r| r.get::<_, Option<Vec<u8>>>(0),
+        )
+        .optional()?;
+    Ok(v.flatten())
+}
+
+/// Keeps the base model's mean loss over a stored anchoring answer.
+pub fn set_anchor_base_nll(
+    store: &Store,
+    model_sha256: &str,
+    prompt: &str,
+    blob: &[u8],
+) -> Result<()> {
+    store.conn().execute(
+        "UPDATE anchors SET base_nll = ?3 WHERE model_sha256 = ?1 AND prompt = ?2",
+        params![model_sha256, prompt, blob],
+    )?;
+    Ok(())
+}
+
+/// A mean loss as stored: the first 8 bytes of the sha256 of the tokens it was measured on, then
+/// the loss (f64 LE). Tied to the exact tokens, like [`soft_blob`].
+pub fn nll_blob(tokens: &[u32], nll: f64) -> Vec<u8> {
+    let mut out = tokens_digest(tokens).to_vec();
+    out.extend_from_slice(&nll.to_le_bytes());
+    out
+}
+
+/// The loss in `blob` when it was measured on these very `tokens`.
+pub fn nll_from_blob(blob: &[u8], tokens: &[u32]) -> Option<f64> {
+    if blob.len() != 16 || blob[..8] != tokens_digest(tokens) {
+        return None;
+    }
+    let v = f64::from_le_bytes(blob[8..].try_into().ok()?);
+    v.is_finite().then_some(v)
+}
+
 const SOFT_MAGIC: &[u8; 4] = b"HSF1";
 
 /// Soft targets as stored: magic, k (u8), the first 8 bytes of the sha256 of the token sequence
@@ -543,6 +588,13 @@ mod tests {
         assert!(soft_from_blob(&blob, 4, &tokens).is_none());
         assert!(soft_from_blob(&blob, 2, &[5, 6, 7, 9]).is_none());
         assert!(soft_from_blob(&blob[..blob.len() - 3], 2, &tokens).is_none());
+        // The base model's loss over an answer, kept the same way.
+        assert_eq!(anchor_base_nll(&store, "m", "Why?").unwrap(), None);
+        set_anchor_base_nll(&store, "m", "Why?", &nll_blob(&tokens, 0.75)).unwrap();
+        let kept = anchor_base_nll(&store, "m", "Why?").unwrap().unwrap();
+        assert_eq!(nll_from_blob(&kept, &tokens), Some(0.75));
+        assert_eq!(nll_from_blob(&kept, &[5, 6, 7]), None);
+        assert_eq!(nll_from_blob(&kept[..12], &tokens), None);
         set_anchor_soft(&store, "m", "Why?", &blob).unwrap();
         assert!(anchors_with_soft(&store, "m")
             .unwrap()
