@@ -478,19 +478,23 @@ impl Engine {
         self.model.clear_cache();
     }
 
+    /// How many leading tokens of `tokens` the KV cache already holds.
+    fn cached_prefix(&self, tokens: &[u32]) -> usize {
+        self.cache_tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(self.model.cached_len())
+    }
+
     /// Runs the prompt through the model, reusing the cached prefix; returns the logits of its
     /// last position and how many tokens were reused.
     fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
         if prompt.is_empty() {
             return Err(EngineError::Other("empty prompt".into()));
         }
-        let mut common = self
-            .cache_tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(self.model.cached_len());
+        let mut common = self.cached_prefix(prompt);
         if common == prompt.len() {
             common -= 1; // at least one token must run to produce logits
         }
@@ -574,13 +578,7 @@ impl Engine {
         k: usize,
         known: &SoftTargets,
     ) -> Result<SoftTargets> {
-        let common = self
-            .cache_tokens
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(self.model.cached_len());
+        let common = self.cached_prefix(tokens);
         let known: BTreeMap<usize, &Vec<(u32, f32)>> = known
             .iter()
             .filter(|(i, _)| *i <= common)
