@@ -16,7 +16,7 @@ use crate::template::{ChatTemplate, Message, TemplateError};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 use candle_core::Device;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -386,6 +386,95 @@ fn top_k_probs(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     top
 }
 
+/// Greedy answers to many prompts being decoded together ([`Engine::decode_top_k`]).
+pub struct TopKBatch {
+    pending: VecDeque<(usize, Vec<u32>)>,
+    active: Vec<BatchSeq>,
+    ended: VecDeque<(usize, TopKAnswer)>,
+    /// The KV cache of the prompts' common opening, once run.
+    opening: Option<KvCache>,
+    common: usize,
+    width: usize,
+    max_tokens: usize,
+    /// Rows of the top-k kept per position (0: none).
+    k: usize,
+    /// Per prompt: the answer ends as soon as its text so far passes this.
+    until: Vec<Option<Until>>,
+}
+
+/// A test of an answer's text so far that ends it ([`Engine::decode_until`]).
+pub type Until = Box<dyn Fn(&str) -> bool + Send>;
+
+impl TopKBatch {
+    /// Prompts not answered yet (decoding or waiting).
+    pub fn remaining(&self) -> usize {
+        self.pending.len() + self.active.len() + self.ended.len()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum BatchState {
+    Run,
+    /// The answer hit `max_tokens`; its last token runs for the end of turn's row.
+    Last(StopReason),
+}
+
+/// One answer of a [`TopKBatch`] being decoded.
+struct BatchSeq {
+    index: usize,
+    d: Decoder<'static>,
+    cache: KvCache,
+    /// Prompt and answer tokens in `cache`, in order.
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    reused: usize,
+    logits: Vec<f32>,
+    seen: SoftTargets,
+    state: BatchState,
+    /// The answer's text so far (for `until`).
+    text: String,
+    prompt_ms: f64,
+    t1: Instant,
+}
+
+impl BatchSeq {
+    fn finish(self, tokenizer: &Tokenizer, stop: StopReason) -> Result<(usize, TopKAnswer)> {
+        let (text, tokens, generated) = self
+            .d
+            .finish(tokenizer, &mut |_| {})?
+            .ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))?;
+        Ok((
+            self.index,
+            TopKAnswer {
+                generation: Generation {
+                    text,
+                    tokens,
+                    by_base: false,
+                    route_p: None,
+                    prompt_tokens: self.prompt_tokens,
+                    reused_tokens: self.reused,
+                    completion_tokens: generated,
+                    prompt_ms: self.prompt_ms,
+                    generate_ms: self.t1.elapsed().as_secs_f64() * 1000.0,
+                    stop,
+                },
+                seen: self.seen,
+                cache: self.cache,
+                cache_tokens: self.tokens,
+            },
+        ))
+    }
+}
+
+/// One answer of [`Engine::decode_top_k`]: the generation, the top-k rows seen while
+/// generating it, and the KV cache they were computed on.
+pub struct TopKAnswer {
+    pub generation: Generation,
+    pub seen: SoftTargets,
+    cache: KvCache,
+    cache_tokens: Vec<u32>,
+}
+
 /// A loaded model ready to answer.
 pub struct Engine {
     pub name: String,
@@ -565,6 +654,225 @@ impl Engine {
         let g =
             g.ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))?;
         Ok((g, seen))
+    }
+
+    /// [`Engine::generate_top_k`] for many prompts, `width` of them decoded together: one pass
+    /// over the weights per step for all of them ([`Model::forward_batch`]), each with its own
+    /// KV cache; a slot freed by an answer that ended takes the next prompt. The prompts' common
+    /// opening runs once. [`Engine::next_top_k`] gives the answers as they end.
+    pub fn decode_top_k(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        width: usize,
+        max_tokens: usize,
+        k: usize,
+    ) -> TopKBatch {
+        let mut common = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        if let Some(first) = prompts.first() {
+            for p in &prompts {
+                common = common.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+            }
+        }
+        // At least one token of each prompt runs after the opening, for its logits.
+        let common = common.saturating_sub(1);
+        let until = prompts.iter().map(|_| None).collect();
+        TopKBatch {
+            pending: prompts.into_iter().enumerate().collect(),
+            active: Vec::new(),
+            ended: VecDeque::new(),
+            opening: None,
+            common,
+            width: width.max(1),
+            max_tokens,
+            k,
+            until,
+        }
+    }
+
+    /// Greedy answers to many prompts decoded together as [`Engine::decode_top_k`] does, without
+    /// the top-k rows; each answer ends as soon as its text so far passes its `until` test
+    /// (a probe's answer once it holds the expected span: greedy decoding cannot take it back).
+    pub fn decode_until(
+        &self,
+        prompts: Vec<(Vec<u32>, Until)>,
+        width: usize,
+        max_tokens: usize,
+    ) -> TopKBatch {
+        let (prompts, until): (Vec<Vec<u32>>, Vec<Until>) = prompts.into_iter().unzip();
+        let mut b = self.decode_top_k(prompts, width, max_tokens, 0);
+        b.until = until.into_iter().map(Some).collect();
+        b
+    }
+
+    /// The next answer of `batch` to end, with its prompt's index, or None when all have.
+    /// What each answer is is what `generate_top_k` gives its prompt alone, but for rounding
+    /// (several rows are summed in another order), which can change a near tie.
+    pub fn next_top_k(
+        &mut self,
+        batch: &mut TopKBatch,
+        cancel: &AtomicBool,
+    ) -> Result<Option<(usize, TopKAnswer)>> {
+        let max_ctx = self.model.max_context();
+        let use_lora = self.model.adapter().is_some();
+        let sampling = SamplingParams::default();
+        loop {
+            if let Some(a) = batch.ended.pop_front() {
+                return Ok(Some(a));
+            }
+            while batch.active.len() < batch.width {
+                let Some((index, p)) = batch.pending.pop_front() else {
+                    break;
+                };
+                let t0 = Instant::now();
+                self.room_for(p.len() + 1)?;
+                let common = batch.common.min(p.len().saturating_sub(1));
+                if batch.opening.is_none() {
+                    let mut c = KvCache::new(&self.model);
+                    for chunk in p[..common].chunks(self.batch) {
+                        self.model
+                            .forward_cached(&mut c, chunk, Logits::Last, use_lora)?;
+                    }
+                    batch.opening = Some(c);
+                }
+                let opening = batch.opening.as_ref().map_or(0, KvCache::len).min(common);
+                let mut cache = match &batch.opening {
+                    Some(c) => c.prefix_copy(opening, p.len() + batch.max_tokens + 2)?,
+                    None => KvCache::new(&self.model),
+                };
+                let logits = self.prefill_into(&mut cache, &p[opening..], use_lora)?;
+                batch.active.push(BatchSeq {
+                    index,
+                    d: Decoder::new(&p, &sampling, batch.max_tokens, None),
+                    cache,
+                    tokens: p.clone(),
+                    prompt_tokens: p.len(),
+                    reused: opening,
+                    logits,
+                    seen: Vec::new(),
+                    state: BatchState::Run,
+                    text: String::new(),
+                    prompt_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                    t1: Instant::now(),
+                });
+            }
+            if batch.active.is_empty() {
+                return Ok(None);
+            }
+            let mut feed: Vec<(usize, u32)> = Vec::new();
+            let mut i = 0;
+            while i < batch.active.len() {
+                let s = &mut batch.active[i];
+                if batch.k > 0 {
+                    s.seen
+                        .push((s.cache.len(), top_k_probs(&s.logits, batch.k)));
+                }
+                let until = batch.until.get(s.index).and_then(Option::as_ref);
+                let end = match s.state {
+                    BatchState::Last(r) => Some(r),
+                    BatchState::Run => {
+                        let room = s.cache.len() < max_ctx;
+                        let text = &mut s.text;
+                        let on_text = &mut |piece: &str| text.push_str(piece);
+                        match s
+                            .d
+                            .step(&self.tokenizer, &s.logits, cancel, room, on_text)?
+                        {
+                            // Enough said: what follows a greedy answer cannot take it back.
+                            Step::Feed(_) if until.is_some_and(|u| u(&s.text)) => {
+                                Some(StopReason::Cancelled)
+                            }
+                            Step::Feed(t) => {
+                                feed.push((i, t));
+                                None
+                            }
+                            Step::Stop(StopReason::MaxTokens) if s.cache.len() + 1 < max_ctx => {
+                                match s.d.last_token() {
+                                    Some(&last) => {
+                                        s.state = BatchState::Last(StopReason::MaxTokens);
+                                        feed.push((i, last));
+                                        None
+                                    }
+                                    None => Some(StopReason::MaxTokens),
+                                }
+                            }
+                            Step::Stop(r) => Some(r),
+                        }
+                    }
+                };
+                match end {
+                    Some(stop) => {
+                        let s = batch.active.remove(i);
+                        // Indices in `feed` are below i: they stay valid.
+                        let a = s.finish(&self.tokenizer, stop)?;
+                        batch.ended.push_back(a);
+                    }
+                    None => i += 1,
+                }
+            }
+            if feed.is_empty() {
+                continue;
+            }
+            let toks: Vec<u32> = feed.iter().map(|f| f.1).collect();
+            let lora = vec![use_lora; feed.len()];
+            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(feed.len());
+            let mut next = feed.iter().peekable();
+            for (i, s) in batch.active.iter_mut().enumerate() {
+                if next.peek().is_some_and(|f| f.0 == i) {
+                    next.next();
+                    caches.push(&mut s.cache);
+                }
+            }
+            let rows = self
+                .model
+                .forward_batch(&mut caches, &toks, &lora)?
+                .to_vec2::<f32>()?;
+            for (&(i, t), row) in feed.iter().zip(rows) {
+                batch.active[i].tokens.push(t);
+                batch.active[i].logits = row;
+            }
+        }
+    }
+
+    /// Every answer of [`Engine::decode_top_k`], in the prompts' order (each keeps its cache:
+    /// for a few prompts; [`Engine::next_top_k`] lets each go as it ends).
+    pub fn generate_top_k_many(
+        &mut self,
+        prompts: &[Vec<u32>],
+        width: usize,
+        max_tokens: usize,
+        k: usize,
+        cancel: &AtomicBool,
+    ) -> Result<Vec<TopKAnswer>> {
+        let mut batch = self.decode_top_k(prompts.to_vec(), width, max_tokens, k);
+        let mut out: Vec<Option<TopKAnswer>> = (0..prompts.len()).map(|_| None).collect();
+        while let Some((i, a)) = self.next_top_k(&mut batch, cancel)? {
+            out[i] = Some(a);
+        }
+        out.into_iter()
+            .map(|a| a.ok_or_else(|| EngineError::Other("an answer of a batch is missing".into())))
+            .collect()
+    }
+
+    /// [`Engine::top_k_targets_reusing`] of `tokens` after one of
+    /// [`Engine::next_top_k`]'s answers: its cache becomes the engine's, and the rows
+    /// it kept are taken where `tokens` agrees with it.
+    pub fn top_k_targets_of(
+        &mut self,
+        answer: TopKAnswer,
+        tokens: &[u32],
+        scored: &[bool],
+        k: usize,
+    ) -> Result<SoftTargets> {
+        let TopKAnswer {
+            seen,
+            mut cache,
+            mut cache_tokens,
+            ..
+        } = answer;
+        self.model.swap_cache(&mut cache);
+        cache_tokens.truncate(self.model.cached_len());
+        self.cache_tokens = cache_tokens;
+        self.top_k_targets_reusing(tokens, scored, k, &seen)
     }
 
     /// [`Engine::top_k_targets`] of `tokens`, taking the rows of `known` (from
@@ -1058,6 +1366,106 @@ mod tests {
                     assert!((x.1 - y.1).abs() < 1e-3, "position {i}: {x:?} vs {y:?}");
                 }
             }
+        }
+    }
+
+    /// Answers decoded together are the answers decoded alone: the same tokens, the same top-k
+    /// rows kept on the way, and the same targets taken from each answer's own cache, for
+    /// prompts of different lengths that share an opening, ending at the limit or not.
+    #[test]
+    fn top_k_answers_decoded_together_match_each_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let cancel = AtomicBool::new(false);
+        let prompts: Vec<Vec<u32>> = ["hello there", "hello there, how", "hello", "a b c d e f"]
+            .iter()
+            .map(|t| e.text_tokens(t, false).unwrap())
+            .collect();
+        for max in [1, 5, 9] {
+            let together = e.generate_top_k_many(&prompts, 3, max, 4, &cancel).unwrap();
+            assert_eq!(together.len(), prompts.len());
+            for (p, t) in prompts.iter().zip(together) {
+                e.reset();
+                let (g, seen) = e.generate_top_k(p, max, 4, &cancel).unwrap();
+                assert_eq!(t.generation.tokens, g.tokens, "max {max}");
+                assert_eq!(t.generation.stop, g.stop);
+                assert_eq!(t.seen.len(), seen.len());
+                let close = |a: &SoftTargets, b: &SoftTargets| {
+                    for ((i, a), (j, b)) in a.iter().zip(b) {
+                        assert_eq!(i, j);
+                        let ta: Vec<u32> = a.iter().map(|x| x.0).collect();
+                        let tb: Vec<u32> = b.iter().map(|x| x.0).collect();
+                        assert_eq!(ta, tb, "position {i}");
+                        for (x, y) in a.iter().zip(b) {
+                            assert!((x.1 - y.1).abs() < 1e-3, "position {i}: {x:?} vs {y:?}");
+                        }
+                    }
+                };
+                close(&t.seen, &seen);
+                let tokens = [p.clone(), g.tokens.clone(), vec![3, 4]].concat();
+                let scored: Vec<bool> = (0..tokens.len()).map(|i| i >= p.len()).collect();
+                let of = e.top_k_targets_of(t, &tokens, &scored, 4).unwrap();
+                let fresh = e.top_k_targets(&tokens, &scored, 4).unwrap();
+                assert_eq!(of.len(), fresh.len());
+                close(&of, &fresh);
+            }
+        }
+    }
+
+    /// Answers decoded together with an `until` test stop at the first token whose text passes
+    /// it, and are otherwise the answers decoded alone.
+    #[test]
+    fn answers_decoded_until_stop_where_their_text_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_tiny_model(&path, &crate::tiny::TinySpec::default()).unwrap();
+        let mut e = Engine::load("tiny", &path, &LoadOptions::default()).unwrap();
+        let cancel = AtomicBool::new(false);
+        let prompts: Vec<Vec<u32>> = ["hello there", "hello there, how", "a b c d e f"]
+            .iter()
+            .map(|t| e.text_tokens(t, false).unwrap())
+            .collect();
+        let alone: Vec<Generation> = prompts
+            .iter()
+            .map(|p| {
+                e.reset();
+                e.generate(p, &SamplingParams::default(), 9, &cancel, &mut |_| {})
+                    .unwrap()
+            })
+            .collect();
+        for stop_early in [false, true] {
+            let tests: Vec<(Vec<u32>, Until)> = prompts
+                .iter()
+                .map(|p| {
+                    let u: Until = if stop_early {
+                        Box::new(|t: &str| !t.is_empty())
+                    } else {
+                        Box::new(|_: &str| false)
+                    };
+                    (p.clone(), u)
+                })
+                .collect();
+            let mut batch = e.decode_until(tests, 2, 9);
+            let (mut seen, mut shorter) = (0, 0);
+            while let Some((i, a)) = e.next_top_k(&mut batch, &cancel).unwrap() {
+                seen += 1;
+                let (got, want) = (&a.generation, &alone[i]);
+                assert!(a.seen.is_empty(), "no top-k rows were asked for");
+                if stop_early && !want.text.is_empty() {
+                    assert!(!got.text.is_empty() && want.text.starts_with(&got.text));
+                    assert!(want.tokens.starts_with(&got.tokens));
+                    shorter += usize::from(got.tokens.len() < want.tokens.len());
+                } else {
+                    assert_eq!(got.tokens, want.tokens);
+                    assert_eq!(got.text, want.text);
+                }
+            }
+            if stop_early {
+                assert!(shorter > 0, "no answer stopped early");
+            }
+            assert_eq!(seen, prompts.len());
         }
     }
 

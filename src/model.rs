@@ -408,6 +408,12 @@ impl Model {
         self.truncate_cache(0);
     }
 
+    /// Exchanges the model's own KV cache with `other` (a cache one of [`Model::forward_batch`]'s
+    /// sequences filled, to go on from it with [`Model::forward`]).
+    pub fn swap_cache(&mut self, other: &mut KvCache) {
+        std::mem::swap(&mut self.cache, other);
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -553,12 +559,21 @@ impl Model {
             ))
             .into());
         }
-        if let ([c], [t], [l]) = (&mut *caches, tokens, lora) {
-            if let Some(l) = self.step(c, *t, *l)? {
-                let vocab = l.len();
-                return Ok(Tensor::from_vec(l, (1, vocab), &self.device)?);
-            }
+        if let Some(rows) = self.step_many(caches, tokens, lora)? {
+            let vocab = rows.first().map_or(0, Vec::len);
+            return Ok(Tensor::from_vec(rows.concat(), (n, vocab), &self.device)?);
         }
+        self.forward_batch_tensors(caches, tokens, lora)
+    }
+
+    /// [`Model::forward_batch`] on candle's tensor operations (where `step` does not run).
+    fn forward_batch_tensors(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[u32],
+        lora: &[bool],
+    ) -> Result<Tensor> {
+        let n = tokens.len();
         for c in caches.iter() {
             self.check_cache(c, 1)?;
         }
@@ -867,29 +882,32 @@ mod tests {
                     .collect();
                 want.push(rows);
             }
-            // Together.
-            let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&m)).collect();
-            for (i, (c, p)) in caches.iter_mut().zip(prompts).enumerate() {
-                m.forward_cached(c, p, Logits::Last, use_lora[i]).unwrap();
-            }
-            for k in 0..4 {
-                let toks: Vec<u32> = steps.iter().map(|s| s[k]).collect();
-                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-                let out: Vec<Vec<f32>> = m
-                    .forward_batch(&mut refs, &toks, &use_lora)
-                    .unwrap()
-                    .to_vec2()
-                    .unwrap();
-                for (i, row) in out.iter().enumerate() {
-                    let d = max_rel_diff(row, &want[i][k]);
-                    assert!(
-                        d < 1e-4,
-                        "{arch} adapter {adapter}: seq {i} step {k} differs by {d}"
-                    );
+            // Together: on the plain-loop step (the default) and on candle's tensors.
+            for tensors in [false, true] {
+                let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&m)).collect();
+                for (i, (c, p)) in caches.iter_mut().zip(prompts).enumerate() {
+                    m.forward_cached(c, p, Logits::Last, use_lora[i]).unwrap();
                 }
-            }
-            for (c, p) in caches.iter().zip(prompts) {
-                assert_eq!(c.len(), p.len() + 4);
+                for k in 0..4 {
+                    let toks: Vec<u32> = steps.iter().map(|s| s[k]).collect();
+                    let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                    let out = if tensors {
+                        m.forward_batch_tensors(&mut refs, &toks, &use_lora)
+                    } else {
+                        m.forward_batch(&mut refs, &toks, &use_lora)
+                    };
+                    let out: Vec<Vec<f32>> = out.unwrap().to_vec2().unwrap();
+                    for (i, row) in out.iter().enumerate() {
+                        let d = max_rel_diff(row, &want[i][k]);
+                        assert!(
+                            d < 1e-4,
+                            "{arch} adapter {adapter} tensors {tensors}: seq {i} step {k} differs by {d}"
+                        );
+                    }
+                }
+                for (c, p) in caches.iter().zip(prompts) {
+                    assert_eq!(c.len(), p.len() + 4);
+                }
             }
             if adapter {
                 // The adapter changes the rows that use it (so the check above means something).
@@ -927,7 +945,7 @@ mod tests {
         for adapter in [false, true] {
             m.set_adapter(adapter.then(|| w.clone()));
             let mut alone = KvCache::new(&m);
-            // Two copies of one sequence decode as a batch, which runs on candle's tensors.
+            // Two copies of one sequence decode as a batch on candle's tensors.
             let mut pair: Vec<KvCache> = (0..2).map(|_| KvCache::new(&m)).collect();
             let prompt = [1u32, 40, 77, 100];
             m.forward_cached(&mut alone, &prompt, Logits::Last, adapter)
@@ -942,7 +960,7 @@ mod tests {
                     .expect("the tiny model's weights run on the one-token path");
                 let mut refs: Vec<&mut KvCache> = pair.iter_mut().collect();
                 let slow: Vec<Vec<f32>> = m
-                    .forward_batch(&mut refs, &[t, t], &[adapter, adapter])
+                    .forward_batch_tensors(&mut refs, &[t, t], &[adapter, adapter])
                     .unwrap()
                     .to_vec2()
                     .unwrap();

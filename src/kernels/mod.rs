@@ -478,16 +478,30 @@ fn run(
 /// q, k and v, or its gate and up), in one parallel pass: the pool's threads meet once
 /// instead of once per matrix, which at one row is a good part of the time.
 pub fn matvec_many(ws: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]) -> Result<(), KernelError> {
+    matmul_many(ws, x, 1, outs)
+}
+
+/// [`matvec_many`] for `m` activation rows (`x` is `m × k`, `outs[j]` is `m × n_j`): every
+/// weight row is read once for all `m` (the decode step of several answers at once).
+pub fn matmul_many(
+    ws: &[&QMatrix],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
     if ws.len() != outs.len() {
         return Err(KernelError::Shape(format!(
-            "matvec_many: {} matrices, {} outputs",
+            "matmul_many: {} matrices, {} outputs",
             ws.len(),
             outs.len()
         )));
     }
     let mut rbs = Vec::with_capacity(ws.len());
     for (w, o) in ws.iter().zip(outs.iter()) {
-        rbs.push(check_sizes(w, x, 1, o)?);
+        rbs.push(check_sizes(w, x, m, o)?);
+    }
+    if m == 0 {
+        return Ok(());
     }
     let scalar = forced_scalar();
     let kernels: Vec<KernelSet> = ws
@@ -508,19 +522,29 @@ pub fn matvec_many(ws: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]) -> Resul
         .next_multiple_of(4);
     let mut tasks: Vec<(usize, Task)> = Vec::new();
     for (j, o) in outs.iter_mut().enumerate() {
+        let n = ws[j].n;
+        if n == 0 {
+            continue;
+        }
         if ws[j].k == 0 {
             o.fill(0.0);
             continue;
         }
-        for (c, piece) in o.chunks_mut(chunk).enumerate() {
+        let first = tasks.len();
+        for c in 0..n.div_ceil(chunk) {
             tasks.push((
                 j,
                 Task {
                     r0: c * chunk,
                     i0: 0,
-                    outs: vec![piece],
+                    outs: Vec::with_capacity(m),
                 },
             ));
+        }
+        for orow in o.chunks_exact_mut(n) {
+            for (c, piece) in orow.chunks_mut(chunk).enumerate() {
+                tasks[first + c].1.outs.push(piece);
+            }
         }
     }
     let work = |(j, t): (usize, Task)| run_tile(ws[j], rbs[j], x, t, &kernels[j]);

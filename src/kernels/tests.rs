@@ -443,6 +443,63 @@ fn matvec_many_matches_one_matrix_at_a_time() {
     assert!(matvec_many(&refs[..2], &x, &mut [&mut short[..]]).is_err());
 }
 
+/// [`matmul_many`] over several rows gives, bit for bit, what [`matmul`] gives each matrix over
+/// those rows, on any number of threads; and each row what it gives alone but for rounding
+/// (the kernels for several rows sum in another order).
+#[test]
+fn matmul_many_matches_one_matrix_and_one_row_at_a_time() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let k = 256;
+    let shapes = [(QType::Q4_1, 576usize), (QType::Q8_0, 70), (QType::Q6K, 5)];
+    let datas: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(t, n)| random_matrix(t, n, k, &mut rng))
+        .collect();
+    let ws: Vec<QMatrix> = shapes
+        .iter()
+        .zip(&datas)
+        .map(|(&(dtype, n), data)| QMatrix { dtype, n, k, data })
+        .collect();
+    let refs: Vec<&QMatrix> = ws.iter().collect();
+    for m in [1usize, 2, 3, 4, 5, 8] {
+        let x: Vec<f32> = (0..m).flat_map(|_| random_x(k, &mut rng)).collect();
+        let want: Vec<Vec<f32>> = ws
+            .iter()
+            .map(|w| {
+                let mut o = vec![0f32; m * w.n];
+                matmul(w, &x, m, &mut o).unwrap();
+                o
+            })
+            .collect();
+        for (w, o) in ws.iter().zip(&want) {
+            for (i, row) in o.chunks_exact(w.n).enumerate() {
+                let mut one = vec![0f32; w.n];
+                matmul(w, &x[i * k..(i + 1) * k], 1, &mut one).unwrap();
+                for (a, b) in row.iter().zip(&one) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "m={m} row {i}: {a} {b}"
+                    );
+                }
+            }
+        }
+        for threads in [1usize, 2, 5] {
+            let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.n]).collect();
+            let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|o| &mut o[..]).collect();
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| matmul_many(&refs, &x, m, &mut outs))
+                .unwrap();
+            assert_eq!(got, want, "m={m} threads={threads}");
+        }
+    }
+    let x = random_x(2 * k, &mut rng);
+    let mut short = vec![0f32; 576];
+    assert!(matmul_many(&refs[..1], &x, 2, &mut [&mut short[..]]).is_err());
+}
+
 #[test]
 fn bad_sizes_are_errors() {
     let (n, k) = (4usize, 64usize);

@@ -7,6 +7,7 @@
 //! (that is [`super::decide`]); training itself is [`crate::train::job`].
 
 use super::*;
+use crate::engine::Until;
 use crate::train::job::{BadCheckpoint, JobEvent, JobSpec, TrainJob};
 use records::Cycle;
 use std::time::Duration;
@@ -400,6 +401,18 @@ fn training_set(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result<Tra
     })
 }
 
+/// Anchoring prompts the base model answers together, one pass over the weights per token for
+/// all of them (`examples/anchor_batch.rs` measures the widths; BENCHMARKS.md, issue 19).
+const ANCHOR_WIDTH: usize = 16;
+
+/// The longest base-model answer an anchor keeps, in tokens.
+const ANCHOR_TOKENS: usize = 48;
+
+/// Probes answered together by a check or the gate, and the longest answer one gets (it stops
+/// sooner, once it holds the expected span).
+pub(super) const PROBE_WIDTH: usize = 16;
+const PROBE_TOKENS: usize = 24;
+
 /// Step 4: general anchoring: the base model's answers (stored once per model) to a rotating
 /// share of the anchoring prompts, plus the held-out ones the gate measures drift on, and the
 /// base model's top-k distribution over each trained answer (kept with it, and taken while the
@@ -426,48 +439,52 @@ fn add_anchors(
         .filter(|p| !have.contains_key(*p))
         .collect();
     let system = run.system();
-    for (n, p) in missing.iter().enumerate() {
-        if run.cancelled() {
-            return Ok(false);
-        }
+    let mut prompts = Vec::with_capacity(missing.len());
+    for p in &missing {
+        let mut msgs: Vec<Message> = system.as_deref().map(Message::system).into_iter().collect();
+        msgs.push(Message::user(p.as_str()));
+        prompts.push(run.l.engine.chat_tokens(&msgs)?);
+    }
+    // Decoded together: one pass over the weights per token for ANCHOR_WIDTH answers.
+    let mut batch = run
+        .l
+        .engine
+        .decode_top_k(prompts, ANCHOR_WIDTH, ANCHOR_TOKENS, k);
+    let mut done = 0;
+    loop {
         run.report(
             Phase::Anchors,
-            n,
+            done,
             missing.len(),
             0.0,
-            format!("base answer {}/{}", n + 1, missing.len()),
+            format!("base answer {}/{}", done + 1, missing.len()),
         );
-        let is_held = held.contains(p);
-        let (a, soft) = if k > 0 && !is_held {
-            let mut msgs: Vec<Message> =
-                system.as_deref().map(Message::system).into_iter().collect();
-            msgs.push(Message::user(p.as_str()));
-            let toks = run.l.engine.chat_tokens(&msgs)?;
-            let (g, seen) = run.l.engine.generate_top_k(&toks, 48, k, run.cancel)?;
-            if run.cancelled() {
-                return Ok(false);
-            }
-            let a = g.text.trim().to_string();
-            let ex = data::chat_pair(&run.l.engine.codec(), system.as_deref(), p, &a)?;
-            let blob = if !a.is_empty() && ex.tokens.len() >= 2 {
-                let soft = run
-                    .l
-                    .engine
-                    .top_k_targets_reusing(&ex.tokens, &ex.learn, k, &seen)?;
-                Some(records::soft_blob(k, &ex.tokens, &soft))
-            } else {
-                None
-            };
-            (a, blob)
-        } else {
-            let a = answer(&mut run.l.engine, system.as_deref(), p, 48, run.cancel)?;
-            (a, None)
+        let Some((i, g)) = run.l.engine.next_top_k(&mut batch, run.cancel)? else {
+            break;
         };
         if run.cancelled() {
             return Ok(false);
         }
+        let p = missing[i];
+        let a = g.generation.text.trim().to_string();
+        // The held prompts are answered only: the gate scores them, nothing trains on them.
+        let soft = if k > 0 && !held.contains(&p) && !a.is_empty() {
+            let ex = data::chat_pair(&run.l.engine.codec(), system.as_deref(), p, &a)?;
+            if ex.tokens.len() >= 2 {
+                let soft = run.l.engine.top_k_targets_of(g, &ex.tokens, &ex.learn, k)?;
+                Some(records::soft_blob(k, &ex.tokens, &soft))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
         records::add_anchor(run.store, &run.l.id.sha256, p, &a, soft.as_deref())?;
-        have.insert((*p).clone(), (a, soft));
+        have.insert(p.clone(), (a, soft));
+        done += 1;
+    }
+    if run.cancelled() {
+        return Ok(false);
     }
     let pair = |p: &String| {
         have.get(p)
@@ -834,25 +851,32 @@ pub(super) fn probe_correct(
     probes: &[&Item],
     cancel: &AtomicBool,
 ) -> Result<Option<usize>> {
-    let mut n = 0;
+    let mut prompts: Vec<(Vec<u32>, Until)> = Vec::with_capacity(probes.len());
     for p in probes {
+        let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+        msgs.push(Message::user(p.prompt.as_deref().unwrap_or("")));
+        let expected = p.completion.clone();
+        prompts.push((
+            engine.chat_tokens(&msgs)?,
+            Box::new(move |so_far: &str| contains_answer(so_far, &expected)),
+        ));
+    }
+    // Decoded together, each answer stopped once it holds the expected span.
+    let mut batch = engine.decode_until(prompts, PROBE_WIDTH, PROBE_TOKENS);
+    let mut n = 0;
+    while let Some((i, a)) = engine.next_top_k(&mut batch, cancel)? {
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let a = answer_until(
-            engine,
-            system,
-            p.prompt.as_deref().unwrap_or(""),
-            24,
-            cancel,
-            &p.completion,
-        )?;
-        if cancel.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        if contains_answer(&a, &p.completion) {
+        if probes
+            .get(i)
+            .is_some_and(|p| contains_answer(a.generation.text.trim(), &p.completion))
+        {
             n += 1;
         }
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Ok(None);
     }
     Ok(Some(n))
 }

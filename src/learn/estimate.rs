@@ -10,7 +10,7 @@
 
 use super::*;
 use crate::train::Trainer;
-use cycle::probe_correct;
+use cycle::{probe_correct, PROBE_WIDTH};
 use std::time::Duration;
 
 /// Training steps timed (the first one, which warms caches up, is not counted).
@@ -157,8 +157,9 @@ pub fn estimate(
     let Some(per_step) = time_steps(&l, &t, cancel)? else {
         return Ok(None);
     };
-    // Two probe answers, timed (24 tokens at most, as the gate's).
-    let sample: Vec<&Item> = new_probes.iter().take(2).copied().collect();
+    // Probe answers, timed as the checks and the gate answer them: as many decoded together
+    // as they decode (24 tokens at most).
+    let sample: Vec<&Item> = new_probes.iter().take(PROBE_WIDTH).copied().collect();
     let tp = Instant::now();
     let sys = l.system.clone();
     if probe_correct(&mut l.engine, sys.as_deref(), &sample, cancel)?.is_none() {

@@ -386,36 +386,6 @@ pub fn answer(
     Ok(g.text.trim().to_string())
 }
 
-/// [`answer`], stopped as soon as the text so far contains `expected` (greedy decoding: what
-/// follows cannot take it out again), or when `cancel` is set.
-pub fn answer_until(
-    engine: &mut Engine,
-    system: Option<&str>,
-    user: &str,
-    max_tokens: usize,
-    cancel: &AtomicBool,
-    expected: &str,
-) -> Result<String> {
-    let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
-    msgs.push(Message::user(user));
-    let toks = engine.chat_tokens(&msgs)?;
-    let enough = AtomicBool::new(false);
-    let mut so_far = String::new();
-    let g = engine.generate(
-        &toks,
-        &SamplingParams::default(),
-        max_tokens,
-        &enough,
-        &mut |piece| {
-            so_far.push_str(piece);
-            if cancel.load(Ordering::Relaxed) || contains_answer(&so_far, expected) {
-                enough.store(true, Ordering::Relaxed);
-            }
-        },
-    )?;
-    Ok(g.text.trim().to_string())
-}
-
 /// Whether `answer` contains `expected` (case-insensitive, whitespace-normalised).
 pub fn contains_answer(answer: &str, expected: &str) -> bool {
     let norm = |s: &str| {

@@ -1,13 +1,15 @@
-//! One token of one sequence through the model on the CPU, in plain loops over `f32` slices:
-//! the decode step of `hone ask`, `chat` and `serve` with one answer running. It is the same
-//! arithmetic as [`Model::layers_forward`] (hone's quantised kernels for every product, the
-//! same RMSNorm, rotary embedding, attention over the same [`KvCache`] and SwiGLU), minus
-//! candle's cost per operation: at one row, the ~25 tensor operations of a layer (each an
-//! allocation, a dispatch and often a copy) took about a third of a token's time.
+//! One token of each of one or more sequences through the model on the CPU, in plain loops over
+//! `f32` slices: the decode step of `hone ask`, `chat` and `serve`, and of a learning cycle's
+//! base-model anchors decoded together. It is the same arithmetic as [`Model::layers_forward`]
+//! (hone's quantised kernels for every product, the same RMSNorm, rotary embedding, attention
+//! over the same [`KvCache`] and SwiGLU), minus candle's cost per operation: at one row, the
+//! ~25 tensor operations of a layer (each an allocation, a dispatch and often a copy) took
+//! about a third of a token's time, and at eight rows (each sequence's attention its own
+//! operations) candle's path was slower than decoding them one at a time.
 //!
-//! It must not run prompts or batches (candle does those), keep state of its own, or compute
-//! anything the candle path does not: `HONE_DECODE=candle` turns it off, and the model tests
-//! check both paths give the same logits.
+//! It must not run prompts (candle does those), keep state of its own, or compute anything the
+//! candle path does not: `HONE_DECODE=candle` turns it off, and the model tests check both
+//! paths give the same logits.
 
 use super::{Arch, KvCache, Layer, Model, QLinear, Result};
 use crate::kernels::{self, QMatrix, QType};
@@ -80,8 +82,9 @@ impl StepWeights {
     }
 }
 
-/// `outs[j] = x W_jᵀ` for one row, on hone's kernels, all in one parallel pass.
-fn matmul(lins: &[&QLinear], x: &[f32], outs: &mut [&mut [f32]]) -> Result<()> {
+/// `outs[j] = x W_jᵀ` for the `m` rows of `x`, on hone's kernels, all in one parallel pass
+/// (each weight row read once for all `m`).
+fn matmul(lins: &[&QLinear], x: &[f32], m: usize, outs: &mut [&mut [f32]]) -> Result<()> {
     let datas = lins
         .iter()
         .map(|l| l.q.data())
@@ -97,7 +100,8 @@ fn matmul(lins: &[&QLinear], x: &[f32], outs: &mut [&mut [f32]]) -> Result<()> {
         ms.push(QMatrix { dtype, n, k, data });
     }
     let refs: Vec<&QMatrix> = ms.iter().collect();
-    kernels::matvec_many(&refs, x, outs).map_err(|e| candle_core::Error::Msg(e.to_string()).into())
+    kernels::matmul_many(&refs, x, m, outs)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()).into())
 }
 
 /// candle's `rms_norm`: `x / sqrt(mean(x²) + eps) · w`.
@@ -197,11 +201,34 @@ impl Model {
         token: u32,
         use_lora: bool,
     ) -> Result<Option<Vec<f32>>> {
-        if !enabled() || !matches!(self.device, Device::Cpu) {
+        Ok(self
+            .step_many(&mut [cache], &[token], &[use_lora])?
+            .map(|mut rows| rows.swap_remove(0)))
+    }
+
+    /// [`Model::step`] for several sequences at once: `tokens[i]` is appended to `caches[i]` at
+    /// its own position, with the adapter when `use_lora[i]`; the result's row i is sequence
+    /// i's next-token logits. Every product reads its weights once for all the rows.
+    pub(super) fn step_many(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[u32],
+        use_lora: &[bool],
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let m = tokens.len();
+        if !enabled() || !matches!(self.device, Device::Cpu) || m == 0 {
             return Ok(None);
         }
+        if caches.len() != m || use_lora.len() != m {
+            return Err(candle_core::Error::Msg(format!(
+                "step: {m} tokens, {} caches, {} adapter flags",
+                caches.len(),
+                use_lora.len()
+            ))
+            .into());
+        }
         let lora = match &self.lora {
-            Some(l) if use_lora => {
+            Some(l) if use_lora.iter().any(|&u| u) => {
                 if !lora_ready(l) {
                     return Ok(None);
                 }
@@ -219,28 +246,21 @@ impl Model {
         let Some(w) = w else {
             return Ok(None);
         };
-        self.check_cache(cache, 1)?;
+        for c in caches.iter() {
+            self.check_cache(c, 1)?;
+        }
         let cfg = &self.cfg;
         let (dim, nh, nkv, hd) = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
         let n_rep = nh / nkv;
         let eps = cfg.eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
-        let pos = cache.len;
         let half = hd / 2;
-        let (cos, sin) = (
-            &w.cos[pos * half..(pos + 1) * half],
-            &w.sin[pos * half..(pos + 1) * half],
-        );
+        let pos: Vec<usize> = caches.iter().map(|c| c.len).collect();
 
-        let mut x = vec![0f32; dim];
+        let mut x = vec![0f32; m * dim];
         {
             let (n, k) = self.embed.shape().dims2()?;
-            if token as usize >= n || k != dim {
-                return Err(candle_core::Error::Msg(format!(
-                    "token {token} is outside the vocabulary of {n}"
-                ))
-                .into());
-            }
             let data = self.embed.data()?;
             let e = QMatrix {
                 dtype: w.embed,
@@ -248,18 +268,46 @@ impl Model {
                 k,
                 data: &data,
             };
-            kernels::dequantize_rows(&e, token as usize, token as usize + 1, &mut x)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            for (&token, xr) in tokens.iter().zip(x.chunks_exact_mut(dim)) {
+                if token as usize >= n || k != dim {
+                    return Err(candle_core::Error::Msg(format!(
+                        "token {token} is outside the vocabulary of {n}"
+                    ))
+                    .into());
+                }
+                kernels::dequantize_rows(&e, token as usize, token as usize + 1, xr)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            }
         }
         let ffn = self.layers.first().map_or(0, |l| l.up.q.shape().dims()[0]);
-        let mut h = vec![0f32; dim];
-        let mut q = vec![0f32; nh * hd];
-        let mut k = vec![0f32; nkv * hd];
-        let mut v = vec![0f32; nkv * hd];
-        let mut y = vec![0f32; nh * hd];
-        let mut o = vec![0f32; dim];
-        let mut g = vec![0f32; ffn];
-        let mut u = vec![0f32; ffn];
+        let mut h = vec![0f32; m * dim];
+        let mut q = vec![0f32; m * qd];
+        let mut k = vec![0f32; m * kvd];
+        let mut v = vec![0f32; m * kvd];
+        let mut y = vec![0f32; m * qd];
+        let mut o = vec![0f32; m * dim];
+        let mut g = vec![0f32; m * ffn];
+        let mut u = vec![0f32; m * ffn];
+        // The adapter's delta on the rows that use it: `out` is (m, width), `input` (m, ·).
+        let delta = |li: usize, t: Target, input: &[f32], out: &mut [f32]| -> Result<()> {
+            let Some(l) = lora else { return Ok(()) };
+            let (iw, ow) = (input.len() / m, out.len() / m);
+            for (i, (xr, yr)) in input
+                .chunks_exact(iw)
+                .zip(out.chunks_exact_mut(ow))
+                .enumerate()
+            {
+                if use_lora[i] {
+                    lora_add(l, li, t, xr, yr)?;
+                }
+            }
+            Ok(())
+        };
+        let norm_rows = |x: &[f32], wt: &[f32], h: &mut [f32]| {
+            for (xr, hr) in x.chunks_exact(dim).zip(h.chunks_exact_mut(dim)) {
+                rms_norm(xr, wt, eps, hr);
+            }
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let Layer {
                 q: lq,
@@ -271,10 +319,11 @@ impl Model {
                 down,
                 ..
             } = layer;
-            rms_norm(&x, &w.attn_norm[li], eps, &mut h);
+            norm_rows(&x, &w.attn_norm[li], &mut h);
             matmul(
                 &[&lq.w, &lk.w, &lv.w],
                 &h,
+                m,
                 &mut [&mut q[..], &mut k[..], &mut v[..]],
             )?;
             for (t, out, b) in [
@@ -283,88 +332,104 @@ impl Model {
                 (Target::V, &mut v, &w.bias[li][2]),
             ] {
                 if let Some(b) = b {
-                    for (o, b) in out.iter_mut().zip(b) {
-                        *o += b;
+                    for row in out.chunks_exact_mut(b.len()) {
+                        for (o, b) in row.iter_mut().zip(b) {
+                            *o += b;
+                        }
                     }
                 }
-                if let Some(l) = lora {
-                    lora_add(l, li, t, &h, out)?;
+                delta(li, t, &h, out)?;
+            }
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let p = pos[i];
+                let (cos, sin) = (
+                    &w.cos[p * half..(p + 1) * half],
+                    &w.sin[p * half..(p + 1) * half],
+                );
+                let (qi, ki, vi) = (
+                    &mut q[i * qd..(i + 1) * qd],
+                    &mut k[i * kvd..(i + 1) * kvd],
+                    &v[i * kvd..(i + 1) * kvd],
+                );
+                for head in qi.chunks_exact_mut(hd).chain(ki.chunks_exact_mut(hd)) {
+                    rope(cfg.arch, head, cos, sin);
                 }
-            }
-            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                rope(cfg.arch, head, cos, sin);
-            }
-            let (kc, vc) = &mut cache.layers[li];
-            let kt = kc.append(
-                &Tensor::from_slice(&k, (1, nkv, 1, hd), &self.device)?,
-                self.max_ctx,
-            )?;
-            let vt = vc.append(
-                &Tensor::from_slice(&v, (1, nkv, 1, hd), &self.device)?,
-                self.max_ctx,
-            )?;
-            let l = pos + 1;
-            with_f32(&kt, |kd, ks| {
-                with_f32(&vt, |vd, vs| {
-                    let (kh, vh) = (ks[1], vs[1]);
-                    y.par_chunks_exact_mut(hd)
-                        .zip(q.par_chunks_exact(hd))
-                        .enumerate()
-                        .for_each(|(head, (yh, qh))| {
-                            let g = head / n_rep;
-                            let keys = &kd[g * kh..];
-                            let vals = &vd[g * vh..];
-                            let mut p: Vec<f32> = (0..l)
-                                .map(|j| dot(qh, &keys[j * hd..(j + 1) * hd]) * scale)
-                                .collect();
-                            let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                            let mut sum = 0f32;
-                            for s in p.iter_mut() {
-                                *s = (*s - max).exp();
-                                sum += *s;
-                            }
-                            yh.fill(0.0);
-                            for (j, &pj) in p.iter().enumerate() {
-                                let pj = pj / sum;
-                                for (o, &vv) in yh.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
-                                    *o += pj * vv;
+                let (kc, vc) = &mut cache.layers[li];
+                let kt = kc.append(
+                    &Tensor::from_slice(ki, (1, nkv, 1, hd), &self.device)?,
+                    self.max_ctx,
+                )?;
+                let vt = vc.append(
+                    &Tensor::from_slice(vi, (1, nkv, 1, hd), &self.device)?,
+                    self.max_ctx,
+                )?;
+                let l = p + 1;
+                let yi = &mut y[i * qd..(i + 1) * qd];
+                let qi = &q[i * qd..(i + 1) * qd];
+                with_f32(&kt, |kd, ks| {
+                    with_f32(&vt, |vd, vs| {
+                        let (kh, vh) = (ks[1], vs[1]);
+                        yi.par_chunks_exact_mut(hd)
+                            .zip(qi.par_chunks_exact(hd))
+                            .enumerate()
+                            .for_each(|(head, (yh, qh))| {
+                                let g = head / n_rep;
+                                let keys = &kd[g * kh..];
+                                let vals = &vd[g * vh..];
+                                let mut p: Vec<f32> = (0..l)
+                                    .map(|j| dot(qh, &keys[j * hd..(j + 1) * hd]) * scale)
+                                    .collect();
+                                let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                                let mut sum = 0f32;
+                                for s in p.iter_mut() {
+                                    *s = (*s - max).exp();
+                                    sum += *s;
                                 }
-                            }
-                        })
-                })
-            })??;
-            matmul(&[&lo.w], &y, &mut [&mut o[..]])?;
-            if let Some(l) = lora {
-                lora_add(l, li, Target::O, &y, &mut o)?;
+                                yh.fill(0.0);
+                                for (j, &pj) in p.iter().enumerate() {
+                                    let pj = pj / sum;
+                                    for (o, &vv) in yh.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
+                                        *o += pj * vv;
+                                    }
+                                }
+                            })
+                    })
+                })??;
             }
+            matmul(&[&lo.w], &y, m, &mut [&mut o[..]])?;
+            delta(li, Target::O, &y, &mut o)?;
             if let Some(b) = &lo.b {
-                with_f32(b, |bd, _| o.iter_mut().zip(bd).for_each(|(o, b)| *o += b))?;
+                with_f32(b, |bd, _| {
+                    for row in o.chunks_exact_mut(dim) {
+                        row.iter_mut().zip(bd).for_each(|(o, b)| *o += b);
+                    }
+                })?;
             }
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
             }
-            rms_norm(&x, &w.ffn_norm[li], eps, &mut h);
-            matmul(&[gate, up], &h, &mut [&mut g[..], &mut u[..]])?;
-            if let Some(l) = lora {
-                lora_add(l, li, Target::Gate, &h, &mut g)?;
-                lora_add(l, li, Target::Up, &h, &mut u)?;
-            }
+            norm_rows(&x, &w.ffn_norm[li], &mut h);
+            matmul(&[gate, up], &h, m, &mut [&mut g[..], &mut u[..]])?;
+            delta(li, Target::Gate, &h, &mut g)?;
+            delta(li, Target::Up, &h, &mut u)?;
             for (gi, ui) in g.iter_mut().zip(&u) {
                 *gi = *gi / (1.0 + (-*gi).exp()) * ui;
             }
-            matmul(&[down], &g, &mut [&mut o[..]])?;
-            if let Some(l) = lora {
-                lora_add(l, li, Target::Down, &g, &mut o)?;
-            }
+            matmul(&[down], &g, m, &mut [&mut o[..]])?;
+            delta(li, Target::Down, &g, &mut o)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
             }
         }
-        cache.len = pos + 1;
-        rms_norm(&x, &w.norm, eps, &mut h);
+        for (c, p) in caches.iter_mut().zip(&pos) {
+            c.len = p + 1;
+        }
+        norm_rows(&x, &w.norm, &mut h);
         let vocab = self.output.q.shape().dims2()?.0;
-        let mut logits = vec![0f32; vocab];
-        matmul(&[&self.output], &h, &mut [&mut logits[..]])?;
-        Ok(Some(logits))
+        let mut logits = vec![0f32; m * vocab];
+        matmul(&[&self.output], &h, m, &mut [&mut logits[..]])?;
+        Ok(Some(
+            logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect(),
+        ))
     }
 }
