@@ -232,9 +232,9 @@ pub fn estimate(
         ("self-edits".to_string(), selfedit_s),
         (
             "anchors".to_string(),
-            // An anchoring answer (48 tokens at most, its distribution kept as it is generated)
-            // took 1.25-1.55 probe answers in the 20 dev notes' first cycle (BENCHMARKS.md,
-            // issue 19).
+            // An anchoring answer (48 tokens at most, its distribution kept as it is generated,
+            // decoded 16 together as the probes are) took 1.25-1.6 probe answers in the 20 dev
+            // notes' first cycle (BENCHMARKS.md, issue 19).
             set.anchors_missing as f64 * 1.5 * per_probe,
         ),
         ("training".to_string(), trained as f64 * per_step),
