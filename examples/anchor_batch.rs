@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         let mut differ = 0;
         let mut gen = 0;
         let mut batch = e.decode_top_k(prompts.clone(), group, 48, 4);
-        while let Some((i, a)) = e.next_top_k(&mut batch, &cancel)? {
+        while let Some((i, a)) = e.next_answer(&mut batch, &cancel)? {
             gen += a.generation.tokens.len();
             differ += usize::from(a.generation.tokens != alone[i]);
         }

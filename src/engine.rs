@@ -386,11 +386,12 @@ fn top_k_probs(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     top
 }
 
-/// Greedy answers to many prompts being decoded together ([`Engine::decode_top_k`]).
-pub struct TopKBatch {
+/// Greedy answers to many prompts being decoded together ([`Engine::decode_top_k`],
+/// [`Engine::decode_until`]).
+pub struct DecodeBatch {
     pending: VecDeque<(usize, Vec<u32>)>,
     active: Vec<BatchSeq>,
-    ended: VecDeque<(usize, TopKAnswer)>,
+    ended: VecDeque<(usize, BatchAnswer)>,
     /// The KV cache of the prompts' common opening, once run.
     opening: Option<KvCache>,
     common: usize,
@@ -405,13 +406,6 @@ pub struct TopKBatch {
 /// A test of an answer's text so far that ends it ([`Engine::decode_until`]).
 pub type Until = Box<dyn Fn(&str) -> bool + Send>;
 
-impl TopKBatch {
-    /// Prompts not answered yet (decoding or waiting).
-    pub fn remaining(&self) -> usize {
-        self.pending.len() + self.active.len() + self.ended.len()
-    }
-}
-
 #[derive(Clone, Copy)]
 enum BatchState {
     Run,
@@ -419,7 +413,7 @@ enum BatchState {
     Last(StopReason),
 }
 
-/// One answer of a [`TopKBatch`] being decoded.
+/// One answer of a [`DecodeBatch`] being decoded.
 struct BatchSeq {
     index: usize,
     d: Decoder<'static>,
@@ -438,14 +432,14 @@ struct BatchSeq {
 }
 
 impl BatchSeq {
-    fn finish(self, tokenizer: &Tokenizer, stop: StopReason) -> Result<(usize, TopKAnswer)> {
+    fn finish(self, tokenizer: &Tokenizer, stop: StopReason) -> Result<(usize, BatchAnswer)> {
         let (text, tokens, generated) = self
             .d
             .finish(tokenizer, &mut |_| {})?
             .ok_or_else(|| EngineError::Other("a generation without a check was refused".into()))?;
         Ok((
             self.index,
-            TopKAnswer {
+            BatchAnswer {
                 generation: Generation {
                     text,
                     tokens,
@@ -468,7 +462,7 @@ impl BatchSeq {
 
 /// One answer of [`Engine::decode_top_k`]: the generation, the top-k rows seen while
 /// generating it, and the KV cache they were computed on.
-pub struct TopKAnswer {
+pub struct BatchAnswer {
     pub generation: Generation,
     pub seen: SoftTargets,
     cache: KvCache,
@@ -659,14 +653,14 @@ impl Engine {
     /// [`Engine::generate_top_k`] for many prompts, `width` of them decoded together: one pass
     /// over the weights per step for all of them ([`Model::forward_batch`]), each with its own
     /// KV cache; a slot freed by an answer that ended takes the next prompt. The prompts' common
-    /// opening runs once. [`Engine::next_top_k`] gives the answers as they end.
+    /// opening runs once. [`Engine::next_answer`] gives the answers as they end.
     pub fn decode_top_k(
         &self,
         prompts: Vec<Vec<u32>>,
         width: usize,
         max_tokens: usize,
         k: usize,
-    ) -> TopKBatch {
+    ) -> DecodeBatch {
         let mut common = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
         if let Some(first) = prompts.first() {
             for p in &prompts {
@@ -676,7 +670,7 @@ impl Engine {
         // At least one token of each prompt runs after the opening, for its logits.
         let common = common.saturating_sub(1);
         let until = prompts.iter().map(|_| None).collect();
-        TopKBatch {
+        DecodeBatch {
             pending: prompts.into_iter().enumerate().collect(),
             active: Vec::new(),
             ended: VecDeque::new(),
@@ -697,7 +691,7 @@ impl Engine {
         prompts: Vec<(Vec<u32>, Until)>,
         width: usize,
         max_tokens: usize,
-    ) -> TopKBatch {
+    ) -> DecodeBatch {
         let (prompts, until): (Vec<Vec<u32>>, Vec<Until>) = prompts.into_iter().unzip();
         let mut b = self.decode_top_k(prompts, width, max_tokens, 0);
         b.until = until.into_iter().map(Some).collect();
@@ -705,13 +699,13 @@ impl Engine {
     }
 
     /// The next answer of `batch` to end, with its prompt's index, or None when all have.
-    /// What each answer is is what `generate_top_k` gives its prompt alone, but for rounding
-    /// (several rows are summed in another order), which can change a near tie.
-    pub fn next_top_k(
+    /// Each answer is the one `generate_top_k` gives its prompt alone, up to rounding (several
+    /// rows are summed in another order), which can flip a near tie.
+    pub fn next_answer(
         &mut self,
-        batch: &mut TopKBatch,
+        batch: &mut DecodeBatch,
         cancel: &AtomicBool,
-    ) -> Result<Option<(usize, TopKAnswer)>> {
+    ) -> Result<Option<(usize, BatchAnswer)>> {
         let max_ctx = self.model.max_context();
         let use_lora = self.model.adapter().is_some();
         let sampling = SamplingParams::default();
@@ -724,7 +718,7 @@ impl Engine {
                     break;
                 };
                 let t0 = Instant::now();
-                self.room_for(p.len() + 1)?;
+                self.room_for(p.len())?;
                 let common = batch.common.min(p.len().saturating_sub(1));
                 if batch.opening.is_none() {
                     let mut c = KvCache::new(&self.model);
@@ -834,7 +828,7 @@ impl Engine {
     }
 
     /// Every answer of [`Engine::decode_top_k`], in the prompts' order (each keeps its cache:
-    /// for a few prompts; [`Engine::next_top_k`] lets each go as it ends).
+    /// for a few prompts; [`Engine::next_answer`] lets each go as it ends).
     pub fn generate_top_k_many(
         &mut self,
         prompts: &[Vec<u32>],
@@ -842,10 +836,10 @@ impl Engine {
         max_tokens: usize,
         k: usize,
         cancel: &AtomicBool,
-    ) -> Result<Vec<TopKAnswer>> {
+    ) -> Result<Vec<BatchAnswer>> {
         let mut batch = self.decode_top_k(prompts.to_vec(), width, max_tokens, k);
-        let mut out: Vec<Option<TopKAnswer>> = (0..prompts.len()).map(|_| None).collect();
-        while let Some((i, a)) = self.next_top_k(&mut batch, cancel)? {
+        let mut out: Vec<Option<BatchAnswer>> = (0..prompts.len()).map(|_| None).collect();
+        while let Some((i, a)) = self.next_answer(&mut batch, cancel)? {
             out[i] = Some(a);
         }
         out.into_iter()
@@ -854,16 +848,16 @@ impl Engine {
     }
 
     /// [`Engine::top_k_targets_reusing`] of `tokens` after one of
-    /// [`Engine::next_top_k`]'s answers: its cache becomes the engine's, and the rows
+    /// [`Engine::next_answer`]'s answers: its cache becomes the engine's, and the rows
     /// it kept are taken where `tokens` agrees with it.
     pub fn top_k_targets_of(
         &mut self,
-        answer: TopKAnswer,
+        answer: BatchAnswer,
         tokens: &[u32],
         scored: &[bool],
         k: usize,
     ) -> Result<SoftTargets> {
-        let TopKAnswer {
+        let BatchAnswer {
             seen,
             mut cache,
             mut cache_tokens,
@@ -1449,7 +1443,7 @@ mod tests {
                 .collect();
             let mut batch = e.decode_until(tests, 2, 9);
             let (mut seen, mut shorter) = (0, 0);
-            while let Some((i, a)) = e.next_top_k(&mut batch, &cancel).unwrap() {
+            while let Some((i, a)) = e.next_answer(&mut batch, &cancel).unwrap() {
                 seen += 1;
                 let (got, want) = (&a.generation, &alone[i]);
                 assert!(a.seen.is_empty(), "no top-k rows were asked for");

@@ -459,7 +459,7 @@ fn add_anchors(
             0.0,
             format!("base answer {}/{}", done + 1, missing.len()),
         );
-        let Some((i, g)) = run.l.engine.next_top_k(&mut batch, run.cancel)? else {
+        let Some((i, g)) = run.l.engine.next_answer(&mut batch, run.cancel)? else {
             break;
         };
         if run.cancelled() {
@@ -864,7 +864,7 @@ pub(super) fn probe_correct(
     // Decoded together, each answer stopped once it holds the expected span.
     let mut batch = engine.decode_until(prompts, PROBE_WIDTH, PROBE_TOKENS);
     let mut n = 0;
-    while let Some((i, a)) = engine.next_top_k(&mut batch, cancel)? {
+    while let Some((i, a)) = engine.next_answer(&mut batch, cancel)? {
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
