@@ -112,10 +112,14 @@ for n in notes:
 batches = [notes[i:i + a.cycle] for i in range(0, len(notes), a.cycle)]
 rows = []
 for c, _ in enumerate(batches):
+    # What `hone learn --estimate` says of this cycle, measured just before it (issue 19: the
+    # daemon plans with it), to hold against the cycle's own time.
+    est = last_json(hone("learn", "--estimate", "--json", "--max-notes", str(a.cycle)).stdout)
     t = time.time()
     l0 = load()
     cycle = last_json(hone("learn", "--json", "--max-notes", str(a.cycle)).stdout)
     learn_s = time.time() - t
+    gate = cycle.get("gate") or {}
     learned = [n for b in batches[: c + 1] for n in b]
     qa = os.path.join(a.work, f"learned-{c + 1}.jsonl")
     with open(qa, "w") as f:
@@ -140,6 +144,16 @@ for c, _ in enumerate(batches):
         "reason": cycle.get("reason"),
         "train_tokens": cycle.get("train_tokens"),
         "learn_s": round(learn_s),
+        "cycle_s": cycle.get("seconds"),
+        "phases": gate.get("phases"),
+        "steps_planned": gate.get("steps_planned"),
+        "steps_trained": gate.get("steps_trained"),
+        "seqs_skipped": gate.get("seqs_skipped"),
+        "estimate_s": est.get("total_seconds"),
+        "estimate_phases": est.get("phases"),
+        "estimate_steps": [est.get("steps_planned"), est.get("steps_expected"),
+                           est.get("steps_trained")],
+        "estimate_from": est.get("step_share_from"),
         "peak_rss_mb": cycle.get("peak_rss_mb"),
         "load_before": l0,
         "load_after": load(),

@@ -24,7 +24,7 @@ mod tiled;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 
-pub(crate) use tiled::SendPtr;
+pub(crate) use tiled::{f32_gemm, SendPtr};
 pub use tiled::{
     gemm_w, gemm_w_mixed, gemm_w_mixed_vec, gemm_wt, gemm_wt_mixed, gemm_wt_mixed_vec,
 };
@@ -32,10 +32,14 @@ pub use tiled::{
 /// The kernels of the training products (`gemm_*_mixed`): bf16 inputs with f32 sums on AMX
 /// tiles or with AVX512_BF16 dot products, both packed straight from the quantised blocks, or
 /// dequantised f32 tiles through the `gemm` crate (AVX-512, AVX2+FMA or NEON, picked by it).
+/// `Avx2` is the f32 path held to the `gemm` crate's AVX2+FMA micro-kernels: what a CPU
+/// without AVX-512 runs, never picked by itself (on such a CPU `F32` is the same thing), only
+/// asked for, to measure that path on a machine that has a faster one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrainKernels {
     Amx,
     Avx512Bf16,
+    Avx2,
     F32,
 }
 
@@ -45,6 +49,7 @@ impl TrainKernels {
         match self {
             TrainKernels::Amx => "amx",
             TrainKernels::Avx512Bf16 => "avx512bf16",
+            TrainKernels::Avx2 => "avx2",
             TrainKernels::F32 => "f32",
         }
     }
@@ -56,6 +61,11 @@ impl TrainKernels {
             TrainKernels::Amx => amx::available() && amx_pack::available(),
             #[cfg(target_arch = "x86_64")]
             TrainKernels::Avx512Bf16 => avx512bf16::available(),
+            #[cfg(target_arch = "x86_64")]
+            TrainKernels::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             TrainKernels::F32 => true,
             #[allow(unreachable_patterns)]
             _ => false,
@@ -64,14 +74,15 @@ impl TrainKernels {
 }
 
 /// The training products' kernels on this machine: the fastest available, unless
-/// `HONE_TRAIN_KERNELS=amx|avx512bf16|f32` picks one (a path the CPU lacks falls back to the
-/// next slower one, with a warning) or `HONE_AMX=0` rules out AMX. Read once.
+/// `HONE_TRAIN_KERNELS=amx|avx512bf16|avx2|f32` picks one (a path the CPU lacks falls back to
+/// the next slower one, with a warning) or `HONE_AMX=0` rules out AMX. Read once.
 pub fn train_kernels() -> TrainKernels {
     static PATH: std::sync::OnceLock<TrainKernels> = std::sync::OnceLock::new();
     *PATH.get_or_init(|| {
         let order = [
             TrainKernels::Amx,
             TrainKernels::Avx512Bf16,
+            TrainKernels::Avx2,
             TrainKernels::F32,
         ];
         let asked = std::env::var("HONE_TRAIN_KERNELS").ok();
@@ -81,7 +92,7 @@ pub fn train_kernels() -> TrainKernels {
                 Some(i) => i,
                 None => {
                     tracing::warn!(
-                        "HONE_TRAIN_KERNELS={v} is not one of amx, avx512bf16, f32; using the fastest available"
+                        "HONE_TRAIN_KERNELS={v} is not one of amx, avx512bf16, avx2, f32; using the fastest available"
                     );
                     0
                 }
@@ -91,10 +102,12 @@ pub fn train_kernels() -> TrainKernels {
         // (AMD Zen 4/5: one 512-bit dot product of 32 pairs per cycle, twice the f32 FMA rate).
         // On Intel without AMX it runs at half rate, slower than f32 FMA on both ports
         // (measured on a Sapphire Rapids with AMX off: see BENCHMARKS.md).
+        // AVX2 alone is taken only when asked for: `F32` is the same kernels or faster ones.
         let pick = order[from..]
             .iter()
             .copied()
             .filter(|k| from > 0 || *k != TrainKernels::Avx512Bf16 || full_rate_bf16())
+            .filter(|k| *k != TrainKernels::Avx2 || order[from] == TrainKernels::Avx2)
             .find(|k| k.available())
             .unwrap_or(TrainKernels::F32);
         // Only a path the user asked for is worth a warning: left to itself, hone takes the

@@ -648,7 +648,7 @@ fn tiled_gemm_rejects_bad_sizes() {
 fn mixed_gemm_matches_reference_within_bf16() {
     let mut rng = StdRng::seed_from_u64(43);
     // bf16 inputs (AMX or AVX512_BF16): 8-bit mantissas; f32: only the order of the sums.
-    let bf16 = train_kernels() != TrainKernels::F32;
+    let bf16 = !matches!(train_kernels(), TrainKernels::F32 | TrainKernels::Avx2);
     let tol = if bf16 { 4e-3 } else { 1e-5 };
     for t in [
         QType::Q4_1,
@@ -707,13 +707,14 @@ fn every_training_path_matches_reference() {
     let paths: Vec<TrainKernels> = [
         TrainKernels::Amx,
         TrainKernels::Avx512Bf16,
+        TrainKernels::Avx2,
         TrainKernels::F32,
     ]
     .into_iter()
     .filter(|k| k.available())
     .collect();
     for &path in &paths {
-        let tol = if path == TrainKernels::F32 {
+        let tol = if matches!(path, TrainKernels::F32 | TrainKernels::Avx2) {
             1e-5
         } else {
             4e-3
@@ -835,4 +836,73 @@ fn fused_packers_match_scalar_packers() {
     let got = amx_pack::pack_left(&x, 5, 77, 32, 160);
     let want = amx::pack_left(&x, 5, 77, 32, 160);
     assert!(got == want, "left operand rounding");
+}
+
+/// The f32 product that training's own products (LoRA, attention, backward) go through, with
+/// the gemm crate's pick and held to AVX2+FMA, against an f64 reference: row- and
+/// column-oriented operands (the attention products read either one transposed), accumulating
+/// into the output or not.
+#[test]
+fn f32_gemm_on_either_kernel_matches_reference() {
+    use super::f32_gemm;
+    let mut rng = StdRng::seed_from_u64(53);
+    for (m, n, k) in [
+        (64usize, 16usize, 576usize),
+        (37, 129, 64),
+        (128, 128, 64),
+        (5, 3, 1),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let d0: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (ta, tb, acc) in [
+            (false, false, false),
+            (true, false, true),
+            (false, true, false),
+            (true, true, true),
+        ] {
+            // A is read as m × k: stored k × m when `ta`; B as k × n: stored n × k when `tb`.
+            let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+            let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+            let want: Vec<f64> = (0..m * n)
+                .map(|ij| {
+                    let (i, j) = (ij / n, ij % n);
+                    let s: f64 = (0..k)
+                        .map(|l| a[i * ars + l * acs] as f64 * b[l * brs + j * bcs] as f64)
+                        .sum();
+                    s * 0.5 + if acc { d0[ij] as f64 } else { 0.0 }
+                })
+                .collect();
+            for avx2 in [false, true] {
+                let mut d = d0.clone();
+                // SAFETY: a, b and d hold m × k, k × n and m × n values, as the strides read them.
+                unsafe {
+                    f32_gemm(
+                        avx2,
+                        m,
+                        n,
+                        k,
+                        d.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        acc,
+                        a.as_ptr(),
+                        acs as isize,
+                        ars as isize,
+                        b.as_ptr(),
+                        bcs as isize,
+                        brs as isize,
+                        1.0,
+                        0.5,
+                    );
+                }
+                for (ij, (g, w)) in d.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}x{n}x{k} ta={ta} tb={tb} acc={acc} avx2={avx2}: [{ij}] {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 }

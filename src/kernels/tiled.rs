@@ -43,6 +43,117 @@ impl SendPtr {
     }
 }
 
+/// `dst = alpha·dst + beta·lhs·rhs` in f32 (`m × n` from `m × k` and `k × n`, strides in
+/// elements), single-threaded: the `gemm` crate's product, whose micro-kernels it picks for this
+/// CPU (AVX-512, AVX2+FMA, NEON), or its AVX2+FMA micro-kernels alone when `avx2`
+/// (`HONE_TRAIN_KERNELS=avx2`, on an x86_64 CPU that has them). `read_dst: false` ignores
+/// `dst`'s contents (alpha unused).
+///
+/// # Safety
+/// As `gemm::gemm`: every element the sizes and strides reach lies inside its buffer, and `dst`
+/// overlaps neither operand. Strides must not be negative.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn f32_gemm(
+    avx2: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: f32,
+    beta: f32,
+) {
+    debug_assert!([dst_cs, dst_rs, lhs_cs, lhs_rs, rhs_cs, rhs_rs]
+        .iter()
+        .all(|s| *s >= 0));
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        if let Some(simd) = gemm_common::simd::V3::try_new() {
+            use gemm_f32::microkernel::fma::f32 as uk;
+            // As `gemm::gemm` does: its micro-kernels want a column-oriented output, so a
+            // row-major product is computed as its transpose (dstᵀ = rhsᵀ·lhsᵀ).
+            let (m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs) =
+                if dst_cs.abs() < dst_rs.abs() {
+                    (
+                        n, m, dst_rs, dst_cs, rhs, rhs_rs, rhs_cs, lhs, lhs_rs, lhs_cs,
+                    )
+                } else {
+                    (
+                        m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+                    )
+                };
+            // The same instantiation as the gemm crate's own AVX2 entry point (8 floats a
+            // register, its f32 micro-kernel table).
+            gemm_common::gemm::gemm_basic_generic::<
+                _,
+                f32,
+                8,
+                { uk::MR_DIV_N * 8 },
+                { uk::NR },
+                { uk::MR_DIV_N },
+                { uk::H_M },
+                { uk::H_N },
+            >(
+                simd,
+                m,
+                n,
+                k,
+                dst,
+                dst_cs,
+                dst_rs,
+                read_dst,
+                lhs,
+                lhs_cs,
+                lhs_rs,
+                rhs,
+                rhs_cs,
+                rhs_rs,
+                alpha,
+                beta,
+                false,
+                false,
+                false,
+                |a, b, c| a * b + c,
+                &uk::UKR,
+                &uk::H_UKR,
+                false,
+                Parallelism::None,
+            );
+            return;
+        }
+    }
+    let _ = avx2;
+    ::gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        read_dst,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
 /// Number of tasks for `units` independent pieces of work on the current pool.
 fn split(units: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
@@ -117,6 +228,7 @@ pub(crate) fn wt_impl(
         );
         return Ok(());
     }
+    let avx2 = kernels == Some(TrainKernels::Avx2);
     let tile = (TILE_BYTES / (k * 4) / ROW_STEP * ROW_STEP)
         .max(ROW_STEP)
         .min(n);
@@ -138,7 +250,8 @@ pub(crate) fn wt_impl(
             // rhs[j][c] = buf[c * k + j]); dst columns r0..r1 of the m × n row-major output
             // belong to this tile alone.
             unsafe {
-                ::gemm::gemm(
+                f32_gemm(
+                    avx2,
                     m,
                     rows,
                     k,
@@ -154,10 +267,6 @@ pub(crate) fn wt_impl(
                     1,
                     0.0,
                     1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
         }
@@ -292,6 +401,7 @@ pub(crate) fn w_impl(
     }
     // Column ranges of a fixed width (whole blocks, at least 64 values), and row tiles sized
     // from that width only, so the summation order never depends on the thread count.
+    let avx2 = kernels == Some(TrainKernels::Avx2);
     let width = ub.max(64).next_multiple_of(ub);
     let chunks = k.div_ceil(width);
     let tile = (TILE_BYTES / (width * 4)).clamp(16, n.max(16)).min(n);
@@ -314,7 +424,8 @@ pub(crate) fn w_impl(
             // SAFETY: g is m × n row-major (columns r0..r1 read); buf is rows × cols row-major;
             // dst columns c0..c1 of the m × k output belong to this task alone.
             unsafe {
-                ::gemm::gemm(
+                f32_gemm(
+                    avx2,
                     m,
                     cols,
                     rows,
@@ -330,10 +441,6 @@ pub(crate) fn w_impl(
                     cols as isize,
                     1.0,
                     1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
             r0 = r1;

@@ -115,6 +115,7 @@ fn product(
     let blocks = rows.div_ceil(per);
     let (dst_ptr, lhs_ptr) = (SendPtr(dst.as_mut_ptr()), lhs.0.as_ptr() as usize);
     let rhs_ptr = rhs.0.as_ptr() as usize;
+    let avx2 = avx2_only();
     let run = |bi: usize| {
         let r0 = bi * per;
         let n = per.min(rows.saturating_sub(r0));
@@ -124,7 +125,8 @@ fn product(
         // SAFETY: every index the product reads or writes is inside its slice (checked above);
         // blocks write disjoint rows of `dst`, which does not overlap the operands.
         unsafe {
-            gemm::gemm(
+            crate::kernels::f32_gemm(
+                avx2,
                 n,
                 cols,
                 inner,
@@ -140,10 +142,6 @@ fn product(
                 rhs.1 as isize,
                 1.0,
                 beta,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
         }
     };
@@ -154,6 +152,11 @@ fn product(
         (0..blocks).into_par_iter().for_each(run);
     }
     Ok(())
+}
+
+/// Whether training's f32 products are held to AVX2+FMA (`HONE_TRAIN_KERNELS=avx2`).
+fn avx2_only() -> bool {
+    crate::kernels::train_kernels() == crate::kernels::TrainKernels::Avx2
 }
 
 /// `A·B` for every (batch, head) of contiguous 4-D tensors, `A` or `B` read transposed (`ta`,
@@ -171,6 +174,7 @@ fn bmm(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     // Strides (row, column) of the operands as read.
     let (lrs, lcs) = if ta { (1, m) } else { (k, 1) };
     let (rrs, rcs) = if tb { (1, k) } else { (n, 1) };
+    let avx2 = avx2_only();
     let out = with_f32(a, |av| {
         with_f32(b, |bv| {
             if av.len() != heads * m * k || bv.len() != heads * k * n {
@@ -188,7 +192,8 @@ fn bmm(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
                 // SAFETY: `ap` is m × k and `bp` k × n (as read through the strides above),
                 // `o` is m × n; all three have exactly those sizes.
                 unsafe {
-                    gemm::gemm(
+                    crate::kernels::f32_gemm(
+                        avx2,
                         m,
                         n,
                         k,
@@ -204,10 +209,6 @@ fn bmm(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
                         rrs as isize,
                         0.0,
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             });
