@@ -8,7 +8,9 @@ notes a cycle (the default `--max-notes`), each cycle continuing from the adapte
 replaying earlier items. After every cycle, every question of every note learned so far is
 asked from the weights alone (`hone eval --mode learn --answer-in HOME`: no note in the
 prompt), with the general questions of the retention set. So the first batch's line shows
-how its accuracy fades as later batches are learned on top of it.
+how its accuracy fades as later batches are learned on top of it. Before each cycle,
+`hone learn --estimate --json` is run and recorded beside the cycle's own phases and steps
+(issue 19: how the estimate holds on later cycles).
 
 usage: bench/capacity.py HONE_BINARY MODEL.gguf RETENTION.jsonl WORKDIR [--notes 100]
        [--cycle 20] [--threads 2] [--plot PNG] [--plot-only]

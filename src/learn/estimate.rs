@@ -13,8 +13,11 @@ use crate::train::Trainer;
 use cycle::{probe_correct, PROBE_WIDTH};
 use std::time::Duration;
 
-/// Training steps timed (the first one, which warms caches up, is not counted).
-const TIMED_STEPS: usize = 3;
+/// Training steps timed (after one that warms caches up and is not counted), on sequences
+/// spread evenly over the cycle's packed data: new items, replayed items and anchors pack into
+/// sequences of different lengths and loss positions, and three shuffled ones measured 0.47 to
+/// 0.93 s a step where the cycles trained at 0.58-0.61 (BENCHMARKS.md, issue 19).
+const TIMED_STEPS: usize = 8;
 
 /// Until this model has finished cycles under the adaptive rule, the share of the planned steps
 /// a cycle is expected to train: all of them, as the 20 dev notes' cycle did (its probes still
@@ -427,23 +430,41 @@ fn training_examples(
     }))
 }
 
-/// Seconds per training step of this very data on this machine, now (the first step, which
-/// warms caches up, is not counted). None when cancelled.
+/// Seconds per training step of this very data on this machine, now: the mean over
+/// [`TIMED_STEPS`] sequences spread evenly over the data, after one more that warms caches up.
+/// None when cancelled.
 fn time_steps(l: &Loaded, t: &Training, cancel: &AtomicBool) -> Result<Option<f64>> {
+    let n = t.ds.seqs.len();
+    let timed = n.clamp(1, TIMED_STEPS);
+    let picks: Vec<usize> = (0..timed).map(|i| (2 * i + 1) * n / (2 * timed)).collect();
+    // The warm-up step's sequence is one of them again (the trainer shuffles the order).
+    let ds = data::Dataset {
+        seqs: std::iter::once(picks[0])
+            .chain(picks.iter().copied())
+            .filter_map(|i| t.ds.seqs.get(i).cloned())
+            .collect(),
+        examples: t.ds.examples,
+        target_tokens: t.ds.target_tokens,
+        sha256: t.ds.sha256.clone(),
+        description: t.ds.description.clone(),
+    };
+    if ds.seqs.len() < 2 {
+        return Ok(Some(0.0));
+    }
     let fork = l.engine.model.fork();
     let mut cfg = t.cfg.clone();
-    cfg.steps = TIMED_STEPS + 1;
-    let mut tr = Trainer::new(&fork, cfg, t.ds.clone(), &l.id.sha256)?;
+    cfg.steps = ds.seqs.len();
+    let mut tr = Trainer::new(&fork, cfg, ds, &l.id.sha256)?;
     tr.cache_limit = t.cache_limit;
-    let mut timed = Duration::ZERO;
-    for k in 0..=TIMED_STEPS {
+    let mut total = Duration::ZERO;
+    for k in 0..=timed {
         let ts = Instant::now();
         if tr.train_step(cancel)?.is_none() {
             return Ok(None);
         }
         if k > 0 {
-            timed += ts.elapsed();
+            total += ts.elapsed();
         }
     }
-    Ok(Some(timed.as_secs_f64() / TIMED_STEPS as f64))
+    Ok(Some(total.as_secs_f64() / timed as f64))
 }
