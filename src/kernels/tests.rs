@@ -695,10 +695,10 @@ fn mixed_gemm_matches_reference_within_bf16() {
     eprintln!("training kernels: {}", train_kernels().name());
 }
 
-/// Every training-product path this CPU has (AMX tiles, AVX512_BF16 dot products, f32 tiles)
-/// against the f64 reference, whatever `HONE_TRAIN_KERNELS` picked for the process: bf16 inputs
-/// with f32 sums for the packed paths, exact f32 for the other; the allocating variants give the
-/// same bits as the in-place ones.
+/// Every training-product path this CPU has (AMX tiles, AVX512_BF16 dot products, f32 tiles on
+/// AVX2+FMA alone or on the gemm crate's pick) against the f64 reference, whatever
+/// `HONE_TRAIN_KERNELS` picked for the process: bf16 inputs with f32 sums for the packed paths,
+/// exact f32 for the others; the allocating variants give the same bits as the in-place ones.
 #[test]
 fn every_training_path_matches_reference() {
     use super::tiled::{w_impl, w_vec, wt_impl, wt_vec};

@@ -16,7 +16,7 @@ use std::time::Duration;
 /// Training steps timed (after one that warms caches up and is not counted), on sequences
 /// spread evenly over the cycle's packed data: new items, replayed items and anchors pack into
 /// sequences of different lengths and loss positions, and three shuffled ones measured 0.47 to
-/// 0.93 s a step where the cycles trained at 0.58-0.61 (BENCHMARKS.md, issue 19).
+/// 0.94 s a step where the cycles trained at 0.52-0.61 (BENCHMARKS.md, issue 19).
 const TIMED_STEPS: usize = 8;
 
 /// Until this model has finished cycles under the adaptive rule, the share of the planned steps
