@@ -96,6 +96,16 @@ fn a_cycle_learns_notes_resumes_after_sigint_and_records_the_gate() {
         "{e}"
     );
     assert!(e["total_seconds"].as_f64().unwrap() >= training, "{e}");
+    // No anchoring answer is written yet: one batch of them is answered and timed, kept nowhere.
+    let missing = e["anchors_missing"].as_u64().unwrap();
+    let per_anchor = e["seconds_per_anchor"].as_f64().unwrap();
+    assert_eq!(e["phases"][2][0], "anchors", "{e}");
+    assert!(
+        missing >= 1
+            && per_anchor > 0.0
+            && (e["phases"][2][1].as_f64().unwrap() - per_anchor * missing as f64).abs() < 1e-6,
+        "{e}"
+    );
     assert!(cycle_status(h).is_none(), "an estimate records no cycle");
 
     // A cycle interrupted by SIGINT once it trains.

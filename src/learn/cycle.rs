@@ -403,10 +403,10 @@ fn training_set(run: &mut Run, cycle: &Cycle, opts: &LearnOptions) -> Result<Tra
 
 /// Anchoring prompts the base model answers together, one pass over the weights per token for
 /// all of them (`examples/anchor_batch.rs` measures the widths; BENCHMARKS.md, issue 19).
-const ANCHOR_WIDTH: usize = 16;
+pub(super) const ANCHOR_WIDTH: usize = 16;
 
 /// The longest base-model answer an anchor keeps, in tokens.
-const ANCHOR_TOKENS: usize = 48;
+pub(super) const ANCHOR_TOKENS: usize = 48;
 
 /// Probes answered together by a check or the gate, and the longest answer one gets (it stops
 /// sooner, once it holds the expected span).

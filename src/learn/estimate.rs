@@ -4,13 +4,13 @@
 //! phases are added up. The daemon uses it not to start a cycle that cannot finish in the time
 //! the schedule leaves (it learns fewer notes instead), and `hone learn --estimate` prints it.
 //!
-//! Must not: write anything (no cycle, item, anchor or adapter is stored), generate the missing
-//! anchor answers (their time is estimated from the probe answers), or train more than a handful
-//! of steps.
+//! Must not: write anything (no cycle, item, anchor or adapter is stored), generate more than one
+//! batch of the missing anchoring answers (a sample: its texts stand in for the others' lengths
+//! and its time for theirs, and it is kept nowhere), or train more than a handful of steps.
 
 use super::*;
 use crate::train::Trainer;
-use cycle::{probe_correct, PROBE_WIDTH};
+use cycle::{probe_correct, ANCHOR_TOKENS, ANCHOR_WIDTH, PROBE_WIDTH};
 use std::time::Duration;
 
 /// Training steps timed (after one that warms caches up and is not counted), on sequences
@@ -59,6 +59,8 @@ pub struct Estimate {
     pub step_share_from: String,
     pub seconds_per_step: f64,
     pub seconds_per_probe: f64,
+    /// Seconds per anchoring answer not yet written, measured on up to one batch of them.
+    pub seconds_per_anchor: f64,
     pub new_probes: usize,
     pub old_probes: usize,
     /// Seconds per phase: load, self-edits, anchors, training, checks, gate.
@@ -153,7 +155,7 @@ pub fn estimate(
         .iter()
         .filter(|i| i.role == "probe" && i.verdict == "kept")
         .collect();
-    let Some(set) = training_examples(store, &l, opts, &items, cycle_id)? else {
+    let Some(set) = training_examples(store, &mut l, opts, &items, cycle_id, cancel)? else {
         return Ok(None);
     };
     let t = plan_training(&l, choice, opts, &set.examples, String::new(), cycle_id)?;
@@ -235,10 +237,7 @@ pub fn estimate(
         ("self-edits".to_string(), selfedit_s),
         (
             "anchors".to_string(),
-            // An anchoring answer (48 tokens at most, its distribution kept as it is generated,
-            // decoded 16 together as the probes are) took 1.25-1.6 probe answers in the 20 dev
-            // notes' first cycle (BENCHMARKS.md, issue 19).
-            set.anchors_missing as f64 * 1.5 * per_probe,
+            set.anchors_missing as f64 * set.seconds_per_anchor,
         ),
         ("training".to_string(), trained as f64 * per_step),
         (
@@ -264,6 +263,7 @@ pub fn estimate(
         step_share_from: from,
         seconds_per_step: per_step,
         seconds_per_probe: per_probe,
+        seconds_per_anchor: set.seconds_per_anchor,
         new_probes: new_probes.len(),
         old_probes: set.old_probes,
         phases,
@@ -363,18 +363,23 @@ struct Examples {
     held_unscored: usize,
     /// The first two of them as examples (the stored answer or the stand-in), to time scoring.
     held_sample: Vec<data::Example>,
+    /// Seconds per missing anchoring answer, measured on a sample (0 when none is missing).
+    seconds_per_anchor: f64,
 }
 
-/// New items, replay and anchors as examples; anchors without a stored answer get a stand-in
-/// of the longest answer length. None when there is nothing to train.
+/// New items, replay and anchors as examples; anchors without a stored answer are answered for
+/// one batch ([`sample_anchors`]), and the others get those answers as stand-ins (in turn). None
+/// when there is nothing to train or when cancelled.
 fn training_examples(
     store: &Store,
-    l: &Loaded,
+    l: &mut Loaded,
     opts: &LearnOptions,
     items: &[Item],
     cycle_id: i64,
+    cancel: &AtomicBool,
 ) -> Result<Option<Examples>> {
-    let sys = l.system.as_deref();
+    let system = l.system.clone();
+    let sys = system.as_deref();
     let new_train: Vec<&Item> = items
         .iter()
         .filter(|i| i.role == "train" && i.verdict == "kept")
@@ -390,12 +395,32 @@ fn training_examples(
     let (chosen, held) = anchor_choice(&prompts, examples.len(), opts, cycle_id);
     let have: BTreeMap<String, String> =
         records::anchors(store, &l.id.sha256)?.into_iter().collect();
-    let stand_in = "word ".repeat(48);
-    let anchors_missing = chosen
+    let missing: Vec<&String> = chosen
         .iter()
         .chain(held.iter())
-        .filter(|p| !have.contains_key(**p))
-        .count();
+        .copied()
+        .filter(|p| !have.contains_key(*p))
+        .collect();
+    let anchors_missing = missing.len();
+    let sample = &missing[..missing.len().min(ANCHOR_WIDTH)];
+    let Some((sampled, seconds_per_anchor)) =
+        sample_anchors(l, sys, sample, opts.anchor_topk, cancel)?
+    else {
+        return Ok(None);
+    };
+    let fallback = "word ".repeat(ANCHOR_TOKENS);
+    let texts: Vec<&String> = sampled.values().collect();
+    let mut next = 0usize;
+    // A missing answer's stand-in: its own sampled answer, or the sampled ones in turn.
+    let mut stand_in = |p: &String| -> String {
+        if let Some(a) = sampled.get(p) {
+            return a.clone();
+        }
+        next += 1;
+        texts
+            .get(next % texts.len().max(1))
+            .map_or(fallback.clone(), |a| (*a).clone())
+    };
     let mut held_unscored = 0;
     for p in &held {
         if records::anchor_base_nll(store, &l.id.sha256, p)?.is_none() {
@@ -404,15 +429,15 @@ fn training_examples(
     }
     let mut held_sample = Vec::new();
     for p in held.iter().take(2) {
-        let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
-        held_sample.push(data::chat_pair(&l.engine.codec(), sys, p, a)?);
+        let a = have.get(*p).cloned().unwrap_or_else(|| stand_in(p));
+        held_sample.push(data::chat_pair(&l.engine.codec(), sys, p, &a)?);
     }
     for p in &chosen {
-        let a = have.get(*p).map_or(stand_in.as_str(), |a| a.as_str());
+        let a = have.get(*p).cloned().unwrap_or_else(|| stand_in(p));
         if a.is_empty() {
             continue;
         }
-        examples.push(data::chat_pair(&l.engine.codec(), sys, p, a)?);
+        examples.push(data::chat_pair(&l.engine.codec(), sys, p, &a)?);
     }
     if examples.is_empty() {
         return Ok(None);
@@ -427,7 +452,49 @@ fn training_examples(
         held: held.len(),
         held_unscored,
         held_sample,
+        seconds_per_anchor,
     }))
+}
+
+/// Up to one batch of the missing anchoring answers, decoded by the base model as the cycle
+/// decodes them (`ANCHOR_WIDTH` together, their top-k kept): their texts by prompt, and the
+/// seconds per answer. Stored nowhere. None when cancelled.
+fn sample_anchors(
+    l: &mut Loaded,
+    sys: Option<&str>,
+    prompts: &[&String],
+    k: usize,
+    cancel: &AtomicBool,
+) -> Result<Option<(BTreeMap<String, String>, f64)>> {
+    let mut out = BTreeMap::new();
+    if prompts.is_empty() {
+        return Ok(Some((out, 0.0)));
+    }
+    let mut tokens = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let mut msgs: Vec<Message> = sys.map(Message::system).into_iter().collect();
+        msgs.push(Message::user(p.as_str()));
+        tokens.push(l.engine.chat_tokens(&msgs)?);
+    }
+    // The base model answers (as in the cycle); the adapter is put back for the probes.
+    let adapter = l.engine.model.adapter().cloned();
+    l.engine.model.set_adapter(None);
+    let t0 = Instant::now();
+    let mut batch = l
+        .engine
+        .decode_top_k(tokens, ANCHOR_WIDTH, ANCHOR_TOKENS, k);
+    let done = loop {
+        match l.engine.next_answer(&mut batch, cancel) {
+            Ok(Some((i, g))) => {
+                out.insert(prompts[i].clone(), g.generation.text.trim().to_string());
+            }
+            Ok(None) => break Ok(!cancel.load(Ordering::Relaxed)),
+            Err(e) => break Err(e),
+        }
+    };
+    let seconds = t0.elapsed().as_secs_f64() / prompts.len() as f64;
+    l.engine.model.set_adapter(adapter);
+    Ok(done?.then_some((out, seconds)))
 }
 
 /// Seconds per training step of this very data on this machine, now: the mean over

@@ -163,10 +163,12 @@ pub fn estimate_text(e: &Estimate) -> String {
     }
     let _ = writeln!(
         s,
-        "  {} items + {} replayed + {} anchors -> {} sequences of {}; {} of {} planned steps expected ({:.0}%: {}), {} of them training a sequence not yet learned, at {:.2} s/step; {} new and {} earlier probes at {:.2} s each",
+        "  {} items + {} replayed + {} anchors ({} to answer, at {:.2} s each) -> {} sequences of {}; {} of {} planned steps expected ({:.0}%: {}), {} of them training a sequence not yet learned, at {:.2} s/step; {} new and {} earlier probes at {:.2} s each",
         e.train_items,
         e.replay_items,
         e.anchors,
+        e.anchors_missing,
+        e.seconds_per_anchor,
         e.sequences,
         e.seq_len,
         e.steps_expected,
