@@ -439,12 +439,7 @@ fn add_anchors(
         .filter(|p| !have.contains_key(*p))
         .collect();
     let system = run.system();
-    let mut prompts = Vec::with_capacity(missing.len());
-    for p in &missing {
-        let mut msgs: Vec<Message> = system.as_deref().map(Message::system).into_iter().collect();
-        msgs.push(Message::user(p.as_str()));
-        prompts.push(run.l.engine.chat_tokens(&msgs)?);
-    }
+    let prompts = anchor_tokens(&run.l.engine, system.as_deref(), &missing)?;
     // Decoded together: one pass over the weights per token for ANCHOR_WIDTH answers.
     let mut batch = run
         .l

@@ -419,7 +419,7 @@ fn training_examples(
         next += 1;
         texts
             .get(next % texts.len().max(1))
-            .map_or(fallback.clone(), |a| (*a).clone())
+            .map_or_else(|| fallback.clone(), |a| (*a).clone())
     };
     let mut held_unscored = 0;
     for p in &held {
@@ -470,12 +470,7 @@ fn sample_anchors(
     if prompts.is_empty() {
         return Ok(Some((out, 0.0)));
     }
-    let mut tokens = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        let mut msgs: Vec<Message> = sys.map(Message::system).into_iter().collect();
-        msgs.push(Message::user(p.as_str()));
-        tokens.push(l.engine.chat_tokens(&msgs)?);
-    }
+    let tokens = anchor_tokens(&l.engine, sys, prompts)?;
     // The base model answers (as in the cycle); the adapter is put back for the probes.
     let adapter = l.engine.model.adapter().cloned();
     l.engine.model.set_adapter(None);

@@ -354,6 +354,22 @@ pub fn pending_notes(store: &Store) -> Result<usize> {
     Ok(records::pending_count(store)? + forget::pending_count(store)?)
 }
 
+/// Anchoring prompts as the chat turns the base model answers (the system prompt, if any, then
+/// the prompt as the user's turn), tokenised.
+fn anchor_tokens(
+    engine: &Engine,
+    system: Option<&str>,
+    prompts: &[&String],
+) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let mut msgs: Vec<Message> = system.map(Message::system).into_iter().collect();
+        msgs.push(Message::user(p.as_str()));
+        out.push(engine.chat_tokens(&msgs)?);
+    }
+    Ok(out)
+}
+
 /// The anchoring prompts, and whether each is held out for the gate (every fifth).
 pub fn anchor_prompts() -> Vec<(String, bool)> {
     ANCHORS
