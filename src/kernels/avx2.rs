@@ -796,3 +796,94 @@ unsafe fn dot_q6k<const M: usize, const S: usize>(
     }
     finish(&acc, out);
 }
+
+/// Dequantises one whole row of `t` into `y` (k = `y.len()` values) with AVX2, with exactly
+/// the scalar path's arithmetic (a multiply and an add, never a fused FMA, so the bits are
+/// the same): for the types the training products read as f32 tiles (Q4_0, Q4_1, Q8_0).
+/// Returns false, touching nothing, for any other type or when the CPU lacks the features;
+/// the caller then uses `scalar::dequantize_row`.
+pub(super) fn dequantize_row(t: QType, row: &[u8], y: &mut [f32]) -> bool {
+    if !matches!(t, QType::Q4_0 | QType::Q4_1 | QType::Q8_0) || !available() {
+        return false;
+    }
+    let (bs, bb) = (t.block_size(), t.block_bytes());
+    assert!(
+        y.len().is_multiple_of(bs) && row.len() == y.len() / bs * bb,
+        "avx2 dequantize_row called with inconsistent sizes"
+    );
+    // SAFETY: `available()` confirmed AVX2/FMA/F16C; the assert above gives every block the
+    // bytes and outputs the loops below touch.
+    unsafe {
+        match t {
+            QType::Q4_0 => dequant_q4::<false>(row, y),
+            QType::Q4_1 => dequant_q4::<true>(row, y),
+            _ => dequant_q8_0(row, y),
+        }
+    }
+    true
+}
+
+/// Q4_0 (`MIN = false`: `(q - 8) * d`) and Q4_1 (`MIN = true`: `q * d + m`) rows.
+///
+/// # Safety
+/// AVX2 present; `row` holds `y.len() / 32` whole blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_q4<const MIN: bool>(row: &[u8], y: &mut [f32]) {
+    let bb = if MIN { 20 } else { 18 };
+    let low = _mm_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi32(8);
+    let (rp, yp) = (row.as_ptr(), y.as_mut_ptr());
+    for b in 0..y.len() / 32 {
+        // SAFETY: block b is row[bb*b .. bb*b+bb] and y[32b .. 32b+32], in bounds by the
+        // caller's contract; loads and stores are unaligned.
+        unsafe {
+            let p = rp.add(bb * b);
+            let d = _mm256_set1_ps(f16_to_f32(u16::from_le_bytes([*p, *p.add(1)])));
+            let m = if MIN {
+                _mm256_set1_ps(f16_to_f32(u16::from_le_bytes([*p.add(2), *p.add(3)])))
+            } else {
+                _mm256_setzero_ps()
+            };
+            let qs = _mm_loadu_si128(p.add(if MIN { 4 } else { 2 }).cast());
+            let lo = _mm_and_si128(qs, low);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low);
+            let out = yp.add(32 * b);
+            for (i, v) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
+                .into_iter()
+                .enumerate()
+            {
+                let mut q = _mm256_cvtepu8_epi32(v);
+                if !MIN {
+                    q = _mm256_sub_epi32(q, eight);
+                }
+                let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                if MIN {
+                    f = _mm256_add_ps(f, m);
+                }
+                _mm256_storeu_ps(out.add(8 * i), f);
+            }
+        }
+    }
+}
+
+/// Q8_0 rows: `q * d`.
+///
+/// # Safety
+/// AVX2 present; `row` holds `y.len() / 32` whole blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_q8_0(row: &[u8], y: &mut [f32]) {
+    let (rp, yp) = (row.as_ptr(), y.as_mut_ptr());
+    for b in 0..y.len() / 32 {
+        // SAFETY: block b is row[34b .. 34b+34] and y[32b .. 32b+32], in bounds by the
+        // caller's contract; loads and stores are unaligned.
+        unsafe {
+            let p = rp.add(34 * b);
+            let d = _mm256_set1_ps(f16_to_f32(u16::from_le_bytes([*p, *p.add(1)])));
+            let out = yp.add(32 * b);
+            for i in 0..4 {
+                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + 8 * i).cast()));
+                _mm256_storeu_ps(out.add(8 * i), _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+            }
+        }
+    }
+}

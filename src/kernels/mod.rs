@@ -347,6 +347,21 @@ pub fn matmul_scalar(w: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) -> Resul
     run(w, x, m, out, scalar::kernels(w.dtype))
 }
 
+/// Dequantises one row (or a run of whole blocks of one) into `y` on the fastest path: AVX2 or
+/// NEON for the block types the training products read (the same bits as the scalar path, which tests
+/// check), the scalar path otherwise and under `HONE_KERNELS=scalar`.
+pub(crate) fn dequantize_row(t: QType, row: &[u8], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if !forced_scalar() && avx2::dequantize_row(t, row, y) {
+        return;
+    }
+    #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+    if !forced_scalar() && neon::dequantize_row(t, row, y) {
+        return;
+    }
+    scalar::dequantize_row(t, row, y)
+}
+
 /// Dequantise rows `[r0, r1)` into `out` (`(r1 - r0) * k` f32 values), with
 /// the same arithmetic as ggml / candle.
 pub fn dequantize_rows(
@@ -376,7 +391,7 @@ pub fn dequantize_rows(
     }
     let rows = &w.data[r0 * rb..r1 * rb];
     for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(w.k)) {
-        scalar::dequantize_row(w.dtype, row, o);
+        dequantize_row(w.dtype, row, o);
     }
     Ok(())
 }

@@ -601,3 +601,58 @@ unsafe fn dot_q6k<const M: usize, const S: usize>(
     }
     finish(&acc, out);
 }
+
+/// Dequantises one whole row of `t` into `y` (k = `y.len()` values) with NEON, with exactly
+/// the scalar path's arithmetic (a multiply and an add, never fused, so the bits are the same):
+/// for the types the training products read as f32 tiles (Q4_0, Q4_1, Q8_0). Returns false,
+/// touching nothing, for any other type; the caller then uses `scalar::dequantize_row`.
+pub(super) fn dequantize_row(t: QType, row: &[u8], y: &mut [f32]) -> bool {
+    if !matches!(t, QType::Q4_0 | QType::Q4_1 | QType::Q8_0) {
+        return false;
+    }
+    let (bs, bb) = (t.block_size(), t.block_bytes());
+    assert!(
+        y.len().is_multiple_of(bs) && row.len() == y.len() / bs * bb,
+        "neon dequantize_row called with inconsistent sizes"
+    );
+    let (rp, yp) = (row.as_ptr(), y.as_mut_ptr());
+    for b in 0..y.len() / 32 {
+        // SAFETY: NEON is baseline on aarch64; block b is row[bb*b .. bb*b+bb] and
+        // y[32b .. 32b+32], in bounds by the assert above; loads and stores are unaligned.
+        unsafe {
+            let p = rp.add(bb * b);
+            let d = vdupq_n_f32(f16_to_f32(u16::from_le_bytes([*p, *p.add(1)])));
+            let out = yp.add(32 * b);
+            let vals: [float32x4_t; 8] = match t {
+                QType::Q8_0 => {
+                    let a = i8x16_f32(vld1q_s8(p.add(2).cast()));
+                    let c = i8x16_f32(vld1q_s8(p.add(18).cast()));
+                    [a[0], a[1], a[2], a[3], c[0], c[1], c[2], c[3]]
+                }
+                _ => {
+                    let qs = ld_u8(p.add(if t == QType::Q4_1 { 4 } else { 2 }));
+                    let (lo, hi) = (vandq_u8(qs, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(qs));
+                    if t == QType::Q4_1 {
+                        let (a, c) = (u8x16_f32(lo), u8x16_f32(hi));
+                        [a[0], a[1], a[2], a[3], c[0], c[1], c[2], c[3]]
+                    } else {
+                        let eight = vdupq_n_s8(8);
+                        let a = i8x16_f32(vsubq_s8(vreinterpretq_s8_u8(lo), eight));
+                        let c = i8x16_f32(vsubq_s8(vreinterpretq_s8_u8(hi), eight));
+                        [a[0], a[1], a[2], a[3], c[0], c[1], c[2], c[3]]
+                    }
+                }
+            };
+            let m = (t == QType::Q4_1)
+                .then(|| vdupq_n_f32(f16_to_f32(u16::from_le_bytes([*p.add(2), *p.add(3)]))));
+            for (i, v) in vals.into_iter().enumerate() {
+                let mut f = vmulq_f32(v, d);
+                if let Some(m) = m {
+                    f = vaddq_f32(f, m);
+                }
+                vst1q_f32(out.add(4 * i), f);
+            }
+        }
+    }
+    true
+}

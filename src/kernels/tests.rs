@@ -906,3 +906,22 @@ fn f32_gemm_on_either_kernel_matches_reference() {
         }
     }
 }
+
+/// The fast row dequantiser (AVX2 for Q4_0, Q4_1 and Q8_0, which the f32 training tiles read)
+/// gives the scalar path's bits for every type, whole rows and runs of blocks within one.
+#[test]
+fn fast_dequantize_row_matches_scalar_bits() {
+    let mut rng = StdRng::seed_from_u64(0x0dec);
+    for t in ALL {
+        let bs = t.block_size();
+        for blocks in [1usize, 2, 7, 18] {
+            let k = bs.max(32).next_multiple_of(bs) * blocks;
+            let data = random_matrix(t, 1, k, &mut rng);
+            let (mut fast, mut slow) = (vec![0f32; k], vec![1f32; k]);
+            dequantize_row(t, &data, &mut fast);
+            scalar::dequantize_row(t, &data, &mut slow);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "{t:?}, k = {k}");
+        }
+    }
+}

@@ -83,7 +83,11 @@ pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     {
         static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
         let level = *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f")
+            // Training held to AVX2 (`HONE_TRAIN_KERNELS=avx2`) stands for a CPU without
+            // AVX-512: its elementwise work stays in 256-bit registers too.
+            let held = crate::kernels::train_kernels() == crate::kernels::TrainKernels::Avx2;
+            if !held
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512dq")
                 && is_x86_feature_detected!("avx512vl")
