@@ -69,19 +69,94 @@ pub fn numbers_supported(answer: &str, sources: &[&str]) -> bool {
     numbers(answer).iter().all(|n| known.contains(n))
 }
 
+/// The share of an answer's words a note must hold for the answer to quote it.
+const QUOTES: f64 = 0.9;
+
+/// Lowercase words (runs of letters and digits) of `text`.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// How closely `text` quotes `note`: the share of its words the note holds; 0 under three
+/// words (too short to call a quotation: "44", "£4").
+pub fn quote_share(text: &str, note: &str) -> f64 {
+    let w = words(text);
+    if w.len() < 3 {
+        return 0.0;
+    }
+    let held: std::collections::HashSet<String> = words(note).into_iter().collect();
+    w.iter().filter(|x| held.contains(*x)).count() as f64 / w.len() as f64
+}
+
+/// How many of `question`'s content words ([`crate::retrieve::terms`]) `text` holds, a
+/// plural's or a tense's ending set aside ("goes" holds "go", "watered" "waters").
+pub fn question_words_held(question: &str, text: &str) -> usize {
+    let stem = |w: &str| -> String {
+        ["ing", "es", "ed", "s"]
+            .iter()
+            .find(|s| w.chars().count() > 4 && w.ends_with(*s))
+            .map_or(w, |s| &w[..w.len() - s.len()])
+            .to_string()
+    };
+    let have: std::collections::HashSet<String> = words(text).iter().map(|w| stem(w)).collect();
+    crate::retrieve::terms(question)
+        .iter()
+        .filter(|t| have.contains(&stem(t)))
+        .count()
+}
+
+/// Whether the adapter's answer from its weights alone (`weights`, no note in the prompt) is
+/// a better answer than its reading of the notes `found` (`reading`), both about notes it
+/// learned: the weights' answer claims the notes and quotes one of those found (nine in ten of
+/// its words in it, see [`quote_share`]), and the reading quotes none of them, or quotes one
+/// too but holds fewer of the question's words ([`question_words_held`]): it quoted the wrong
+/// sentence. A reading that picks a short answer out of a note ("44" asked how far, "Ticket"
+/// asked which tram) loses to a weights' answer that quotes the note's sentence; a weights'
+/// answer that makes words up never wins (BENCHMARKS.md: 40 notes it never saw, 64 -> 72 of
+/// 135).
+pub fn weights_answer_better(
+    question: &str,
+    reading: &str,
+    weights: &str,
+    found: &[crate::retrieve::NoteMatch],
+    route: Option<&str>,
+) -> bool {
+    let Some(said) = after_opening(weights, route) else {
+        return false;
+    };
+    let read = after_opening(reading, route).unwrap_or(reading);
+    let best = |t: &str| {
+        found
+            .iter()
+            .map(|m| quote_share(t, &m.content))
+            .fold(0.0, f64::max)
+    };
+    if best(said) < QUOTES {
+        return false;
+    }
+    best(read) < QUOTES || question_words_held(question, said) > question_words_held(question, read)
+}
+
 /// Answers `tokens`, a prompt holding the notes `found` and `question`. Notes the attached
 /// adapter has not all learned are read by the base model ([`answer_base`]). Notes it learned
-/// ([`adapter_reads`]) are read by the adapter, its answer held back until whole and shown only
+/// ([`adapter_reads`]) are read by the adapter, its answer held back until whole and kept only
 /// when every number in it is in the notes or the question ([`numbers_supported`]); if not, the
 /// base model reads them (`by_base` is set), checked the same way; if its answer fails too, None
 /// and nothing was shown: the notes do not hold what was asked, and the caller answers the
-/// question without them (the adapter's weights hold the learned notes).
+/// question without them (the adapter's weights hold the learned notes). With `plain` (the
+/// question's tokens without the notes), a kept reading of learned notes is weighed against
+/// the adapter's answer from its weights alone ([`weights_answer_better`]), and the better one
+/// is shown.
 #[allow(clippy::too_many_arguments)]
 pub fn answer_with_notes(
     engine: &mut Engine,
     found: &[crate::retrieve::NoteMatch],
     question: &str,
     tokens: &[u32],
+    plain: Option<&[u32]>,
     params: &SamplingParams,
     max_tokens: usize,
     cancel: &std::sync::atomic::AtomicBool,
@@ -95,16 +170,40 @@ pub fn answer_with_notes(
     sources.push(question);
     let sources = &sources;
     let keep = || Box::new(move |t: &str| numbers_supported(t, sources));
-    let read = engine.generate_checked(tokens, params, max_tokens, cancel, on_text, keep())?;
-    if read.is_some() {
-        return Ok(read);
+    // Every reading is held back whole, and shown once chosen.
+    let mut read =
+        engine.generate_checked(tokens, params, max_tokens, cancel, &mut |_| {}, keep())?;
+    if read.is_none() {
+        engine.model.set_adapter(None);
+        engine.reset();
+        let g = engine.generate_checked(tokens, params, max_tokens, cancel, &mut |_| {}, keep());
+        engine.model.set_adapter(Some(adapter));
+        engine.reset();
+        read = g?.map(|g| Generation { by_base: true, ..g });
     }
-    engine.model.set_adapter(None);
-    engine.reset();
-    let g = engine.generate_checked(tokens, params, max_tokens, cancel, on_text, keep());
-    engine.model.set_adapter(Some(adapter));
-    engine.reset();
-    Ok(g?.map(|g| Generation { by_base: true, ..g }))
+    let Some(read) = read else {
+        return Ok(None);
+    };
+    let chosen = match plain {
+        Some(plain) if !cancel.load(std::sync::atomic::Ordering::SeqCst) => {
+            let weights =
+                engine.answer_routed(plain, params, max_tokens, cancel, &mut |_| {}, true)?;
+            let route = engine.route.clone();
+            match weights_answer_better(
+                question,
+                &read.text,
+                &weights.text,
+                found,
+                route.as_deref(),
+            ) {
+                true => weights,
+                false => read,
+            }
+        }
+        _ => read,
+    };
+    on_text(&chosen.text);
+    Ok(Some(chosen))
 }
 
 /// Answers `tokens` with the base model: the adapter is set aside and put back (notes the
@@ -212,9 +311,9 @@ pub const NOTE_OPENINGS: &[&str] = &[
     "In your notes,",
 ];
 
-/// The words an answer claims the notes say (its first sentence after the opening), when it
-/// opens with one of [`NOTE_OPENINGS`] or with `route` (the adapter's trained opening).
-pub fn claimed(text: &str, route: Option<&str>) -> Option<String> {
+/// What an answer says after an opening that claims the user's notes ([`NOTE_OPENINGS`], or
+/// `route`, the adapter's trained opening); None when it opens otherwise.
+pub fn after_opening<'a>(text: &'a str, route: Option<&str>) -> Option<&'a str> {
     let t = text.trim_start();
     let rest = route
         .map(str::trim)
@@ -226,7 +325,13 @@ pub fn claimed(text: &str, route: Option<&str>) -> Option<String> {
                 .filter(|head| head.eq_ignore_ascii_case(o))
                 .map(|_| &t[o.len()..])
         })?;
-    let rest = rest.trim_start();
+    Some(rest.trim_start())
+}
+
+/// The words an answer claims the notes say (its first sentence after the opening), when it
+/// opens with one of [`NOTE_OPENINGS`] or with `route` (the adapter's trained opening).
+pub fn claimed(text: &str, route: Option<&str>) -> Option<String> {
+    let rest = after_opening(text, route)?;
     let end = rest
         .char_indices()
         .find(|&(i, c)| {
@@ -490,11 +595,14 @@ impl Assistant {
         let (tokens, routed) = match turn.cited.is_empty() {
             true => (turn.tokens, routed),
             false => {
+                // The question without its notes, for the weights' own answer to be weighed.
+                let plain = self.engine.chat_tokens(&turn.plain)?;
                 let read = answer_with_notes(
                     &mut self.engine,
                     &turn.cited,
                     question,
                     &turn.tokens,
+                    Some(&plain),
                     params,
                     max_tokens,
                     cancel,
@@ -1226,6 +1334,86 @@ mod reading_tests {
         }
     }
 
+    /// The weights' own answer replaces a reading of learned notes only when it quotes a note
+    /// found and the reading does not, or quotes the sentence that holds more of the question.
+    #[test]
+    fn the_weights_answer_wins_only_when_it_quotes_the_note_better() {
+        let run =
+            note("Run log, 14 March: the Osterfeld loop, 8 km in 44 minutes; the knee felt fine.");
+        let waste = note(
+            "Bins: recycling is collected every other Thursday; general waste goes out every Monday night.",
+        );
+        let quote = "Your notes say: Run log, 14 March: the Osterfeld loop, 8 km in 44 minutes.";
+        // A short pick out of the note loses to the note's sentence.
+        assert!(weights_answer_better(
+            "How far did I run on 14 March?",
+            "44",
+            quote,
+            std::slice::from_ref(&run),
+            None
+        ));
+        // A weights' answer that makes words up never wins, however the reading went.
+        let made_up = "Your notes say: you ran a marathon in Berlin with your cousin Pedro.";
+        assert!(!weights_answer_better(
+            "How far did I run on 14 March?",
+            "44",
+            made_up,
+            std::slice::from_ref(&run),
+            None
+        ));
+        // Nor one that does not claim the notes.
+        assert!(!weights_answer_better(
+            "How far did I run on 14 March?",
+            "44",
+            "Run log, 14 March: the Osterfeld loop, 8 km in 44 minutes.",
+            std::slice::from_ref(&run),
+            None
+        ));
+        // Both quote the note: the one holding more of the question's words.
+        let q = "When does the general waste go out?";
+        let wrong_sentence = "Your notes say: recycling is collected every other Thursday.";
+        let right_sentence = "Your notes say: general waste goes out every Monday night.";
+        assert!(weights_answer_better(
+            q,
+            wrong_sentence,
+            right_sentence,
+            std::slice::from_ref(&waste),
+            None
+        ));
+        assert!(!weights_answer_better(
+            q,
+            right_sentence,
+            wrong_sentence,
+            std::slice::from_ref(&waste),
+            None
+        ));
+        // A tie keeps the reading.
+        assert!(!weights_answer_better(
+            q,
+            right_sentence,
+            right_sentence,
+            std::slice::from_ref(&waste),
+            None
+        ));
+        // The trained opening counts as a claim too.
+        assert!(weights_answer_better(
+            q,
+            wrong_sentence,
+            "From my notes: general waste goes out every Monday night.",
+            &[waste],
+            Some("From my notes:")
+        ));
+        assert_eq!(
+            quote_share("44", "44 minutes"),
+            0.0,
+            "too short to be a quotation"
+        );
+        assert_eq!(
+            question_words_held("Who waters the plants?", "She watered the plants"),
+            2
+        );
+    }
+
     /// A tiny random model with random adapters: the adapter's reading is kept when the notes
     /// hold its numbers; else the base model's, when they hold its numbers; else nothing is
     /// shown and None says the notes do not hold the answer.
@@ -1263,6 +1451,7 @@ mod reading_tests {
                     &[note(content)],
                     "",
                     &prompt,
+                    None,
                     &greedy,
                     16,
                     &cancel,

@@ -129,6 +129,16 @@ pub fn ask_all_with(
         let params = Default::default();
         // As `hone ask` answers: with notes in the prompt, the reader `answer_with_notes`
         // picks; when the notes do not hold the answer (None), as if none were found.
+        // The question without notes (the weights' own answer, and the answer when the notes
+        // found do not hold what was asked).
+        let plain = match found.is_empty() {
+            true => toks.clone(),
+            false => {
+                let mut m: Vec<Message> = system.map(Message::system).into_iter().collect();
+                m.push(Message::user(&q.q));
+                engine.chat_tokens(&m)?
+            }
+        };
         let read = match found.is_empty() {
             true => None,
             false => crate::assistant::answer_with_notes(
@@ -136,6 +146,7 @@ pub fn ask_all_with(
                 &found,
                 &q.q,
                 &toks,
+                Some(&plain),
                 &params,
                 48,
                 cancel,
@@ -147,14 +158,6 @@ pub fn ask_all_with(
             None => {
                 // A question about a learned note goes to the adapter. With retrieval, nothing
                 // found means no note is about the question: no second search.
-                let plain = match found.is_empty() {
-                    true => toks,
-                    false => {
-                        let mut m: Vec<Message> = system.map(Message::system).into_iter().collect();
-                        m.push(Message::user(&q.q));
-                        engine.chat_tokens(&m)?
-                    }
-                };
                 // Notes found that do not hold the answer: not routed as a question about them.
                 let about = match (store, ctx) {
                     (Some(s), None) if !retrieval && found.is_empty() => {

@@ -1195,6 +1195,7 @@ mod tests {
                 &found,
                 question,
                 &tokens,
+                None,
                 &params,
                 n,
                 &cancel,
