@@ -115,8 +115,8 @@ pub fn question_words_held(question: &str, text: &str) -> usize {
 /// too but holds fewer of the question's words ([`question_words_held`]): it quoted the wrong
 /// sentence. A reading that picks a short answer out of a note ("44" asked how far, "Ticket"
 /// asked which tram) loses to a weights' answer that quotes the note's sentence; a weights'
-/// answer that makes words up never wins (BENCHMARKS.md: 40 notes it never saw, 64 -> 72 of
-/// 135).
+/// answer that makes words up never wins (BENCHMARKS.md: on 40 of `bench/notes-train.jsonl`,
+/// with the numbers check of [`answer_with_notes`], 64 -> 71 of 135).
 pub fn weights_answer_better(
     question: &str,
     reading: &str,
@@ -148,8 +148,8 @@ pub fn weights_answer_better(
 /// and nothing was shown: the notes do not hold what was asked, and the caller answers the
 /// question without them (the adapter's weights hold the learned notes). With `plain` (the
 /// question's tokens without the notes), a kept reading of learned notes is weighed against
-/// the adapter's answer from its weights alone ([`weights_answer_better`]), and the better one
-/// is shown.
+/// the adapter's answer from its weights alone ([`weights_answer_better`], and every number in
+/// it in the notes or the question), and the better one is shown.
 #[allow(clippy::too_many_arguments)]
 pub fn answer_with_notes(
     engine: &mut Engine,
@@ -189,13 +189,11 @@ pub fn answer_with_notes(
             let weights =
                 engine.answer_routed(plain, params, max_tokens, cancel, &mut |_| {}, true)?;
             let route = engine.route.clone();
-            match weights_answer_better(
-                question,
-                &read.text,
-                &weights.text,
-                found,
-                route.as_deref(),
-            ) {
+            // Cited as the notes' words, it is held to their numbers as a reading is.
+            let better =
+                weights_answer_better(question, &read.text, &weights.text, found, route.as_deref())
+                    && numbers_supported(&weights.text, sources);
+            match better {
                 true => weights,
                 false => read,
             }
