@@ -593,7 +593,8 @@ impl Assistant {
         let (tokens, routed) = match turn.cited.is_empty() {
             true => (turn.tokens, routed),
             false => {
-                // The question without its notes, for the weights' own answer to be weighed.
+                // The question without its notes: for the weights' own answer to be weighed,
+                // and for answering without them.
                 let plain = self.engine.chat_tokens(&turn.plain)?;
                 let read = answer_with_notes(
                     &mut self.engine,
@@ -618,7 +619,7 @@ impl Assistant {
                 // The notes found do not hold what was asked, so the question is not about
                 // them: answered without notes, and not routed to the adapter as a question
                 // about a learned note (the route's opening decides, as for any question).
-                (self.engine.chat_tokens(&turn.plain)?, None)
+                (plain, None)
             }
         };
         let held_back = match routed {
