@@ -5,8 +5,10 @@
 //! stacked into one batch, so the weights are read once per step for all of them
 //! (`Model::forward_batch`), while each keeps its own KV cache, position, sampler, stop
 //! sequences and adapter choice (`engine::Decoder`). Each answer is routed as `hone ask`
-//! routes it (a question about a learned note to the adapter, the held opening otherwise),
-//! streams its pieces back to the HTTP side, stops when its client leaves, and is recorded.
+//! routes it (a question about a learned note to the adapter, the held opening otherwise; a
+//! reading of learned notes checked, then weighed against the adapter's answer from its weights,
+//! as `assistant::answer_with_notes` does), streams its pieces back to the HTTP side, stops when
+//! its client leaves, and is recorded.
 //! A finished slot keeps its KV cache, and the next prompt starts from the cache that shares
 //! the longest prefix with it (a conversation's next turn, a common system message).
 //!
@@ -234,6 +236,9 @@ struct Out {
     shown: String,
     /// A stop sequence was met.
     stopped: bool,
+    /// Nothing is shown: the adapter's answer from its weights, to be weighed against a reading
+    /// of the notes before either is shown.
+    silent: bool,
 }
 
 impl Out {
@@ -244,7 +249,7 @@ impl Out {
     }
 
     fn piece(&mut self, piece: &str) {
-        if self.stopped {
+        if self.stopped || self.silent {
             return;
         }
         let (out, hit) = self.filter.push(piece);
@@ -274,8 +279,22 @@ enum Phase {
     /// A reader of notes in the prompt that the adapter learned (`assistant::answer_with_notes`),
     /// its whole answer held back until the numbers in it are found in the notes or the
     /// question. If not: after the adapter, the base model reads them; after the base model,
-    /// the request runs again without notes.
+    /// the request runs again without notes. A kept reading is then weighed against the
+    /// adapter's answer from its weights (the request without the notes, in `Weighed`).
     Checked,
+}
+
+/// A kept reading of learned notes, waiting while the adapter answers the question from its
+/// weights alone (`assistant::weights_answer_better` chooses, as in `hone ask`).
+struct Weighed {
+    text: String,
+    tokens: Vec<u32>,
+    generated: usize,
+    by_base: bool,
+    stop: StopReason,
+    /// The prompt with the notes.
+    prompt: Vec<u32>,
+    reused: usize,
 }
 
 /// A KV cache and the tokens it holds.
@@ -314,6 +333,8 @@ struct Seq {
     /// What the prompt rests on: the notes retrieval put in it, the learned note it is about,
     /// the removed note it is held back from, and the user's newest words.
     notes: Notes,
+    /// The reading being weighed, while the weights answer (see [`Weighed`]).
+    weighing: Option<Weighed>,
 }
 
 /// What a request's answer rests on (see [`Slots::prepare`]).
@@ -323,6 +344,9 @@ struct Notes {
     about: Option<NoteMatch>,
     held_back: Option<i64>,
     question: Option<String>,
+    /// The request's prompt without the notes, when a reading of learned notes is to be weighed
+    /// against the adapter's answer from its weights.
+    plain: Option<Vec<u32>>,
 }
 
 /// The check of an answer read from the notes in the prompt (None without notes): every number
@@ -400,6 +424,7 @@ impl Slots<'_> {
                     filter: StopFilter::new(job.request.stop.clone()),
                     shown: String::new(),
                     stopped: false,
+                    silent: false,
                 };
                 out.send(Event::Started);
                 let e = self.engine;
@@ -456,6 +481,7 @@ impl Slots<'_> {
                     started,
                     prompt_ms: None,
                     notes,
+                    weighing: None,
                 });
             }
             Err(e) => {
@@ -690,10 +716,15 @@ impl Slots<'_> {
     fn end(&mut self, mut s: Seq, reason: StopReason) -> Option<Seq> {
         let tk = &self.engine.tokenizer;
         let decoder = std::mem::replace(&mut s.decoder, Decoder::new(&[], &s.params, 0, None));
+        // A reading that will be weighed is not shown yet.
+        let weigh = s.phase == Phase::Checked && s.notes.plain.is_some() && !cancelled(&s);
         let Seq { out, .. } = &mut s;
-        let finished = decoder.finish(tk, &mut |p| out.piece(p));
+        let finished = match weigh {
+            true => decoder.finish(tk, &mut |_| {}),
+            false => decoder.finish(tk, &mut |p| out.piece(p)),
+        };
         // What the client saw is `out.shown` (stop sequences cut), not the decoded text.
-        let (_, tokens, generated) = match finished {
+        let (text, tokens, generated) = match finished {
             Ok(Some(x)) => x,
             Ok(None) if s.phase == Phase::Held && !s.job.cancel.load(Ordering::SeqCst) => {
                 // Not the adapter's opening: decide from its probability, after the prompt
@@ -741,6 +772,23 @@ impl Slots<'_> {
                 self.release(s);
                 return None;
             }
+        };
+        if weigh {
+            // The reading is kept; the adapter now answers the question without the notes.
+            let reading = Weighed {
+                text,
+                tokens,
+                generated,
+                by_base: s.by_base,
+                stop: reason,
+                prompt: std::mem::take(&mut s.prompt),
+                reused: s.reused,
+            };
+            return Some(self.weigh(s, reading));
+        }
+        let (tokens, generated, reason) = match s.weighing.take() {
+            Some(reading) => self.choose(&mut s, reading, text, tokens, generated, reason),
+            None => (tokens, generated, reason),
         };
         let rest = s.out.filter.finish();
         if !rest.is_empty() {
@@ -818,6 +866,72 @@ impl Slots<'_> {
         None
     }
 
+    /// Sets `s` to answer its question without the notes, with the adapter and its opening (as
+    /// `Engine::answer_routed` answers a question about a learned note), shown to nobody; the
+    /// reading waits in `s.weighing`. The reading's cache is kept for the prompt cache.
+    fn weigh(&mut self, mut s: Seq, reading: Weighed) -> Seq {
+        let plain = s.notes.plain.take().unwrap_or_default();
+        let mut old = std::mem::replace(&mut s.cache, self.cache_for(&plain, true));
+        old.tokens.truncate(old.kv.len());
+        self.tick += 1;
+        old.used = self.tick;
+        self.free.push(old);
+        s.reused = s.cache.tokens.len();
+        s.pending = plain[s.reused..].to_vec();
+        s.decoder = Decoder::new(&plain, &s.params, s.max_tokens, None)
+            .ignoring_eos(s.job.request.ignore_eos);
+        s.prompt = plain;
+        s.phase = Phase::Opening { about_notes: true };
+        s.by_base = false;
+        s.route_p = None;
+        s.opening = None;
+        s.out.silent = true;
+        s.weighing = Some(reading);
+        s
+    }
+
+    /// The weights have answered (`text`, `tokens`, `generated`): shows the better of their
+    /// answer and the waiting reading (`assistant::weights_answer_better`, and every number in
+    /// it in the notes or the question, as `assistant::answer_with_notes` chooses) and leaves
+    /// `s` describing the one shown. Returns its tokens, count and stop reason.
+    fn choose(
+        &self,
+        s: &mut Seq,
+        reading: Weighed,
+        text: String,
+        tokens: Vec<u32>,
+        generated: usize,
+        reason: StopReason,
+    ) -> (Vec<u32>, usize, StopReason) {
+        let weights = match &s.opening {
+            Some((route, _)) => format!("{route}{text}"),
+            None => text,
+        };
+        let question = s.notes.question.as_deref().unwrap_or_default();
+        let mut sources: Vec<&str> = s.notes.found.iter().map(|m| m.content.as_str()).collect();
+        sources.push(question);
+        let route = self.engine.route.as_deref();
+        let better = assistant::weights_answer_better(
+            question,
+            &reading.text,
+            &weights,
+            &s.notes.found,
+            route,
+        ) && assistant::numbers_supported(&weights, &sources);
+        s.out.silent = false;
+        if better {
+            s.out.piece(&weights);
+            return (tokens, generated, reason);
+        }
+        s.out.piece(&reading.text);
+        s.opening = None;
+        s.by_base = reading.by_base;
+        s.route_p = None;
+        s.prompt = reading.prompt;
+        s.reused = reading.reused;
+        (reading.tokens, reading.generated, reading.stop)
+    }
+
     /// Keeps the answer's cache for a later prompt; the request is over, so background
     /// learning may resume (after its idle time).
     fn release(&mut self, s: Seq) {
@@ -870,6 +984,7 @@ impl Slots<'_> {
         let params =
             assistant::sampling(&cfg.choice, &o).map_err(|m| ApiError::invalid(m, None))?;
         let mut found = Vec::new();
+        let mut plain = None;
         let tokens = match &r.input {
             Input::Chat(messages) => {
                 let mut m: Vec<Message> = Vec::with_capacity(messages.len() + 1);
@@ -886,10 +1001,18 @@ impl Slots<'_> {
                 // As `hone ask`: the notes the newest message is about go in the prompt (when
                 // they leave room for the answer).
                 let reserve = r.max_tokens.unwrap_or(self.default_max_tokens);
-                assistant::chat_tokens_with_notes(engine, store, &m, retrieval, reserve).map(
+                assistant::chat_tokens_with_notes(engine, store, &m, retrieval, reserve).and_then(
                     |(tokens, notes)| {
+                        // A reading of learned notes is weighed against the adapter's answer
+                        // from its weights, to the same messages without the notes.
+                        let weighs = engine.route.is_some()
+                            && engine.model.adapter().is_some()
+                            && assistant::adapter_reads(&notes);
+                        if weighs {
+                            plain = Some(engine.chat_tokens(&m)?);
+                        }
                         found = notes;
-                        tokens
+                        Ok(tokens)
                     },
                 )
             }
@@ -960,6 +1083,7 @@ impl Slots<'_> {
                 about,
                 held_back,
                 question: question.map(str::to_string),
+                plain: plain.filter(|_| question.is_some()),
             },
         })
     }
@@ -1250,6 +1374,128 @@ mod tests {
         // assistant's `reading_tests` reach it through `answer_with_notes`.)
         assert!(
             ways.contains(&(false, false)) && ways.contains(&(true, false)),
+            "{ways:?}"
+        );
+    }
+
+    /// With a route, a reading of learned notes is weighed against the adapter's answer from its
+    /// weights alone, as `hone ask` weighs it (`assistant::answer_with_notes` given the prompt
+    /// without the notes), token for token: a note that holds the weights' answer word for word
+    /// gives it to them; one that does not leaves the reading.
+    #[test]
+    fn slots_weigh_the_weights_answer_as_ask_does() {
+        let (_dir, path, home, store, mut e) = tiny();
+        store
+            .add_note("the harbour pool locker is by the blue door", None, None)
+            .unwrap();
+        store
+            .conn()
+            .execute("UPDATE notes SET learned_at = 'x', learn_attempts = 1", [])
+            .unwrap();
+        let wc = config(&home, tiny_choice(&path), true, 2, 64 << 20);
+        let o = SamplingOverrides {
+            temperature: Some(0.0),
+            seed: Some(1),
+            repeat_penalty: Some(3.0),
+            ..Default::default()
+        };
+        let params = assistant::sampling(&wc.choice, &o).unwrap();
+        let cancel = AtomicBool::new(false);
+        let n = 64;
+        let route = "Your notes say:";
+        let mut ways = std::collections::BTreeSet::new();
+        let words = "where which what tell say find show give name recall list check".split(' ');
+        for (seed, word) in words.enumerate() {
+            let question = format!("{word} harbour pool locker");
+            let question = question.as_str();
+            let messages = vec![Message::system("Be brief."), Message::user(question)];
+            let w = Arc::new(
+                LoraWeights::random_for_tests(&e.model.cfg, 100 + seed as u64)
+                    .prepare()
+                    .unwrap(),
+            );
+            e.attach(Some((w, Some(route.to_string()))));
+            let plain = e.chat_tokens(&messages).unwrap();
+            e.reset();
+            let weights = e
+                .answer_routed(&plain, &params, n, &cancel, &mut |_| {}, true)
+                .unwrap();
+            // Every other note holds the weights' words.
+            let note = match (
+                seed % 2,
+                assistant::after_opening(&weights.text, Some(route)),
+            ) {
+                (0, Some(said)) => format!("the harbour pool locker. {said}"),
+                _ => "the harbour pool locker is by the blue door".to_string(),
+            };
+            store
+                .conn()
+                .execute("UPDATE notes SET content = ?1", [&note])
+                .unwrap();
+            let (tokens, found) =
+                assistant::chat_tokens_with_notes(&e, &store, &messages, true, n).unwrap();
+            assert_eq!(found.len(), 1, "the note is found");
+            e.reset();
+            let want = assistant::answer_with_notes(
+                &mut e,
+                &found,
+                question,
+                &tokens,
+                Some(&plain),
+                &params,
+                n,
+                &cancel,
+                &mut |_| {},
+            )
+            .unwrap();
+            let (want, way) = match want {
+                Some(g) if g.route_p.is_some() => (g, "weights"),
+                Some(g) => (g, "reading"),
+                None => {
+                    e.reset();
+                    let g = e
+                        .answer_routed(&plain, &params, n, &cancel, &mut |_| {}, false)
+                        .unwrap();
+                    (g, "without notes")
+                }
+            };
+            ways.insert(way);
+            e.reset();
+            let mut slots = Slots {
+                cfg: &wc,
+                store: &store,
+                engine: &e,
+                adapter: Some("1".into()),
+                default_max_tokens: n,
+                active: Vec::new(),
+                free: Vec::new(),
+                tick: 0,
+            };
+            let (mut j, mut rx) = job(&home, question, n);
+            j.request.input = Input::Chat(messages.clone());
+            j.request.repeat_penalty = Some(3.0);
+            slots.admit(j);
+            let mut steps = 0;
+            while !slots.active.is_empty() {
+                slots.step();
+                steps += 1;
+                assert!(steps < 300, "the slots never finished");
+            }
+            let d = done(&mut rx);
+            assert_eq!(d.text, want.text, "seed {seed}: {way}");
+            assert_eq!(
+                d.completion_tokens, want.completion_tokens,
+                "seed {seed}: {way}"
+            );
+            let cites = d.hone["citations"].as_array().map_or(0, |c| c.len());
+            assert_eq!(
+                cites,
+                usize::from(way != "without notes"),
+                "seed {seed}: {way}"
+            );
+        }
+        assert!(
+            ways.contains("weights") && ways.contains("reading"),
             "{ways:?}"
         );
     }
