@@ -1271,12 +1271,18 @@ mod tests {
         assert_eq!(store.recent_exchanges(100).unwrap().len(), 9);
     }
 
-    /// A chat request about a learned note is answered as `hone ask` answers it
-    /// (`assistant::answer_with_notes`), token for token: the adapter's reading when the note
-    /// holds its numbers, else the base model's (else the request again without the note).
-    #[test]
-    fn slots_check_readings_of_learned_notes_as_ask_does() {
-        let (_dir, path, home, store, mut e) = tiny();
+    /// A tiny model with one learned note, the worker's configuration with retrieval on, and
+    /// greedy sampling with a repeat penalty (it keeps the tiny base model from answering only
+    /// line breaks).
+    fn learned_note() -> (
+        tempfile::TempDir,
+        Home,
+        Store,
+        Engine,
+        WorkerConfig,
+        SamplingParams,
+    ) {
+        let (dir, path, home, store, e) = tiny();
         store
             .add_note("the harbour pool locker is by the blue door", None, None)
             .unwrap();
@@ -1285,7 +1291,6 @@ mod tests {
             .execute("UPDATE notes SET learned_at = 'x', learn_attempts = 1", [])
             .unwrap();
         let wc = config(&home, tiny_choice(&path), true, 2, 64 << 20);
-        // A repeat penalty keeps the tiny base model from answering only line breaks.
         let o = SamplingOverrides {
             temperature: Some(0.0),
             seed: Some(1),
@@ -1293,6 +1298,49 @@ mod tests {
             ..Default::default()
         };
         let params = assistant::sampling(&wc.choice, &o).unwrap();
+        (dir, home, store, e, wc, params)
+    }
+
+    /// Answers `messages` alone in the slots, greedy with a repeat penalty of 3 (as
+    /// [`learned_note`]'s sampling), and returns what the client heard.
+    fn one_chat(
+        wc: &WorkerConfig,
+        store: &Store,
+        e: &Engine,
+        home: &Home,
+        messages: &[Message],
+        n: usize,
+    ) -> Done {
+        let mut slots = Slots {
+            cfg: wc,
+            store,
+            engine: e,
+            adapter: Some("1".into()),
+            default_max_tokens: n,
+            active: Vec::new(),
+            free: Vec::new(),
+            tick: 0,
+        };
+        let question = messages.last().map_or("", |m| m.content.as_str());
+        let (mut j, mut rx) = job(home, question, n);
+        j.request.input = Input::Chat(messages.to_vec());
+        j.request.repeat_penalty = Some(3.0);
+        slots.admit(j);
+        let mut steps = 0;
+        while !slots.active.is_empty() {
+            slots.step();
+            steps += 1;
+            assert!(steps < 4 * n + 100, "the slots never finished");
+        }
+        done(&mut rx)
+    }
+
+    /// A chat request about a learned note is answered as `hone ask` answers it
+    /// (`assistant::answer_with_notes`), token for token: the adapter's reading when the note
+    /// holds its numbers, else the base model's (else the request again without the note).
+    #[test]
+    fn slots_check_readings_of_learned_notes_as_ask_does() {
+        let (_dir, home, store, mut e, wc, params) = learned_note();
         let cancel = AtomicBool::new(false);
         let n = 16;
         let mut ways = std::collections::BTreeSet::new();
@@ -1339,27 +1387,7 @@ mod tests {
                 }
             };
             ways.insert((want.by_base, want.route_p.is_some()));
-            let mut slots = Slots {
-                cfg: &wc,
-                store: &store,
-                engine: &e,
-                adapter: Some("1".into()),
-                default_max_tokens: n,
-                active: Vec::new(),
-                free: Vec::new(),
-                tick: 0,
-            };
-            let (mut j, mut rx) = job(&home, question, n);
-            j.request.input = Input::Chat(messages.clone());
-            j.request.repeat_penalty = Some(3.0);
-            slots.admit(j);
-            let mut steps = 0;
-            while !slots.active.is_empty() {
-                slots.step();
-                steps += 1;
-                assert!(steps < 200, "the slots never finished");
-            }
-            let d = done(&mut rx);
+            let d = one_chat(&wc, &store, &e, &home, &messages, n);
             assert_eq!(d.text, want.text, "seed {seed}");
             let cites = d.hone["citations"].as_array().map_or(0, |c| c.len());
             assert_eq!(
@@ -1384,22 +1412,7 @@ mod tests {
     /// gives it to them; one that does not leaves the reading.
     #[test]
     fn slots_weigh_the_weights_answer_as_ask_does() {
-        let (_dir, path, home, store, mut e) = tiny();
-        store
-            .add_note("the harbour pool locker is by the blue door", None, None)
-            .unwrap();
-        store
-            .conn()
-            .execute("UPDATE notes SET learned_at = 'x', learn_attempts = 1", [])
-            .unwrap();
-        let wc = config(&home, tiny_choice(&path), true, 2, 64 << 20);
-        let o = SamplingOverrides {
-            temperature: Some(0.0),
-            seed: Some(1),
-            repeat_penalty: Some(3.0),
-            ..Default::default()
-        };
-        let params = assistant::sampling(&wc.choice, &o).unwrap();
+        let (_dir, home, store, mut e, wc, params) = learned_note();
         let cancel = AtomicBool::new(false);
         let n = 64;
         let route = "Your notes say:";
@@ -1461,27 +1474,7 @@ mod tests {
             };
             ways.insert(way);
             e.reset();
-            let mut slots = Slots {
-                cfg: &wc,
-                store: &store,
-                engine: &e,
-                adapter: Some("1".into()),
-                default_max_tokens: n,
-                active: Vec::new(),
-                free: Vec::new(),
-                tick: 0,
-            };
-            let (mut j, mut rx) = job(&home, question, n);
-            j.request.input = Input::Chat(messages.clone());
-            j.request.repeat_penalty = Some(3.0);
-            slots.admit(j);
-            let mut steps = 0;
-            while !slots.active.is_empty() {
-                slots.step();
-                steps += 1;
-                assert!(steps < 300, "the slots never finished");
-            }
-            let d = done(&mut rx);
+            let d = one_chat(&wc, &store, &e, &home, &messages, n);
             assert_eq!(d.text, want.text, "seed {seed}: {way}");
             assert_eq!(
                 d.completion_tokens, want.completion_tokens,
