@@ -11,7 +11,7 @@
 //! model (`registry` does) or decide how an answer is produced (`engine::Engine::answer` does;
 //! `note_about` only says whether the question is about a learned note).
 
-use crate::engine::{Backend, Engine, Generation, LoadOptions};
+use crate::engine::{About, Backend, Engine, Generation, LoadOptions};
 use crate::home::Home;
 use crate::registry::ModelChoice;
 use crate::sample::SamplingParams;
@@ -166,6 +166,17 @@ pub fn answer_with_notes(
         Some(a) if adapter_reads(found) => a.clone(),
         _ => return answer_base(engine, tokens, params, max_tokens, cancel, on_text).map(Some),
     };
+    // Notes found by common words alone are about the question only if the adapter, trained on
+    // them, would open its answer to it with the route (a general question shares common words
+    // with a note by chance).
+    if let Some(plain) = plain.filter(|_| about(found.first()) == About::Common) {
+        if engine
+            .route_probability(plain)?
+            .is_some_and(|p| p < engine.about_min_p)
+        {
+            return Ok(None);
+        }
+    }
     let mut sources: Vec<&str> = found.iter().map(|m| m.content.as_str()).collect();
     sources.push(question);
     let sources = &sources;
@@ -186,8 +197,14 @@ pub fn answer_with_notes(
     };
     let chosen = match plain {
         Some(plain) if !cancel.load(std::sync::atomic::Ordering::SeqCst) => {
-            let weights =
-                engine.answer_routed(plain, params, max_tokens, cancel, &mut |_| {}, true)?;
+            let weights = engine.answer_routed(
+                plain,
+                params,
+                max_tokens,
+                cancel,
+                &mut |_| {},
+                About::Rare,
+            )?;
             let route = engine.route.clone();
             // Cited as the notes' words, it is held to their numbers as a reading is.
             let better =
@@ -223,6 +240,17 @@ pub fn answer_base(
     engine.model.set_adapter(Some(adapter));
     engine.reset();
     Ok(g?)
+}
+
+/// How the note a question was found to be about ties it to that note: by a rare word in common,
+/// by common words alone, or not at all (see `retrieve::NoteMatch::is_about`). Retrieval keeps
+/// only the notes as close as the best one, so the first found speaks for all of them.
+pub fn about(note: Option<&crate::retrieve::NoteMatch>) -> About {
+    match note {
+        None => About::No,
+        Some(m) if m.rare > 0 => About::Rare,
+        Some(_) => About::Common,
+    }
 }
 
 /// The learned note `question` is about, when `engine` routes between its adapter and the base
@@ -710,7 +738,7 @@ impl Assistant {
             max_tokens,
             cancel,
             on_text,
-            about.is_some(),
+            self::about(about.as_ref()),
         )?;
         Ok(Answered {
             generation,

@@ -185,6 +185,27 @@ impl Perplexity {
 /// answer (see BENCHMARKS.md: measured on the dev notes' questions and the general ones).
 pub const ROUTE_MIN_P: f64 = 0.2;
 
+/// The least probability of the route's opening for a question tied to a learned note by common
+/// words alone ([`About::Common`]) to be answered from that note: a general question shares
+/// common words with a note by chance ("How many days are there in a week?" and a bike hire at
+/// "€50 for the week ... six days"), and the adapter, trained to open with the route on its
+/// notes' questions and not on general ones, gives it next to nothing (BENCHMARKS.md).
+pub const ABOUT_MIN_P: f64 = 0.01;
+
+/// How a question is tied to a learned note (`retrieve::NoteMatch`), for
+/// [`Engine::answer_routed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum About {
+    /// Not about a learned note: the route decides, as for any question.
+    No,
+    /// By common words alone: the adapter answers from its weights when it gives the route's
+    /// opening at least `Engine::about_min_p` ([`ABOUT_MIN_P`]).
+    Common,
+    /// By a rare word (a name, a place): the adapter answers from its weights, whatever opening
+    /// it would have chosen.
+    Rare,
+}
+
 /// Hold the text of the first `n` tokens back until the check has seen it (see
 /// [`Engine::answer`]).
 pub type Hold<'a> = (usize, Box<dyn Fn(&str) -> bool + 'a>);
@@ -486,6 +507,9 @@ pub struct Engine {
     /// The least probability of the route's opening that keeps the adapter's answer
     /// ([`ROUTE_MIN_P`]).
     pub route_min_p: f64,
+    /// The same for a question tied to a learned note by common words alone
+    /// ([`ABOUT_MIN_P`]).
+    pub about_min_p: f64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -532,6 +556,7 @@ impl Engine {
             cache_tokens: Vec::new(),
             route: None,
             route_min_p: ROUTE_MIN_P,
+            about_min_p: ABOUT_MIN_P,
         })
     }
 
@@ -993,6 +1018,37 @@ impl Engine {
             }))
     }
 
+    /// The least probability of the route's opening for the adapter to answer a question tied
+    /// to a learned note as `about` says.
+    pub fn min_p(&self, about: About) -> f64 {
+        match about {
+            About::No => self.route_min_p,
+            About::Common => self.about_min_p,
+            About::Rare => 0.0,
+        }
+    }
+
+    /// The probability that the attached adapter opens its answer to `prompt` with its route's
+    /// opening, from a cache of its own (the engine's is untouched); None without an adapter
+    /// and a route, or when the prompt and the opening do not fit in the context.
+    pub fn route_probability(&self, prompt: &[u32]) -> Result<Option<f64>> {
+        let (Some(route), Some(_)) = (&self.route, self.model.adapter()) else {
+            return Ok(None);
+        };
+        let ids = self.tokenizer.encode(route.trim(), false)?;
+        if ids.is_empty()
+            || prompt.is_empty()
+            || prompt.len() + ids.len() >= self.model.max_context()
+        {
+            return Ok(None);
+        }
+        let mut cache = KvCache::new(&self.model);
+        let logits = self.prefill_into(&mut cache, prompt, true)?;
+        Ok(Some(
+            self.opening_probability_after(&mut cache, &logits, &ids)?,
+        ))
+    }
+
     /// Appends `prompt` to `cache` in chunks of the engine's prompt batch, with the adapter
     /// when `use_lora`; returns the logits of its last position. The counterpart of
     /// `generate`'s prefill for callers that keep one cache per sequence.
@@ -1039,12 +1095,12 @@ impl Engine {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.answer_routed(prompt, sampling, max_tokens, cancel, on_text, false)
+        self.answer_routed(prompt, sampling, max_tokens, cancel, on_text, About::No)
     }
 
-    /// [`Engine::answer`]; with `about_notes` (the question is about a learned note, as
-    /// `retrieve` found) the adapter answers from its weights, starting with the route's opening,
-    /// whatever opening it would have chosen.
+    /// [`Engine::answer`]; for a question about a learned note (as `retrieve` found) the adapter
+    /// answers from its weights, starting with the route's opening, when it gives that opening
+    /// the probability `about` asks ([`Engine::min_p`]: any, for a note named by a rare word).
     pub fn answer_routed(
         &mut self,
         prompt: &[u32],
@@ -1052,13 +1108,13 @@ impl Engine {
         max_tokens: usize,
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
-        about_notes: bool,
+        about: About,
     ) -> Result<Generation> {
         let (Some(route), Some(adapter)) = (self.route.clone(), self.model.adapter().cloned())
         else {
             return self.generate(prompt, sampling, max_tokens, cancel, on_text);
         };
-        if !about_notes {
+        if about == About::No {
             let n = self.tokenizer.encode(&route, false)?.len() + 1;
             let opens = |t: &str| t.trim_start().starts_with(route.trim());
             let hold: Option<Hold<'_>> = Some((n, Box::new(opens)));
@@ -1074,7 +1130,7 @@ impl Engine {
         let ids = self.tokenizer.encode(&route, false)?;
         let t0 = Instant::now();
         let (p, reused) = self.opening_probability(prompt, &ids)?;
-        if (about_notes || p >= self.route_min_p)
+        if p >= self.min_p(about)
             && !ids.is_empty()
             && prompt.len() + ids.len() < self.model.max_context()
         {

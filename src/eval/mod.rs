@@ -161,9 +161,10 @@ pub fn ask_all_with(
                 // Notes found that do not hold the answer: not routed as a question about them.
                 let about = match (store, ctx) {
                     (Some(s), None) if !retrieval && found.is_empty() => {
-                        crate::assistant::note_about(s, engine, Some(&q.q))?.is_some()
+                        let note = crate::assistant::note_about(s, engine, Some(&q.q))?;
+                        crate::assistant::about(note.as_ref())
                     }
-                    _ => false,
+                    _ => crate::engine::About::No,
                 };
                 let g = engine.answer_routed(&plain, &params, 48, cancel, &mut |_| {}, about)?;
                 (g, Vec::new())

@@ -17,7 +17,7 @@
 
 use super::api::{finish_reason, ApiError, Input, Request, StopFilter};
 use crate::assistant::{self, Recorded, SamplingOverrides};
-use crate::engine::{Backend, Decoder, Engine, EngineError, Generation, Step, StopReason};
+use crate::engine::{About, Backend, Decoder, Engine, EngineError, Generation, Step, StopReason};
 use crate::home::Home;
 use crate::model::KvCache;
 use crate::presence::UserRequest;
@@ -274,8 +274,9 @@ enum Phase {
     /// the route; if not, `Opening` decides.
     Held,
     /// After the prompt has run with the adapter: the probability of the route's opening
-    /// decides between the adapter (forced opening) and the base model.
-    Opening { about_notes: bool },
+    /// decides between the adapter (forced opening) and the base model, against the least that
+    /// `about` asks (`Engine::min_p`).
+    Opening { about: About },
     /// A reader of notes in the prompt that the adapter learned (`assistant::answer_with_notes`),
     /// its whole answer held back until the numbers in it are found in the notes or the
     /// question. If not: after the adapter, the base model reads them; after the base model,
@@ -435,13 +436,13 @@ impl Slots<'_> {
                 let reads = assistant::adapter_reads(&notes.found) && adapter;
                 let checked = if reads { notes_check(&notes) } else { None };
                 let base = (!notes.found.is_empty() && !reads) || notes.held_back.is_some();
-                let about_notes = notes.about.is_some();
+                let about = assistant::about(notes.about.as_ref());
                 let (phase, lora, hold) = match route {
                     _ if base => (Phase::Plain, false, None),
                     _ if reads => (Phase::Checked, true, checked),
                     Some(route) if adapter => {
-                        if about_notes {
-                            (Phase::Opening { about_notes: true }, true, None)
+                        if about != About::No {
+                            (Phase::Opening { about }, true, None)
                         } else {
                             let n = match e.tokenizer.encode(&route, false) {
                                 Ok(t) => t.len() + 1,
@@ -631,7 +632,7 @@ impl Slots<'_> {
             s.prompt_ms = Some(s.started.elapsed().as_secs_f64() * 1000.0);
         }
         match s.phase {
-            Phase::Opening { about_notes } => Self::route(e, s, logits, about_notes),
+            Phase::Opening { about } => Self::route(e, s, logits, about),
             _ => {
                 s.logits = Some(logits);
                 Ok(())
@@ -642,12 +643,7 @@ impl Slots<'_> {
     /// `Engine::answer_routed` after the adapter's prompt: with the route's opening likely
     /// enough (or a question about the notes) the adapter answers, starting with the opening;
     /// otherwise the base model answers from a fresh cache.
-    fn route(
-        e: &Engine,
-        s: &mut Seq,
-        logits: Vec<f32>,
-        about_notes: bool,
-    ) -> Result<(), EngineError> {
+    fn route(e: &Engine, s: &mut Seq, logits: Vec<f32>, about: About) -> Result<(), EngineError> {
         let route = e.route.clone().unwrap_or_default().trim().to_string();
         let ids = e.tokenizer.encode(&route, false)?;
         let ctx = e.model.max_context();
@@ -659,7 +655,7 @@ impl Slots<'_> {
         };
         s.route_p = Some(p);
         s.phase = Phase::Plain;
-        if fits && (about_notes || p >= e.route_min_p) {
+        if fits && p >= e.min_p(about) {
             // The opening is shown as it is; the cache holds all of it but its last token.
             s.cache.tokens.extend_from_slice(&ids[..ids.len() - 1]);
             s.out.piece(&route);
@@ -733,7 +729,7 @@ impl Slots<'_> {
                 s.cache.kv.truncate(keep);
                 s.cache.tokens.truncate(keep);
                 s.pending = s.prompt[keep..].to_vec();
-                s.phase = Phase::Opening { about_notes: false };
+                s.phase = Phase::Opening { about: About::No };
                 return Some(s);
             }
             Ok(None) if s.phase == Phase::Checked && cancelled(&s) => {
@@ -881,7 +877,7 @@ impl Slots<'_> {
         s.decoder = Decoder::new(&plain, &s.params, s.max_tokens, None)
             .ignoring_eos(s.job.request.ignore_eos);
         s.prompt = plain;
-        s.phase = Phase::Opening { about_notes: true };
+        s.phase = Phase::Opening { about: About::Rare };
         s.by_base = false;
         s.route_p = None;
         s.opening = None;
@@ -1021,6 +1017,19 @@ impl Slots<'_> {
         .map_err(|e| {
             ApiError::invalid(format!("cannot read the prompt: {e:#}"), Some("messages"))
         })?;
+        // As `hone ask`: learned notes found by common words alone are not about a question the
+        // adapter would not open with its route; it is answered without them, not routed.
+        if let Some(p) = plain
+            .as_deref()
+            .filter(|_| assistant::about(found.first()) == About::Common)
+        {
+            let p = engine.route_probability(p).map_err(|e| {
+                ApiError::internal(format!("weighing the notes found failed: {e:#}"))
+            })?;
+            if p.is_some_and(|p| p < engine.about_min_p) {
+                return self.prepare(job, false, false);
+            }
+        }
         let ctx = engine.model.max_context();
         if tokens.is_empty() {
             return Err(ApiError::invalid("the prompt is empty", Some("messages")));
@@ -1409,7 +1418,8 @@ mod tests {
     /// With a route, a reading of learned notes is weighed against the adapter's answer from its
     /// weights alone, as `hone ask` weighs it (`assistant::answer_with_notes` given the prompt
     /// without the notes), token for token: a note that holds the weights' answer word for word
-    /// gives it to them; one that does not leaves the reading.
+    /// gives it to them; one that does not leaves the reading; a note found by common words
+    /// alone whose route the adapter finds unlikely is not read at all.
     #[test]
     fn slots_weigh_the_weights_answer_as_ask_does() {
         let (_dir, home, store, mut e, wc, params) = learned_note();
@@ -1428,10 +1438,15 @@ mod tests {
                     .unwrap(),
             );
             e.attach(Some((w, Some(route.to_string()))));
+            // The tiny model's vocabulary is too small for rare words, so its note is found by
+            // common words alone, and the adapter's probability of its route decides whether the
+            // note is about the question: every third time nothing is enough, and the question
+            // is answered without the note.
+            e.about_min_p = if seed % 3 == 2 { 2.0 } else { 0.0 };
             let plain = e.chat_tokens(&messages).unwrap();
             e.reset();
             let weights = e
-                .answer_routed(&plain, &params, n, &cancel, &mut |_| {}, true)
+                .answer_routed(&plain, &params, n, &cancel, &mut |_| {}, About::Rare)
                 .unwrap();
             // Every other note holds the weights' words.
             let note = match (
@@ -1467,7 +1482,7 @@ mod tests {
                 None => {
                     e.reset();
                     let g = e
-                        .answer_routed(&plain, &params, n, &cancel, &mut |_| {}, false)
+                        .answer_routed(&plain, &params, n, &cancel, &mut |_| {}, About::No)
                         .unwrap();
                     (g, "without notes")
                 }
@@ -1487,10 +1502,7 @@ mod tests {
                 "seed {seed}: {way}"
             );
         }
-        assert!(
-            ways.contains("weights") && ways.contains("reading"),
-            "{ways:?}"
-        );
+        assert_eq!(ways.len(), 3, "{ways:?}");
     }
 
     /// A prompt seen before starts where its cache left off (the prompt cache), one that shares
