@@ -867,11 +867,8 @@ impl Slots<'_> {
     /// reading waits in `s.weighing`. The reading's cache is kept for the prompt cache.
     fn weigh(&mut self, mut s: Seq, reading: Weighed) -> Seq {
         let plain = s.notes.plain.take().unwrap_or_default();
-        let mut old = std::mem::replace(&mut s.cache, self.cache_for(&plain, true));
-        old.tokens.truncate(old.kv.len());
-        self.tick += 1;
-        old.used = self.tick;
-        self.free.push(old);
+        let old = std::mem::replace(&mut s.cache, self.cache_for(&plain, true));
+        self.keep(old);
         s.reused = s.cache.tokens.len();
         s.pending = plain[s.reused..].to_vec();
         s.decoder = Decoder::new(&plain, &s.params, s.max_tokens, None)
@@ -931,7 +928,14 @@ impl Slots<'_> {
     /// Keeps the answer's cache for a later prompt; the request is over, so background
     /// learning may resume (after its idle time).
     fn release(&mut self, s: Seq) {
-        let Seq { job, mut cache, .. } = s;
+        let Seq { job, cache, .. } = s;
+        self.keep(cache);
+        let Job { presence, .. } = job;
+        drop(presence);
+    }
+
+    /// Keeps a cache no answer uses any more in the prompt cache, as the most recently used.
+    fn keep(&mut self, mut cache: Cache) {
         cache.tokens.truncate(cache.kv.len());
         self.tick += 1;
         cache.used = self.tick;
@@ -952,8 +956,6 @@ impl Slots<'_> {
             n += 1;
         }
         self.free.truncate(n);
-        let Job { presence, .. } = job;
-        drop(presence);
     }
 
     fn fail(&mut self, s: Seq, e: EngineError) {
